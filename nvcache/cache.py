@@ -1,0 +1,276 @@
+"""The API front: :class:`LayerCache` checks arguments and owns the lifecycle.
+
+A scanner keeps one ``LayerCache`` for the cache directory its pods share
+and asks it for a layer's scan record before analysing the layer::
+
+    cache = LayerCache.from_env()          # MAX_CACHE_RECORD_MB, NVCACHE_PATH
+    record = cache.get(digest)
+    if record is None:
+        record = analyse(layer)
+        cache.put(digest, record, keep=image_layers)
+
+Every method either does what it says or raises: ``TypeError`` /
+``ValueError`` for bad arguments (before anything is touched), and
+:class:`~nvcache.CacheError` for everything the cache itself cannot do.
+A scanner that treats ``CacheError`` as a miss can never be taken down or
+fed wrong bytes by its cache.
+
+Reads take the shared lock only; the reference count, last reference and
+hit/miss counters they change are buffered in the process and written with
+the next write, by :meth:`LayerCache.flush`, or at least once a second while
+the process is active (see :mod:`nvcache.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from types import ModuleType, TracebackType
+from typing import Any, Dict, Iterable, List, Optional, Type, Union
+
+from .errors import CacheError, RecordTooLarge
+from .store import DATA_FILE, FORMAT_VERSION, Store, log, read_version
+
+DEFAULT_PATH = "/tmp/images/caches"
+_EMPTY: frozenset = frozenset()
+Record = Union[bytes, bytearray, memoryview]
+
+
+def _bound(max_mb: object, what: str = "max_mb") -> int:
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)):
+        raise TypeError(f"{what} must be a number of MiB, not {type(max_mb).__name__}")
+    if not math.isfinite(max_mb) or max_mb < 0:
+        raise ValueError(f"{what} must be a finite number of MiB >= 0, got {max_mb!r}")
+    return int(max_mb * 1024 * 1024)
+
+
+def _as_record(record: object) -> Union[bytes, bytearray]:
+    if isinstance(record, (bytes, bytearray)):
+        return record
+    if isinstance(record, memoryview):
+        return record.tobytes()  # any shape or format: its bytes, as len() of them
+    raise TypeError(f"record must be bytes, bytearray or memoryview, not {type(record).__name__}")
+
+
+class LayerCache:
+    """A bounded, LRU cache of layer scan records shared by every process on a node.
+
+    ``path`` is the cache directory (created 0o750 if missing); ``max_mb``
+    bounds the total size of the records in MiB (0 disables the cache, as
+    ``MAX_CACHE_RECORD_MB`` unset does for the scanner); ``durable=True``
+    fsyncs every write so that it also survives power loss, at a large cost
+    per put. ``lock_timeout`` bounds every wait for another process's lock;
+    past it the call raises :class:`~nvcache.CacheTimeout`.
+    """
+
+    _core: ModuleType  # the hot index, chosen in nvcache/__init__.py
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: float = 1000,
+                 *, durable: bool = False, lock_timeout: float = 10.0) -> None:
+        path = os.fspath(path)
+        if not isinstance(path, str):
+            raise TypeError("path must be str or os.PathLike[str]")
+        if not path or "\0" in path:
+            raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
+        self.max_bytes = _bound(max_mb)
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) \
+                or not lock_timeout >= 0 or not math.isfinite(lock_timeout):
+            raise ValueError(f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}")
+        self.path = path
+        self.durable = bool(durable)
+        self.enabled = self.max_bytes > 0
+        self._store: Optional[Store] = None
+        self._closed = False
+        if self.enabled:  # a disabled cache creates nothing on disk, like the seed's
+            self._store = Store.acquire(os.path.abspath(path), self._core, self.max_bytes,
+                                        self.durable, float(lock_timeout))
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> "LayerCache":
+        """A cache configured like the scanner: ``NVCACHE_PATH`` (or the default) and ``MAX_CACHE_RECORD_MB``."""
+        raw = os.environ.get("MAX_CACHE_RECORD_MB", "").strip()
+        try:
+            max_mb = float(raw) if raw else 0.0
+        except ValueError:
+            raise ValueError(f"MAX_CACHE_RECORD_MB must be a number of MiB, got {raw!r}") from None
+        if not math.isfinite(max_mb) or max_mb < 0:
+            raise ValueError(f"MAX_CACHE_RECORD_MB must be a finite number of MiB >= 0, got {raw!r}")
+        return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
+
+    # -- lifecycle -------------------------------------------------------------
+    def _live(self) -> Store:
+        store = self._store
+        if store is None:
+            raise CacheError("the cache is closed")
+        return store
+
+    def close(self) -> None:
+        """Write buffered accesses and release the cache; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        store, self._store = self._store, None
+        if store is not None:
+            store.release()
+
+    def __enter__(self) -> "LayerCache":
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # never raise from a finaliser; the atexit flush still runs
+            pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheError("the cache is closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("enabled" if self.enabled else "disabled")
+        return f"<LayerCache {self.path!r} max_bytes={self.max_bytes} {state}>"
+
+    # -- records ---------------------------------------------------------------
+    def get(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
+        """The record put for ``layer_id`` and ``kind``, or None on a miss.
+
+        A hit counts a reference (``reference_count`` + 1, ``last_referred`` =
+        now) and a cache hit; a miss counts a cache miss. A record whose bytes
+        fail their checksum is dropped, logged and reported as a miss.
+        """
+        core = self._core
+        name, _lid = core.record_name(layer_id, kind)
+        if not self.enabled:
+            self._check_open()
+            return None
+        store = self._live()
+        key = core.name_key(name)
+        data = store.read(core.Index.get, key, store.buffer)
+        if data is False:
+            store.write(core.Index.drop_damaged, key)
+            log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))
+            data = None
+        if store.buffer.due:
+            store.flush()
+        return data
+
+    def put(self, layer_id: str, record: Record, kind: str = "layer_file",
+            keep: Iterable[str] = ()) -> bool:
+        """Store ``record``; False (and no change) if the name already has one.
+
+        Evicts the least recently referred records until the total fits
+        ``max_bytes``, never the new record nor any record of a layer in
+        ``keep`` (the image being scanned). Raises RecordTooLarge for a
+        record larger than the bound and CacheFull when only kept records
+        could make room; both change nothing.
+        """
+        core = self._core
+        name, lid = core.record_name(layer_id, kind)
+        data = _as_record(record)
+        keep_ids = core.keep_set(keep) if keep else _EMPTY
+        if not self.enabled:
+            self._check_open()
+            return False
+        store = self._live()
+        if len(data) > self.max_bytes:
+            raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
+        evicted = store.write(core.Index.insert, core.name_key(name), name, lid, data,
+                              self.max_bytes, keep_ids)
+        return evicted >= 0
+
+    def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
+        """Remove a record; False if there was none."""
+        core = self._core
+        name, _lid = core.record_name(layer_id, kind)
+        if not self.enabled:
+            self._check_open()
+            return False
+        return bool(self._live().write(core.Index.remove, core.name_key(name)))
+
+    def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
+        """Whether a record exists; counts no hit, miss or reference."""
+        core = self._core
+        name, _lid = core.record_name(layer_id, kind)
+        if not self.enabled:
+            self._check_open()
+            return False
+        return bool(self._live().read(core.Index.contains, core.name_key(name)))
+
+    def __contains__(self, layer_id: object) -> bool:
+        return self.contains(layer_id)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        if not self.enabled:
+            self._check_open()
+            return 0
+        return int(self._live().read_fresh(self._core.Index.count))
+
+    # -- statistics and dumps ----------------------------------------------------
+    def stats(self) -> Dict[str, Optional[int]]:
+        """The seed's ``cache-stat`` fields; all None when the cache is disabled."""
+        if not self.enabled:
+            self._check_open()
+            return {"cache_hits": None, "cache_misses": None, "record_count": None,
+                    "record_total_size": None}
+        store = self._live()
+        store.flush()
+        count, total, hits, misses, _evictions = store.read_fresh(self._core.Index.counters)
+        return {"cache_hits": hits, "cache_misses": misses, "record_count": count,
+                "record_total_size": total}
+
+    def evictions(self) -> Optional[int]:
+        """How many records were evicted to respect the bound (None when disabled)."""
+        if not self.enabled:
+            self._check_open()
+            return None
+        return int(self._live().read_fresh(self._core.Index.counters)[4])
+
+    def cache_data(self) -> Dict[str, Any]:
+        """The seed's ``cache-data`` dump: counters and records, next victim first."""
+        if not self.enabled:
+            self._check_open()
+            return {"cache_hits": None, "cache_misses": None, "cache_records": [],
+                    "record_total_size": None}
+        store = self._live()
+        store.flush()
+        return store.read_fresh(self._core.Index.cache_data)  # type: ignore[no-any-return]
+
+    def cache_data_json(self) -> str:
+        """:meth:`cache_data` as the controller prints it: sorted keys, 2-space indent."""
+        return json.dumps(self.cache_data(), indent=2, sort_keys=True)
+
+    # -- maintenance ---------------------------------------------------------------
+    def flush(self) -> None:
+        """Write this process's buffered accesses (reference counts, hits, misses) now."""
+        if not self.enabled:
+            self._check_open()
+            return
+        self._live().flush()
+
+    def clear(self) -> None:
+        """Remove every record. Hit, miss and eviction counters are kept."""
+        if not self.enabled:
+            self._check_open()
+            return
+        self._live().write(self._core.Index.clear)
+
+    def verify(self) -> List[str]:
+        """Every problem found in the cache (index, records, totals, LRU order, checksums); [] when healthy."""
+        if not self.enabled:
+            self._check_open()
+            return []
+        store = self._live()
+        store.flush()
+        problems: List[str] = list(store.read_fresh(self._core.Index.check, self.max_bytes))
+        version = read_version(store.path)
+        if version != FORMAT_VERSION:
+            problems.append(f"version file says {version!r}, expected {FORMAT_VERSION}")
+        if not os.path.exists(os.path.join(store.path, DATA_FILE)):
+            problems.append(f"{DATA_FILE} is missing")
+        return problems

@@ -1,0 +1,23 @@
+"""The exceptions nvcache raises.
+
+Every failure of the cache itself is a :class:`CacheError`; a scanner that
+catches ``CacheError`` and treats it as a miss can never be taken down by
+its cache. Bad arguments are the caller's bug and raise the usual
+``TypeError`` / ``ValueError`` instead (``RecordTooLarge`` is both).
+"""
+
+
+class CacheError(Exception):
+    """The cache could not do what was asked (closed, damaged, no space...)."""
+
+
+class RecordTooLarge(CacheError, ValueError):
+    """A record is larger than the cache's whole bound; nothing was changed."""
+
+
+class CacheFull(CacheError):
+    """No room could be made without evicting kept records; nothing was changed."""
+
+
+class CacheTimeout(CacheError):
+    """A lock could not be taken within ``lock_timeout`` seconds."""

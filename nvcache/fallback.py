@@ -1,0 +1,448 @@
+"""The hot index, in pure Python: the twin of ``ext/_index.pyx``.
+
+Both modules define the same names with the same behaviour; the package's
+``__init__`` picks one (``NVCACHE_NO_EXTENSIONS=1`` forces this one) and the
+test suite runs over both. Everything here works inside a transaction that
+the store opened and locked: this module never locks, opens or commits.
+
+LMDB layout (one environment, four named databases):
+
+``idx``  key -> header ``<QQQQH`` (size, refs, last_ns, checksum, layer_id
+         length) followed by the record's full name. The key is the 16-byte
+         xxh3-128 of the name, since LMDB keys stop at 511 bytes.
+``dat``  key -> the record's bytes.
+``lru``  big-endian last_ns + key -> b"": a cursor walk from the first entry
+         meets the least recently referred record first.
+``meta`` ``records`` -> ``<QQ`` (count, total bytes), ``access`` -> ``<QQ``
+         (hits, misses), ``evictions`` -> ``<Q``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import xxhash
+
+from .errors import CacheFull
+
+MAX_LAYER_ID = 1024
+MAX_KIND = 32
+KEY_SIZE = 16
+
+_HDR = struct.Struct("<QQQQH")
+HEADER_SIZE = _HDR.size
+_TS = struct.Struct(">Q")
+_PAIR = struct.Struct("<QQ")
+_U64 = struct.Struct("<Q")
+
+RECORDS = b"records"
+ACCESS = b"access"
+EVICTIONS = b"evictions"
+
+# Deleting every allowed byte leaves only the offending ones.
+_PRINTABLE = bytes(range(0x21, 0x7F))
+_KIND_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789_"
+_valid_kinds: Dict[str, bytes] = {}
+
+
+def _check_kind(kind: object) -> bytes:
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be str, not {type(kind).__name__}")
+    if not 1 <= len(kind) <= MAX_KIND or not kind.isascii():
+        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
+    raw = kind.encode("ascii")
+    if raw.translate(None, _KIND_CHARS):
+        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
+    if len(_valid_kinds) < 256:  # a handful of kinds exist; never grow without bound
+        _valid_kinds[kind] = raw
+    return raw
+
+
+def record_name(layer_id: object, kind: object) -> Tuple[bytes, int]:
+    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
+    if not isinstance(layer_id, str):
+        raise TypeError(f"layer_id must be str, not {type(layer_id).__name__}")
+    n = len(layer_id)
+    if not 1 <= n <= MAX_LAYER_ID:
+        raise ValueError(f"layer_id must be 1-{MAX_LAYER_ID} characters, got {n}")
+    if not layer_id.isascii():
+        raise ValueError("layer_id must be printable ASCII without whitespace")
+    raw = layer_id.encode("ascii")
+    if raw.translate(None, _PRINTABLE):
+        raise ValueError("layer_id must be printable ASCII without whitespace")
+    k = _valid_kinds.get(kind) if type(kind) is str else None  # type: ignore[arg-type]
+    if k is None:
+        k = _check_kind(kind)
+    return raw + b"_" + k, n
+
+
+def keep_set(keep: object) -> frozenset:
+    """The layer ids of ``keep`` as a frozenset of bytes (ids that cannot exist are dropped)."""
+    if isinstance(keep, (str, bytes, bytearray, memoryview)):
+        raise TypeError("keep must be an iterable of layer_id strings, not a single string")
+    try:
+        items = list(keep)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"keep must be an iterable of layer_id strings, not {type(keep).__name__}") from None
+    out = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"keep items must be str, not {type(item).__name__}")
+        if item.isascii():  # a non-ASCII id names no record, so it protects nothing
+            out.add(item.encode("ascii"))
+    return frozenset(out)
+
+
+def name_key(name: bytes) -> bytes:
+    """The LMDB key of a record name: its 16-byte xxh3-128 digest."""
+    return xxhash.xxh3_128_digest(name)
+
+
+def checksum(data: Any) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def pack_header(size: int, refs: int, last_ns: int, check: int, lid_len: int, name: bytes) -> bytes:
+    return _HDR.pack(size, refs, last_ns, check, lid_len) + name
+
+
+def unpack_header(hdr: bytes) -> Tuple[int, int, int, int, int, bytes]:
+    """(size, refs, last_ns, checksum, layer_id length, name) of an ``idx`` value."""
+    if len(hdr) <= HEADER_SIZE:
+        raise ValueError("index header too short")
+    return _HDR.unpack_from(hdr) + (bytes(hdr[HEADER_SIZE:]),)
+
+
+def lru_key(last_ns: int, key: bytes) -> bytes:
+    return _TS.pack(last_ns) + key
+
+
+def rfc3339nano(ns: int) -> str:
+    """UTC time of ``ns`` (nanoseconds since the epoch) as Go's RFC3339Nano formats it."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    t = time.gmtime(secs)
+    text = "%04d-%02d-%02dT%02d:%02d:%02d" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+    if frac:
+        text += (".%09d" % frac).rstrip("0")
+    return text + "Z"
+
+
+class AccessBuffer:
+    """Hits and misses seen by this process and not yet written to the index.
+
+    ``pending`` maps a record key to ``[references, last_ns]``. ``due``
+    turns true once the oldest unapplied access is ``max_age_ns`` old or
+    ``max_keys`` records are pending: the front then applies the buffer, so
+    it is written at least once a second while the process is active.
+    """
+
+    __slots__ = ("pending", "hits", "misses", "first_ns", "due", "max_age_ns", "max_keys")
+
+    def __init__(self, max_age_ns: int, max_keys: int) -> None:
+        self.max_age_ns = max_age_ns
+        self.max_keys = max_keys
+        self.pending: Dict[bytes, List[int]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.first_ns = 0
+        self.due = False
+
+    def hit(self, key: bytes, now_ns: int) -> None:
+        entry = self.pending.get(key)
+        if entry is None:
+            self.pending[key] = [1, now_ns]
+        else:
+            entry[0] += 1
+            if now_ns > entry[1]:
+                entry[1] = now_ns
+        self.hits += 1
+        self._aged(now_ns)
+
+    def miss(self, now_ns: int) -> None:
+        self.misses += 1
+        self._aged(now_ns)
+
+    def _aged(self, now_ns: int) -> None:
+        if not self.first_ns:
+            self.first_ns = now_ns
+        elif now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys:
+            self.due = True
+
+    def take(self) -> Tuple[Dict[bytes, List[int]], int, int, int]:
+        """Empty the buffer and return what it held (to apply, or to restore on failure)."""
+        out = (self.pending, self.hits, self.misses, self.first_ns)
+        self.pending = {}
+        self.hits = self.misses = self.first_ns = 0
+        self.due = False
+        return out
+
+    def restore(self, taken: Tuple[Dict[bytes, List[int]], int, int, int]) -> None:
+        """Merge back what :meth:`take` returned, after a failed apply."""
+        pending, hits, misses, first_ns = taken
+        for key, (refs, last) in pending.items():
+            entry = self.pending.get(key)
+            if entry is None:
+                self.pending[key] = [refs, last]
+            else:
+                entry[0] += refs
+                entry[1] = max(entry[1], last)
+        self.hits += hits
+        self.misses += misses
+        if first_ns and (not self.first_ns or first_ns < self.first_ns):
+            self.first_ns = first_ns
+
+    def clear(self) -> None:
+        self.take()
+
+    def __len__(self) -> int:
+        """Pending keys, plus one when only counters are pending (so ``bool`` means "non-empty")."""
+        return len(self.pending) or (1 if self.hits or self.misses else 0)
+
+
+class Index:
+    """The record index over the four databases of one environment."""
+
+    def __init__(self, idx: Any, dat: Any, lru: Any, meta: Any) -> None:
+        self.idx = idx
+        self.dat = dat
+        self.lru = lru
+        self.meta = meta
+
+    # -- counters ---------------------------------------------------------
+    def _pair(self, txn: Any, name: bytes) -> Tuple[int, int]:
+        raw = txn.get(name, None, self.meta)
+        return _PAIR.unpack(raw) if raw is not None else (0, 0)
+
+    def counters(self, txn: Any) -> Tuple[int, int, int, int, int]:
+        """(record count, total bytes, hits, misses, evictions)."""
+        count, total = self._pair(txn, RECORDS)
+        hits, misses = self._pair(txn, ACCESS)
+        raw = txn.get(EVICTIONS, None, self.meta)
+        return count, total, hits, misses, _U64.unpack(raw)[0] if raw is not None else 0
+
+    def count(self, txn: Any) -> int:
+        return self._pair(txn, RECORDS)[0]
+
+    # -- reads --------------------------------------------------------------
+    def contains(self, txn: Any, key: bytes) -> bool:
+        return txn.get(key, None, self.idx) is not None
+
+    def get(self, txn: Any, key: bytes, buffer: AccessBuffer) -> Any:
+        """:meth:`lookup`, counting the hit or miss in ``buffer`` at the time of the read."""
+        data = self.lookup(txn, key)
+        if data is None or data is False:  # absent, or failed its checksum: a miss
+            buffer.miss(time.time_ns())
+        else:
+            buffer.hit(key, time.time_ns())
+        return data
+
+    def lookup(self, txn: Any, key: bytes) -> Any:
+        """The record's bytes; None when absent; False when its bytes fail the checksum."""
+        hdr = txn.get(key, None, self.idx)
+        if hdr is None:
+            return None
+        data = txn.get(key, None, self.dat)
+        if data is None or len(hdr) <= HEADER_SIZE:
+            return False
+        size, _refs, _last, check, _lid = _HDR.unpack_from(hdr)
+        if len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
+            return False
+        return data
+
+    # -- writes -------------------------------------------------------------
+    def _remove(self, txn: Any, key: bytes, last_ns: int) -> None:
+        txn.delete(key, db=self.idx)
+        txn.delete(key, db=self.dat)
+        txn.delete(_TS.pack(last_ns) + key, db=self.lru)
+
+    def insert(self, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
+               max_bytes: int, keep: frozenset) -> int:
+        """Add a record, referred now, evicting the least recently referred ones to stay within ``max_bytes``.
+
+        Returns the number of records evicted, or -1 when the name exists
+        (nothing changes). Raises CacheFull, before changing anything, when
+        only kept records could make room.
+        """
+        if txn.get(key, None, self.idx) is not None:
+            return -1
+        size = len(data)
+        count, total = self._pair(txn, RECORDS)
+        over = total + size - max_bytes
+        victims: List[Tuple[bytes, int, int]] = []
+        if over > 0:
+            freed = 0
+            for vkey, hdr in self._walk(txn):
+                vsize, _refs, vlast, _check, vlid = _HDR.unpack_from(hdr)
+                if keep and hdr[HEADER_SIZE:HEADER_SIZE + vlid] in keep:
+                    continue
+                victims.append((vkey, vlast, vsize))
+                freed += vsize
+                if freed >= over:
+                    break
+            else:
+                raise CacheFull(
+                    f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+            for vkey, vlast, vsize in victims:
+                self._remove(txn, vkey, vlast)
+                count -= 1
+                total -= vsize
+            raw = txn.get(EVICTIONS, None, self.meta)
+            evicted = _U64.unpack(raw)[0] if raw is not None else 0
+            txn.put(EVICTIONS, _U64.pack(evicted + len(victims)), db=self.meta)
+        now_ns = time.time_ns()
+        txn.put(key, _HDR.pack(size, 0, now_ns, xxhash.xxh3_64_intdigest(data), lid_len) + name,
+                db=self.idx)
+        txn.put(key, data, db=self.dat)
+        txn.put(_TS.pack(now_ns) + key, b"", db=self.lru)
+        txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
+        return len(victims)
+
+    def drop_damaged(self, txn: Any, key: bytes) -> bool:
+        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
+        if self.lookup(txn, key) is False:
+            return self.remove(txn, key)
+        return False
+
+    def remove(self, txn: Any, key: bytes) -> bool:
+        """Delete one record; False when it is absent."""
+        hdr = txn.get(key, None, self.idx)
+        if hdr is None:
+            return False
+        count, total = self._pair(txn, RECORDS)
+        if len(hdr) > HEADER_SIZE:
+            size, _refs, last, _check, _lid = _HDR.unpack_from(hdr)
+            txn.delete(_TS.pack(last) + key, db=self.lru)
+        else:  # a damaged header: its lru entry is found by verify, not here
+            size = 0
+        txn.delete(key, db=self.idx)
+        txn.delete(key, db=self.dat)
+        txn.put(RECORDS, _PAIR.pack(max(count - 1, 0), max(total - size, 0)), db=self.meta)
+        return True
+
+    def apply(self, txn: Any, pending: Dict[bytes, List[int]], hits: int, misses: int) -> None:
+        """Write buffered accesses: reference counts, last references, hit and miss counters."""
+        for key, (refs, last) in pending.items():
+            hdr = txn.get(key, None, self.idx)
+            if hdr is None or len(hdr) <= HEADER_SIZE:
+                continue  # deleted or evicted since: its hits still count below
+            size, old_refs, old_last, check, lid = _HDR.unpack_from(hdr)
+            if last > old_last:  # another process may have applied a later access
+                txn.delete(_TS.pack(old_last) + key, db=self.lru)
+                txn.put(_TS.pack(last) + key, b"", db=self.lru)
+            else:
+                last = old_last
+            txn.put(key, _HDR.pack(size, old_refs + refs, last, check, lid) + hdr[HEADER_SIZE:],
+                    db=self.idx)
+        if hits or misses:
+            old_hits, old_misses = self._pair(txn, ACCESS)
+            txn.put(ACCESS, _PAIR.pack(old_hits + hits, old_misses + misses), db=self.meta)
+
+    def clear(self, txn: Any) -> None:
+        """Remove every record; hit, miss and eviction counters are kept."""
+        for db in (self.idx, self.dat, self.lru):
+            txn.drop(db, False)
+        txn.put(RECORDS, _PAIR.pack(0, 0), db=self.meta)
+
+    def init_counters(self, txn: Any) -> None:
+        txn.put(RECORDS, _PAIR.pack(0, 0), db=self.meta)
+        txn.put(ACCESS, _PAIR.pack(0, 0), db=self.meta)
+        txn.put(EVICTIONS, _U64.pack(0), db=self.meta)
+
+    # -- walks --------------------------------------------------------------
+    def _walk(self, txn: Any) -> Iterator[Tuple[bytes, bytes]]:
+        """(key, idx header) from the next victim on: oldest reference first, ties by name."""
+        cur = txn.cursor(self.lru)
+        try:
+            if not cur.first():
+                return
+            group: List[Tuple[bytes, bytes]] = []
+            group_ts = b""
+            more = True
+            while more:
+                lk = cur.key()
+                more = cur.next()
+                ts, key = lk[:8], lk[8:]
+                hdr = txn.get(key, None, self.idx)
+                if hdr is None or len(hdr) <= HEADER_SIZE:
+                    continue  # an lru entry without its record: verify reports it
+                if ts != group_ts and group:
+                    if len(group) > 1:
+                        group.sort(key=lambda e: e[1][HEADER_SIZE:])
+                    yield from group
+                    group = []
+                group_ts = ts
+                group.append((key, hdr))
+            if len(group) > 1:
+                group.sort(key=lambda e: e[1][HEADER_SIZE:])
+            yield from group
+        finally:
+            cur.close()
+
+    def dump(self, txn: Any) -> List[Dict[str, Any]]:
+        """The ``cache_records`` of the seed's dump, next victim first."""
+        out = []
+        for _key, hdr in self._walk(txn):
+            size, refs, last, _check, _lid = _HDR.unpack_from(hdr)
+            out.append({
+                "last_referred": rfc3339nano(last),
+                "layer_id": hdr[HEADER_SIZE:].decode("ascii"),
+                "reference_count": refs,
+                "size": size,
+            })
+        return out
+
+    def cache_data(self, txn: Any) -> Dict[str, Any]:
+        """The seed's ``cache-data`` dump."""
+        _count, total, hits, misses, _evictions = self.counters(txn)
+        return {"cache_hits": hits, "cache_misses": misses,
+                "cache_records": self.dump(txn), "record_total_size": total}
+
+    def check(self, txn: Any, max_bytes: Optional[int]) -> List[str]:
+        """Every inconsistency between index, records, LRU order, checksums and totals."""
+        problems: List[str] = []
+        count = total = 0
+        expected_lru = set()
+        with txn.cursor(self.idx) as cur:
+            for key, hdr in cur:
+                if len(key) != KEY_SIZE or len(hdr) <= HEADER_SIZE:
+                    problems.append(f"index entry {key.hex()} is malformed")
+                    continue
+                size, _refs, last, check, lid = _HDR.unpack_from(hdr)
+                name = hdr[HEADER_SIZE:]
+                label = name.decode("ascii", "replace")
+                if xxhash.xxh3_128_digest(name) != key:
+                    problems.append(f"record {label}: key does not match its name")
+                if not 1 <= lid < len(name):
+                    problems.append(f"record {label}: bad layer_id length {lid}")
+                data = txn.get(key, None, self.dat)
+                if data is None:
+                    problems.append(f"record {label}: bytes are missing")
+                elif len(data) != size:
+                    problems.append(f"record {label}: size {len(data)} != indexed {size}")
+                elif xxhash.xxh3_64_intdigest(data) != check:
+                    problems.append(f"record {label}: checksum mismatch")
+                expected_lru.add(_TS.pack(last) + key)
+                count += 1
+                total += size
+        with txn.cursor(self.lru) as cur:
+            for lk in cur.iternext(keys=True, values=False):
+                if lk in expected_lru:
+                    expected_lru.discard(lk)
+                else:
+                    problems.append(f"lru entry {lk.hex()} has no matching record")
+        for lk in sorted(expected_lru):
+            problems.append(f"record key {lk[8:].hex()} is missing from the lru order")
+        with txn.cursor(self.dat) as cur:
+            for key in cur.iternext(keys=True, values=False):
+                if txn.get(key, None, self.idx) is None:
+                    problems.append(f"record bytes {key.hex()} have no index entry")
+        stored_count, stored_total = self._pair(txn, RECORDS)
+        if stored_count != count:
+            problems.append(f"record_count {stored_count} != {count} records present")
+        if stored_total != total:
+            problems.append(f"record_total_size {stored_total} != {total} bytes present")
+        if max_bytes is not None and total > max_bytes:
+            problems.append(f"record_total_size {total} is above the bound {max_bytes}")
+        return problems

@@ -1,0 +1,128 @@
+"""Locking between processes, threads and forks.
+
+LMDB's own lock table keys readers by PID, and two scanner containers that
+share a hostPath are often both PID 1: their readers collide. So nvcache
+opens LMDB with ``lock=False`` and guards every transaction itself:
+
+* across processes, ``flock`` on ``<path>/lock``: shared for reads,
+  exclusive for writes. flock belongs to the open file description, so it
+  works across PID namespaces and is released by the kernel when a process
+  dies, even by ``kill -9``;
+* across threads, a mutex: threads share the descriptor and therefore the
+  flock, so they must not take it concurrently (an exclusive request would
+  silently convert another thread's shared lock);
+* across ``fork``: a child must never release its parent's flock (the
+  descriptor is shared) nor inherit a mutex held by another thread, so
+  :func:`fork_generation` changes in every child and the lock reopens.
+
+Every wait is bounded by ``timeout`` seconds and then raises CacheTimeout,
+so a process stopped while holding the lock cannot hang the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+
+from .errors import CacheError, CacheTimeout
+
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def fork_generation() -> int:
+    """A number that differs in a forked child from its parent's."""
+    return _fork_generation
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o640) -> int:
+    """``os.open`` that refuses to follow a symlink planted at ``path``."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CacheError(f"{path} is a symlink; refusing to follow it") from None
+        raise
+
+
+class FileLock:
+    """A reader/writer lock on one file, safe for threads of one process."""
+
+    _POLL_MIN = 0.00005
+    _POLL_MAX = 0.002
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.mutex = threading.Lock()
+        self._fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+        self._generation = _fork_generation
+
+    def _reopen_after_fork(self) -> None:
+        # The inherited descriptor shares the parent's lock: close our copy
+        # (that never releases the parent's flock) and take a fresh one.
+        old = self._fd
+        self.mutex = threading.Lock()
+        self._fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+        self._generation = _fork_generation
+        try:
+            os.close(old)
+        except OSError:
+            pass
+
+    def acquire(self, exclusive: bool) -> None:
+        """Take the mutex, then the flock; raise CacheTimeout after ``timeout`` seconds."""
+        if self._generation != _fork_generation:
+            self._reopen_after_fork()
+        if not self.mutex.acquire(True, self.timeout):
+            raise CacheTimeout(f"another thread held the cache lock for {self.timeout} s")
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self._fd, op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._wait(op)
+        except BaseException:
+            self.mutex.release()
+            raise
+
+    def _wait(self, op: int) -> None:
+        # flock has no timeout of its own: poll with a growing pause.
+        deadline = time.monotonic() + self.timeout
+        pause = self._POLL_MIN
+        try:
+            while True:
+                time.sleep(pause)
+                try:
+                    fcntl.flock(self._fd, op | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CacheTimeout(
+                            f"{self.path} stayed locked by another process for {self.timeout} s") from None
+                    pause = min(pause * 2, self._POLL_MAX)
+        except BaseException:
+            self.mutex.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self.mutex.release()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = -1

@@ -1,0 +1,371 @@
+"""The store: one cache directory's LMDB environment, its files and transactions.
+
+A directory holds ``data.mdb`` (LMDB, opened with ``lock=False``), ``lock``
+(the flock target, see :mod:`nvcache.locking`) and ``version``. Each process
+opens a directory once: every :class:`~nvcache.LayerCache` on it shares one
+:class:`Store`, because LMDB refuses a second open of the same files and
+threads must share one flock descriptor anyway.
+
+Every transaction runs under the lock: :meth:`Store.read` under the shared
+lock, :meth:`Store.write` under the exclusive one, which also applies the
+process's buffered accesses first. The store turns every LMDB failure into
+CacheError; when the failure means the file is damaged, the next writer
+rebuilds it (never on contention, "already open" or a full disk).
+
+Rebuilding unlinks ``data.mdb`` and creates a new one. Processes that still
+map the old file notice (its link count drops to zero) before their next
+write or dump, and reopen.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from types import ModuleType
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import lmdb
+
+from .errors import CacheError
+from .locking import FileLock, fork_generation, open_nofollow
+
+log = logging.getLogger("nvcache")
+
+FORMAT_VERSION = 1
+FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat, lru, meta"
+DATA_FILE = "data.mdb"
+LOCK_FILE = "lock"
+VERSION_FILE = "version"
+
+# The map is address space, not disk: data.mdb grows only as pages are
+# written. Every process uses the same size unless a bound needs more.
+_MIN_MAP_SIZE = 64 << 30
+_DB_NAMES = (b"idx", b"dat", b"lru", b"meta")
+
+# Errors that mean the file's bytes are wrong. Contention, "already open",
+# a full disk or a full map are not among them: those never trigger a rebuild.
+CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
+                     lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError,
+                     lmdb.BadRslotError, lmdb.BadTxnError, lmdb.BadDbiError, lmdb.PanicError)
+
+# Buffered accesses are written at least this often while a process is active.
+APPLY_AFTER_NS = 1_000_000_000
+APPLY_AFTER_KEYS = 4096
+
+
+def map_size_for(max_bytes: int) -> int:
+    return max(_MIN_MAP_SIZE, 4 * max_bytes + (1 << 30))
+
+
+def prepare_directory(path: str) -> None:
+    """Create ``path`` (0o750) or check that it is safe to use."""
+    try:
+        os.makedirs(path, mode=0o750, exist_ok=True)
+    except FileExistsError:
+        raise CacheError(f"cache path {path} exists and is not a directory") from None
+    except OSError as exc:
+        raise CacheError(f"cannot create cache directory {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise CacheError(f"cache path {path} is a symlink; refusing to follow it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"cache path {path} is not a directory")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise CacheError(f"cache directory {path} is owned by uid {st.st_uid}, not by this user or root")
+
+
+def read_version(path: str) -> Optional[int]:
+    """The format version recorded in ``<path>/version``, or None if missing or unreadable."""
+    try:
+        fd = open_nofollow(os.path.join(path, VERSION_FILE), os.O_RDONLY)
+    except (OSError, CacheError):
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            doc = json.loads(f.read(4096))
+        version = doc.get("version") if isinstance(doc, dict) else None
+        return version if type(version) is int else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_version(path: str) -> None:
+    """Write ``<path>/version`` through a temp file and rename: never through a planted symlink."""
+    tmp = os.path.join(path, f".{VERSION_FILE}.{os.getpid()}.{threading.get_ident()}")
+    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION}).encode()
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, body)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(path, VERSION_FILE))
+
+
+class Store:
+    """The open environment of one directory in this process (shared, reference counted)."""
+
+    _registry: Dict[Tuple[int, int], "Store"] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, path: str, core: ModuleType, max_bytes: int, durable: bool,
+                lock_timeout: float) -> "Store":
+        prepare_directory(path)
+        st = os.stat(path)
+        ident = (st.st_dev, st.st_ino)
+        with cls._registry_lock:
+            store = cls._registry.get(ident)
+            if store is None or store.generation != fork_generation():
+                if store is not None:
+                    store._abandon()
+                store = cls(path, core, max_bytes, durable, lock_timeout)
+                cls._registry[ident] = store
+            else:
+                store.force_sync = store.force_sync or (durable and not store.durable)
+            store.users += 1
+            return store
+
+    def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
+                 lock_timeout: float) -> None:
+        self.path = path
+        self.core = core
+        self.map_size = map_size_for(max_bytes)
+        self.durable = durable
+        self.force_sync = False
+        self.users = 0
+        self.buffer = core.AccessBuffer(APPLY_AFTER_NS, APPLY_AFTER_KEYS)
+        self.generation = fork_generation()
+        self.env: Any = None
+        self.index: Any = None
+        self._data_fd = -1
+        self._damaged = False
+        self.lock = FileLock(os.path.join(path, LOCK_FILE), lock_timeout)
+        self._open()
+
+    # -- opening and rebuilding ------------------------------------------------
+    def _open(self) -> None:
+        self.lock.acquire(False)
+        try:
+            problem = self._try_open()
+        finally:
+            self.lock.release()
+        if problem is None:
+            return
+        self.lock.acquire(True)
+        try:
+            problem = self._try_open()  # someone may have rebuilt it meanwhile
+            if problem is not None:
+                self._rebuild(problem)
+        finally:
+            self.lock.release()
+
+    def _try_open(self) -> Optional[str]:
+        """Open the environment; return why it must be rebuilt, or None when it is usable."""
+        version = read_version(self.path)
+        data_path = os.path.join(self.path, DATA_FILE)
+        if version is None:
+            return "new" if not os.path.exists(data_path) else "version file missing or unreadable"
+        if version != FORMAT_VERSION:
+            return f"format version {version} is not {FORMAT_VERSION}"
+        try:
+            env = self._env(create=False)
+        except lmdb.Error as exc:
+            if isinstance(exc, CORRUPTION_ERRORS) or (
+                    isinstance(exc, lmdb.Error) and not os.path.exists(data_path)):
+                return f"cannot open {DATA_FILE}: {exc}"
+            raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
+        try:
+            with env.begin() as txn:
+                dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
+                index = self.core.Index(*dbs)
+                index.counters(txn)  # fails on a damaged or foreign meta database
+        except (lmdb.NotFoundError, lmdb.ReadonlyError):
+            env.close()
+            return f"{DATA_FILE} lacks nvcache's databases"
+        except (CORRUPTION_ERRORS + (ValueError, TypeError)) as exc:
+            env.close()
+            return f"{DATA_FILE} is damaged: {exc}"
+        self._adopt(env, index)
+        return None
+
+    def _env(self, create: bool) -> Any:
+        return lmdb.Environment(
+            self.path, map_size=self.map_size, subdir=True, readonly=False, create=create,
+            lock=False, sync=self.durable, metasync=self.durable, max_dbs=len(_DB_NAMES),
+            max_spare_txns=4, readahead=False, mode=0o640)
+
+    def _adopt(self, env: Any, index: Any) -> None:
+        self.env = env
+        self.index = index
+        self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE), os.O_RDONLY)
+        self._damaged = False
+
+    def _close_env(self) -> None:
+        if self.env is not None:
+            try:
+                self.env.close()
+            except lmdb.Error:
+                pass
+            self.env = None
+            self.index = None
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+
+    def _rebuild(self, reason: str) -> None:
+        """Empty and recreate the cache; the caller holds the exclusive lock."""
+        if reason == "new":
+            log.info("creating cache in %s", self.path)
+        else:
+            log.warning("emptying cache in %s: %s", self.path, reason)
+        self._close_env()
+        for name in (VERSION_FILE, DATA_FILE, "lock.mdb"):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        try:
+            env = self._env(create=True)
+            with env.begin(write=True) as txn:
+                dbs = [env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
+                index = self.core.Index(*dbs)
+                index.init_counters(txn)
+            if self.durable:
+                env.sync(True)
+            write_version(self.path)
+        except (lmdb.Error, OSError) as exc:
+            raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
+        self._adopt(env, index)
+
+    def _refresh(self) -> None:
+        """Reopen after a fork, after another process rebuilt the file, or after damage."""
+        if self.generation != fork_generation():
+            # Our mapping and descriptors are the parent's: drop them, never write through them.
+            self.buffer.clear()
+            self.generation = fork_generation()
+        self._close_env()
+        self._open()
+
+    def _stale(self) -> bool:
+        return self._damaged or self._data_fd < 0 or os.fstat(self._data_fd).st_nlink == 0
+
+    def _abandon(self) -> None:
+        # A forked child's copy of a store nobody reopened: release its descriptors.
+        self._close_env()
+        self.lock.close()
+
+    # -- transactions ----------------------------------------------------------
+    def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(index, txn, *args)`` in a read transaction under the shared lock."""
+        if self.generation != fork_generation() or self.env is None:
+            self._refresh()
+        lock = self.lock
+        lock.acquire(False)
+        try:
+            txn = self.env.begin()
+            try:
+                return fn(self.index, txn, *args)
+            finally:
+                txn.abort()
+        except lmdb.Error as exc:
+            raise self._failure(exc) from exc
+        finally:
+            lock.release()
+
+    def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Like :meth:`read`, but first reopen if another process rebuilt the file."""
+        if self.generation != fork_generation() or self.env is None or self._stale():
+            self._refresh()
+        return self.read(fn, *args)
+
+    def write(self, fn: Optional[Callable[..., Any]], *args: Any) -> Any:
+        """Apply buffered accesses, then ``fn(index, txn, *args)``, in one write transaction."""
+        if self.generation != fork_generation() or self.env is None:
+            self._refresh()
+        lock = self.lock
+        lock.acquire(True)
+        taken = self.buffer.take()
+        try:
+            if self._stale():
+                self._reopen_locked()
+            txn = self.env.begin(write=True)
+            try:
+                pending, hits, misses, _first = taken
+                if pending or hits or misses:
+                    self.index.apply(txn, pending, hits, misses)
+                result = fn(self.index, txn, *args) if fn is not None else None
+            except BaseException:
+                txn.abort()
+                raise
+            txn.commit()
+            if self.force_sync:
+                self.env.sync(True)
+            return result
+        except lmdb.Error as exc:
+            self.buffer.restore(taken)
+            raise self._failure(exc) from exc
+        except BaseException:
+            self.buffer.restore(taken)
+            raise
+        finally:
+            lock.release()
+
+    def _reopen_locked(self) -> None:
+        # We hold the exclusive lock, so nobody else can rebuild meanwhile.
+        damaged = self._damaged
+        self._close_env()
+        problem = None if damaged else self._try_open()
+        if damaged or problem is not None:
+            self._rebuild("damage found while in use" if damaged else problem or "")
+
+    def _failure(self, exc: lmdb.Error) -> CacheError:
+        if isinstance(exc, CORRUPTION_ERRORS):
+            self._damaged = True
+            log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
+            return CacheError(f"cache in {self.path} is damaged: {exc}")
+        if isinstance(exc, lmdb.MapFullError):
+            return CacheError(f"cache file in {self.path} reached its map size")
+        if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
+            return CacheError(f"no space left for the cache in {self.path}")
+        return CacheError(f"cache operation failed in {self.path}: {exc}")
+
+    def flush(self) -> None:
+        """Write this process's buffered accesses now."""
+        if len(self.buffer):
+            self.write(None)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def release(self) -> None:
+        """One user fewer; the last one flushes and closes the environment."""
+        with self._registry_lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            for ident, store in list(self._registry.items()):
+                if store is self:
+                    del self._registry[ident]
+        try:
+            if self.generation == fork_generation():
+                self.flush()
+        finally:
+            self._close_env()
+            self.lock.close()
+
+    @classmethod
+    def flush_all(cls) -> None:
+        """At interpreter exit: write every open store's buffered accesses."""
+        for store in list(cls._registry.values()):
+            if store.generation == fork_generation() and store.env is not None:
+                try:
+                    store.flush()
+                except CacheError as exc:
+                    log.warning("could not write buffered accesses for %s: %s", store.path, exc)
+
+
+atexit.register(Store.flush_all)
