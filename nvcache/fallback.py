@@ -438,7 +438,7 @@ class Index:
             for key in cur.iternext(keys=True, values=False):
                 if txn.get(key, None, self.idx) is None:
                     problems.append(f"record bytes {key.hex()} have no index entry")
-        stored_count, stored_total = self._pair(txn, RECORDS)
+        stored_count, stored_total = self.counters(txn)[:2]
         if stored_count != count:
             problems.append(f"record_count {stored_count} != {count} records present")
         if stored_total != total:

@@ -1,0 +1,39 @@
+# Quick start: `make demo` (the main job) and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.nvcache-installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: demo test test-fallback bench compare stress clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Editable install: compiles ext/_index.pyx into nvcache/_index*.so.
+$(STAMP): $(BIN)/python pyproject.toml setup.py ext/_index.pyx
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/nvcache simulate
+
+# The whole suite runs over both cores (compiled and pure Python) through
+# the `core` fixture; the second run proves NVCACHE_NO_EXTENSIONS=1 switches
+# the package default and that nothing imports the extension behind its back.
+test: $(STAMP)
+	$(PYTEST) -q tests
+	NVCACHE_NO_EXTENSIONS=1 $(PYTEST) -q tests/test_switch.py
+
+bench: $(STAMP)
+	$(PYTEST) bench --benchmark-only --benchmark-columns=median,iqr,ops -q
+
+compare: $(STAMP)
+	$(BIN)/python bench/compare.py
+
+stress: $(STAMP)
+	$(BIN)/python bench/stress.py
+
+clean:
+	rm -rf build dist *.egg-info nvcache/*.so ext/*.c .pytest_cache .benchmarks

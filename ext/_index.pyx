@@ -1,0 +1,537 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The hot index, compiled: the twin of ``nvcache/fallback.py``.
+
+Same names, same behaviour, same bytes on disk; the layout is described in
+fallback.py. What is here is what every get and put runs: name validation
+and hashing, header packing, the lookup with its checksum, access
+buffering, the eviction walk, applying buffered accesses and formatting the
+dump. The cold consistency check and ``keep`` parsing are shared with the
+twin rather than written twice.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_GET_LENGTH
+from libc.stdint cimport uint16_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcmp, memcpy
+
+import xxhash
+
+from nvcache import fallback as _twin
+from nvcache.errors import CacheFull
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    struct tm:
+        int tm_sec
+        int tm_min
+        int tm_hour
+        int tm_mday
+        int tm_mon
+        int tm_year
+    int clock_gettime(int clk_id, timespec *tp)
+    tm *gmtime_r(const time_t *timep, tm *result)
+    int CLOCK_REALTIME
+
+MAX_LAYER_ID = 1024
+MAX_KIND = 32
+KEY_SIZE = 16
+HEADER_SIZE = 34
+RECORDS = b"records"
+ACCESS = b"access"
+EVICTIONS = b"evictions"
+
+DEF HDR = 34  # <QQQQH: size, refs, last_ns, checksum, layer_id length
+
+cdef object _xxh3_64 = xxhash.xxh3_64_intdigest
+cdef object _xxh3_128 = xxhash.xxh3_128_digest
+cdef dict _valid_kinds = {}
+
+keep_set = _twin.keep_set
+
+
+cdef inline uint64_t _now_ns() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline uint64_t _get_le(const unsigned char *p, int n) noexcept:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(n - 1, -1, -1):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef inline void _set_le(unsigned char *p, uint64_t v, int n) noexcept:
+    cdef int i
+    for i in range(n):
+        p[i] = v & 0xFF
+        v >>= 8
+
+
+cdef inline void _set_be(unsigned char *p, uint64_t v) noexcept:
+    cdef int i
+    for i in range(7, -1, -1):
+        p[i] = v & 0xFF
+        v >>= 8
+
+
+cdef bytes _pair(uint64_t a, uint64_t b):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    _set_le(p, a, 8)
+    _set_le(p + 8, b, 8)
+    return out
+
+
+cdef bytes _u64(uint64_t a):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8)
+    _set_le(<unsigned char *>PyBytes_AS_STRING(out), a, 8)
+    return out
+
+
+cdef bytes _header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t lid,
+                   const unsigned char *name, Py_ssize_t name_len):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, HDR + name_len)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    _set_le(p, size, 8)
+    _set_le(p + 8, refs, 8)
+    _set_le(p + 16, last_ns, 8)
+    _set_le(p + 24, check, 8)
+    _set_le(p + 32, lid, 2)
+    memcpy(p + HDR, name, name_len)
+    return out
+
+
+cdef bytes _lru_key(uint64_t last_ns, bytes key):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 + n)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    _set_be(p, last_ns)
+    memcpy(p + 8, PyBytes_AS_STRING(key), n)
+    return out
+
+
+cdef bytes _check_kind(object kind):
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be str, not {type(kind).__name__}")
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(kind)
+    if not 1 <= n <= MAX_KIND or not kind.isascii():
+        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
+    cdef bytes raw = kind.encode("ascii")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if not ((c >= 97 and c <= 122) or (c >= 48 and c <= 57) or c == 95):
+            raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
+    if len(_valid_kinds) < 256:
+        _valid_kinds[kind] = raw
+    return raw
+
+
+def record_name(object layer_id, object kind):
+    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
+    if not isinstance(layer_id, str):
+        raise TypeError(f"layer_id must be str, not {type(layer_id).__name__}")
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(layer_id)
+    if not 1 <= n <= MAX_LAYER_ID:
+        raise ValueError(f"layer_id must be 1-{MAX_LAYER_ID} characters, got {n}")
+    if not layer_id.isascii():
+        raise ValueError("layer_id must be printable ASCII without whitespace")
+    cdef bytes raw = layer_id.encode("ascii")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] < 0x21 or p[i] > 0x7E:
+            raise ValueError("layer_id must be printable ASCII without whitespace")
+    cdef PyObject *found = NULL
+    if type(kind) is str:
+        found = PyDict_GetItem(_valid_kinds, kind)
+    cdef bytes k = <bytes>found if found is not NULL else _check_kind(kind)
+    return raw + b"_" + k, n
+
+
+def name_key(bytes name):
+    """The LMDB key of a record name: its 16-byte xxh3-128 digest."""
+    return _xxh3_128(name)
+
+
+def checksum(data):
+    return _xxh3_64(data)
+
+
+def pack_header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t lid_len,
+                bytes name):
+    return _header(size, refs, last_ns, check, lid_len,
+                   <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+
+
+def unpack_header(hdr):
+    """(size, refs, last_ns, checksum, layer_id length, name) of an ``idx`` value."""
+    cdef bytes b = bytes(hdr)
+    if PyBytes_GET_SIZE(b) <= HDR:
+        raise ValueError("index header too short")
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
+    return (_get_le(p, 8), _get_le(p + 8, 8), _get_le(p + 16, 8), _get_le(p + 24, 8),
+            _get_le(p + 32, 2), b[HDR:])
+
+
+def lru_key(uint64_t last_ns, bytes key):
+    return _lru_key(last_ns, key)
+
+
+cdef str _rfc3339nano(uint64_t ns):
+    cdef time_t secs = <time_t>(ns // 1000000000ULL)
+    cdef long frac = <long>(ns % 1000000000ULL)
+    cdef tm t
+    cdef char buf[48]
+    cdef int n, width = 9
+    gmtime_r(&secs, &t)
+    n = snprintf(buf, 32, "%04d-%02d-%02dT%02d:%02d:%02d", t.tm_year + 1900, t.tm_mon + 1,
+                 t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+    if frac:
+        while frac % 10 == 0:
+            frac //= 10
+            width -= 1
+        n += snprintf(buf + n, 16, ".%0*ld", width, frac)
+    buf[n] = b'Z'
+    return buf[:n + 1].decode("ascii")
+
+
+def rfc3339nano(ns):
+    """UTC time of ``ns`` (nanoseconds since the epoch) as Go's RFC3339Nano formats it."""
+    return _rfc3339nano(ns)
+
+
+cdef class AccessBuffer:
+    """Hits and misses seen by this process and not yet written to the index (see fallback.py)."""
+
+    cdef public dict pending
+    cdef public long long hits, misses, first_ns, max_age_ns
+    cdef public Py_ssize_t max_keys
+    cdef public bint due
+
+    def __init__(self, long long max_age_ns, Py_ssize_t max_keys):
+        self.max_age_ns = max_age_ns
+        self.max_keys = max_keys
+        self.pending = {}
+        self.hits = self.misses = self.first_ns = 0
+        self.due = False
+
+    cdef inline void _aged(self, long long now_ns):
+        if not self.first_ns:
+            self.first_ns = now_ns
+        elif now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys:
+            self.due = True
+
+    cdef void _hit(self, bytes key, long long now_ns):
+        cdef PyObject *found = PyDict_GetItem(self.pending, key)
+        cdef list entry
+        if found is NULL:
+            PyDict_SetItem(self.pending, key, [1, now_ns])
+        else:
+            entry = <list>found
+            entry[0] = entry[0] + 1
+            if now_ns > entry[1]:
+                entry[1] = now_ns
+        self.hits += 1
+        self._aged(now_ns)
+
+    def hit(self, bytes key, long long now_ns):
+        self._hit(key, now_ns)
+
+    def miss(self, long long now_ns):
+        self.misses += 1
+        self._aged(now_ns)
+
+    def take(self):
+        """Empty the buffer and return what it held (to apply, or to restore on failure)."""
+        out = (self.pending, self.hits, self.misses, self.first_ns)
+        self.pending = {}
+        self.hits = self.misses = self.first_ns = 0
+        self.due = False
+        return out
+
+    def restore(self, taken):
+        """Merge back what :meth:`take` returned, after a failed apply."""
+        pending, hits, misses, first_ns = taken
+        for key, (refs, last) in pending.items():
+            entry = self.pending.get(key)
+            if entry is None:
+                self.pending[key] = [refs, last]
+            else:
+                entry[0] += refs
+                entry[1] = max(entry[1], last)
+        self.hits += hits
+        self.misses += misses
+        if first_ns and (not self.first_ns or first_ns < self.first_ns):
+            self.first_ns = first_ns
+
+    def clear(self):
+        self.take()
+
+    def __len__(self):
+        """Pending keys, plus one when only counters are pending (so ``bool`` means "non-empty")."""
+        return len(self.pending) or (1 if self.hits or self.misses else 0)
+
+
+cdef inline bint _header_ok(bytes hdr):
+    return hdr is not None and PyBytes_GET_SIZE(hdr) > HDR
+
+
+cdef class Index:
+    """The record index over the four databases of one environment (see fallback.py)."""
+
+    cdef public object idx, dat, lru, meta
+
+    def __init__(self, idx, dat, lru, meta):
+        self.idx = idx
+        self.dat = dat
+        self.lru = lru
+        self.meta = meta
+
+    # -- counters ---------------------------------------------------------
+    cdef tuple _pair(self, txn, bytes name):
+        cdef bytes raw = txn.get(name, None, self.meta)
+        if raw is None:
+            return (0, 0)
+        if PyBytes_GET_SIZE(raw) != 16:
+            raise ValueError(f"counter {name!r} is malformed")
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
+        return (_get_le(p, 8), _get_le(p + 8, 8))
+
+    cdef uint64_t _evictions(self, txn) except? 0:
+        cdef bytes raw = txn.get(EVICTIONS, None, self.meta)
+        if raw is None:
+            return 0
+        if PyBytes_GET_SIZE(raw) != 8:
+            raise ValueError("counter b'evictions' is malformed")
+        return _get_le(<const unsigned char *>PyBytes_AS_STRING(raw), 8)
+
+    def counters(self, txn):
+        """(record count, total bytes, hits, misses, evictions)."""
+        count, total = self._pair(txn, RECORDS)
+        hits, misses = self._pair(txn, ACCESS)
+        return count, total, hits, misses, self._evictions(txn)
+
+    def count(self, txn):
+        return self._pair(txn, RECORDS)[0]
+
+    # -- reads --------------------------------------------------------------
+    def contains(self, txn, bytes key):
+        return txn.get(key, None, self.idx) is not None
+
+    cdef object _lookup(self, txn, bytes key):
+        cdef bytes hdr = txn.get(key, None, self.idx)
+        if hdr is None:
+            return None
+        cdef bytes data = txn.get(key, None, self.dat)
+        if data is None or PyBytes_GET_SIZE(hdr) <= HDR:
+            return False
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+        if <uint64_t>PyBytes_GET_SIZE(data) != _get_le(p, 8):
+            return False
+        if <uint64_t>_xxh3_64(data) != _get_le(p + 24, 8):
+            return False
+        return data
+
+    def lookup(self, txn, bytes key):
+        """The record's bytes; None when absent; False when its bytes fail the checksum."""
+        return self._lookup(txn, key)
+
+    def get(self, txn, bytes key, AccessBuffer buffer):
+        """:meth:`lookup`, counting the hit or miss in ``buffer`` at the time of the read."""
+        data = self._lookup(txn, key)
+        if data is None or data is False:  # absent, or failed its checksum: a miss
+            buffer.misses += 1
+            buffer._aged(_now_ns())
+        else:
+            buffer._hit(key, _now_ns())
+        return data
+
+    # -- writes -------------------------------------------------------------
+    cdef void _remove(self, txn, bytes key, uint64_t last_ns) except *:
+        txn.delete(key, b"", self.idx)
+        txn.delete(key, b"", self.dat)
+        txn.delete(_lru_key(last_ns, key), b"", self.lru)
+
+    def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, uint64_t max_bytes,
+               frozenset keep):
+        """Add a record, referred now, evicting the least recently referred ones to stay within ``max_bytes``.
+
+        Returns the number of records evicted, or -1 when the name exists
+        (nothing changes). Raises CacheFull, before changing anything, when
+        only kept records could make room.
+        """
+        if txn.get(key, None, self.idx) is not None:
+            return -1
+        cdef uint64_t size = len(data)
+        count, total = self._pair(txn, RECORDS)
+        cdef uint64_t c_count = count, c_total = total
+        cdef long long over = <long long>(c_total + size) - <long long>max_bytes
+        cdef long long freed = 0
+        cdef list victims = []
+        cdef bytes vkey, hdr
+        cdef const unsigned char *p
+        cdef uint64_t vsize, vlid
+        cdef bint room = False
+        if over > 0:
+            for vkey, hdr in self._walk(txn):
+                p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+                vsize = _get_le(p, 8)
+                if keep:
+                    vlid = _get_le(p + 32, 2)
+                    if hdr[HDR:HDR + vlid] in keep:
+                        continue
+                victims.append((vkey, _get_le(p + 16, 8), vsize))
+                freed += vsize
+                if freed >= over:
+                    room = True
+                    break
+            if not room:
+                raise CacheFull(
+                    f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+            for vkey, vlast, vsize in victims:
+                self._remove(txn, vkey, vlast)
+                c_count -= 1
+                c_total -= vsize
+            txn.put(EVICTIONS, _u64(self._evictions(txn) + len(victims)), True, True, False, self.meta)
+        cdef uint64_t now_ns = _now_ns()
+        txn.put(key, _header(size, 0, now_ns, _xxh3_64(data), lid_len,
+                             <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)),
+                True, True, False, self.idx)
+        txn.put(key, data, True, True, False, self.dat)
+        txn.put(_lru_key(now_ns, key), b"", True, True, False, self.lru)
+        txn.put(RECORDS, _pair(c_count + 1, c_total + size), True, True, False, self.meta)
+        return len(victims)
+
+    def drop_damaged(self, txn, bytes key):
+        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
+        if self._lookup(txn, key) is False:
+            return self.remove(txn, key)
+        return False
+
+    def remove(self, txn, bytes key):
+        """Delete one record; False when it is absent."""
+        cdef bytes hdr = txn.get(key, None, self.idx)
+        if hdr is None:
+            return False
+        count, total = self._pair(txn, RECORDS)
+        cdef uint64_t size = 0
+        if PyBytes_GET_SIZE(hdr) > HDR:
+            size = _get_le(<const unsigned char *>PyBytes_AS_STRING(hdr), 8)
+            txn.delete(_lru_key(_get_le(<const unsigned char *>PyBytes_AS_STRING(hdr) + 16, 8), key),
+                       b"", self.lru)
+        txn.delete(key, b"", self.idx)
+        txn.delete(key, b"", self.dat)
+        txn.put(RECORDS, _pair(max(count - 1, 0), max(total - size, 0)), True, True, False, self.meta)
+        return True
+
+    def apply(self, txn, dict pending, hits, misses):
+        """Write buffered accesses: reference counts, last references, hit and miss counters."""
+        cdef bytes key, hdr, new
+        cdef list entry
+        cdef const unsigned char *p
+        cdef unsigned char *q
+        cdef uint64_t last, old_last
+        for key, entry in pending.items():
+            hdr = txn.get(key, None, self.idx)
+            if not _header_ok(hdr):
+                continue  # deleted or evicted since: its hits still count below
+            p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+            old_last = _get_le(p + 16, 8)
+            last = entry[1]
+            if last > old_last:  # another process may have applied a later access
+                txn.delete(_lru_key(old_last, key), b"", self.lru)
+                txn.put(_lru_key(last, key), b"", True, True, False, self.lru)
+            else:
+                last = old_last
+            new = PyBytes_FromStringAndSize(<const char *>p, PyBytes_GET_SIZE(hdr))
+            q = <unsigned char *>PyBytes_AS_STRING(new)
+            _set_le(q + 8, _get_le(p + 8, 8) + <uint64_t>entry[0], 8)
+            _set_le(q + 16, last, 8)
+            txn.put(key, new, True, True, False, self.idx)
+        if hits or misses:
+            old_hits, old_misses = self._pair(txn, ACCESS)
+            txn.put(ACCESS, _pair(old_hits + hits, old_misses + misses), True, True, False, self.meta)
+
+    def clear(self, txn):
+        """Remove every record; hit, miss and eviction counters are kept."""
+        for db in (self.idx, self.dat, self.lru):
+            txn.drop(db, False)
+        txn.put(RECORDS, _pair(0, 0), True, True, False, self.meta)
+
+    def init_counters(self, txn):
+        txn.put(RECORDS, _pair(0, 0), True, True, False, self.meta)
+        txn.put(ACCESS, _pair(0, 0), True, True, False, self.meta)
+        txn.put(EVICTIONS, _u64(0), True, True, False, self.meta)
+
+    # -- walks --------------------------------------------------------------
+    def _walk(self, txn):
+        """(key, idx header) from the next victim on: oldest reference first, ties by name."""
+        cur = txn.cursor(self.lru)
+        cdef list group = []
+        cdef bytes lk, key, hdr
+        cdef bytes group_ts = b""
+        cdef bint more
+        try:
+            if not cur.first():
+                return
+            more = True
+            while more:
+                lk = cur.key()
+                more = cur.next()
+                key = lk[8:]
+                hdr = txn.get(key, None, self.idx)
+                if not _header_ok(hdr):
+                    continue  # an lru entry without its record: verify reports it
+                if group and memcmp(PyBytes_AS_STRING(lk), PyBytes_AS_STRING(group_ts), 8) != 0:
+                    if len(group) > 1:
+                        group.sort(key=_by_name)
+                    yield from group
+                    group = []
+                group_ts = lk
+                group.append((key, hdr))
+            if len(group) > 1:
+                group.sort(key=_by_name)
+            yield from group
+        finally:
+            cur.close()
+
+    def dump(self, txn):
+        """The ``cache_records`` of the seed's dump, next victim first."""
+        cdef list out = []
+        cdef bytes hdr
+        cdef const unsigned char *p
+        for _key, hdr in self._walk(txn):
+            p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+            out.append({
+                "last_referred": _rfc3339nano(_get_le(p + 16, 8)),
+                "layer_id": hdr[HDR:].decode("ascii"),
+                "reference_count": _get_le(p + 8, 8),
+                "size": _get_le(p, 8),
+            })
+        return out
+
+    def cache_data(self, txn):
+        """The seed's ``cache-data`` dump."""
+        _count, total, hits, misses, _evictions = self.counters(txn)
+        return {"cache_hits": hits, "cache_misses": misses,
+                "cache_records": self.dump(txn), "record_total_size": total}
+
+    def check(self, txn, max_bytes):
+        """Every inconsistency between index, records, LRU order, checksums and totals."""
+        return _twin.Index.check(self, txn, max_bytes)
+
+
+def _by_name(entry):
+    return (<bytes>entry[1])[HDR:]
