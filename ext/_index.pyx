@@ -365,8 +365,11 @@ cdef class Index:
         txn.delete(_lru_key(last_ns, key), b"", self.lru)
 
     def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, uint64_t max_bytes,
-               frozenset keep):
-        """Add a record, referred now, evicting the least recently referred ones to stay within ``max_bytes``.
+               frozenset keep, uint64_t refs=0, uint64_t last_ns=0):
+        """Add a record, evicting the least recently referred ones to stay within ``max_bytes``.
+
+        The record starts with ``refs`` references, last referred at
+        ``last_ns`` (0: now; imports restore both).
 
         Returns the number of records evicted, or -1 when the name exists
         (nothing changes). Raises CacheFull, before changing anything, when
@@ -405,8 +408,8 @@ cdef class Index:
                 c_count -= 1
                 c_total -= vsize
             txn.put(EVICTIONS, _u64(self._evictions(txn) + len(victims)), True, True, False, self.meta)
-        cdef uint64_t now_ns = _now_ns()
-        txn.put(key, _header(size, 0, now_ns, _xxh3_64(data), lid_len,
+        cdef uint64_t now_ns = last_ns or _now_ns()
+        txn.put(key, _header(size, refs, now_ns, _xxh3_64(data), lid_len,
                              <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)),
                 True, True, False, self.idx)
         txn.put(key, data, True, True, False, self.dat)

@@ -170,10 +170,14 @@ class LayerCache:
         record larger than the bound and CacheFull when only kept records
         could make room; both change nothing.
         """
+        return self._insert(layer_id, record, kind, keep, 0, 0)
+
+    def _insert(self, layer_id: str, record: Record, kind: str, keep: Iterable[str],
+                refs: int, last_ns: int) -> bool:
         core = self._core
         name, lid = core.record_name(layer_id, kind)
         data = _as_record(record)
-        keep_ids = core.keep_set(keep) if keep else _EMPTY
+        keep_ids = _EMPTY if keep == () and type(keep) is tuple else core.keep_set(keep)
         if not self.enabled:
             self._check_open()
             return False
@@ -181,8 +185,37 @@ class LayerCache:
         if len(data) > self.max_bytes:
             raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
         evicted = store.write(core.Index.insert, core.name_key(name), name, lid, data,
-                              self.max_bytes, keep_ids)
+                              self.max_bytes, keep_ids, refs, last_ns)
         return evicted >= 0
+
+    def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
+                reference_count: int, last_referred_ns: int) -> bool:
+        """:meth:`put` with a record's history: for importing another cache's records.
+
+        The record keeps ``reference_count`` and ``last_referred_ns``
+        (nanoseconds since the epoch, > 0) instead of starting at 0 and now;
+        eviction, ``RecordTooLarge`` and ``CacheFull`` work as in put.
+        """
+        for what, value in (("reference_count", reference_count), ("last_referred_ns", last_referred_ns)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{what} must be int, not {type(value).__name__}")
+            if not 0 <= value < 1 << 64:
+                raise ValueError(f"{what} must be in [0, 2**64), got {value}")
+        if last_referred_ns == 0:
+            raise ValueError("last_referred_ns must be > 0")
+        return self._insert(layer_id, record, kind, (), reference_count, last_referred_ns)
+
+    def add_counters(self, hits: int, misses: int) -> None:
+        """Add ``hits`` and ``misses`` to the cache's counters (for imports)."""
+        for what, value in (("hits", hits), ("misses", misses)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{what} must be int, not {type(value).__name__}")
+            if not 0 <= value < 1 << 63:
+                raise ValueError(f"{what} must be in [0, 2**63), got {value}")
+        if not self.enabled:
+            self._check_open()
+            return
+        self._live().write(self._core.Index.apply, {}, hits, misses)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Remove a record; False if there was none."""

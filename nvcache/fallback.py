@@ -258,8 +258,11 @@ class Index:
         txn.delete(_TS.pack(last_ns) + key, db=self.lru)
 
     def insert(self, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
-               max_bytes: int, keep: frozenset) -> int:
-        """Add a record, referred now, evicting the least recently referred ones to stay within ``max_bytes``.
+               max_bytes: int, keep: frozenset, refs: int = 0, last_ns: int = 0) -> int:
+        """Add a record, evicting the least recently referred ones to stay within ``max_bytes``.
+
+        The record starts with ``refs`` references, last referred at
+        ``last_ns`` (0: now; imports restore both).
 
         Returns the number of records evicted, or -1 when the name exists
         (nothing changes). Raises CacheFull, before changing anything, when
@@ -291,8 +294,8 @@ class Index:
             raw = txn.get(EVICTIONS, None, self.meta)
             evicted = _U64.unpack(raw)[0] if raw is not None else 0
             txn.put(EVICTIONS, _U64.pack(evicted + len(victims)), db=self.meta)
-        now_ns = time.time_ns()
-        txn.put(key, _HDR.pack(size, 0, now_ns, xxhash.xxh3_64_intdigest(data), lid_len) + name,
+        now_ns = last_ns or time.time_ns()
+        txn.put(key, _HDR.pack(size, refs, now_ns, xxhash.xxh3_64_intdigest(data), lid_len) + name,
                 db=self.idx)
         txn.put(key, data, db=self.dat)
         txn.put(_TS.pack(now_ns) + key, b"", db=self.lru)

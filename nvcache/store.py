@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import json
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -32,7 +34,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import lmdb
 
-from .errors import CacheError
+from .errors import CacheError, CacheTimeout
 from .locking import FileLock, fork_generation, open_nofollow
 
 log = logging.getLogger("nvcache")
@@ -42,6 +44,10 @@ FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat, lru, meta"
 DATA_FILE = "data.mdb"
 LOCK_FILE = "lock"
 VERSION_FILE = "version"
+USERS_FILE = "users"  # every process using the cache holds a shared flock on it
+CLEAN_FILE = "clean"  # data.mdb's identity and mtime when its last user closed it
+BOOT_KEY = b"boot"
+_MARK_BOOT = "update the boot record"
 
 # The map is address space, not disk: data.mdb grows only as pages are
 # written. Every process uses the same size unless a bound needs more.
@@ -52,7 +58,9 @@ _DB_NAMES = (b"idx", b"dat", b"lru", b"meta")
 # a full disk or a full map are not among them: those never trigger a rebuild.
 CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
                      lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError,
-                     lmdb.BadRslotError, lmdb.BadTxnError, lmdb.BadDbiError, lmdb.PanicError)
+                     lmdb.InvalidParameterError)  # EINVAL from a get of a valid key: a bad page
+# Errors after which the environment must be reopened (not rebuilt).
+REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
 
 # Buffered accesses are written at least this often while a process is active.
 APPLY_AFTER_NS = 1_000_000_000
@@ -95,16 +103,36 @@ def read_version(path: str) -> Optional[int]:
         return None
 
 
-def write_version(path: str) -> None:
-    """Write ``<path>/version`` through a temp file and rename: never through a planted symlink."""
-    tmp = os.path.join(path, f".{VERSION_FILE}.{os.getpid()}.{threading.get_ident()}")
-    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION}).encode()
+def write_atomically(path: str, name: str, body: bytes) -> None:
+    """Write ``<path>/<name>`` through a new temp file and rename: never through a planted symlink."""
+    tmp = os.path.join(path, f".{name}.{os.getpid()}.{threading.get_ident()}")
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         os.write(fd, body)
     finally:
         os.close(fd)
-    os.replace(tmp, os.path.join(path, VERSION_FILE))
+    os.replace(tmp, os.path.join(path, name))
+
+
+def write_version(path: str) -> None:
+    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION}).encode()
+    write_atomically(path, VERSION_FILE, body)
+
+
+def current_boot_id() -> str:
+    """The kernel's boot id (``NVCACHE_BOOT_ID`` overrides it, for tests); "" when unknown."""
+    forced = os.environ.get("NVCACHE_BOOT_ID")
+    if forced:
+        return forced
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _file_mark(st: os.stat_result) -> Dict[str, int]:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class Store:
@@ -121,12 +149,10 @@ class Store:
         ident = (st.st_dev, st.st_ino)
         with cls._registry_lock:
             store = cls._registry.get(ident)
-            if store is None or store.generation != fork_generation():
-                if store is not None:
-                    store._abandon()
+            if store is None:
                 store = cls(path, core, max_bytes, durable, lock_timeout)
                 cls._registry[ident] = store
-            else:
+            else:  # inherited through fork, the store reopens itself at first use
                 store.force_sync = store.force_sync or (durable and not store.durable)
             store.users += 1
             return store
@@ -145,39 +171,63 @@ class Store:
         self.index: Any = None
         self._data_fd = -1
         self._damaged = False
+        self._broken = False
+        self._meta_db: Any = None
         self.lock = FileLock(os.path.join(path, LOCK_FILE), lock_timeout)
-        self._open()
+        self._users_fd = open_nofollow(os.path.join(path, USERS_FILE), os.O_RDWR | os.O_CREAT)
+        try:
+            self._first = self._claim_users()
+            self._open()
+            self._first = False  # later reopens follow a rebuild or a fork: no deep check
+        except BaseException:
+            self._close_env()
+            self.lock.close()
+            os.close(self._users_fd)
+            raise
 
     # -- opening and rebuilding ------------------------------------------------
     def _open(self) -> None:
+        # Usually a shared lock suffices; only a rebuild or a boot-record
+        # update needs the exclusive one, and then everything is re-checked.
         self.lock.acquire(False)
         try:
-            problem = self._try_open()
+            problem = self._try_open(deep=self._first)
         finally:
             self.lock.release()
         if problem is None:
             return
+        self._close_env()
         self.lock.acquire(True)
         try:
-            problem = self._try_open()  # someone may have rebuilt it meanwhile
-            if problem is not None:
+            problem = self._try_open(deep=self._first)  # re-checked: someone may have rebuilt it
+            if problem == _MARK_BOOT:
+                self._write_boot()
+            elif problem is not None:
                 self._rebuild(problem)
         finally:
             self.lock.release()
 
-    def _try_open(self) -> Optional[str]:
-        """Open the environment; return why it must be rebuilt, or None when it is usable."""
+    def _try_open(self, deep: bool) -> Optional[str]:
+        """Open the environment; return why it must be rebuilt, or None when it is usable.
+
+        ``deep``: this is the only process using the cache, so if it was not
+        closed cleanly, walk the whole file first (in a child process: LMDB
+        has no page checksums and may crash on a damaged page).
+        """
         version = read_version(self.path)
         data_path = os.path.join(self.path, DATA_FILE)
         if version is None:
             return "new" if not os.path.exists(data_path) else "version file missing or unreadable"
         if version != FORMAT_VERSION:
             return f"format version {version} is not {FORMAT_VERSION}"
+        if deep and not self._closed_cleanly():
+            problem = self._deep_check()
+            if problem is not None:
+                return f"deep check after an unclean close: {problem}"
         try:
             env = self._env(create=False)
         except lmdb.Error as exc:
-            if isinstance(exc, CORRUPTION_ERRORS) or (
-                    isinstance(exc, lmdb.Error) and not os.path.exists(data_path)):
+            if isinstance(exc, CORRUPTION_ERRORS) or not os.path.exists(data_path):
                 return f"cannot open {DATA_FILE}: {exc}"
             raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
         try:
@@ -185,14 +235,114 @@ class Store:
                 dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
                 index = self.core.Index(*dbs)
                 index.counters(txn)  # fails on a damaged or foreign meta database
+                boot = txn.get(BOOT_KEY, None, dbs[3])
         except (lmdb.NotFoundError, lmdb.ReadonlyError):
             env.close()
             return f"{DATA_FILE} lacks nvcache's databases"
         except (CORRUPTION_ERRORS + (ValueError, TypeError)) as exc:
             env.close()
             return f"{DATA_FILE} is damaged: {exc}"
-        self._adopt(env, index)
-        return None
+        self._adopt(env, index, dbs[3])
+        return self._boot_problem(boot)
+
+    # -- reboots -----------------------------------------------------------------
+    # Without fsync a commit is safe from a process crash but not from an OS
+    # crash, which always comes with a reboot. The cache records the boot id
+    # and whether any non-durable process ever opened it ("N") or only
+    # durable ones ("D"); after a reboot an "N" cache is rebuilt.
+    def _boot_problem(self, boot: Optional[bytes]) -> Optional[str]:
+        current = current_boot_id()
+        stored, _, flag = (boot or b"").decode("ascii", "replace").partition("\0")
+        if not current:
+            return None  # no boot id to compare (not Linux): trust the file
+        if stored != current:
+            if flag == "D":
+                return _MARK_BOOT
+            return f"the machine rebooted since non-durable writes (boot id {stored or 'unknown'})"
+        if flag != "D" or self.durable:
+            return None
+        return _MARK_BOOT  # first non-durable user of a durable-only cache: record it
+
+    def _boot_record(self, previous: Optional[bytes]) -> bytes:
+        flag = "D" if self.durable and (previous is None or previous.endswith(b"\0D")) else "N"
+        return f"{current_boot_id()}\0{flag}".encode("ascii", "replace")
+
+    def _write_boot(self) -> None:
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(BOOT_KEY, self._boot_record(txn.get(BOOT_KEY, None, self._meta_db)),
+                        db=self._meta_db)
+            if self.durable:
+                self.env.sync(True)
+        except lmdb.Error as exc:
+            raise self._failure(exc) from exc
+
+    # -- clean close and the deep check ---------------------------------------------
+    def _claim_users(self) -> bool:
+        """Join the users of the cache; True when no other process has it open."""
+        first = True
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            first = False
+        deadline = time.monotonic() + self.lock.timeout
+        while True:  # a closing process holds the exclusive lock for a moment
+            try:
+                fcntl.flock(self._users_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return first
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CacheTimeout(f"{self.path}/{USERS_FILE} stayed locked for {self.lock.timeout} s") from None
+                time.sleep(0.001)
+
+    def _closed_cleanly(self) -> bool:
+        """Whether data.mdb is exactly as the last process to close it left it."""
+        try:
+            fd = open_nofollow(os.path.join(self.path, CLEAN_FILE), os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                mark = json.loads(f.read(4096))
+            st = os.stat(os.path.join(self.path, DATA_FILE))
+        except (OSError, ValueError, CacheError):
+            return False
+        return mark == _file_mark(st)
+
+    def _mark_clean(self) -> None:
+        """Called by the last process to close the cache, under the exclusive lock."""
+        try:
+            st = os.stat(os.path.join(self.path, DATA_FILE))
+            write_atomically(self.path, CLEAN_FILE, json.dumps(_file_mark(st)).encode())
+        except OSError as exc:
+            log.debug("could not record a clean close of %s: %s", self.path, exc)
+
+    def _deep_check(self) -> Optional[str]:
+        """Walk every record in a child process; a crash there only means "rebuild"."""
+        size = os.path.getsize(os.path.join(self.path, DATA_FILE))
+        limit = 30.0 + size / (50 << 20)  # generous: a cycle in damaged pages must not hang us
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, reported by exit status
+            code = 70
+            try:
+                env = self._env(create=False)
+                with env.begin() as txn:
+                    dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
+                    code = 0 if not self.core.Index(*dbs).check(txn, None) else 65
+            except BaseException:
+                code = 66
+            os._exit(code)
+        deadline = time.monotonic() + limit
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return f"no answer within {limit:.0f} s"
+            time.sleep(0.002)
+        if os.WIFSIGNALED(status):
+            return f"the checking process died of signal {os.WTERMSIG(status)}"
+        code = os.WEXITSTATUS(status)
+        return None if code == 0 else {65: "inconsistent index", 66: "LMDB error"}.get(code, f"exit {code}")
 
     def _env(self, create: bool) -> Any:
         return lmdb.Environment(
@@ -200,11 +350,12 @@ class Store:
             lock=False, sync=self.durable, metasync=self.durable, max_dbs=len(_DB_NAMES),
             max_spare_txns=4, readahead=False, mode=0o640)
 
-    def _adopt(self, env: Any, index: Any) -> None:
+    def _adopt(self, env: Any, index: Any, meta_db: Any) -> None:
         self.env = env
         self.index = index
+        self._meta_db = meta_db
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE), os.O_RDONLY)
-        self._damaged = False
+        self._damaged = self._broken = False
 
     def _close_env(self) -> None:
         if self.env is not None:
@@ -236,12 +387,13 @@ class Store:
                 dbs = [env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
                 index = self.core.Index(*dbs)
                 index.init_counters(txn)
+                txn.put(BOOT_KEY, self._boot_record(None), db=dbs[3])
             if self.durable:
                 env.sync(True)
             write_version(self.path)
         except (lmdb.Error, OSError) as exc:
             raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
-        self._adopt(env, index)
+        self._adopt(env, index, dbs[3])
 
     def _refresh(self) -> None:
         """Reopen after a fork, after another process rebuilt the file, or after damage."""
@@ -249,21 +401,28 @@ class Store:
             # Our mapping and descriptors are the parent's: drop them, never write through them.
             self.buffer.clear()
             self.generation = fork_generation()
-        self._close_env()
-        self._open()
+            inherited, self._users_fd = self._users_fd, open_nofollow(
+                os.path.join(self.path, USERS_FILE), os.O_RDWR | os.O_CREAT)
+            os.close(inherited)  # closing our copy leaves the parent's flock alone
+            self._claim_users()
+        if self._damaged:
+            self.lock.acquire(True)
+            try:
+                self._reopen_locked()
+            finally:
+                self.lock.release()
+        else:
+            self._close_env()
+            self._open()
 
     def _stale(self) -> bool:
-        return self._damaged or self._data_fd < 0 or os.fstat(self._data_fd).st_nlink == 0
-
-    def _abandon(self) -> None:
-        # A forked child's copy of a store nobody reopened: release its descriptors.
-        self._close_env()
-        self.lock.close()
+        return (self._damaged or self._broken or self._data_fd < 0
+                or os.fstat(self._data_fd).st_nlink == 0)
 
     # -- transactions ----------------------------------------------------------
     def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(index, txn, *args)`` in a read transaction under the shared lock."""
-        if self.generation != fork_generation() or self.env is None:
+        if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
             self._refresh()
         lock = self.lock
         lock.acquire(False)
@@ -329,6 +488,8 @@ class Store:
             self._damaged = True
             log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
             return CacheError(f"cache in {self.path} is damaged: {exc}")
+        if isinstance(exc, REOPEN_ERRORS):
+            self._broken = True
         if isinstance(exc, lmdb.MapFullError):
             return CacheError(f"cache file in {self.path} reached its map size")
         if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
@@ -351,11 +512,26 @@ class Store:
                 if store is self:
                     del self._registry[ident]
         try:
-            if self.generation == fork_generation():
+            if self.generation == fork_generation() and self.env is not None:
                 self.flush()
+                self._leave()
         finally:
             self._close_env()
             self.lock.close()
+            os.close(self._users_fd)
+
+    def _leave(self) -> None:
+        """If this is the last process using the cache, record that it closed cleanly."""
+        self.lock.acquire(True)
+        try:
+            try:
+                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # others still use it
+            if not self._stale():
+                self._mark_clean()
+        finally:
+            self.lock.release()
 
     @classmethod
     def flush_all(cls) -> None:
