@@ -177,7 +177,7 @@ class LayerCache:
         core = self._core
         name, lid = core.record_name(layer_id, kind)
         data = _as_record(record)
-        keep_ids = _EMPTY if keep == () and type(keep) is tuple else core.keep_set(keep)
+        keep_ids = _EMPTY if type(keep) is tuple and not keep else core.keep_set(keep)
         if not self.enabled:
             self._check_open()
             return False

@@ -231,9 +231,10 @@ class Store:
                 return f"cannot open {DATA_FILE}: {exc}"
             raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
         try:
+            # Without txn=: a handle opened inside a read transaction dies with it.
+            dbs = [env.open_db(name, create=False) for name in _DB_NAMES]
+            index = self.core.Index(*dbs)
             with env.begin() as txn:
-                dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
-                index = self.core.Index(*dbs)
                 index.counters(txn)  # fails on a damaged or foreign meta database
                 boot = txn.get(BOOT_KEY, None, dbs[3])
         except (lmdb.NotFoundError, lmdb.ReadonlyError):
@@ -323,8 +324,8 @@ class Store:
             code = 70
             try:
                 env = self._env(create=False)
+                dbs = [env.open_db(name, create=False) for name in _DB_NAMES]
                 with env.begin() as txn:
-                    dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
                     code = 0 if not self.core.Index(*dbs).check(txn, None) else 65
             except BaseException:
                 code = 66

@@ -1,0 +1,533 @@
+"""The public API, rule by rule, over both cores (the ``core`` fixture)."""
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import nvcache
+from nvcache import CacheError, CacheFull, RecordTooLarge
+
+MiB = 1024 * 1024
+DIGEST = "sha256:" + "ab" * 32
+
+
+def lid(i: int) -> str:
+    return f"sha256:{i:064x}"
+
+
+# -- construction ---------------------------------------------------------------
+
+def test_max_bytes_and_attributes(make_cache, cache_dir):
+    cache = make_cache(1.5)
+    assert cache.max_bytes == int(1.5 * MiB)
+    assert cache.enabled is True
+    assert cache.path == cache_dir
+    assert os.path.isdir(cache_dir)
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), -0.5])
+def test_bad_bound_is_value_error(Cache, cache_dir, bad):
+    with pytest.raises(ValueError):
+        Cache(cache_dir, bad)
+    assert not os.path.exists(cache_dir)
+
+
+@pytest.mark.parametrize("bad", ["10", None, True, b"1"])
+def test_non_numeric_bound_is_type_error(Cache, cache_dir, bad):
+    with pytest.raises(TypeError):
+        Cache(cache_dir, bad)
+
+
+def test_bad_path(Cache, tmp_path):
+    with pytest.raises(ValueError):
+        Cache("", 1)
+    with pytest.raises(ValueError):
+        Cache(str(tmp_path / "a\0b"), 1)
+    with pytest.raises(TypeError):
+        Cache(123, 1)
+    afile = tmp_path / "file"
+    afile.write_bytes(b"x")
+    with pytest.raises(CacheError, match="not a directory"):
+        Cache(str(afile), 1)
+
+
+def test_path_may_be_pathlike(Cache, tmp_path):
+    with Cache(tmp_path / "c", 1) as cache:
+        assert cache.path == str(tmp_path / "c")
+        assert cache.put(DIGEST, b"r")
+
+
+# -- disabled -------------------------------------------------------------------
+
+def test_disabled_cache_touches_nothing(Cache, cache_dir):
+    cache = Cache(cache_dir, 0)
+    assert cache.enabled is False and cache.max_bytes == 0
+    assert cache.put(DIGEST, b"x") is False
+    assert cache.get(DIGEST) is None
+    assert cache.contains(DIGEST) is False and DIGEST not in cache and len(cache) == 0
+    assert cache.delete(DIGEST) is False
+    assert cache.stats() == {"cache_hits": None, "cache_misses": None, "record_count": None,
+                             "record_total_size": None}
+    assert cache.verify() == []
+    cache.flush()
+    cache.clear()
+    assert json.loads(cache.cache_data_json())["cache_records"] == []
+    with pytest.raises(ValueError):  # bad input is still bad input
+        cache.get("has space")
+    assert not os.path.exists(cache_dir)
+    cache.close()
+    with pytest.raises(CacheError):
+        cache.get(DIGEST)
+
+
+def test_from_env(Cache, cache_dir, monkeypatch):
+    monkeypatch.setenv("NVCACHE_PATH", cache_dir)
+    monkeypatch.delenv("MAX_CACHE_RECORD_MB", raising=False)
+    with Cache.from_env() as cache:
+        assert not cache.enabled and cache.path == cache_dir
+    monkeypatch.setenv("MAX_CACHE_RECORD_MB", "0")
+    with Cache.from_env() as cache:
+        assert not cache.enabled
+    monkeypatch.setenv("MAX_CACHE_RECORD_MB", " 2.5 ")
+    with Cache.from_env() as cache:
+        assert cache.enabled and cache.max_bytes == int(2.5 * MiB) and cache.path == cache_dir
+    for bad in ("abc", "-1", "nan", "inf", "1e999"):
+        monkeypatch.setenv("MAX_CACHE_RECORD_MB", bad)
+        with pytest.raises(ValueError, match="MAX_CACHE_RECORD_MB"):
+            Cache.from_env()
+    monkeypatch.delenv("NVCACHE_PATH")
+    monkeypatch.setenv("MAX_CACHE_RECORD_MB", "0")
+    assert Cache.from_env().path == nvcache.DEFAULT_PATH == "/tmp/images/caches"
+
+
+# -- validation -------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["", "a b", "tab\there", "x" * 1025, "caf\u00e9", "nl\n", "\x7f", "nul\0"])
+def test_bad_layer_id_is_value_error(make_cache, bad):
+    cache = make_cache()
+    for call in (lambda: cache.get(bad), lambda: cache.put(bad, b"r"), lambda: cache.delete(bad),
+                 lambda: cache.contains(bad), lambda: bad in cache):
+        with pytest.raises(ValueError):
+            call()
+    assert cache.stats()["cache_misses"] == 0 and cache.verify() == []
+
+
+@pytest.mark.parametrize("bad", [None, 1, b"sha256:aa", ["x"]])
+def test_non_str_layer_id_is_type_error(make_cache, bad):
+    cache = make_cache()
+    with pytest.raises(TypeError):
+        cache.get(bad)
+    with pytest.raises(TypeError):
+        cache.put(bad, b"r")
+
+
+def test_layer_id_limits(make_cache):
+    cache = make_cache()
+    longest = "x" * 1024
+    assert cache.put(longest, b"long") and cache.get(longest) == b"long"
+    assert cache.put("!", b"one") and cache.get("!") == b"one"
+    printable = "".join(chr(c) for c in range(0x21, 0x7F))
+    assert cache.put(printable, b"all") and cache.get(printable) == b"all"
+
+
+@pytest.mark.parametrize("bad", ["", "Layer", "a-b", "x" * 33, "k\u00e9", " "])
+def test_bad_kind_is_value_error(make_cache, bad):
+    cache = make_cache()
+    with pytest.raises(ValueError):
+        cache.put(DIGEST, b"r", kind=bad)
+    with pytest.raises(ValueError):
+        cache.get(DIGEST, kind=bad)
+
+
+def test_kind_type_and_limits(make_cache):
+    cache = make_cache()
+    with pytest.raises(TypeError):
+        cache.get(DIGEST, kind=None)
+    assert cache.put(DIGEST, b"a", kind="k" * 32)
+    assert cache.put(DIGEST, b"b", kind="secret_0")
+    assert cache.get(DIGEST, kind="k" * 32) == b"a" and cache.get(DIGEST, kind="secret_0") == b"b"
+    assert cache.get(DIGEST) is None  # layer_file is another record
+
+
+@pytest.mark.parametrize("bad", ["text", 12, None, [1, 2], object()])
+def test_bad_record_is_type_error(make_cache, bad):
+    cache = make_cache()
+    with pytest.raises(TypeError):
+        cache.put(DIGEST, bad)
+    assert len(cache) == 0
+
+
+def test_record_types_round_trip(make_cache):
+    import array
+    cache = make_cache()
+    assert cache.put(lid(1), b"bytes")
+    assert cache.put(lid(2), bytearray(b"bytearray"))
+    assert cache.put(lid(3), memoryview(b"xxmemoryviewxx")[2:-2])
+    ints = array.array("I", [1, 2, 3])
+    assert cache.put(lid(4), memoryview(ints))
+    assert cache.put(lid(5), b"")
+    for i, want in [(1, b"bytes"), (2, b"bytearray"), (3, b"memoryview"), (4, ints.tobytes()), (5, b"")]:
+        got = cache.get(lid(i))
+        assert type(got) is bytes and got == want
+    assert cache.stats()["record_total_size"] == 5 + 9 + 10 + 12 + 0
+
+
+@pytest.mark.parametrize("bad", ["sha256:aa", b"ab", 5, [1], [None], {"x": 1, 2: 3}])
+def test_bad_keep_is_type_error(make_cache, bad):
+    cache = make_cache()
+    with pytest.raises(TypeError):
+        cache.put(DIGEST, b"r", keep=bad)
+    assert len(cache) == 0
+
+
+def test_keep_accepts_any_iterable_of_str(make_cache):
+    cache = make_cache()
+    assert cache.put(lid(1), b"r", keep=[lid(2)])
+    assert cache.put(lid(2), b"r", keep=(x for x in [lid(1), "caf\u00e9", "with space"]))
+    assert cache.put(lid(3), b"r", keep={lid(1)})
+
+
+# -- put / get / delete -----------------------------------------------------------
+
+def test_put_get_delete(make_cache):
+    cache = make_cache()
+    assert cache.get(DIGEST) is None
+    assert cache.put(DIGEST, b"record") is True
+    assert cache.put(DIGEST, b"other") is False  # the first record stays
+    assert cache.get(DIGEST) == b"record"
+    assert DIGEST in cache and cache.contains(DIGEST) and len(cache) == 1
+    assert cache.delete(DIGEST) is True
+    assert cache.delete(DIGEST) is False
+    assert DIGEST not in cache and len(cache) == 0
+    assert cache.stats() == {"cache_hits": 1, "cache_misses": 1, "record_count": 0, "record_total_size": 0}
+    assert cache.verify() == []
+
+
+def test_contains_and_len_change_no_statistic(make_cache):
+    cache = make_cache()
+    cache.put(DIGEST, b"r")
+    before = cache.cache_data()
+    for _ in range(3):
+        assert DIGEST in cache
+        assert lid(9) not in cache
+        assert len(cache) == 1
+    assert cache.cache_data() == before
+
+
+def test_hit_counts_a_reference(make_cache):
+    cache = make_cache()
+    cache.put(DIGEST, b"r")
+    (rec,) = cache.cache_data()["cache_records"]
+    assert rec["reference_count"] == 0
+    for _ in range(3):
+        cache.get(DIGEST)
+    cache.get(lid(7))
+    data = cache.cache_data()
+    (rec2,) = data["cache_records"]
+    assert rec2["reference_count"] == 3
+    assert rec2["last_referred"] > rec["last_referred"]
+    assert (data["cache_hits"], data["cache_misses"]) == (3, 1)
+
+
+def test_name_is_layer_id_underscore_kind(make_cache):
+    cache = make_cache()
+    cache.put(DIGEST, b"x")
+    cache.put(DIGEST, b"y", kind="secrets")
+    names = sorted(r["layer_id"] for r in cache.cache_data()["cache_records"])
+    assert names == [DIGEST + "_layer_file", DIGEST + "_secrets"]
+
+
+# -- the bound and eviction ----------------------------------------------------------
+
+def test_record_too_large(make_cache):
+    cache = make_cache(0.001)  # 1048 bytes
+    cache.put(lid(1), b"a" * 500)
+    with pytest.raises(RecordTooLarge):
+        cache.put(lid(2), b"b" * 1049)
+    with pytest.raises(ValueError):  # RecordTooLarge is a ValueError too
+        cache.put(lid(2), b"b" * 5000)
+    assert cache.put(lid(3), b"c" * 1048)  # exactly the bound fits, by evicting
+    assert cache.stats()["record_count"] == 1 and cache.get(lid(1)) is None
+
+
+def test_eviction_is_lru_and_stops_at_the_bound(make_cache):
+    cache = make_cache(1000 / MiB)  # 1000 bytes
+    for i in range(10):
+        assert cache.put(lid(i), bytes([i]) * 100)
+    assert cache.stats()["record_total_size"] == 1000
+    cache.get(lid(0))  # 0 becomes the most recent
+    cache.put(lid(10), b"n" * 250)  # needs 250: evicts 1, 2, 3 (300 bytes), no more
+    present = [i for i in range(11) if lid(i) in cache]
+    assert present == [0, 4, 5, 6, 7, 8, 9, 10]
+    assert cache.stats()["record_total_size"] == 950
+    assert cache.evictions() == 3
+    assert cache.verify() == []
+
+
+def test_keep_protects_every_kind(make_cache):
+    cache = make_cache(600 / MiB)
+    cache.put(lid(0), b"a" * 200)
+    cache.put(lid(0), b"b" * 200, kind="other")
+    cache.put(lid(1), b"c" * 200)
+    cache.put(lid(2), b"d" * 200, keep=[lid(0)])  # lid(0) in any kind stays; lid(1) goes
+    assert cache.contains(lid(0)) and cache.contains(lid(0), kind="other")
+    assert not cache.contains(lid(1)) and cache.contains(lid(2))
+
+
+def test_cache_full_changes_nothing(make_cache):
+    cache = make_cache(500 / MiB)
+    cache.put(lid(0), b"a" * 200)
+    cache.put(lid(1), b"b" * 200)
+    cache.get(lid(0))
+    before = cache.cache_data()
+    with pytest.raises(CacheFull):
+        cache.put(lid(2), b"c" * 300, keep=[lid(0), lid(1)])
+    assert cache.cache_data() == before
+    assert lid(2) not in cache and cache.verify() == []
+    assert cache.put(lid(2), b"c" * 300, keep=[lid(1)])  # now lid(0) may go
+    assert lid(0) not in cache and lid(1) in cache
+
+
+def test_put_applies_own_buffered_hits_before_choosing_victims(make_cache):
+    cache = make_cache(300 / MiB)
+    for i in range(3):
+        cache.put(lid(i), b"x" * 100)
+    cache.get(lid(0))  # buffered, not yet written
+    cache.put(lid(3), b"y" * 100)
+    assert lid(0) in cache and lid(1) not in cache
+
+
+# -- the dump ----------------------------------------------------------------------
+
+def test_cache_data_format(make_cache):
+    cache = make_cache()
+    cache.put(lid(2), b"22")
+    cache.put(lid(1), b"1")
+    cache.get(lid(2))
+    cache.get(lid(3))
+    data = cache.cache_data()
+    assert set(data) == {"cache_hits", "cache_misses", "cache_records", "record_total_size"}
+    assert (data["cache_hits"], data["cache_misses"], data["record_total_size"]) == (1, 1, 3)
+    recs = data["cache_records"]
+    assert [r["layer_id"] for r in recs] == [lid(1) + "_layer_file", lid(2) + "_layer_file"]
+    for r in recs:
+        assert set(r) == {"last_referred", "layer_id", "reference_count", "size"}
+        assert r["last_referred"].endswith("Z") and "T" in r["last_referred"]
+    assert cache.cache_data_json() == json.dumps(data, indent=2, sort_keys=True)
+
+
+def test_rfc3339nano_matches_go(core):
+    f = core.rfc3339nano
+    assert f(1727434640_232903070) == "2024-09-27T10:57:20.23290307Z"
+    assert f(1727434640_000000000) == "2024-09-27T10:57:20Z"
+    assert f(1727434640_100000000) == "2024-09-27T10:57:20.1Z"
+    assert f(1727434640_000000001) == "2024-09-27T10:57:20.000000001Z"
+    assert f(0) == "1970-01-01T00:00:00Z"
+    assert f(951782400_000000005) == "2000-02-29T00:00:00.000000005Z"
+
+
+def test_dump_orders_ties_by_name(make_cache, core):
+    cache = make_cache()
+    same = 1_700_000_000_000_000_000
+    for name in ("c", "a", "b"):
+        cache.restore(name, b"r", reference_count=1, last_referred_ns=same)
+    cache.restore("z", b"r", reference_count=0, last_referred_ns=same - 1)
+    names = [r["layer_id"] for r in cache.cache_data()["cache_records"]]
+    assert names == ["z_layer_file", "a_layer_file", "b_layer_file", "c_layer_file"]
+    cache.put("new", b"n" * (cache.max_bytes - 2))  # must free 2 bytes: the first two victims
+    assert [n for n in "zabc" if n in cache] == ["b", "c"]
+
+
+def test_restore_and_add_counters(make_cache):
+    cache = make_cache()
+    assert cache.restore(DIGEST, b"rec", reference_count=7, last_referred_ns=1727434640_232903070)
+    assert not cache.restore(DIGEST, b"x", reference_count=1, last_referred_ns=1)
+    cache.add_counters(5, 2)
+    data = cache.cache_data()
+    assert data["cache_records"] == [{"last_referred": "2024-09-27T10:57:20.23290307Z",
+                                      "layer_id": DIGEST + "_layer_file", "reference_count": 7,
+                                      "size": 3}]
+    assert (data["cache_hits"], data["cache_misses"]) == (5, 2)
+    for bad in (-1, 1.5, True, 1 << 64):
+        with pytest.raises((TypeError, ValueError)):
+            cache.restore(lid(1), b"r", reference_count=bad, last_referred_ns=1)
+        with pytest.raises((TypeError, ValueError)):
+            cache.add_counters(bad, 0)
+    with pytest.raises(ValueError):
+        cache.restore(lid(1), b"r", reference_count=0, last_referred_ns=0)
+
+
+# -- lifecycle and maintenance ------------------------------------------------------
+
+def test_close_is_idempotent_and_closed_cache_raises(make_cache):
+    cache = make_cache()
+    cache.put(DIGEST, b"r")
+    cache.close()
+    cache.close()
+    for call in (lambda: cache.get(DIGEST), lambda: cache.put(lid(1), b"r"), lambda: cache.delete(DIGEST),
+                 lambda: cache.contains(DIGEST), lambda: len(cache), cache.stats, cache.cache_data,
+                 cache.flush, cache.clear, cache.verify):
+        with pytest.raises(CacheError, match="closed"):
+            call()
+    with pytest.raises(CacheError):
+        with cache:
+            pass
+
+
+def test_context_manager_flushes(Cache, cache_dir):
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+        cache.get(DIGEST)
+    with Cache(cache_dir, 1) as again:
+        assert again.stats()["cache_hits"] == 1
+        assert again.get(DIGEST) == b"r"
+
+
+def test_clear_keeps_counters(make_cache):
+    cache = make_cache()
+    for i in range(5):
+        cache.put(lid(i), b"r")
+    cache.get(lid(0))
+    cache.get(lid(99))
+    cache.clear()
+    assert cache.stats() == {"cache_hits": 1, "cache_misses": 1, "record_count": 0, "record_total_size": 0}
+    assert cache.cache_data()["cache_records"] == [] and cache.verify() == []
+    assert cache.put(lid(0), b"again") and cache.get(lid(0)) == b"again"
+
+
+def test_two_instances_in_one_process_share_the_cache(make_cache):
+    a = make_cache()
+    b = make_cache()
+    a.put(DIGEST, b"shared")
+    assert b.get(DIGEST) == b"shared"
+    b.close()
+    assert a.get(DIGEST) == b"shared"
+    assert a.stats()["cache_hits"] == 2
+
+
+def test_reopen_keeps_records_and_counts(Cache, cache_dir):
+    with Cache(cache_dir, 1) as cache:
+        for i in range(20):
+            cache.put(lid(i), os.urandom(100))
+        cache.get(lid(3))
+        before = cache.cache_data()
+    with Cache(cache_dir, 1) as cache:
+        assert cache.cache_data() == before and cache.verify() == []
+
+
+def test_bad_version_empties_with_warning(Cache, cache_dir, caplog):
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+    vfile = os.path.join(cache_dir, "version")
+    assert json.load(open(vfile))["version"] == 1
+    for content in ('{"version": 0, "description": "initial implementation"}', "garbage", None):
+        if content is None:
+            os.unlink(vfile)
+        else:
+            with open(vfile, "w") as f:
+                f.write(content)
+        with caplog.at_level(logging.WARNING, logger="nvcache"):
+            with Cache(cache_dir, 1) as cache:
+                assert len(cache) == 0 and cache.verify() == []
+                cache.put(DIGEST, b"r")
+        assert any("emptying cache" in r.message for r in caplog.records)
+        caplog.clear()
+    assert json.load(open(vfile))["version"] == 1
+
+
+def test_foreign_files_are_left_alone(Cache, cache_dir):
+    os.makedirs(os.path.join(cache_dir, "ref"))
+    with open(os.path.join(cache_dir, "cacher.json"), "w") as f:
+        f.write("{}")
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+    assert os.path.exists(os.path.join(cache_dir, "cacher.json"))
+    assert os.path.isdir(os.path.join(cache_dir, "ref"))
+
+
+def test_corrupt_data_file_is_rebuilt_at_open(Cache, cache_dir, caplog):
+    with Cache(cache_dir, 1) as cache:
+        for i in range(50):
+            cache.put(lid(i), os.urandom(500))
+    with open(os.path.join(cache_dir, "data.mdb"), "r+b") as f:
+        f.write(os.urandom(3 * 4096))  # both meta pages and the first data page
+    with caplog.at_level(logging.WARNING, logger="nvcache"):
+        with Cache(cache_dir, 1) as cache:
+            assert len(cache) == 0 and cache.verify() == []
+            assert cache.put(DIGEST, b"r") and cache.get(DIGEST) == b"r"
+    assert any("emptying cache" in r.message for r in caplog.records)
+
+
+def tamper(cache_dir: str, db: str, key: bytes, value: bytes) -> None:
+    """Overwrite one LMDB value behind the cache's back, from another process, under its lock."""
+    code = (
+        "import fcntl, lmdb, sys\n"
+        "d, db, k, v = sys.argv[1], sys.argv[2].encode(), bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4])\n"
+        "lock = open(d + '/lock', 'rb'); fcntl.flock(lock, fcntl.LOCK_EX)\n"
+        "env = lmdb.Environment(d, max_dbs=4, lock=False, map_size=1 << 36)\n"
+        "h = env.open_db(db, create=False)\n"
+        "with env.begin(write=True) as t: t.put(k, v, db=h)\n")
+    subprocess.run([sys.executable, "-c", code, cache_dir, db, key.hex(), value.hex()], check=True)
+
+
+def test_checksum_mismatch_is_a_logged_miss(Cache, cache_dir, caplog, core):
+    holder = Cache(cache_dir, 1)  # keeps the cache in use, so tampering is not an unclean close
+    holder.put(DIGEST, b"the right bytes")
+    holder.put(lid(1), b"other")
+    # Change the stored bytes behind the cache's back, keeping the index entry.
+    tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()), b"the wrong bytes")
+    with caplog.at_level(logging.WARNING, logger="nvcache"):
+        with holder as cache:
+            assert any("checksum mismatch" in p for p in cache.verify())
+            assert cache.get(DIGEST) is None
+            assert DIGEST not in cache
+            assert cache.get(lid(1)) == b"other"
+            assert cache.stats() == {"cache_hits": 1, "cache_misses": 1, "record_count": 1,
+                                     "record_total_size": 5}
+            assert cache.verify() == []
+    assert any("checksum" in r.message for r in caplog.records)
+
+
+def test_verify_reports_tampered_totals(Cache, cache_dir):
+    import struct
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+        tamper(cache_dir, "meta", b"records", struct.pack("<QQ", 5, 999))
+        problems = cache.verify()
+        assert any("record_count 5" in p for p in problems)
+        assert any("record_total_size 999" in p for p in problems)
+
+
+def test_tampered_file_is_deep_checked_and_rebuilt_at_next_first_open(Cache, cache_dir, caplog):
+    import struct
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+    tamper(cache_dir, "meta", b"records", struct.pack("<QQ", 5, 999))  # nobody has it open
+    with caplog.at_level(logging.WARNING, logger="nvcache"):
+        with Cache(cache_dir, 1) as cache:
+            assert cache.verify() == [] and len(cache) == 0
+    assert any("deep check" in r.message for r in caplog.records)
+
+
+def test_clean_close_skips_the_deep_check(Cache, cache_dir, monkeypatch):
+    from nvcache.store import Store
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+    calls = []
+    monkeypatch.setattr(Store, "_deep_check", lambda self: calls.append(1))
+    with Cache(cache_dir, 1) as cache:
+        assert cache.get(DIGEST) == b"r"
+    assert calls == []
+
+
+def test_map_is_sized_for_the_bound(core):
+    from nvcache.store import map_size_for
+    assert map_size_for(1000 * MiB) >= 2 * 1000 * MiB + 64 * MiB
+    assert map_size_for(100_000 * MiB) >= 2 * 100_000 * MiB + 64 * MiB
+    assert math.isfinite(map_size_for(0))
