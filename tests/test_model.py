@@ -1,0 +1,176 @@
+"""A hypothesis state machine: nvcache against a plain in-memory LRU model.
+
+The model is the specification in a few lines: records keyed by name, a
+bound on their total size, victims taken least recently referred first
+(ties by name), never the new record nor a kept layer; hits, misses and
+reference counts counted exactly. Every step compares the real cache's
+stats and full dump with the model, over both cores.
+"""
+
+import shutil
+import tempfile
+from typing import Dict, List, Optional
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+import nvcache
+from nvcache import CacheFull, RecordTooLarge
+
+BOUND = 1000
+IDS = [f"sha256:{i:02d}" for i in range(8)]
+KINDS = ["layer_file", "secrets"]
+
+
+class Rec:
+    def __init__(self, data: bytes, seq: int) -> None:
+        self.data = data
+        self.refs = 0
+        self.seq = seq
+
+
+class CacheMachine(RuleBasedStateMachine):
+    core = None  # set per core by the test below
+
+    @initialize()
+    def open_cache(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="nvcache-model-")
+        self.Cache = type("C", (nvcache.LayerCache,), {"_core": self.core})
+        self.cache = self.Cache(self.dir, BOUND / (1024 * 1024))
+        assert self.cache.max_bytes == BOUND
+        self.records: Dict[str, Rec] = {}
+        self.hits = self.misses = self.evictions = 0
+        self.seq = 0
+
+    def teardown(self) -> None:
+        if hasattr(self, "cache"):
+            self.cache.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _tick(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _order(self) -> List[str]:
+        return sorted(self.records, key=lambda n: (self.records[n].seq, n))
+
+    # -- operations ---------------------------------------------------------
+    @rule(i=st.sampled_from(IDS), kind=st.sampled_from(KINDS), size=st.integers(0, 450),
+          keep=st.sets(st.sampled_from(IDS), max_size=4))
+    def put(self, i: str, kind: str, size: int, keep: set) -> None:
+        name = f"{i}_{kind}"
+        data = (name.encode() * (size // len(name) + 1))[:size]
+        expected: Optional[bool]
+        victims: List[str] = []
+        if name in self.records:
+            expected = False
+        else:
+            over = sum(len(r.data) for r in self.records.values()) + size - BOUND
+            freed = 0
+            for victim in self._order():
+                if freed >= over:
+                    break
+                if victim.split("_", 1)[0] in keep:  # ids have no "_": the rest is the kind
+                    continue
+                victims.append(victim)
+                freed += len(self.records[victim].data)
+            expected = True if freed >= over else None
+        try:
+            got = self.cache.put(i, data, kind=kind, keep=keep)
+        except CacheFull:
+            got = None
+        assert got is expected
+        if expected:
+            for victim in victims:
+                del self.records[victim]
+            self.evictions += len(victims)
+            self.records[name] = Rec(data, self._tick())
+
+    @rule(i=st.sampled_from(IDS), kind=st.sampled_from(KINDS))
+    def get(self, i: str, kind: str) -> None:
+        name = f"{i}_{kind}"
+        got = self.cache.get(i, kind=kind)
+        rec = self.records.get(name)
+        if rec is None:
+            assert got is None
+            self.misses += 1
+        else:
+            assert got == rec.data
+            rec.refs += 1
+            rec.seq = self._tick()
+            self.hits += 1
+
+    @rule(i=st.sampled_from(IDS), kind=st.sampled_from(KINDS))
+    def delete(self, i: str, kind: str) -> None:
+        name = f"{i}_{kind}"
+        assert self.cache.delete(i, kind=kind) is (name in self.records)
+        self.records.pop(name, None)
+
+    @rule(i=st.sampled_from(IDS), kind=st.sampled_from(KINDS))
+    def contains(self, i: str, kind: str) -> None:
+        assert self.cache.contains(i, kind=kind) is (f"{i}_{kind}" in self.records)
+
+    @rule(size=st.integers(BOUND + 1, BOUND + 50))
+    def too_large(self, size: int) -> None:
+        with pytest.raises(RecordTooLarge):
+            self.cache.put(IDS[0], b"x" * size, kind="secrets")
+
+    @rule()
+    def reopen(self) -> None:
+        self.cache.close()
+        self.cache = self.Cache(self.dir, BOUND / (1024 * 1024))
+
+    @rule()
+    def clear(self) -> None:
+        self.cache.clear()
+        self.records.clear()
+
+    # -- the cache always matches the model ----------------------------------------
+    @invariant()
+    def matches_model(self) -> None:
+        if not hasattr(self, "cache"):
+            return
+        assert len(self.cache) == len(self.records)
+        data = self.cache.cache_data()
+        assert data["cache_hits"] == self.hits and data["cache_misses"] == self.misses
+        total = sum(len(r.data) for r in self.records.values())
+        assert data["record_total_size"] == total <= BOUND
+        got = [(r["layer_id"], r["size"], r["reference_count"]) for r in data["cache_records"]]
+        want = [(n, len(self.records[n].data), self.records[n].refs) for n in self._order()]
+        assert got == want
+        assert self.cache.evictions() == self.evictions
+        assert self.cache.stats() == {"cache_hits": self.hits, "cache_misses": self.misses,
+                                      "record_count": len(self.records), "record_total_size": total}
+
+
+def test_cache_matches_lru_model(core):
+    machine = type("Machine", (CacheMachine,), {"core": core})
+    run_state_machine_as_test(machine, settings=settings(max_examples=60, stateful_step_count=40,
+                                                         deadline=None))
+
+
+def test_model_runs_verify_clean(core, tmp_path):
+    """A longer random walk over many ids, then the full consistency check."""
+    import random
+    rng = random.Random(7)
+    Cache = type("C", (nvcache.LayerCache,), {"_core": core})
+    with Cache(str(tmp_path / "c"), 20000 / (1024 * 1024)) as cache:
+        for step in range(3000):
+            i = f"sha256:{rng.randrange(300)}"
+            op = rng.random()
+            if op < 0.5:
+                cache.get(i)
+            elif op < 0.9:
+                try:
+                    cache.put(i, bytes(rng.randrange(256) for _ in range(rng.randrange(400))),
+                              keep=[f"sha256:{rng.randrange(300)}" for _ in range(3)])
+                except CacheFull:
+                    pass
+            else:
+                cache.delete(i)
+            if step % 500 == 0:
+                assert cache.verify() == []
+        assert cache.verify() == []
+        assert cache.stats()["record_total_size"] <= 20000
