@@ -1,0 +1,699 @@
+"""Reliability campaigns (issue 3), short forms, over both cores.
+
+A cache is an optimisation: it must never take a scanner down, block it for
+long, return wrong bytes or lose what it acknowledged. Each campaign below
+attacks one of those promises:
+
+* kill -9: a writer SIGKILLed at random moments (opening, eviction-heavy
+  puts, delete, clear); the cache must hold exactly what its acknowledged
+  operations left, possibly plus the one in flight, byte-exact, verify() == [];
+* corruption of every file in the directory by every kind of damage; the
+  victim opener runs in a child process and each outcome is classified as
+  rebuilt at open / served as misses / CacheError / intact / crashed;
+* reboots (a faked boot id), bounded waits (SIGSTOP with the lock held),
+  hostile /tmp (symlinks, foreign owners, modes), fuzzing of the whole
+  public API, a full disk (tmpfs), and hundreds of openers, some killed.
+
+Sizes: the default is the short form run by ``make test``. Environment:
+``NVCACHE_CAMPAIGN_ROUNDS`` (kill rounds per core), ``NVCACHE_CORRUPTION_ROUNDS``
+(rounds per damage kind and file), ``NVCACHE_OPENERS`` (opener processes),
+``NVCACHE_FUZZ_EXAMPLES``, and ``NVCACHE_CAMPAIGN_RESULTS`` (a directory:
+each campaign writes its figures there as JSON). For example the long form::
+
+    NVCACHE_CAMPAIGN_ROUNDS=200 NVCACHE_CORRUPTION_ROUNDS=8 NVCACHE_OPENERS=200 \\
+    NVCACHE_CAMPAIGN_RESULTS=bench/results/reliability \\
+        .venv/bin/python -m pytest -q tests/test_reliability.py -k "kill or corruption or openers"
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import select
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+
+import nvcache
+from nvcache import CacheError, CacheFull, CacheTimeout, RecordTooLarge
+
+MiB = 1024 * 1024
+NOBODY = 65534
+OTHER_UID = 65533
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+KILL_ROUNDS = env_int("NVCACHE_CAMPAIGN_ROUNDS", 30)
+CORRUPTION_ROUNDS = env_int("NVCACHE_CORRUPTION_ROUNDS", 1)
+OPENERS = env_int("NVCACHE_OPENERS", 200)
+FUZZ_EXAMPLES = env_int("NVCACHE_FUZZ_EXAMPLES", 150)
+RESULTS = os.environ.get("NVCACHE_CAMPAIGN_RESULTS", "")
+
+
+def save_figures(name: str, core: Any, figures: Dict[str, Any]) -> None:
+    if not RESULTS:
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    core_name = "py" if core.__name__ == "nvcache.fallback" else "ext"
+    with open(os.path.join(RESULTS, f"{name}-{core_name}.json"), "w") as f:
+        json.dump(figures, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# -- records: deterministic functions of their key --------------------------------
+
+def lid(i: int) -> str:
+    return f"sha256:{i:064x}"
+
+
+def name_of(i: int) -> str:
+    return lid(i) + "_layer_file"
+
+
+def index_of(name: str) -> int:
+    assert name.startswith("sha256:") and name.endswith("_layer_file"), name
+    return int(name[7:71], 16)
+
+
+def size_of(i: int, lo: int, hi: int) -> int:
+    h = int.from_bytes(hashlib.blake2b(b"%d" % i, digest_size=8).digest(), "little")
+    return lo + h % (hi - lo + 1)
+
+
+def record(i: int, size: int) -> bytes:
+    block = hashlib.blake2b(b"rec%d" % i, digest_size=64).digest()
+    return (struct.pack("<QQ", i, size) + block * (size // 64 + 1))[:size]
+
+
+# -- child processes ------------------------------------------------------------------
+
+class Outcome:
+    """How a child process ended: ok (with its JSON value), exception, signal, exit or timeout."""
+
+    def __init__(self, kind: str, value: Any = None, detail: str = "") -> None:
+        self.kind = kind
+        self.value = value
+        self.detail = detail
+
+    @property
+    def crashed(self) -> bool:
+        return self.kind in ("signal", "exception", "exit", "timeout")
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.kind}, {self.value!r}, {self.detail[-2000:]})"
+
+
+def _child_run(fn: Callable[[], Any], wfd: int) -> None:
+    try:
+        try:
+            value = fn()
+            payload = {"ok": value}
+        except CacheError as exc:
+            payload = {"cache_error": f"{type(exc).__name__}: {exc}"}
+        except BaseException as exc:  # everything else is a crash of the caller
+            payload = {"exception": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}
+        data = json.dumps(payload).encode()
+        view = memoryview(data)
+        while view:
+            n = os.write(wfd, view)
+            view = view[n:]
+    finally:
+        os._exit(0)
+
+
+def start_forked(fn: Callable[[], Any]) -> Tuple[int, int]:
+    """Run ``fn`` in a forked child; returns (pid, read end of its result pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        _child_run(fn, w)
+    os.close(w)
+    return pid, r
+
+
+def finish_forked(pid: int, r: int, timeout: float) -> Outcome:
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return Outcome("timeout", detail=f"no answer within {timeout} s")
+            ready, _, _ = select.select([r], [], [], left)
+            if ready:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return Outcome("signal", os.WTERMSIG(status), f"died of signal {os.WTERMSIG(status)}")
+    raw = b"".join(chunks)
+    if not raw:
+        return Outcome("exit", os.WEXITSTATUS(status), "no result")
+    payload = json.loads(raw)
+    if "ok" in payload:
+        return Outcome("ok", payload["ok"])
+    if "cache_error" in payload:
+        return Outcome("cache_error", payload["cache_error"])
+    return Outcome("exception", payload["exception"], payload.get("tb", ""))
+
+
+def run_forked(fn: Callable[[], Any], timeout: float = 60.0) -> Outcome:
+    pid, r = start_forked(fn)
+    return finish_forked(pid, r, timeout)
+
+
+def reap(pids: List[int]) -> None:
+    """Kill and reap stragglers (teardown)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+@pytest.fixture
+def children():
+    pids: List[int] = []
+    yield pids
+    reap(pids)
+
+
+@pytest.fixture
+def popen_procs():
+    procs: List[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            p.kill()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# =========================================================================================
+# kill -9 campaign
+# =========================================================================================
+
+PUT, DELETE, CLEAR = "P", "D", "C"
+
+
+def kill_plan(seed: int, first_key: int, n_ops: int) -> List[Tuple[str, int]]:
+    """The writer's ops, a deterministic function of the seed: mostly new puts."""
+    rng = random.Random(seed)
+    ops: List[Tuple[str, int]] = []
+    nxt = first_key
+    for _ in range(n_ops):
+        x = rng.random()
+        if x < 0.75 or nxt == first_key:
+            ops.append((PUT, nxt))
+            nxt += 1
+        elif x < 0.85:  # put again: present (no change) or evicted (inserted again)
+            ops.append((PUT, rng.randrange(max(first_key - 50, 0), nxt)))
+        elif x < 0.985:
+            ops.append((DELETE, rng.randrange(max(first_key - 30, 0), nxt)))
+        else:
+            ops.append((CLEAR, 0))
+    return ops
+
+
+class LruModel:
+    """The cache's contents as the semantics say: puts in order, oldest first out."""
+
+    def __init__(self, order: List[Tuple[int, int]], max_bytes: int) -> None:
+        self.records = collections.OrderedDict(order)  # key -> size, oldest first
+        self.max_bytes = max_bytes
+
+    def copy(self) -> "LruModel":
+        return LruModel(list(self.records.items()), self.max_bytes)
+
+    def apply(self, op: Tuple[str, int], lo: int, hi: int) -> None:
+        kind, i = op
+        if kind == CLEAR:
+            self.records.clear()
+        elif kind == DELETE:
+            self.records.pop(i, None)
+        elif i not in self.records:
+            size = size_of(i, lo, hi)
+            over = sum(self.records.values()) + size - self.max_bytes
+            while over > 0:
+                _victim, vsize = self.records.popitem(last=False)
+                over -= vsize
+            self.records[i] = size
+
+    def keys(self) -> List[int]:
+        return list(self.records)
+
+
+def _writer(Cache: type, path: str, max_mb: float, plan: List[Tuple[str, int]], lo: int, hi: int,
+            ack_fd: int) -> Callable[[], Any]:
+    def run() -> Any:
+        cache = Cache(path, max_mb)
+        for step, (kind, i) in enumerate(plan):
+            if kind == PUT:
+                cache.put(lid(i), record(i, size_of(i, lo, hi)))
+            elif kind == DELETE:
+                cache.delete(lid(i))
+            else:
+                cache.clear()
+            os.write(ack_fd, struct.pack("<I", step))
+        cache.close()
+        return "done"
+    return run
+
+
+KILL_SHAPES = [
+    # (name, bound MiB, record sizes lo..hi): eviction-heavy with small and large records
+    ("evict-small", 0.25, 4096, 40000),
+    ("evict-large", 2.0, 100_000, 600_000),
+    ("roomy", 8.0, 200, 9000),
+]
+
+
+def test_kill9_campaign(Cache, cache_dir, core, children):
+    """SIGKILL a writer at random moments; acknowledged work survives byte-exact."""
+    rng = random.Random(0x51C)
+    state: Dict[str, List[Tuple[int, int]]] = {}
+    figures = {"rounds": 0, "kills": 0, "completed_plans": 0, "acked_ops": 0, "acked_puts": 0,
+               "acked_new_puts": 0, "in_flight_committed": 0, "lost": 0, "mismatches": [],
+               "by_shape": {}}
+    next_key = 0
+    for rnd in range(KILL_ROUNDS):
+        shape, max_mb, lo, hi = KILL_SHAPES[rnd % len(KILL_SHAPES)]
+        path = os.path.join(cache_dir, shape)
+        model = LruModel(state.get(shape, []), int(max_mb * MiB))
+        plan = kill_plan(rnd, next_key, 2000)
+        next_key += 2000
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(r)
+            try:
+                _writer(Cache, path, max_mb, plan, lo, hi, w)()
+            finally:
+                os._exit(0)
+        children.append(pid)
+        os.close(w)
+        # Kill at a random moment: often early (inside open), mostly while writing.
+        delay = rng.choice([0.0, rng.uniform(0, 0.01), rng.uniform(0, 0.15), rng.uniform(0, 0.4)])
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        children.remove(pid)
+        acks = b""
+        while True:
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            acks += chunk
+        os.close(r)
+        n = len(acks) // 4
+        assert acks == b"".join(struct.pack("<I", s) for s in range(n))
+        killed = os.WIFSIGNALED(status)
+        figures["rounds"] += 1
+        figures["kills"] += int(killed and n < len(plan))
+        figures["completed_plans"] += int(n == len(plan))
+        # Expected: the acknowledged ops applied; maybe also the one in flight.
+        before = model.copy()
+        for op in plan[:n]:
+            if op[0] == PUT:
+                figures["acked_puts"] += 1
+                figures["acked_new_puts"] += int(op[1] not in model.records)
+            model.apply(op, lo, hi)
+        figures["acked_ops"] += n
+        candidates = [model.keys()]
+        if n < len(plan):
+            nxt = model.copy()
+            nxt.apply(plan[n], lo, hi)
+            candidates.append(nxt.keys())
+        # Check from the parent: exact contents, LRU order, bytes, counters, verify().
+        with Cache(path, max_mb) as cache:
+            dump = cache.cache_data()
+            got = [index_of(r_["layer_id"]) for r_ in dump["cache_records"]]
+            if got not in candidates:
+                missing = set(candidates[0]) - set(got)
+                if len(candidates) > 1:
+                    missing &= set(candidates[1])
+                figures["lost"] += len(missing)
+                figures["mismatches"].append({"round": rnd, "shape": shape, "acked": n,
+                                              "expected": candidates, "got": got})
+            elif len(candidates) > 1 and got == candidates[1] and candidates[0] != candidates[1]:
+                figures["in_flight_committed"] += 1
+            for r_ in dump["cache_records"]:
+                i = index_of(r_["layer_id"])
+                assert r_["size"] == size_of(i, lo, hi)
+            assert dump["record_total_size"] == sum(r_["size"] for r_ in dump["cache_records"])
+            assert dump["record_total_size"] <= cache.max_bytes
+            for i in got:  # in LRU order, so the order stays as it was
+                assert cache.get(lid(i)) == record(i, size_of(i, lo, hi)), (rnd, shape, i)
+            assert cache.verify() == []
+            st = cache.stats()
+            assert st["record_count"] == len(got)
+            order = [index_of(r_["layer_id"]) for r_ in cache.cache_data()["cache_records"]]
+        assert order == got
+        state[shape] = [(i, size_of(i, lo, hi)) for i in got]
+        del before
+        by = figures["by_shape"].setdefault(shape, {"rounds": 0, "acked_ops": 0})
+        by["rounds"] += 1
+        by["acked_ops"] += n
+    save_figures("kill9", core, figures)
+    assert figures["mismatches"] == [], figures["mismatches"][:3]
+    assert figures["lost"] == 0
+    # The campaign really killed writers mid-work and really acknowledged work.
+    assert figures["kills"] >= KILL_ROUNDS // 2
+    assert figures["acked_new_puts"] >= KILL_ROUNDS * 3
+
+
+# =========================================================================================
+# corruption campaign
+# =========================================================================================
+
+PAGE = 4096
+P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
+CORRUPT_KEYS = 250
+CORRUPT_LO, CORRUPT_HI = 100, 6000
+GENERIC_DAMAGE = ["truncate-zero", "truncate-random", "zero-fill", "random-bytes", "garbage-file",
+                  "delete", "replace-with-directory"]
+SPECIAL_DAMAGE = {
+    "data.mdb": ["meta-page", "branch-page", "leaf-page", "overflow-page", "whole-page-random",
+                 "bit-rot-mtime-kept"],
+    "lock": ["foreign-owner", "stale-garbage"],
+    "version": ["other-version", "seed-version-0", "not-json"],
+}
+
+
+def populate(Cache: type, path: str) -> None:
+    with Cache(path, 1) as cache:
+        for i in range(CORRUPT_KEYS):
+            cache.put(lid(i), record(i, size_of(i, CORRUPT_LO, CORRUPT_HI)))
+        for i in range(0, CORRUPT_KEYS, 3):
+            cache.get(lid(i))
+
+
+def live_pages(path: str) -> Dict[str, List[int]]:
+    """The pages of data.mdb in use, by kind: walks LMDB's B-trees from the newest meta page."""
+    with open(path, "rb") as f:
+        raw = f.read()
+
+    def page(n: int) -> bytes:
+        return raw[n * PAGE:(n + 1) * PAGE]
+
+    metas = [page(0), page(1)]
+    meta = max(metas, key=lambda m: struct.unpack_from("<Q", m, 144)[0])
+    roots = [struct.unpack_from("<Q", meta, 80)[0], struct.unpack_from("<Q", meta, 128)[0]]
+    out: Dict[str, List[int]] = {"branch": [], "leaf": [], "overflow": []}
+    invalid = (1 << 64) - 1
+
+    def walk(pgno: int, main: bool) -> None:
+        if pgno == invalid or pgno * PAGE >= len(raw):
+            return
+        pg = page(pgno)
+        flags, lower = struct.unpack_from("<HH", pg, 10)
+        n = (lower - 16) >> 1
+        ptrs = struct.unpack_from(f"<{n}H", pg, 16)
+        if flags & P_BRANCH:
+            out["branch"].append(pgno)
+            for off in ptrs:
+                lo, hi, fl = struct.unpack_from("<HHH", pg, off)
+                walk(lo | hi << 16 | fl << 32, main)
+        elif flags & P_LEAF:
+            out["leaf"].append(pgno)
+            for off in ptrs:
+                _lo, _hi, fl, ksize = struct.unpack_from("<HHHH", pg, off)
+                data = off + 8 + ksize
+                if fl & 0x01:  # F_BIGDATA: the value lives on overflow pages
+                    out["overflow"].append(struct.unpack_from("<Q", pg, data)[0])
+                elif fl & 0x02 and main:  # F_SUBDATA: a named database's root
+                    walk(struct.unpack_from("<Q", pg, data + 40)[0], False)
+
+    walk(roots[0], False)
+    walk(roots[1], True)
+    return out
+
+
+def damage(path: str, fname: str, kind: str, rng: random.Random) -> str:
+    """Damage ``path/fname`` in the way ``kind`` says; returns what was done."""
+    target = os.path.join(path, fname)
+    size = os.path.getsize(target)
+
+    def scribble(start: int, end: int, spans: int) -> str:
+        done = []
+        with open(target, "r+b") as f:
+            for _ in range(spans):
+                off = rng.randrange(start, max(start + 1, end))
+                ln = rng.randint(1, 64)
+                f.seek(off)
+                f.write(os.urandom(ln))
+                done.append(f"{ln}@{off}")
+        return "random bytes " + ",".join(done)
+
+    if kind == "truncate-zero":
+        os.truncate(target, 0)
+        return "truncated to 0"
+    if kind == "truncate-random":
+        n = rng.randrange(0, max(size, 1))
+        os.truncate(target, n)
+        return f"truncated to {n} of {size}"
+    if kind == "zero-fill":
+        if size == 0:
+            return "empty file: nothing to zero"
+        unit = PAGE if fname == "data.mdb" else 1
+        start = rng.randrange(0, max(size // unit, 1)) * unit
+        ln = min(rng.randint(1, 16) * unit, size - start)
+        with open(target, "r+b") as f:
+            f.seek(start)
+            f.write(b"\0" * ln)
+        return f"zeroed {ln}@{start}"
+    if kind == "random-bytes":
+        if size == 0:
+            with open(target, "wb") as f:
+                f.write(os.urandom(rng.randint(1, 64)))
+            return "random bytes into an empty file"
+        return scribble(0, size, rng.randint(1, 8))
+    if kind == "garbage-file":
+        with open(target, "wb") as f:
+            f.write(os.urandom(rng.randint(1, 8192)))
+        return "replaced by random bytes"
+    if kind == "delete":
+        os.unlink(target)
+        return "deleted"
+    if kind == "replace-with-directory":
+        os.unlink(target)
+        os.mkdir(target, 0o750)
+        return "replaced by a directory"
+    if kind in ("meta-page", "branch-page", "leaf-page", "overflow-page", "whole-page-random",
+                "bit-rot-mtime-kept"):
+        if kind == "meta-page":
+            pages = [0, 1]
+        else:
+            live = live_pages(target)
+            pages = {"branch-page": live["branch"], "leaf-page": live["leaf"],
+                     "overflow-page": live["overflow"],
+                     "whole-page-random": live["branch"] + live["leaf"] + live["overflow"],
+                     "bit-rot-mtime-kept": live["branch"] + live["leaf"]}[kind]
+        if not pages:
+            return f"no {kind} in the file"
+        page = rng.choice(pages)
+        st = os.stat(target)
+        if kind == "whole-page-random":
+            with open(target, "r+b") as f:
+                f.seek(page * PAGE)
+                f.write(os.urandom(PAGE))
+            return f"page {page} replaced by random bytes"
+        if kind == "meta-page" or kind == "overflow-page":
+            # Within the page, header included sometimes.
+            start = page * PAGE + (0 if rng.random() < 0.3 else 16)
+            what = scribble(start, page * PAGE + PAGE, rng.randint(1, 4))
+        else:  # the used part of a B-tree page: its header, pointers or nodes
+            with open(target, "rb") as f:
+                f.seek(page * PAGE + 12)
+                lower, upper = struct.unpack("<HH", f.read(4))
+            region = rng.choice([(0, 16), (16, max(lower, 17)), (min(upper, PAGE - 1), PAGE)])
+            what = scribble(page * PAGE + region[0], page * PAGE + region[1], rng.randint(1, 4))
+        if kind == "bit-rot-mtime-kept":
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return f"page {page}: {what}"
+    if kind == "foreign-owner":
+        os.chown(target, NOBODY, NOBODY)
+        os.chmod(target, 0o600)
+        return "owned by another uid, mode 0600"
+    if kind == "stale-garbage":
+        with open(target, "wb") as f:
+            f.write(b"pid 12345 on another host\n" + os.urandom(100))
+        return "stale contents"
+    if kind == "other-version":
+        with open(target, "w") as f:
+            json.dump({"version": 999, "description": "from the future"}, f)
+        return "version 999"
+    if kind == "seed-version-0":
+        with open(target, "w") as f:
+            json.dump({"version": 0, "description": "initial implementation"}, f)
+        return "the seed's version 0"
+    if kind == "not-json":
+        with open(target, "wb") as f:
+            f.write(b"\xff\xfe{version: one")
+        return "not JSON"
+    raise AssertionError(kind)
+
+
+def _victim(Cache: type, path: str) -> Callable[[], Any]:
+    """Open the damaged cache and use it as a scanner would; CacheError is allowed, nothing else."""
+    def run() -> Any:
+        out: Dict[str, Any] = {"open": "ok", "hits": 0, "misses": 0, "errors": 0, "wrong": 0}
+        try:
+            cache = Cache(path, 1)
+        except CacheError as exc:
+            out["open"] = f"CacheError: {exc}"
+            return out
+        try:
+            out["count_at_open"] = cache.stats()["record_count"]
+        except CacheError:
+            out["count_at_open"] = None
+            out["errors"] += 1
+        for i in range(CORRUPT_KEYS):
+            try:
+                data = cache.get(lid(i))
+            except CacheError:
+                out["errors"] += 1
+                continue
+            if data is None:
+                out["misses"] += 1
+            elif data == record(i, size_of(i, CORRUPT_LO, CORRUPT_HI)):
+                out["hits"] += 1
+            else:
+                out["wrong"] += 1
+        try:
+            out["verify"] = cache.verify()
+        except CacheError as exc:
+            out["verify"] = [f"CacheError: {exc}"]
+        new = record(10**6, 777)
+        try:
+            cache.put(lid(10**6), new)
+            out["roundtrip"] = cache.get(lid(10**6)) == new
+        except CacheError as exc:
+            out["roundtrip"] = f"CacheError: {exc}"
+        cache.close()
+        return out
+    return run
+
+
+def _follow_up(Cache: type, path: str) -> Callable[[], Any]:
+    """A later scanner: the cache must be healthy again and never serve wrong bytes."""
+    def run() -> Any:
+        with Cache(path, 1) as cache:
+            wrong = 0
+            for i in list(range(CORRUPT_KEYS)) + [10**6]:
+                data = cache.get(lid(i))
+                size = 777 if i == 10**6 else size_of(i, CORRUPT_LO, CORRUPT_HI)
+                if data is not None and data != record(i, size):
+                    wrong += 1
+            new = record(10**6 + 1, 999)
+            cache.put(lid(10**6 + 1), new)
+            return {"wrong": wrong, "verify": cache.verify(),
+                    "roundtrip": cache.get(lid(10**6 + 1)) == new}
+    return run
+
+
+def classify(victim: Outcome, follow: Outcome) -> str:
+    if victim.crashed or follow.crashed:
+        return "crashed"
+    v = victim.value if victim.kind == "ok" else {}
+    if v.get("wrong") or (follow.kind == "ok" and follow.value["wrong"]):
+        return "wrong-bytes"
+    if victim.kind == "cache_error" or not str(v.get("open", "")).startswith("ok"):
+        return "CacheError-at-open"
+    if v.get("count_at_open") == 0:
+        return "rebuilt-at-open"
+    if v.get("errors"):
+        return "CacheError-in-use"
+    if v.get("misses"):
+        return "served-as-miss"
+    return "intact"
+
+
+def corruption_cases() -> List[Tuple[str, str]]:
+    files = ["data.mdb", "lock", "version", "users", "clean"]
+    cases = [(f, k) for f in files for k in GENERIC_DAMAGE]
+    cases += [(f, k) for f, kinds in SPECIAL_DAMAGE.items() for k in kinds]
+    return cases
+
+
+def test_corruption_campaign(Cache, tmp_path, core):
+    """Every kind of damage to every file: zero crashes, never wrong bytes, healthy afterwards."""
+    rng = random.Random(0xC0FFEE)
+    table: Dict[str, Dict[str, int]] = {}
+    rounds: List[Dict[str, Any]] = []
+    bad: List[Dict[str, Any]] = []
+    n = 0
+    seen_files: set = set()
+    for rnd in range(CORRUPTION_ROUNDS):
+        for fname, kind in corruption_cases():
+            n += 1
+            path = str(tmp_path / f"c{n}")
+            populate(Cache, path)
+            seen_files.update(os.listdir(path))
+            if fname not in os.listdir(path):
+                pytest.fail(f"{fname} is not in a cache directory any more: {os.listdir(path)}")
+            seed = rng.randrange(1 << 30)
+            what = damage(path, fname, kind, random.Random(seed))
+            victim = run_forked(_victim(Cache, path), timeout=120)
+            follow = run_forked(_follow_up(Cache, path), timeout=120)
+            outcome = classify(victim, follow)
+            row = {"file": fname, "kind": kind, "seed": seed, "damage": what, "outcome": outcome,
+                   "victim": repr(victim)[:1500], "follow_up": repr(follow)[:1500]}
+            rounds.append(row)
+            table.setdefault(f"{fname}:{kind}", {}).setdefault(outcome, 0)
+            table[f"{fname}:{kind}"][outcome] += 1
+            healthy_after = (follow.kind == "ok" and follow.value["verify"] == []
+                             and follow.value["roundtrip"] is True)
+            if outcome in ("crashed", "wrong-bytes") or not healthy_after:
+                bad.append(row)
+            shutil.rmtree(path, ignore_errors=True)
+    totals: Dict[str, int] = {}
+    for counts in table.values():
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    save_figures("corruption", core, {"corruptions": n, "totals": totals, "by_damage": table,
+                                      "failures": bad, "files": sorted(seen_files)})
+    print(json.dumps(totals))
+    # Every file in a cache directory was attacked.
+    assert {f for f, _k in corruption_cases()} >= seen_files - {"lock.mdb"}, seen_files
+    assert totals.get("crashed", 0) == 0, [b for b in bad if b["outcome"] == "crashed"][:5]
+    assert totals.get("wrong-bytes", 0) == 0, [b for b in bad if b["outcome"] == "wrong-bytes"][:5]
+    assert bad == [], bad[:5]
+    # The damage was real: some of it was noticed and repaired.
+    assert totals.get("rebuilt-at-open", 0) > 0
