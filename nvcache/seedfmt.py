@@ -1,0 +1,513 @@
+"""The seed scanner's cache directory layout: read it into nvcache, write it back out.
+
+The seed scanner (see ``shared/reference/seed-cache-design.md``) keeps::
+
+    <dir>/cacher.json   {"cache_records": {name: {path, size, ref_cnt, ref_last}},
+                         "cache_hits": n, "cache_misses": n, "current_record_size": n}
+    <dir>/ref/<name>    the record's JSON, gzip-compressed (``size`` is the file's length)
+    <dir>/lock          empty; every seed operation holds an exclusive flock on it
+    <dir>/version       {"version": 0, "description": "initial implementation"}
+
+A record name is ``<layer id>_<kind>``. nvcache stores the record itself (the
+decompressed bytes a scanner would parse); gzip is only how the seed stores
+it on disk, so sizes differ between the two layouts while contents,
+reference counts, last references and hit/miss counters carry over.
+
+:func:`import_seed` validates the whole source (index, every file, every
+gzip stream, names, room in the target) before writing anything, and
+deletes what it restored if a write fails half-way. It needs the core's
+``LayerCache.restore`` and ``LayerCache.add_counters``, because the public
+``put`` cannot set reference counts, last references or counters.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import errno
+import fcntl
+import gzip
+import json
+import logging
+import os
+import re
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from .cache import LayerCache
+from .errors import CacheError
+
+log = logging.getLogger("nvcache.seedfmt")
+
+INDEX_FILE = "cacher.json"
+REF_DIR = "ref"
+LOCK_FILE = "lock"
+VERSION_FILE = "version"
+SEED_VERSION = {"version": 0, "description": "initial implementation"}
+# The record kinds the seed scanner writes (RecordName in its scan_cache.go).
+KNOWN_KINDS = ("layer_file", "secrets", "fmap")
+_KIND_RE = re.compile(r"[a-z0-9_]{1,32}")
+_LAYER_ID_RE = re.compile(r"[\x21-\x7e]{1,1024}")
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))")
+_UINT32_MAX = 2**32 - 1  # the seed's ref_cnt is a Go uint32
+_NAME_MAX = 255
+
+
+class SeedFormatError(Exception):
+    """The source or destination cannot be used; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class SeedRecord:
+    """One entry of a seed index, resolved to its file."""
+
+    name: str
+    layer_id: str
+    kind: str
+    file: str
+    stored_size: int
+    ref_cnt: int
+    ref_last: str
+    last_ns: int
+
+
+@dataclass
+class SeedIndex:
+    """A validated seed cache directory."""
+
+    path: str
+    records: List[SeedRecord]
+    hits: int
+    misses: int
+    warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ImportResult:
+    imported: int = 0
+    skipped: int = 0
+    record_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    dry_run: bool = False
+    warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    exported: int = 0
+    stored_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+
+# -- names and times -------------------------------------------------------------
+def split_name(name: str) -> Tuple[str, str]:
+    """(layer id, kind) of a record name ``<layer id>_<kind>``.
+
+    The seed's kinds are tried first; any other name splits at its first
+    underscore, since layer digests (``sha256:<hex>``) contain none.
+    """
+    for kind in KNOWN_KINDS:
+        suffix = "_" + kind
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)], kind
+    layer_id, sep, kind = name.partition("_")
+    if not sep or not layer_id or not _KIND_RE.fullmatch(kind):
+        raise SeedFormatError(f"record name {name!r} is not <layer id>_<kind>")
+    return layer_id, kind
+
+
+def _check_name(name: str) -> Tuple[str, str]:
+    layer_id, kind = split_name(name)
+    if not _LAYER_ID_RE.fullmatch(layer_id):
+        raise SeedFormatError(f"record name {name!r}: the layer id must be 1-1024 printable ASCII characters")
+    if "/" in name or name in (".", "..") or len(name.encode()) > _NAME_MAX:
+        raise SeedFormatError(f"record name {name!r} cannot be a file name under {REF_DIR}/")
+    return layer_id, kind
+
+
+def parse_rfc3339(text: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 time (Go's RFC3339Nano, any UTC offset)."""
+    m = _RFC3339_RE.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
+    try:
+        datetime.datetime(y, mo, d, h, mi, s)  # rejects month 13, Feb 30, second 60...
+    except ValueError as exc:
+        raise ValueError(f"not a valid time: {text!r} ({exc})") from None
+    frac = int((m.group(7) or "").ljust(9, "0"))
+    offset = 0
+    if m.group(9):
+        oh, om = int(m.group(10)), int(m.group(11))
+        if oh > 23 or om > 59:
+            raise ValueError(f"bad UTC offset in {text!r}")
+        offset = (oh * 3600 + om * 60) * (1 if m.group(9) == "+" else -1)
+    return (calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offset) * 1_000_000_000 + frac
+
+
+# -- locking -------------------------------------------------------------------------
+@contextmanager
+def seed_lock(directory: str, exclusive: bool, timeout: float, create: bool) -> Iterator[None]:
+    """Hold the seed's ``lock`` flock, so a seed scanner cannot change the directory meanwhile.
+
+    The seed takes LOCK_EX for every operation, so a shared lock is enough to
+    read a consistent snapshot. A source without a lock file (a copy) is read
+    unlocked.
+    """
+    path = os.path.join(directory, LOCK_FILE)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        log.debug("%s has no lock file; reading it unlocked", directory)
+        yield
+        return
+    except OSError as exc:
+        raise SeedFormatError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    raise SeedFormatError(
+                        f"cannot lock {path} within {timeout:g} s (is a seed scanner busy?)") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+# -- reading --------------------------------------------------------------------------
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise SeedFormatError(f"{path} is missing: not a seed scanner cache, or a partial copy") from None
+    except OSError as exc:
+        raise SeedFormatError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise SeedFormatError(f"{path} is not valid JSON ({exc}): the {what} is truncated or damaged") from None
+
+
+def _uint(value: Any, where: str) -> int:
+    if type(value) is not int or value < 0:
+        raise SeedFormatError(f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def read_index(src: str, skip_missing: bool = False) -> SeedIndex:
+    """Validate ``src`` as a seed cache directory and resolve every record to its file.
+
+    Checks the version file, the index and, for each record, that its file
+    exists under ``ref/`` with the indexed size. With ``skip_missing`` an
+    entry whose file is gone (the seed leaves such stale entries) is dropped
+    with a warning instead of failing.
+    """
+    src = os.path.abspath(src)
+    if not os.path.isdir(src):
+        raise SeedFormatError(f"{src} is not a directory")
+    index_path = os.path.join(src, INDEX_FILE)
+    if not os.path.exists(index_path) and os.path.exists(os.path.join(src, "data.mdb")):
+        raise SeedFormatError(f"{src} is an nvcache cache, not the seed scanner's layout")
+    version = _read_json(os.path.join(src, VERSION_FILE), "version file")
+    if not isinstance(version, dict) or version.get("version") != SEED_VERSION["version"]:
+        raise SeedFormatError(f"{src}/{VERSION_FILE} says {version!r}; only seed cache version "
+                              f"{SEED_VERSION['version']} is supported (the seed itself empties any other)")
+    doc = _read_json(index_path, "index")
+    if not isinstance(doc, dict):
+        raise SeedFormatError(f"{index_path} must hold a JSON object")
+    entries = doc.get("cache_records") or {}  # Go omits an empty map
+    if not isinstance(entries, dict):
+        raise SeedFormatError(f"{index_path}: cache_records must be an object")
+    hits = _uint(doc.get("cache_hits", 0), "cache_hits")
+    misses = _uint(doc.get("cache_misses", 0), "cache_misses")
+    if max(hits, misses) >= 1 << 63:
+        raise SeedFormatError(f"{index_path}: cache_hits/cache_misses do not fit 63 bits")
+    warnings: List[str] = []
+    if doc.get("cache_data"):
+        warnings.append("the raw layer data cache (cache_data, data/) is not imported: nvcache holds records only")
+    records: List[SeedRecord] = []
+    indexed = 0
+    for name, entry in entries.items():
+        where = f"{INDEX_FILE} record {name!r}"
+        layer_id, kind = _check_name(name)
+        if not isinstance(entry, dict):
+            raise SeedFormatError(f"{where} must be an object")
+        rec_path = entry.get("path")
+        if not isinstance(rec_path, str) or os.path.basename(rec_path) != name:
+            raise SeedFormatError(f"{where}: path {rec_path!r} does not name ref/{name}")
+        size = _uint(entry.get("size"), f"{where}: size")
+        indexed += size
+        ref_cnt = _uint(entry.get("ref_cnt", 0), f"{where}: ref_cnt")
+        if ref_cnt >= 1 << 64:
+            raise SeedFormatError(f"{where}: ref_cnt {ref_cnt} does not fit 64 bits")
+        ref_last = entry.get("ref_last")
+        try:
+            last_ns = parse_rfc3339(ref_last)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise SeedFormatError(f"{where}: ref_last: {exc}") from None
+        if last_ns <= 0:
+            raise SeedFormatError(f"{where}: ref_last {ref_last!r} is not after 1970-01-01T00:00:00Z")
+        # The recorded path is where the seed scanner saw it; a copy lives under src.
+        file = os.path.join(src, REF_DIR, name)
+        try:
+            actual = os.stat(file).st_size
+        except FileNotFoundError:
+            if skip_missing:
+                warnings.append(f"skipped {name}: {REF_DIR}/{name} is missing (a stale index entry)")
+                continue
+            raise SeedFormatError(f"{where}: {REF_DIR}/{name} is missing (partial copy or stale entry; "
+                                  "--skip-missing drops such entries)") from None
+        if actual != size:
+            raise SeedFormatError(f"{where}: {REF_DIR}/{name} has {actual} bytes, the index says {size} "
+                                  "(truncated or partial copy)")
+        records.append(SeedRecord(name, layer_id, kind, file, size, ref_cnt, ref_last, last_ns))
+    current = doc.get("current_record_size")
+    if current is not None and current != indexed:
+        warnings.append(f"current_record_size {current!r} != {indexed}, the sum of the indexed sizes "
+                        "(the seed's own accounting drifted; the files' sizes are what count)")
+    try:
+        orphans = [n for n in os.listdir(os.path.join(src, REF_DIR)) if n not in entries]
+    except FileNotFoundError:
+        orphans = []
+    if orphans:
+        warnings.append(f"{len(orphans)} file(s) under {REF_DIR}/ are not in the index and are not imported")
+    records.sort(key=lambda r: (r.last_ns, r.name))
+    return SeedIndex(src, records, hits, misses, warnings)
+
+
+def load_record(rec: SeedRecord) -> bytes:
+    """The record's bytes: its ``ref/`` file, gunzipped and checked (CRC and length)."""
+    try:
+        with open(rec.file, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise SeedFormatError(f"cannot read {rec.file}: {exc.strerror}") from None
+    if len(raw) != rec.stored_size:
+        raise SeedFormatError(f"{rec.file} changed size while importing ({len(raw)} != {rec.stored_size})")
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SeedFormatError(f"{rec.file} is not a complete gzip stream: {exc}") from None
+
+
+# -- import ---------------------------------------------------------------------------
+def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_run: bool = False,
+                lock_timeout: float = 10.0) -> ImportResult:
+    """Copy a seed cache directory into ``cache``, all or nothing.
+
+    Records already in ``cache`` are left as they are (counted as skipped);
+    the source's hit and miss counters are added to the cache's. Raises
+    SeedFormatError, with nothing imported, when the source is bad or
+    partial, a name is not valid for nvcache, or the records would not fit
+    within ``cache.max_bytes`` without evicting anything.
+    """
+    if not cache.enabled:
+        raise SeedFormatError("the target cache is disabled (bound 0); give a bound with --max-mb")
+    restore: Optional[Callable[..., bool]] = getattr(cache, "restore", None)
+    add_counters: Optional[Callable[..., None]] = getattr(cache, "add_counters", None)
+    with seed_lock(os.path.abspath(src), exclusive=False, timeout=lock_timeout, create=False):
+        index = read_index(src, skip_missing)
+        result = ImportResult(hits=index.hits, misses=index.misses, dry_run=dry_run,
+                              warnings=list(index.warnings))
+        # Pass 1: every file decompresses, every name is valid here, everything fits.
+        todo: List[Tuple[SeedRecord, int]] = []
+        for rec in index.records:
+            size = len(load_record(rec))
+            try:
+                present = cache.contains(rec.layer_id, rec.kind)
+            except ValueError as exc:
+                raise SeedFormatError(f"record {rec.name!r} cannot be an nvcache record: {exc}") from None
+            if present:
+                result.skipped += 1
+                continue
+            if size > cache.max_bytes:
+                raise SeedFormatError(f"record {rec.name} ({size} bytes) exceeds the bound of {cache.max_bytes} bytes")
+            todo.append((rec, size))
+            result.record_bytes += size
+        held = cache.stats()["record_total_size"] or 0
+        if held + result.record_bytes > cache.max_bytes:
+            raise SeedFormatError(
+                f"{len(todo)} records of {result.record_bytes} bytes (decompressed) plus the {held} bytes "
+                f"already cached exceed the bound of {cache.max_bytes} bytes; raise --max-mb or clear the cache")
+        if restore is None or add_counters is None:
+            raise SeedFormatError(
+                "this nvcache core has no LayerCache.restore/add_counters, so an import cannot keep "
+                "reference counts, last references and counters; nothing was imported")
+        if dry_run:
+            result.imported = len(todo)
+            return result
+        # Pass 2: write, undoing every restored record if any write fails.
+        restored: List[SeedRecord] = []
+        evictions_before = cache.evictions() or 0
+        try:
+            for rec, size in todo:
+                data = load_record(rec)
+                if len(data) != size:
+                    raise SeedFormatError(f"{rec.file} changed while importing")
+                if restore(rec.layer_id, data, rec.kind, reference_count=rec.ref_cnt,
+                           last_referred_ns=rec.last_ns):
+                    restored.append(rec)
+                else:  # put there by a scanner since pass 1
+                    result.skipped += 1
+            if restored or not result.skipped:
+                add_counters(index.hits, index.misses)
+            else:  # every record was already here: most likely imported before; never count twice
+                result.hits = result.misses = 0
+                result.warnings.append("every record is already in the cache (imported before?); "
+                                       "its hit and miss counters were not added again")
+            cache.flush()
+        except BaseException as exc:
+            undone = _undo(cache, restored)
+            if isinstance(exc, Exception):
+                raise SeedFormatError(f"import failed ({type(exc).__name__}: {exc}); removed the {undone} "
+                                      "records it had restored, nothing else changed") from exc
+            raise
+        result.imported = len(restored)
+        evicted = (cache.evictions() or 0) - evictions_before
+        if evicted:
+            result.warnings.append(f"{evicted} records were evicted while importing (scanners writing meanwhile?)")
+        return result
+
+
+def _undo(cache: LayerCache, restored: List[SeedRecord]) -> int:
+    undone = 0
+    for rec in restored:
+        try:
+            undone += cache.delete(rec.layer_id, rec.kind)
+        except CacheError as exc:  # keep going: remove as much as possible
+            log.error("could not remove %s while undoing the import: %s", rec.name, exc)
+    return undone
+
+
+# -- export ---------------------------------------------------------------------------
+def _write_atomic(directory: str, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``directory/name`` through a temp file and rename, so readers never see a partial file."""
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _prepare_destination(dst: str, force: bool) -> bool:
+    """Check ``dst`` can take a seed cache; True when it had to be created."""
+    if os.path.islink(dst):
+        raise SeedFormatError(f"{dst} is a symlink; refusing to follow it")
+    if not os.path.exists(dst):
+        os.makedirs(os.path.join(dst, REF_DIR), mode=0o755)
+        return True
+    if not os.path.isdir(dst):
+        raise SeedFormatError(f"{dst} exists and is not a directory")
+    entries = set(os.listdir(dst))
+    if "data.mdb" in entries:
+        raise SeedFormatError(f"{dst} holds an nvcache cache; export to the seed layout elsewhere")
+    if entries - {INDEX_FILE, REF_DIR, LOCK_FILE, VERSION_FILE, "data"}:
+        raise SeedFormatError(f"{dst} is not empty and does not look like a seed cache directory")
+    if entries - {LOCK_FILE} and not force:
+        raise SeedFormatError(f"{dst} already holds a seed cache; --force replaces it")
+    os.makedirs(os.path.join(dst, REF_DIR), mode=0o755, exist_ok=True)
+    return False
+
+
+def export_seed(cache: LayerCache, dst: str, *, force: bool = False, seed_path: Optional[str] = None,
+                lock_timeout: float = 10.0) -> ExportResult:
+    """Write ``cache``'s records in the seed scanner's layout under ``dst``.
+
+    ``seed_path`` is the directory the seed scanner will see the cache at
+    (its index stores absolute file paths and reads them as they are);
+    default: ``dst`` itself. The index is written last, through a rename,
+    so a seed scanner never reads a half-written one.
+    """
+    if not cache.enabled:
+        raise SeedFormatError("the cache is disabled (bound 0); give a bound with --max-mb")
+    dst = os.path.abspath(dst)
+    seed_dir = os.path.abspath(seed_path) if seed_path else dst
+    snapshot = cache.cache_data()
+    names = [rec["layer_id"] for rec in snapshot["cache_records"]]
+    split = {name: _check_name(name) for name in names}  # every name checked before writing
+    peek: Optional[Callable[..., Optional[bytes]]] = getattr(cache, "peek", None)
+    result = ExportResult(hits=snapshot["cache_hits"] or 0, misses=snapshot["cache_misses"] or 0)
+    if peek is None:
+        result.warnings.append("this nvcache core has no LayerCache.peek, so reading each record "
+                               "counted one hit and reference in the nvcache cache (not in the export)")
+    read: Callable[..., Optional[bytes]] = peek if peek is not None else cache.get
+    created = _prepare_destination(dst, force)
+    ref_dir = os.path.join(dst, REF_DIR)
+    written: List[str] = []
+    try:
+        with seed_lock(dst, exclusive=True, timeout=lock_timeout, create=True):
+            records: Dict[str, Dict[str, Any]] = {}
+            total = 0
+            for rec in snapshot["cache_records"]:
+                name = rec["layer_id"]
+                data = read(*split[name])
+                if data is None:
+                    result.warnings.append(f"{name} was evicted or deleted while exporting; left out")
+                    continue
+                blob = gzip.compress(bytes(data), mtime=0)
+                _write_atomic(ref_dir, name, blob)
+                written.append(name)
+                refs = rec["reference_count"]
+                if refs > _UINT32_MAX:
+                    result.warnings.append(f"{name}: reference count {refs} capped at the seed's {_UINT32_MAX}")
+                    refs = _UINT32_MAX
+                records[name] = {"path": os.path.join(seed_dir, REF_DIR, name), "size": len(blob),
+                                 "ref_cnt": refs, "ref_last": rec["last_referred"]}
+                total += len(blob)
+            # Field names and omissions as the seed's Go struct marshals them.
+            doc: Dict[str, Any] = {}
+            if records:
+                doc["cache_records"] = records
+            if result.hits:
+                doc["cache_hits"] = result.hits
+            if result.misses:
+                doc["cache_misses"] = result.misses
+            doc["current_record_size"] = total
+            _write_atomic(dst, VERSION_FILE, json.dumps(SEED_VERSION).encode())
+            _write_atomic(dst, INDEX_FILE, json.dumps(doc).encode())
+            for stale in set(os.listdir(ref_dir)) - set(records):  # only with --force: the old cache's files
+                os.unlink(os.path.join(ref_dir, stale))
+    except BaseException:
+        if created:
+            for name in written:
+                _unlink_quiet(os.path.join(ref_dir, name))
+            for name in (INDEX_FILE, VERSION_FILE, LOCK_FILE):
+                _unlink_quiet(os.path.join(dst, name))
+            for d in (ref_dir, dst):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+        raise
+    result.exported = len(records)
+    result.stored_bytes = total
+    return result
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

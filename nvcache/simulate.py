@@ -1,0 +1,464 @@
+"""The main job: scanner processes sharing one cache over a synthetic registry.
+
+A registry of images that share base layers is generated from a seed:
+a few OS bases, language/runtime stacks built on them, and images built on
+the stacks with their own application layers. Image popularity follows a
+Zipf law, as the Docker Hub workload studies found (a small share of the
+images draws most of the pulls), and so does the choice of base and stack,
+so popular base layers are shared by many images. Layer record sizes are
+log-normal, from tens of bytes to hundreds of KB like the seed's dump.
+
+Each worker process opens its own :class:`~nvcache.LayerCache` and scans
+images the way a scanner does: for every layer, ``get``; on a miss,
+"analyse" the layer (sleep in proportion to its size) and ``put`` the
+record with ``keep`` = the image's layers. Every access is recorded with a
+timestamp; the merged trace is replayed offline through Belady's rule to
+get the byte-hit ratio no policy could beat with the same bound.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import random
+import tempfile
+import time
+import traceback
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .cache import LayerCache
+from .errors import CacheError, CacheFull, RecordTooLarge
+
+log = logging.getLogger("nvcache.simulate")
+
+MIN_RECORD = 40
+MAX_RECORD = 512 * 1024
+# (median bytes, sigma) of the log-normal record size of each kind of layer:
+# OS layers list many packages, application layers are often a few files.
+_BASE_SIZE = (8000.0, 1.2)
+_STACK_SIZE = (2000.0, 1.5)
+_APP_SIZE = (200.0, 2.0)
+_NEVER = math.inf
+
+
+# -- the synthetic registry --------------------------------------------------------
+@dataclass(frozen=True)
+class Catalogue:
+    """Layers (ids and record sizes) and images (their layers, bottom first, and popularity)."""
+
+    layer_ids: Tuple[str, ...]
+    sizes: Tuple[int, ...]
+    images: Tuple[Tuple[int, ...], ...]
+    weights: Tuple[float, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+def _zipf_weights(n: int, skew: float, rng: random.Random) -> List[float]:
+    """Zipf weights 1/rank**skew, assigned to the n items in random order."""
+    ranks = list(range(1, n + 1))
+    rng.shuffle(ranks)
+    return [1.0 / r ** skew for r in ranks]
+
+
+def _split(total: int, parts: int, rng: random.Random) -> List[int]:
+    """``total`` split into ``parts`` random counts of at least 1 each."""
+    counts = [1] * parts
+    for i in rng.choices(range(parts), k=total - parts):
+        counts[i] += 1
+    return counts
+
+
+def build_catalogue(images: int, layers: int, seed: int = 1, skew: float = 1.0) -> Catalogue:
+    """A registry of ``images`` images over exactly ``layers`` distinct layers.
+
+    A quarter of the layers (at most ``layers - images``) are shared: bases
+    hold 40 % of them, stacks the rest; the remaining layers are each one
+    image's own. Needs ``layers >= images + 2``.
+    """
+    if images < 1:
+        raise ValueError("images must be at least 1")
+    if layers < images + 2:
+        raise ValueError(f"layers must be at least images + 2 = {images + 2}, got {layers}")
+    rng = random.Random(seed)
+    shared = max(2, min(layers - images, layers // 4))
+    base_layers = max(1, shared * 2 // 5)
+    n_bases = max(1, min(base_layers, shared // 8))
+    stack_layers = shared - base_layers
+    n_stacks = max(1, min(stack_layers, stack_layers // 2))
+    app_layers = layers - shared
+
+    sizes: List[int] = []
+
+    def new_layers(count: int, kind: Tuple[float, float]) -> List[int]:
+        median, sigma = kind
+        first = len(sizes)
+        for _ in range(count):
+            size = int(rng.lognormvariate(math.log(median), sigma))
+            sizes.append(min(MAX_RECORD, max(MIN_RECORD, size)))
+        return list(range(first, first + count))
+
+    bases = [new_layers(n, _BASE_SIZE) for n in _split(base_layers, n_bases, rng)]
+    base_weights = _zipf_weights(n_bases, skew, rng)
+    stacks = []
+    for n in _split(stack_layers, n_stacks, rng):
+        base = rng.choices(bases, base_weights)[0]
+        stacks.append(base + new_layers(n, _STACK_SIZE))
+    stack_weights = _zipf_weights(n_stacks, skew, rng)
+    image_layers = []
+    for n in _split(app_layers, images, rng):
+        stack = rng.choices(stacks, stack_weights)[0]
+        image_layers.append(tuple(stack + new_layers(n, _APP_SIZE)))
+    # Ids look like the seed's: sha256 digests, deterministic in the seed.
+    ids = tuple("sha256:" + random.Random(f"{seed}:{i}").getrandbits(256).to_bytes(32, "big").hex()
+                for i in range(len(sizes)))
+    return Catalogue(ids, tuple(sizes), tuple(image_layers), tuple(_zipf_weights(images, skew, rng)))
+
+
+def make_record(layer_id: str, size: int) -> bytes:
+    """The synthetic scan record of a layer: ``size`` bytes a reader can check against the layer id."""
+    unit = layer_id.encode("ascii") + b"|"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def analysis_seconds(size: int, fixed_us: float, us_per_kib: float) -> float:
+    """The modelled cost of analysing a layer whose record has ``size`` bytes."""
+    return (fixed_us + us_per_kib * size / 1024.0) / 1e6
+
+
+# -- offline policies over a trace ---------------------------------------------------
+def _next_uses(trace: Sequence[int]) -> List[float]:
+    nxt: List[float] = [_NEVER] * len(trace)
+    seen: Dict[int, int] = {}
+    for i in range(len(trace) - 1, -1, -1):
+        nxt[i] = seen.get(trace[i], _NEVER)
+        seen[trace[i]] = i
+    return nxt
+
+
+def optimum_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
+    """Bytes hit by Belady's rule applied byte by byte: the optimum byte-hit count.
+
+    Treating every byte as a unit page makes the sizes uniform, where
+    Belady's rule (keep what is needed soonest, may bypass) is optimal; a
+    cache that must hold whole records can only do worse, so this bounds
+    every policy (LRU, and Belady on whole records) from above for the same
+    capacity and trace.
+    """
+    nxt = _next_uses(trace)
+    held_of: Dict[int, int] = {}
+    due: Dict[int, float] = {}
+    heap: List[Tuple[float, int]] = []
+    held = hit = 0
+    for i, obj in enumerate(trace):
+        have = held_of.get(obj, 0)
+        hit += have
+        if nxt[i] == _NEVER:  # never needed again: no reason to keep any of it
+            held -= held_of.pop(obj, 0)
+            due.pop(obj, None)
+            continue
+        held += sizes[obj] - have
+        held_of[obj] = sizes[obj]
+        due[obj] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], obj))
+        while held > capacity:
+            neg, victim = heap[0]
+            if due.get(victim) != -neg:  # stale entry
+                heapq.heappop(heap)
+                continue
+            excess = held - capacity
+            have = held_of[victim]
+            if have <= excess:
+                heapq.heappop(heap)
+                del held_of[victim], due[victim]
+                held -= have
+            else:
+                held_of[victim] = have - excess
+                held -= excess
+    return hit
+
+
+def belady_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
+    """Bytes hit by Belady's rule on whole records (evict or bypass the one needed furthest ahead)."""
+    nxt = _next_uses(trace)
+    cached: Dict[int, float] = {}
+    heap: List[Tuple[float, int]] = []
+    held = hit = 0
+    for i, obj in enumerate(trace):
+        size = sizes[obj]
+        if obj in cached:
+            hit += size
+        if nxt[i] == _NEVER:
+            if cached.pop(obj, None) is not None:
+                held -= size
+            continue
+        if obj not in cached:
+            if size > capacity:
+                continue
+            held += size
+        cached[obj] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], obj))
+        while held > capacity:
+            neg, victim = heapq.heappop(heap)
+            if cached.get(victim) == -neg:
+                del cached[victim]
+                held -= sizes[victim]
+    return hit
+
+
+def lru_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
+    """Bytes hit by a plain LRU of whole records (a model, for comparison and tests)."""
+    lru: "OrderedDict[int, None]" = OrderedDict()
+    held = hit = 0
+    for obj in trace:
+        size = sizes[obj]
+        if obj in lru:
+            hit += size
+            lru.move_to_end(obj)
+            continue
+        if size > capacity:
+            continue
+        lru[obj] = None
+        held += size
+        while held > capacity:
+            victim, _ = lru.popitem(last=False)
+            held -= sizes[victim]
+    return hit
+
+
+# -- the scanner processes ------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every worker needs (pickled once per process under 'spawn')."""
+
+    path: str
+    max_mb: float
+    layer_ids: Tuple[str, ...]
+    sizes: Tuple[int, ...]
+    images: Tuple[Tuple[int, ...], ...]
+    scans: Tuple[int, ...]
+    fixed_us: float
+    us_per_kib: float
+    deadline: float  # time.monotonic(); CLOCK_MONOTONIC is the same clock in every process
+
+
+def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> None:
+    """One scanner: take the next scan from the shared counter until none are left or time is up."""
+    stamps, layers, hits = array("q"), array("l"), bytearray()
+    counts = {"analysis_ns": 0, "cache_ns": 0, "wrong": 0, "errors": 0, "full": 0, "too_large": 0}
+    try:
+        cache = LayerCache(plan.path, plan.max_mb)
+        try:
+            while time.monotonic() < plan.deadline:
+                with next_scan.get_lock():
+                    i = next_scan.value
+                    next_scan.value = i + 1
+                if i >= len(plan.scans):
+                    break
+                image = plan.images[plan.scans[i]]
+                keep = [plan.layer_ids[li] for li in image]
+                for li in image:
+                    lid, size = plan.layer_ids[li], plan.sizes[li]
+                    stamps.append(time.monotonic_ns())
+                    layers.append(li)
+                    t0 = time.perf_counter_ns()
+                    try:
+                        data = cache.get(lid)
+                    except CacheError as exc:  # a scanner treats it as a miss
+                        log.warning("get %s: %s", lid, exc)
+                        counts["errors"] += 1
+                        data = None
+                    counts["cache_ns"] += time.perf_counter_ns() - t0
+                    if data is not None:
+                        hits.append(1)
+                        if data != make_record(lid, size):
+                            counts["wrong"] += 1
+                        continue
+                    hits.append(0)
+                    t0 = time.perf_counter_ns()
+                    time.sleep(analysis_seconds(size, plan.fixed_us, plan.us_per_kib))
+                    record = make_record(lid, size)
+                    t1 = time.perf_counter_ns()
+                    counts["analysis_ns"] += t1 - t0
+                    try:
+                        cache.put(lid, record, keep=keep)
+                    except RecordTooLarge:
+                        counts["too_large"] += 1
+                    except CacheFull:
+                        counts["full"] += 1
+                    except CacheError as exc:
+                        log.warning("put %s: %s", lid, exc)
+                        counts["errors"] += 1
+                    counts["cache_ns"] += time.perf_counter_ns() - t1
+                with done.get_lock():
+                    done.value += 1
+        finally:
+            cache.close()  # writes this process's buffered hits, misses and references
+    except KeyboardInterrupt:
+        pass  # report what was done; the parent decides
+    except BaseException:
+        out.put(("error", wid, traceback.format_exc()))
+        return
+    out.put(("ok", wid, stamps.tobytes(), layers.tobytes(), bytes(hits), counts))
+
+
+# -- the run ---------------------------------------------------------------------------
+@dataclass
+class SimResult:
+    """Everything ``nvcache simulate`` reports."""
+
+    path: str
+    processes: int
+    images: int
+    layers: int
+    catalogue_bytes: int
+    max_bytes: int
+    seed: int
+    scans_planned: int
+    scans_done: int = 0
+    stopped_by_deadline: bool = False
+    wall_s: float = 0.0
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    requested_bytes: int = 0
+    hit_bytes: int = 0
+    counter_hits: int = 0    # from the cache's own counters (delta over the run)
+    counter_misses: int = 0
+    evictions: int = 0
+    analysis_no_cache_s: float = 0.0    # modelled: every request analysed
+    analysis_with_cache_s: float = 0.0  # modelled: the misses analysed
+    analysis_measured_s: float = 0.0    # what the workers slept
+    cache_overhead_s: float = 0.0       # measured get/put time
+    optimum_byte_hit_ratio: float = 0.0
+    belady_byte_hit_ratio: float = 0.0
+    wrong_records: int = 0
+    errors: int = 0
+    cache_full: int = 0
+    too_large: int = 0
+    stats: Dict[str, Optional[int]] = field(default_factory=dict)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        return self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0
+
+    @property
+    def time_saved_s(self) -> float:
+        return self.analysis_no_cache_s - self.analysis_with_cache_s - self.cache_overhead_s
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = dict(self.__dict__)
+        out.update(hit_ratio=self.hit_ratio, byte_hit_ratio=self.byte_hit_ratio, time_saved_s=self.time_saved_s)
+        return out
+
+
+def fresh_path() -> str:
+    """A new directory for a simulated cache, so a run never touches a real one."""
+    return tempfile.mkdtemp(prefix="nvcache-sim-")
+
+
+def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_mb: float,
+        seed: int = 1, skew: float = 1.0, duration: float = 60.0, fixed_us: float = 500.0,
+        us_per_kib: float = 40.0, start_method: str = "spawn",
+        progress: Optional[Callable[[int, int], None]] = None) -> SimResult:
+    """Run the simulation and return its figures; ``progress(done, total)`` is called while it runs."""
+    if processes < 1 or scans < 1:
+        raise ValueError("processes and scans must be at least 1")
+    cat = build_catalogue(images, layers, seed, skew)
+    rng = random.Random(seed + 1)
+    scan_list = tuple(rng.choices(range(images), cat.weights, k=scans))
+    with LayerCache(path, max_mb) as cache:
+        if not cache.enabled:
+            raise ValueError("the bound must be above 0 MiB for a simulation")
+        max_bytes = cache.max_bytes
+        before = cache.stats()
+        evictions_before = cache.evictions() or 0
+    if before["record_count"]:
+        log.warning("%s already holds %s records: the optimum assumes a cold start", path, before["record_count"])
+    result = SimResult(path=path, processes=processes, images=images, layers=layers,
+                       catalogue_bytes=cat.total_bytes, max_bytes=max_bytes, seed=seed, scans_planned=scans)
+    ctx = multiprocessing.get_context(start_method)
+    next_scan, done, out = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Queue()
+    started = time.monotonic()
+    plan = WorkerPlan(path, max_mb, cat.layer_ids, cat.sizes, cat.images, scan_list, fixed_us, us_per_kib,
+                      started + duration)
+    procs = [ctx.Process(target=_worker, args=(w, plan, next_scan, done, out), name=f"nvcache-scanner-{w}")
+             for w in range(processes)]
+    for p in procs:
+        p.start()
+    reports: Dict[int, Tuple[Any, ...]] = {}
+    try:
+        while len(reports) < processes:
+            try:
+                msg = out.get(timeout=0.1)
+            except queue.Empty:
+                for w, p in enumerate(procs):
+                    if w not in reports and p.exitcode not in (None, 0):
+                        raise RuntimeError(f"scanner process {w} died with exit code {p.exitcode}")
+            else:
+                if msg[0] == "error":
+                    raise RuntimeError(f"scanner process {msg[1]} failed:\n{msg[2]}")
+                reports[msg[1]] = msg
+            if progress is not None:
+                progress(min(done.value, scans), scans)
+    finally:
+        with next_scan.get_lock():  # on any failure, let the others stop after their current scan
+            next_scan.value = max(next_scan.value, scans)
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    result.wall_s = time.monotonic() - started
+    result.scans_done = done.value
+    result.stopped_by_deadline = result.scans_done < scans
+    if progress is not None:
+        progress(result.scans_done, scans)
+
+    # Merge the traces in time order: the order the cache saw the requests.
+    merged: List[Tuple[int, int, int]] = []
+    for _tag, _w, raw_ts, raw_layers, raw_hits, counts in reports.values():
+        ts, ls = array("q"), array("l")
+        ts.frombytes(raw_ts)
+        ls.frombytes(raw_layers)
+        merged.extend(zip(ts, ls, raw_hits))
+        result.analysis_measured_s += counts["analysis_ns"] / 1e9
+        result.cache_overhead_s += counts["cache_ns"] / 1e9
+        result.wrong_records += counts["wrong"]
+        result.errors += counts["errors"]
+        result.cache_full += counts["full"]
+        result.too_large += counts["too_large"]
+    merged.sort()
+    trace = [l for _t, l, _h in merged]
+    sizes = cat.sizes
+    result.requests = len(trace)
+    result.hits = sum(h for _t, _l, h in merged)
+    result.misses = result.requests - result.hits
+    result.requested_bytes = sum(sizes[l] for l in trace)
+    result.hit_bytes = sum(sizes[l] for _t, l, h in merged if h)
+    cost = [analysis_seconds(s, fixed_us, us_per_kib) for s in sizes]
+    result.analysis_no_cache_s = sum(cost[l] for l in trace)
+    result.analysis_with_cache_s = sum(cost[l] for _t, l, h in merged if not h)
+    if result.requested_bytes:
+        result.optimum_byte_hit_ratio = optimum_byte_hits(trace, sizes, max_bytes) / result.requested_bytes
+        result.belady_byte_hit_ratio = belady_byte_hits(trace, sizes, max_bytes) / result.requested_bytes
+
+    with LayerCache(path, max_mb) as cache:
+        result.stats = cache.stats()
+        result.evictions = (cache.evictions() or 0) - evictions_before
+    result.counter_hits = (result.stats["cache_hits"] or 0) - (before["cache_hits"] or 0)
+    result.counter_misses = (result.stats["cache_misses"] or 0) - (before["cache_misses"] or 0)
+    return result
