@@ -22,6 +22,12 @@ import xxhash
 from nvcache import fallback as _twin
 from nvcache.errors import CacheFull
 
+cdef extern from "<sys/file.h>" nogil:
+    int flock(int fd, int operation)
+    int LOCK_SH
+    int LOCK_UN
+    int LOCK_NB
+
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
     struct timespec:
@@ -538,3 +544,44 @@ cdef class Index:
 
 def _by_name(entry):
     return (<bytes>entry[1])[HDR:]
+
+
+cdef class Reader:
+    """The hot read in one call: lock, snapshot, look up, count, unlock (see fallback.py)."""
+
+    cdef public object lock, mutex, env
+    cdef public Index index
+    cdef public AccessBuffer buffer
+    cdef public int fd
+
+    def __init__(self, lock, env, Index index, AccessBuffer buffer):
+        self.lock = lock
+        self.fd = lock.fd
+        self.mutex = lock.mutex
+        self.env = env
+        self.index = index
+        self.buffer = buffer
+
+    def get(self, bytes key):
+        """:meth:`Index.get` under the shared lock."""
+        if self.mutex.acquire(False):
+            if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
+                self.mutex.release()
+                self.lock.acquire(False)
+        else:
+            self.lock.acquire(False)
+        try:
+            txn = self.env.begin()
+            try:
+                data = self.index._lookup(txn, key)
+            finally:
+                txn.abort()
+        finally:
+            flock(self.fd, LOCK_UN)
+            self.mutex.release()
+        if data is None or data is False:  # absent, or failed its checksum: a miss
+            self.buffer.misses += 1
+            self.buffer._aged(_now_ns())
+        else:
+            self.buffer._hit(key, _now_ns())
+        return data

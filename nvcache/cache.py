@@ -151,7 +151,7 @@ class LayerCache:
             return None
         store = self._live()
         key = core.name_key(name)
-        data = store.read(core.Index.get, key, store.buffer)
+        data = store.get(key)
         if data is False:
             store.write(core.Index.drop_damaged, key)
             log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))

@@ -19,6 +19,7 @@ LMDB layout (one environment, four named databases):
 
 from __future__ import annotations
 
+import fcntl
 import struct
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -449,3 +450,43 @@ class Index:
         if max_bytes is not None and total > max_bytes:
             problems.append(f"record_total_size {total} is above the bound {max_bytes}")
         return problems
+
+
+class Reader:
+    """The hot read in one call: lock, snapshot, look up, count, unlock.
+
+    Bound to one open environment and its :class:`~nvcache.locking.FileLock`
+    (rebuilt by the store whenever either changes). The common case takes
+    the thread mutex and the shared flock without waiting; anything else
+    (contention, a timeout to honour) goes through ``lock.acquire``.
+    """
+
+    __slots__ = ("lock", "fd", "mutex", "env", "index", "buffer")
+
+    def __init__(self, lock: Any, env: Any, index: Index, buffer: AccessBuffer) -> None:
+        self.lock = lock
+        self.fd = lock.fd
+        self.mutex = lock.mutex
+        self.env = env
+        self.index = index
+        self.buffer = buffer
+
+    def get(self, key: bytes) -> Any:
+        """:meth:`Index.get` under the shared lock."""
+        if self.mutex.acquire(False):
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                self.mutex.release()
+                self.lock.acquire(False)
+        else:
+            self.lock.acquire(False)
+        try:
+            txn = self.env.begin()
+            try:
+                return self.index.get(txn, key, self.buffer)
+            finally:
+                txn.abort()
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.mutex.release()

@@ -65,15 +65,15 @@ class FileLock:
         self.path = path
         self.timeout = timeout
         self.mutex = threading.Lock()
-        self._fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+        self.fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
         self._generation = _fork_generation
 
     def _reopen_after_fork(self) -> None:
         # The inherited descriptor shares the parent's lock: close our copy
         # (that never releases the parent's flock) and take a fresh one.
-        old = self._fd
+        old = self.fd
         self.mutex = threading.Lock()
-        self._fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+        self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         self._generation = _fork_generation
         try:
             os.close(old)
@@ -88,7 +88,7 @@ class FileLock:
             raise CacheTimeout(f"another thread held the cache lock for {self.timeout} s")
         op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
-            fcntl.flock(self._fd, op | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, op | fcntl.LOCK_NB)
         except BlockingIOError:
             self._wait(op)
         except BaseException:
@@ -103,7 +103,7 @@ class FileLock:
             while True:
                 time.sleep(pause)
                 try:
-                    fcntl.flock(self._fd, op | fcntl.LOCK_NB)
+                    fcntl.flock(self.fd, op | fcntl.LOCK_NB)
                     return
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
@@ -116,13 +116,13 @@ class FileLock:
 
     def release(self) -> None:
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
             self.mutex.release()
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if self.fd >= 0:
             try:
-                os.close(self._fd)
+                os.close(self.fd)
             finally:
-                self._fd = -1
+                self.fd = -1

@@ -169,6 +169,7 @@ class Store:
         self.generation = fork_generation()
         self.env: Any = None
         self.index: Any = None
+        self.reader: Any = None
         self._data_fd = -1
         self._damaged = False
         self._broken = False
@@ -354,6 +355,7 @@ class Store:
     def _adopt(self, env: Any, index: Any, meta_db: Any) -> None:
         self.env = env
         self.index = index
+        self.reader = self.core.Reader(self.lock, env, index, self.buffer)
         self._meta_db = meta_db
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE), os.O_RDONLY)
         self._damaged = self._broken = False
@@ -366,6 +368,7 @@ class Store:
                 pass
             self.env = None
             self.index = None
+            self.reader = None
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -437,6 +440,15 @@ class Store:
             raise self._failure(exc) from exc
         finally:
             lock.release()
+
+    def get(self, key: bytes) -> Any:
+        """The hot path of :meth:`read` with ``Index.get``: one call into the core."""
+        if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
+            self._refresh()
+        try:
+            return self.reader.get(key)
+        except lmdb.Error as exc:
+            raise self._failure(exc) from exc
 
     def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like :meth:`read`, but first reopen if another process rebuilt the file."""
