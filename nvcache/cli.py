@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import __version__, simulate as sim
 from .cache import DEFAULT_PATH, LayerCache
 from .errors import CacheError
-from .seedfmt import SeedFormatError, export_seed, import_seed
+from .seedfmt import SeedFormatError, check_source, export_seed, import_seed
 
 STAT_FIELDS = ("cache_misses", "cache_hits", "record_count", "record_total_size")
 SHOW_COLUMNS = ("layer_id", "size", "reference_count", "last_referred")
@@ -283,6 +283,7 @@ def import_cmd(settings: Settings, max_mb: float, src: str, skip_missing: bool, 
     """
     if os.path.abspath(src) == os.path.abspath(settings.path):
         raise click.ClickException("SRC and --path must be different directories")
+    check_source(src, skip_missing)  # a bad source fails here, before a target cache is created
     with open_cache(settings.path, max_mb, create=True) as cache:
         result = import_seed(src, cache, skip_missing=skip_missing, dry_run=dry_run)
     for warning in result.warnings:

@@ -306,6 +306,15 @@ def load_record(rec: SeedRecord) -> bytes:
 
 
 # -- import ---------------------------------------------------------------------------
+def check_source(src: str, skip_missing: bool = False, lock_timeout: float = 10.0) -> SeedIndex:
+    """Validate a seed cache directory completely (index and every gzip stream) without a target cache."""
+    with seed_lock(os.path.abspath(src), exclusive=False, timeout=lock_timeout, create=False):
+        index = read_index(src, skip_missing)
+        for rec in index.records:
+            load_record(rec)
+    return index
+
+
 def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_run: bool = False,
                 lock_timeout: float = 10.0) -> ImportResult:
     """Copy a seed cache directory into ``cache``, all or nothing.

@@ -124,6 +124,11 @@ def build_catalogue(images: int, layers: int, seed: int = 1, skew: float = 1.0) 
     return Catalogue(ids, tuple(sizes), tuple(image_layers), tuple(_zipf_weights(images, skew, rng)))
 
 
+def plan_scans(cat: Catalogue, scans: int, seed: int = 1) -> Tuple[int, ...]:
+    """The images to scan, in order, drawn by popularity."""
+    return tuple(random.Random(seed + 1).choices(range(len(cat.images)), cat.weights, k=scans))
+
+
 def make_record(layer_id: str, size: int) -> bytes:
     """The synthetic scan record of a layer: ``size`` bytes a reader can check against the layer id."""
     unit = layer_id.encode("ascii") + b"|"
@@ -256,6 +261,8 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
     stamps, layers, hits = array("q"), array("l"), bytearray()
     counts = {"analysis_ns": 0, "cache_ns": 0, "wrong": 0, "errors": 0, "full": 0, "too_large": 0}
     try:
+        import nvcache  # which core this process picked (NVCACHE_NO_EXTENSIONS), for the report
+        counts["extension"] = int(nvcache.EXTENSION)
         cache = LayerCache(plan.path, plan.max_mb)
         try:
             while time.monotonic() < plan.deadline:
@@ -346,6 +353,7 @@ class SimResult:
     cache_full: int = 0
     too_large: int = 0
     stats: Dict[str, Optional[int]] = field(default_factory=dict)
+    worker_cores: List[str] = field(default_factory=list)  # "compiled" or "python", one per process
 
     @property
     def hit_ratio(self) -> float:
@@ -378,8 +386,7 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
     if processes < 1 or scans < 1:
         raise ValueError("processes and scans must be at least 1")
     cat = build_catalogue(images, layers, seed, skew)
-    rng = random.Random(seed + 1)
-    scan_list = tuple(rng.choices(range(images), cat.weights, k=scans))
+    scan_list = plan_scans(cat, scans, seed)
     with LayerCache(path, max_mb) as cache:
         if not cache.enabled:
             raise ValueError("the bound must be above 0 MiB for a simulation")
@@ -441,6 +448,7 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
         result.errors += counts["errors"]
         result.cache_full += counts["full"]
         result.too_large += counts["too_large"]
+        result.worker_cores.append("compiled" if counts["extension"] else "python")
     merged.sort()
     trace = [l for _t, l, _h in merged]
     sizes = cat.sizes
