@@ -144,8 +144,7 @@ cdef bytes _check_kind(object kind):
     return raw
 
 
-def record_name(object layer_id, object kind):
-    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
+cdef bytes _record_name(object layer_id, object kind, Py_ssize_t *lid_len):
     if not isinstance(layer_id, str):
         raise TypeError(f"layer_id must be str, not {type(layer_id).__name__}")
     cdef Py_ssize_t n = PyUnicode_GET_LENGTH(layer_id)
@@ -163,7 +162,15 @@ def record_name(object layer_id, object kind):
     if type(kind) is str:
         found = PyDict_GetItem(_valid_kinds, kind)
     cdef bytes k = <bytes>found if found is not NULL else _check_kind(kind)
-    return raw + b"_" + k, n
+    lid_len[0] = n
+    return raw + b"_" + k
+
+
+def record_name(object layer_id, object kind):
+    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
+    cdef Py_ssize_t n = 0
+    cdef bytes name = _record_name(layer_id, kind, &n)
+    return name, n
 
 
 def name_key(bytes name):
@@ -562,8 +569,14 @@ cdef class Reader:
         self.index = index
         self.buffer = buffer
 
-    def get(self, bytes key):
-        """:meth:`Index.get` under the shared lock."""
+    def get(self, layer_id, kind):
+        """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
+
+        Returns its bytes, None when absent, False when they fail their
+        checksum; counts the hit or miss in the buffer.
+        """
+        cdef Py_ssize_t n = 0
+        cdef bytes key = _xxh3_128(_record_name(layer_id, kind, &n))
         if self.mutex.acquire(False):
             if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
                 self.mutex.release()

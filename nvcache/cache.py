@@ -144,16 +144,15 @@ class LayerCache:
         now) and a cache hit; a miss counts a cache miss. A record whose bytes
         fail their checksum is dropped, logged and reported as a miss.
         """
-        core = self._core
-        name, _lid = core.record_name(layer_id, kind)
-        if not self.enabled:
+        store = self._store
+        if store is None:  # disabled or closed: still a bad argument is a bad argument
+            self._core.record_name(layer_id, kind)
             self._check_open()
             return None
-        store = self._live()
-        key = core.name_key(name)
-        data = store.get(key)
+        data = store.get(layer_id, kind)
         if data is False:
-            store.write(core.Index.drop_damaged, key)
+            name = self._core.record_name(layer_id, kind)[0]
+            store.write(self._core.Index.drop_damaged, self._core.name_key(name))
             log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))
             data = None
         if store.buffer.due:

@@ -471,8 +471,13 @@ class Reader:
         self.index = index
         self.buffer = buffer
 
-    def get(self, key: bytes) -> Any:
-        """:meth:`Index.get` under the shared lock."""
+    def get(self, layer_id: str, kind: str) -> Any:
+        """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
+
+        Returns its bytes, None when absent, False when they fail their
+        checksum; counts the hit or miss in the buffer.
+        """
+        key = xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
         if self.mutex.acquire(False):
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -441,12 +441,12 @@ class Store:
         finally:
             lock.release()
 
-    def get(self, key: bytes) -> Any:
-        """The hot path of :meth:`read` with ``Index.get``: one call into the core."""
+    def get(self, layer_id: str, kind: str) -> Any:
+        """The hot read: ``Reader.get`` (validate, hash, lock, look up, count) in one core call."""
         if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
             self._refresh()
         try:
-            return self.reader.get(key)
+            return self.reader.get(layer_id, kind)
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
