@@ -221,6 +221,11 @@ class Store:
             return "new" if not os.path.exists(data_path) else "version file missing or unreadable"
         if version != FORMAT_VERSION:
             return f"format version {version} is not {FORMAT_VERSION}"
+        try:
+            if not stat.S_ISREG(os.lstat(data_path).st_mode):  # LMDB would follow a planted symlink
+                return f"{DATA_FILE} is not a regular file"
+        except FileNotFoundError:
+            return f"{DATA_FILE} is missing"
         if deep and not self._closed_cleanly():
             problem = self._deep_check()
             if problem is not None:
