@@ -531,3 +531,16 @@ def test_map_is_sized_for_the_bound(core):
     assert map_size_for(1000 * MiB) >= 2 * 1000 * MiB + 64 * MiB
     assert map_size_for(100_000 * MiB) >= 2 * 100_000 * MiB + 64 * MiB
     assert math.isfinite(map_size_for(0))
+
+
+def test_planted_data_symlink_is_replaced_not_followed(Cache, cache_dir, tmp_path):
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    data = os.path.join(cache_dir, "data.mdb")
+    os.unlink(data)
+    os.symlink(victim, data)
+    with Cache(cache_dir, 1) as cache:
+        assert cache.put(DIGEST, b"new") and cache.get(DIGEST) == b"new"
+    assert victim.read_bytes() == b"precious" and not os.path.islink(data)
