@@ -69,13 +69,21 @@ class _EchoHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(ctx: click.Context, verbose: int) -> None:
+    """Send the ``nvcache`` loggers to stderr for this invocation only (undone when it ends,
+    so a process that calls the CLI in-process, like a test run, keeps its own logging)."""
     logger = logging.getLogger("nvcache")
-    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
-        handler = _EchoHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+    handler = _EchoHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+    ctx.call_on_close(undo)
 
 
 def _friendly(fn: F) -> F:
@@ -162,7 +170,7 @@ def stat_table(stats: Dict[str, Optional[int]]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, path: str, verbose: int) -> None:
     """Inspect and manage the node's shared cache of layer scan records."""
-    _setup_logging(verbose)
+    _setup_logging(ctx, verbose)
     given = ctx.get_parameter_source("path") == click.core.ParameterSource.COMMANDLINE
     ctx.obj = Settings(path, given, verbose)
 
@@ -409,7 +417,10 @@ def metrics(settings: Settings, max_mb: float, listen: Optional[str]) -> None:
             click.echo(generate_latest(registry).decode(), nl=False)
             return
         host, port = _parse_listen(listen)
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         bound_host, bound_port = server.server_address[:2]
         click.echo(f"serving http://{bound_host}:{bound_port}/metrics for {settings.path} (Ctrl-C stops)", err=True)
         previous = signal.signal(signal.SIGTERM, _interrupt)

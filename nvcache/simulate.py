@@ -311,7 +311,7 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
         finally:
             cache.close()  # writes this process's buffered hits, misses and references
     except KeyboardInterrupt:
-        pass  # report what was done; the parent decides
+        return  # Ctrl-C reached the whole process group: the parent stops too, nothing to report
     except BaseException:
         out.put(("error", wid, traceback.format_exc()))
         return
@@ -424,8 +424,18 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
     finally:
         with next_scan.get_lock():  # on any failure, let the others stop after their current scan
             next_scan.value = max(next_scan.value, scans)
+        # Keep reading while they exit: a child cannot exit before its report left the pipe.
+        give_up = time.monotonic() + 30
         for p in procs:
-            p.join(timeout=30)
+            while p.is_alive() and time.monotonic() < give_up:
+                p.join(0.05)
+                try:
+                    while True:
+                        msg = out.get_nowait()
+                        if msg[0] == "ok":
+                            reports.setdefault(msg[1], msg)
+                except queue.Empty:
+                    pass
             if p.is_alive():
                 p.terminate()
                 p.join()

@@ -353,3 +353,11 @@ def test_metrics_listen_serves_until_interrupted(filled):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_leaves_the_callers_logging_alone(tmp_path):
+    import logging
+    logger = logging.getLogger("nvcache")
+    before = (logger.level, list(logger.handlers))
+    run(["-vv", "--path", str(tmp_path / "none"), "stat"])
+    assert (logger.level, list(logger.handlers)) == before
