@@ -310,8 +310,9 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
                     done.value += 1
         finally:
             cache.close()  # writes this process's buffered hits, misses and references
-    except KeyboardInterrupt:
-        return  # Ctrl-C reached the whole process group: the parent stops too, nothing to report
+    except KeyboardInterrupt:  # a few bytes: never blocks the exit, whatever the parent does
+        out.put(("interrupted", wid, "interrupted (SIGINT)"))
+        return
     except BaseException:
         out.put(("error", wid, traceback.format_exc()))
         return
@@ -416,7 +417,7 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
                     if w not in reports and p.exitcode not in (None, 0):
                         raise RuntimeError(f"scanner process {w} died with exit code {p.exitcode}")
             else:
-                if msg[0] == "error":
+                if msg[0] != "ok":
                     raise RuntimeError(f"scanner process {msg[1]} failed:\n{msg[2]}")
                 reports[msg[1]] = msg
             if progress is not None:

@@ -316,6 +316,12 @@ def test_simulate_uses_a_fresh_directory_by_default(tmp_path, monkeypatch):
     made = [p for p in os.listdir(tmp_path) if p.startswith("nvcache-sim-")]
     assert len(made) == 1 and f"cache: {tmp_path / made[0]}" in result.stdout
     assert not (tmp_path / "real").exists()
+    # A --path given on the command line is what the operator asked for: it is used.
+    chosen = tmp_path / "chosen"
+    result = run(["--path", str(chosen), "simulate", "-p", "1", "--images", "4", "--layers", "12", "--scans", "5",
+                  "--no-progress", "--json"])
+    assert json.loads(result.stdout)["path"] == str(chosen)
+    assert (chosen / "data.mdb").is_file()
 
 
 # -- the real console script ----------------------------------------------------------------------
