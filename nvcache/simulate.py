@@ -22,7 +22,6 @@ import heapq
 import logging
 import math
 import multiprocessing
-import os
 import queue
 import random
 import tempfile

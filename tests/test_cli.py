@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 from click.testing import CliRunner, Result
