@@ -697,3 +697,269 @@ def test_corruption_campaign(Cache, tmp_path, core):
     assert bad == [], bad[:5]
     # The damage was real: some of it was noticed and repaired.
     assert totals.get("rebuilt-at-open", 0) > 0
+
+
+# =========================================================================================
+# reboots: a faked boot id
+# =========================================================================================
+
+def _with_boot(boot_id: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        os.environ["NVCACHE_BOOT_ID"] = boot_id
+        return fn()
+    return run
+
+
+def _fill(Cache: type, path: str, durable: bool, keys: range) -> Callable[[], Any]:
+    def run() -> Any:
+        with Cache(path, 1, durable=durable) as cache:
+            for i in keys:
+                cache.put(lid(i), record(i, 500))
+            return len(cache)
+    return run
+
+
+def _contents(Cache: type, path: str, durable: bool) -> Callable[[], Any]:
+    def run() -> Any:
+        with Cache(path, 1, durable=durable) as cache:
+            present = [i for i in range(40) if cache.get(lid(i)) is not None]
+            for i in present:
+                assert cache.get(lid(i)) == record(i, 500)
+            return {"present": present, "verify": cache.verify()}
+    return run
+
+
+def test_reboot_rebuilds_a_non_durable_cache(Cache, cache_dir):
+    assert run_forked(_with_boot("boot-A", _fill(Cache, cache_dir, False, range(10)))).value == 10
+    # Same boot: kept.
+    same = run_forked(_with_boot("boot-A", _contents(Cache, cache_dir, False)))
+    assert same.kind == "ok", same
+    assert same.value == {"present": list(range(10)), "verify": []}
+    # After a reboot, a non-durable cache may hold torn pages: rebuilt, empty and healthy.
+    after = run_forked(_with_boot("boot-B", _contents(Cache, cache_dir, False)))
+    assert after.kind == "ok", after
+    assert after.value == {"present": [], "verify": []}
+    # And it works under the new boot id, and survives a reopen in that boot.
+    assert run_forked(_with_boot("boot-B", _fill(Cache, cache_dir, False, range(20, 25)))).value == 5
+    again = run_forked(_with_boot("boot-B", _contents(Cache, cache_dir, False)))
+    assert again.value == {"present": list(range(20, 25)), "verify": []}
+
+
+def test_reboot_keeps_a_durable_cache(Cache, cache_dir):
+    assert run_forked(_with_boot("boot-A", _fill(Cache, cache_dir, True, range(10)))).value == 10
+    after = run_forked(_with_boot("boot-B", _contents(Cache, cache_dir, True)))
+    assert after.kind == "ok", after
+    assert after.value == {"present": list(range(10)), "verify": []}
+    again = run_forked(_with_boot("boot-C", _contents(Cache, cache_dir, True)))
+    assert again.value == {"present": list(range(10)), "verify": []}
+
+
+def test_reboot_after_a_non_durable_writer_rebuilds_even_a_durable_cache(Cache, cache_dir):
+    """One non-durable writer since the boot is enough for torn pages after a crash."""
+    assert run_forked(_with_boot("boot-A", _fill(Cache, cache_dir, True, range(5)))).value == 5
+    assert run_forked(_with_boot("boot-A", _fill(Cache, cache_dir, False, range(5, 10)))).value == 10
+    after = run_forked(_with_boot("boot-B", _contents(Cache, cache_dir, True)))
+    assert after.kind == "ok", after
+    assert after.value == {"present": [], "verify": []}
+
+
+# =========================================================================================
+# bounded waits: SIGSTOP with a lock held
+# =========================================================================================
+
+LOCK_HOLDER = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o640)
+fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2] == "sh" else fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def lock_state(path: str) -> str:
+    """'free', 'shared' or 'exclusive': how another process holds <path>/lock now."""
+    fd = os.open(os.path.join(path, "lock"), os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return "free"
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return "shared"
+        except BlockingIOError:
+            return "exclusive"
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
+    t0 = time.monotonic()
+    try:
+        return fn(), time.monotonic() - t0
+    except Exception as exc:  # noqa: BLE001 - returned for the caller's assertion
+        return exc, time.monotonic() - t0
+
+
+TIMEOUT = 0.4
+
+
+def assert_times_out(fn: Callable[[], Any], what: str) -> None:
+    result, took = timed(fn)
+    assert isinstance(result, CacheTimeout), f"{what}: expected CacheTimeout, got {result!r}"
+    assert isinstance(result, CacheError)
+    assert TIMEOUT * 0.9 <= took <= TIMEOUT + 2.0, f"{what} waited {took:.2f} s"
+
+
+def _stopped_holder(path: str, mode: str, procs: List[subprocess.Popen]) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, os.path.join(path, "lock"), mode],
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(holder)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.send_signal(signal.SIGSTOP)
+    return holder
+
+
+def _release(holder: subprocess.Popen) -> None:
+    holder.send_signal(signal.SIGCONT)
+    holder.kill()
+    holder.wait(timeout=10)
+
+
+def test_stopped_exclusive_holder_gives_timeouts_then_recovers(Cache, cache_dir, popen_procs):
+    with Cache(cache_dir, 1) as cache:
+        cache.put(lid(1), record(1, 300))
+    # A process stopped while holding the exclusive lock: a new opener gives up after lock_timeout.
+    holder = _stopped_holder(cache_dir, "ex", popen_procs)
+    assert lock_state(cache_dir) == "exclusive"
+    assert_times_out(lambda: Cache(cache_dir, 1, lock_timeout=TIMEOUT), "open")
+    _release(holder)
+    opened = Cache(cache_dir, 1, lock_timeout=TIMEOUT)
+    try:
+        # ... and so does every operation of a cache opened before.
+        holder = _stopped_holder(cache_dir, "ex", popen_procs)
+        for what, fn in [("get", lambda: opened.get(lid(1))), ("put", lambda: opened.put(lid(2), b"x")),
+                         ("delete", lambda: opened.delete(lid(1))), ("contains", lambda: lid(1) in opened),
+                         ("len", lambda: len(opened)), ("stats", opened.stats),
+                         ("cache_data", opened.cache_data), ("clear", opened.clear),
+                         ("verify", opened.verify)]:
+            assert_times_out(fn, what)
+        _release(holder)
+        # Then everything works again, and nothing was changed meanwhile.
+        assert opened.get(lid(1)) == record(1, 300)
+        assert opened.put(lid(2), b"x") is True
+        assert opened.verify() == []
+        assert opened.stats()["record_count"] == 2
+        # A shared holder (a stopped reader) blocks writers only.
+        holder = _stopped_holder(cache_dir, "sh", popen_procs)
+        assert_times_out(lambda: opened.put(lid(3), b"x"), "put behind a reader")
+        assert opened.get(lid(2)) == b"x"
+        _release(holder)
+        assert opened.put(lid(3), b"x") is True
+    finally:
+        opened.close()
+
+
+def _busy(Cache: type, path: str, mode: str, stop_file: str) -> Callable[[], Any]:
+    def run() -> Any:
+        n = 0
+        with Cache(path, 4) as cache:
+            big = [record(i, 1_500_000) for i in range(4)]
+            while not os.path.exists(stop_file):
+                if mode == "put":  # eviction-heavy puts of large records
+                    cache.put(lid(1000 + n), big[n % 4])
+                else:
+                    assert cache.get(lid(n % 2)) == record(n % 2, 1_500_000)
+                n += 1
+        return n
+    return run
+
+
+def catch_holding(pid: int, path: str, want: str, attempts: int = 400) -> bool:
+    """SIGSTOP ``pid`` at random moments until it is stopped holding the lock as ``want``."""
+    rng = random.Random(pid)
+    for _ in range(attempts):
+        time.sleep(rng.uniform(0, 0.004))
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.002)
+        if lock_state(path) == want:
+            return True
+        os.kill(pid, signal.SIGCONT)
+    return False
+
+
+def test_writer_stopped_inside_put(Cache, cache_dir, children):
+    with Cache(cache_dir, 4) as cache:
+        cache.put(lid(0), record(0, 1_500_000))
+    stop = os.path.join(os.path.dirname(cache_dir), "stop")
+    pid, r = start_forked(_busy(Cache, cache_dir, "put", stop))
+    children.append(pid)
+    time.sleep(0.2)
+    assert catch_holding(pid, cache_dir, "exclusive"), "never caught the writer inside a put"
+    try:
+        assert_times_out(lambda: Cache(cache_dir, 4, lock_timeout=TIMEOUT), "open")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Open while it runs, then stop it inside a put again with the cache open here.
+    other = Cache(cache_dir, 4, lock_timeout=TIMEOUT)
+    try:
+        assert catch_holding(pid, cache_dir, "exclusive")
+        assert_times_out(lambda: other.get(lid(0)), "get")
+        assert_times_out(lambda: other.put(lid(5), b"y"), "put")
+        assert_times_out(other.stats, "stats")
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while True:  # the writer is busy: a short timeout may still expire, but not forever
+            try:
+                other.put(lid(5), b"y")
+                break
+            except CacheTimeout:
+                assert time.monotonic() < deadline
+        with open(stop, "w"):
+            pass
+        out = finish_forked(pid, r, 60)
+        children.remove(pid)
+        assert out.kind == "ok" and out.value > 0, out
+        assert other.get(lid(5)) == b"y"
+        assert other.verify() == []
+    finally:
+        os.kill(pid, signal.SIGCONT) if pid in children else None
+        other.close()
+
+
+def test_reader_stopped_inside_get(Cache, cache_dir, children):
+    """A reader stopped with the shared lock blocks writers (bounded), never readers."""
+    with Cache(cache_dir, 4) as cache:
+        for i in range(2):
+            cache.put(lid(i), record(i, 1_500_000))
+    stop = os.path.join(os.path.dirname(cache_dir), "stop")
+    pid, r = start_forked(_busy(Cache, cache_dir, "get", stop))
+    children.append(pid)
+    other = Cache(cache_dir, 4, lock_timeout=TIMEOUT)
+    try:
+        time.sleep(0.2)
+        assert catch_holding(pid, cache_dir, "shared"), "never caught the reader inside a get"
+        assert_times_out(lambda: other.put(lid(7), b"z"), "put")
+        assert_times_out(lambda: other.delete(lid(0)), "delete")
+        # Reads go on, and keep going past the moment this process's buffer is due
+        # (a due buffer must not turn a successful read into an error or a long wait).
+        t_end = time.monotonic() + 1.5
+        worst = 0.0
+        while time.monotonic() < t_end:
+            data, took = timed(lambda: other.get(lid(1)))
+            worst = max(worst, took)
+            assert data == record(1, 1_500_000), data
+        assert worst < TIMEOUT / 2, f"a read waited {worst:.2f} s behind a stopped reader"
+        os.kill(pid, signal.SIGCONT)
+        with open(stop, "w"):
+            pass
+        out = finish_forked(pid, r, 60)
+        children.remove(pid)
+        assert out.kind == "ok", out
+        assert other.put(lid(7), b"z") is True
+        assert other.verify() == []
+    finally:
+        if pid in children:
+            os.kill(pid, signal.SIGCONT)
+        other.close()
