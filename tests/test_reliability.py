@@ -963,3 +963,161 @@ def test_reader_stopped_inside_get(Cache, cache_dir, children):
         if pid in children:
             os.kill(pid, signal.SIGCONT)
         other.close()
+
+
+# =========================================================================================
+# hostile /tmp: symlinks, foreign owners, modes (as root, with a second uid)
+# =========================================================================================
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second uid")
+
+
+def as_uid(uid: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        return fn()
+    return run
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary directory that a second uid can reach (pytest's tmp_path is 0o700)."""
+    import pathlib
+    path = tempfile.mkdtemp(prefix="nvcache-hostile-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_symlink_cache_path_is_refused(Cache, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "caches"
+    link.symlink_to(target)
+    with pytest.raises(CacheError, match="symlink"):
+        Cache(str(link), 1)
+    assert os.listdir(target) == []
+
+
+@needs_root
+def test_directory_of_another_user_is_refused(Cache, tmp_path):
+    path = tmp_path / "caches"
+    path.mkdir()
+    os.chown(path, NOBODY, NOBODY)
+    with pytest.raises(CacheError, match="owned by"):
+        Cache(str(path), 1)
+    assert os.listdir(path) == []
+
+
+@needs_root
+def test_second_uid_is_refused_another_users_directory(Cache, open_tmp):
+    tmp_path = open_tmp
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chmod(theirs, 0o777)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    out = run_forked(as_uid(NOBODY, lambda: Cache(str(theirs), 1).close()))
+    assert out.kind == "cache_error" and "owned by" in out.value, out
+    assert os.listdir(theirs) == []
+    # A cache root made for itself, 0o750: another uid gets a CacheError, never an OSError.
+    with Cache(str(tmp_path / "roots"), 1) as cache:
+        cache.put(lid(1), b"r")
+    out = run_forked(as_uid(NOBODY, lambda: Cache(str(tmp_path / "roots"), 1).close()))
+    assert out.kind == "cache_error", out
+
+
+@needs_root
+def test_second_uid_makes_its_own_cache_with_tight_modes(Cache, open_tmp):
+    tmp_path = open_tmp
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    path = str(home / "caches")
+
+    def use() -> Any:
+        os.umask(0o022)
+        with Cache(path, 1) as cache:
+            cache.put(lid(1), b"mine")
+            return cache.get(lid(1)) == b"mine"
+    out = run_forked(as_uid(NOBODY, use))
+    assert out.kind == "ok" and out.value is True, out
+    st = os.lstat(path)
+    assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o750
+    for name in os.listdir(path):
+        fst = os.lstat(os.path.join(path, name))
+        assert fst.st_uid == NOBODY, name
+        assert stat.S_ISREG(fst.st_mode), name
+        assert stat.S_IMODE(fst.st_mode) == 0o640, (name, oct(fst.st_mode))
+    # Root may not adopt it either: it belongs to another user.
+    with pytest.raises(CacheError, match="owned by"):
+        Cache(path, 1)
+
+
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o750, 0o640), (0o002, 0o750, 0o640),
+                                                      (0o027, 0o750, 0o640), (0o077, 0o700, 0o600)])
+def test_modes_respect_a_stricter_umask(Cache, cache_dir, umask, dir_mode, file_mode):
+    def make() -> Any:
+        os.umask(umask)
+        with Cache(cache_dir, 1) as cache:
+            cache.put(lid(1), b"r")
+        return sorted(os.listdir(cache_dir))
+    out = run_forked(make)
+    assert out.kind == "ok", out
+    assert {"data.mdb", "lock", "version"} <= set(out.value)
+    assert stat.S_IMODE(os.lstat(cache_dir).st_mode) == dir_mode
+    for name in out.value:
+        mode = os.lstat(os.path.join(cache_dir, name)).st_mode
+        assert stat.S_ISREG(mode), name
+        assert stat.S_IMODE(mode) == file_mode, (name, oct(mode))
+
+
+PLANTABLE = ["version", "lock", "data.mdb", "users", "clean"]
+
+
+@pytest.mark.parametrize("name", PLANTABLE)
+@pytest.mark.parametrize("victim_kind", ["empty", "text", "lmdb-like"])
+@pytest.mark.parametrize("state", ["fresh", "existing"])
+def test_planted_symlink_inside_never_leads_a_write_out(Cache, tmp_path, name, victim_kind, state):
+    """A symlink planted in the cache directory must not let any write reach its target."""
+    path = tmp_path / "caches"
+    if state == "existing":
+        with Cache(str(path), 1) as cache:
+            cache.put(lid(1), record(1, 5000))
+    else:
+        path.mkdir(mode=0o750)
+    victim = tmp_path / "victim"
+    if victim_kind == "empty":
+        victim.write_bytes(b"")
+    elif victim_kind == "text":
+        victim.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 50)
+    else:  # a copy of a healthy cache file: LMDB would accept it
+        src = tmp_path / "src"
+        with Cache(str(src), 1) as cache:
+            cache.put(lid(2), record(2, 5000))
+        shutil.copyfile(src / "data.mdb", victim)
+    os.chmod(victim, 0o644)
+    before = victim.read_bytes()
+    vst = os.stat(victim)
+    planted = path / name
+    if planted.exists() or planted.is_symlink():
+        planted.unlink()
+    planted.symlink_to(victim)
+
+    def use() -> Any:
+        try:
+            with Cache(str(path), 1) as cache:
+                cache.put(lid(3), record(3, 3000))
+                cache.get(lid(1))
+                cache.clear()
+                cache.put(lid(4), record(4, 3000))
+                return "worked"
+        except CacheError as exc:
+            return f"CacheError: {exc}"
+    out = run_forked(use)
+    assert out.kind == "ok", out  # worked, or refused with a CacheError: nothing else
+    after = os.stat(victim)
+    assert victim.read_bytes() == before, f"a write reached the symlink's target ({out.value})"
+    assert (after.st_size, after.st_mtime_ns, after.st_mode, after.st_uid) == \
+        (vst.st_size, vst.st_mtime_ns, vst.st_mode, vst.st_uid)
