@@ -159,6 +159,20 @@ class LayerCache:
             store.flush()
         return data
 
+    def peek(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
+        """The record, like :meth:`get`, but counting nothing: for operators' exports and tools.
+
+        No hit, miss or reference is counted and ``last_referred`` stays. A
+        record that fails its checksum reads as None (:meth:`get` drops it).
+        """
+        core = self._core
+        name, _lid = core.record_name(layer_id, kind)
+        if not self.enabled:
+            self._check_open()
+            return None
+        data = self._live().read(core.Index.lookup, core.name_key(name))
+        return data if data is not False else None
+
     def put(self, layer_id: str, record: Record, kind: str = "layer_file",
             keep: Iterable[str] = ()) -> bool:
         """Store ``record``; False (and no change) if the name already has one.

@@ -544,3 +544,14 @@ def test_planted_data_symlink_is_replaced_not_followed(Cache, cache_dir, tmp_pat
     with Cache(cache_dir, 1) as cache:
         assert cache.put(DIGEST, b"new") and cache.get(DIGEST) == b"new"
     assert victim.read_bytes() == b"precious" and not os.path.islink(data)
+
+
+def test_peek_counts_nothing(make_cache):
+    cache = make_cache()
+    cache.put(DIGEST, b"r")
+    before = cache.cache_data()
+    assert cache.peek(DIGEST) == b"r"
+    assert cache.peek(lid(5)) is None
+    with pytest.raises(ValueError):
+        cache.peek("bad id")
+    assert cache.cache_data() == before
