@@ -1121,3 +1121,152 @@ def test_planted_symlink_inside_never_leads_a_write_out(Cache, tmp_path, name, v
     assert victim.read_bytes() == before, f"a write reached the symlink's target ({out.value})"
     assert (after.st_size, after.st_mtime_ns, after.st_mode, after.st_uid) == \
         (vst.st_size, vst.st_mtime_ns, vst.st_mode, vst.st_uid)
+
+
+# =========================================================================================
+# fuzzing the whole public API with hostile arguments
+# =========================================================================================
+
+from array import array  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VALID_IDS = [lid(i) for i in range(12)]
+junk = st.one_of(st.none(), st.integers(min_value=-2**70, max_value=2**70), st.floats(),
+                 st.binary(max_size=8), st.lists(st.integers(), max_size=2), st.booleans(),
+                 st.just(object()), st.just(float("nan")), st.just(b"\0"))
+ids = st.one_of(st.sampled_from(VALID_IDS), st.sampled_from(VALID_IDS), st.text(max_size=30),
+                st.sampled_from(["", " ", "a b", "x\0y", "\t", "é", "\ud800", "a" * 1024, "b" * 1025, "sha256:" + "f" * 64 + "\n", "\x7f", "🙂"]),
+                st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1,
+                        max_size=40), st.builds(lambda: "c" * 100_000), junk)
+kinds = st.one_of(st.just("layer_file"), st.sampled_from(["sbom", "a" * 32, "a" * 33, "", "A", "x y",
+                                                           "é", "k\0", "-", "layer_file\n"]),
+                  st.text(max_size=40), junk)
+
+
+def _view(b: bytes, how: int) -> memoryview:
+    if how == 0:
+        return memoryview(b)
+    if how == 1:
+        return memoryview(array("I", b[: len(b) // 4 * 4]))
+    if how == 2:
+        return memoryview(b)[::2]
+    return memoryview(bytearray(b + b"pad!"))[: len(b)]
+
+
+def _views(b: bytes) -> Any:
+    return st.integers(0, 3).map(lambda how: _view(b, how))
+
+
+records = st.one_of(st.binary(max_size=5000), st.binary(max_size=200).map(bytearray),
+                    st.binary(max_size=200).flatmap(_views), st.just(b""),
+                    st.builds(lambda: b"x" * (MiB + 1)), st.text(max_size=10), junk)
+keeps = st.one_of(st.just(()), st.lists(ids, max_size=4), st.sets(st.sampled_from(VALID_IDS), max_size=3),
+                  st.text(max_size=5), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                  st.lists(st.sampled_from(VALID_IDS), max_size=3).map(iter), junk)
+numbers = st.one_of(st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, 1, 2**63 - 1, 2**63,
+                                                                                     2**64 - 1, 2**64]), junk)
+bounds = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-10, max_value=10**30),
+                   st.sampled_from([0, 0.0001, 1, 1e-300, 1e300, 2**63, 10**6, -0.0]), junk, st.text(max_size=4))
+names = st.one_of(st.text(alphabet=st.characters(blacklist_characters="/\0"), min_size=1, max_size=30)
+                  .filter(lambda n: n not in (".", "..")), st.sampled_from(["a\0b", "", "d/../e"]), st.builds(lambda: "x" * 300))
+ops = st.one_of(
+    st.tuples(st.just("get"), ids, kinds),
+    st.tuples(st.just("put"), ids, records, kinds, keeps),
+    st.tuples(st.just("delete"), ids, kinds),
+    st.tuples(st.just("contains"), ids, kinds),
+    st.tuples(st.just("in"), ids),
+    st.tuples(st.just("restore"), ids, records, kinds, numbers, numbers),
+    st.tuples(st.just("add_counters"), numbers, numbers),
+    st.sampled_from([("len",), ("stats",), ("cache_data",), ("json",), ("flush",), ("verify",),
+                     ("evictions",), ("clear",)]),
+    st.tuples(st.just("open"), st.one_of(names, junk), bounds,
+              st.one_of(st.booleans(), junk), st.one_of(st.floats(), st.integers(-5, 5), junk)),
+    st.tuples(st.just("from_env"), st.one_of(st.text(max_size=12), st.sampled_from(
+        ["1", "0", "-1", "nan", "inf", "1e300", " 2 ", "0x10", "1_0", "\0"]))),
+)
+ALLOWED = (TypeError, ValueError, CacheError)
+
+
+def _call(cache: Any, Cache: type, root: str, op: Tuple[Any, ...]) -> None:
+    name = op[0]
+    if name == "get":
+        got = cache.get(op[1], op[2])
+        assert got is None or type(got) is bytes
+    elif name == "put":
+        assert cache.put(op[1], op[2], op[3], op[4]) in (True, False)
+    elif name == "delete":
+        assert cache.delete(op[1], op[2]) in (True, False)
+    elif name == "contains":
+        assert cache.contains(op[1], op[2]) in (True, False)
+    elif name == "in":
+        assert (op[1] in cache) in (True, False)
+    elif name == "restore":
+        cache.restore(op[1], op[2], op[3], reference_count=op[4], last_referred_ns=op[5])
+    elif name == "add_counters":
+        cache.add_counters(op[1], op[2])
+    elif name == "len":
+        assert len(cache) >= 0
+    elif name == "stats":
+        cache.stats()
+    elif name in ("cache_data", "json"):
+        json.dumps(cache.cache_data()) if name == "cache_data" else json.loads(cache.cache_data_json())
+    elif name == "flush":
+        cache.flush()
+    elif name == "verify":
+        assert cache.verify() == []
+    elif name == "evictions":
+        cache.evictions()
+    elif name == "clear":
+        cache.clear()
+    elif name == "open":
+        path = os.path.join(root, op[1]) if isinstance(op[1], str) else op[1]
+        other = Cache(path, op[2], durable=op[3], lock_timeout=op[4])
+        other.close()
+    elif name == "from_env":
+        saved = {k: os.environ.get(k) for k in ("MAX_CACHE_RECORD_MB", "NVCACHE_PATH")}
+        try:
+            os.environ["NVCACHE_PATH"] = os.path.join(root, "env")
+            if "\0" in op[1]:
+                raise ValueError("an environment value cannot hold NUL")  # os.environ refuses it
+            os.environ["MAX_CACHE_RECORD_MB"] = op[1]
+            Cache.from_env().close()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def test_fuzz_public_api(Cache, tmp_path):
+    root = str(tmp_path / "fz")
+    os.makedirs(root)
+    cache = Cache(str(tmp_path / "main"), 1)
+    escaped: List[str] = []
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(ops, min_size=1, max_size=12))
+    def run(seq: List[Tuple[Any, ...]]) -> None:
+        for op in seq:
+            try:
+                _call(cache, Cache, root, op)
+            except ALLOWED:
+                pass
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                escaped.append(f"{op[0]}{tuple(repr(a)[:60] for a in op[1:])} -> {type(exc).__name__}: {exc}")
+                raise
+        assert cache.verify() == []
+        st_ = cache.stats()
+        assert 0 <= st_["record_total_size"] <= cache.max_bytes
+
+    try:
+        run()
+    finally:
+        try:
+            assert cache.verify() == []
+        finally:
+            cache.close()
+    assert escaped == []
