@@ -1459,3 +1459,28 @@ def test_many_openers(Cache, cache_dir, core, children):
     # A process killed between writing a temp file and renaming it may leave one; never more.
     assert len(leftovers) <= kills, leftovers
     assert all(name.startswith(".") for name in leftovers), leftovers
+
+
+def test_lock_file_removed_while_held_still_excludes(Cache, cache_dir, children):
+    """A /tmp cleaner unlinks ``lock`` while a writer holds it: a later opener must still wait."""
+    with Cache(cache_dir, 4) as cache:
+        cache.put(lid(0), record(0, 1_500_000))
+    stop = os.path.join(os.path.dirname(cache_dir), "stop")
+    pid, r = start_forked(_busy(Cache, cache_dir, "put", stop))
+    children.append(pid)
+    try:
+        time.sleep(0.2)
+        assert catch_holding(pid, cache_dir, "exclusive"), "never caught the writer inside a put"
+        os.unlink(os.path.join(cache_dir, "lock"))
+        result, took = timed(lambda: Cache(cache_dir, 4, lock_timeout=TIMEOUT).put(lid(9), b"w"))
+        assert isinstance(result, CacheTimeout), \
+            f"a second writer went ahead ({result!r}) while the first was inside a put"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        with open(stop, "w"):
+            pass
+        out = finish_forked(pid, r, 60)
+        children.remove(pid)
+    assert out.kind == "ok", out
+    with Cache(cache_dir, 4) as cache:
+        assert cache.verify() == []
