@@ -156,7 +156,7 @@ class LayerCache:
             log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))
             data = None
         if store.buffer.due:
-            store.flush()
+            store.apply_due()
         return data
 
     def peek(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:

@@ -26,6 +26,7 @@ import fcntl
 import os
 import threading
 import time
+from typing import Optional
 
 from .errors import CacheError, CacheTimeout
 
@@ -46,13 +47,13 @@ def fork_generation() -> int:
 
 
 def open_nofollow(path: str, flags: int, mode: int = 0o640) -> int:
-    """``os.open`` that refuses to follow a symlink planted at ``path``."""
+    """``os.open`` that refuses to follow a symlink planted at ``path``; failures are CacheError."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CacheError(f"{path} is a symlink; refusing to follow it") from None
-        raise
+        raise CacheError(f"cannot open {path}: {exc.strerror}") from exc
 
 
 class FileLock:
@@ -80,27 +81,33 @@ class FileLock:
         except OSError:
             pass
 
-    def acquire(self, exclusive: bool) -> None:
-        """Take the mutex, then the flock; raise CacheTimeout after ``timeout`` seconds."""
+    def acquire(self, exclusive: bool, timeout: Optional[float] = None) -> None:
+        """Take the mutex, then the flock; raise CacheTimeout after ``timeout`` seconds.
+
+        ``timeout`` defaults to the lock's own; 0 tries once without waiting.
+        """
         if self._generation != _fork_generation:
             self._reopen_after_fork()
-        if not self.mutex.acquire(True, self.timeout):
-            raise CacheTimeout(f"another thread held the cache lock for {self.timeout} s")
+        timeout = self.timeout if timeout is None else timeout
+        if not (self.mutex.acquire(True, timeout) if timeout > 0 else self.mutex.acquire(False)):
+            raise CacheTimeout(f"another thread held the cache lock for {timeout} s")
         op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(self.fd, op | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._wait(op)
+            self._wait(op, timeout)
         except BaseException:
             self.mutex.release()
             raise
 
-    def _wait(self, op: int) -> None:
+    def _wait(self, op: int, timeout: float) -> None:
         # flock has no timeout of its own: poll with a growing pause.
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + timeout
         pause = self._POLL_MIN
         try:
             while True:
+                if timeout <= 0:
+                    raise CacheTimeout(f"{self.path} is locked by another process") from None
                 time.sleep(pause)
                 try:
                     fcntl.flock(self.fd, op | fcntl.LOCK_NB)
@@ -108,7 +115,7 @@ class FileLock:
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise CacheTimeout(
-                            f"{self.path} stayed locked by another process for {self.timeout} s") from None
+                            f"{self.path} stayed locked by another process for {timeout} s") from None
                     pause = min(pause * 2, self._POLL_MAX)
         except BaseException:
             self.mutex.release()

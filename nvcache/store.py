@@ -174,16 +174,18 @@ class Store:
         self._damaged = False
         self._broken = False
         self._meta_db: Any = None
+        self._users_fd = -1
         self.lock = FileLock(os.path.join(path, LOCK_FILE), lock_timeout)
-        self._users_fd = open_nofollow(os.path.join(path, USERS_FILE), os.O_RDWR | os.O_CREAT)
         try:
+            self._users_fd = open_nofollow(os.path.join(path, USERS_FILE), os.O_RDWR | os.O_CREAT)
             self._first = self._claim_users()
             self._open()
             self._first = False  # later reopens follow a rebuild or a fork: no deep check
         except BaseException:
             self._close_env()
             self.lock.close()
-            os.close(self._users_fd)
+            if self._users_fd >= 0:
+                os.close(self._users_fd)
             raise
 
     # -- opening and rebuilding ------------------------------------------------
@@ -318,7 +320,7 @@ class Store:
         try:
             st = os.stat(os.path.join(self.path, DATA_FILE))
             write_atomically(self.path, CLEAN_FILE, json.dumps(_file_mark(st)).encode())
-        except OSError as exc:
+        except (OSError, CacheError) as exc:
             log.debug("could not record a clean close of %s: %s", self.path, exc)
 
     def _deep_check(self) -> Optional[str]:
@@ -402,6 +404,8 @@ class Store:
             write_version(self.path)
         except (lmdb.Error, OSError) as exc:
             raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
+        except CacheError as exc:
+            raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
         self._adopt(env, index, dbs[3])
 
     def _refresh(self) -> None:
@@ -461,12 +465,12 @@ class Store:
             self._refresh()
         return self.read(fn, *args)
 
-    def write(self, fn: Optional[Callable[..., Any]], *args: Any) -> Any:
+    def write(self, fn: Optional[Callable[..., Any]], *args: Any, timeout: Optional[float] = None) -> Any:
         """Apply buffered accesses, then ``fn(index, txn, *args)``, in one write transaction."""
         if self.generation != fork_generation() or self.env is None:
             self._refresh()
         lock = self.lock
-        lock.acquire(True)
+        lock.acquire(True, timeout)
         taken = self.buffer.take()
         try:
             if self._stale():
@@ -518,6 +522,18 @@ class Store:
         """Write this process's buffered accesses now."""
         if len(self.buffer):
             self.write(None)
+
+    def apply_due(self) -> None:
+        """Write the buffer if the lock is free right now; else keep it for later.
+
+        Called after a read whose buffer came due: the read has succeeded, and
+        bookkeeping must never turn it into an error or a wait behind another
+        process (a failed write keeps the buffer).
+        """
+        try:
+            self.write(None, timeout=0)
+        except CacheError as exc:
+            log.debug("buffered accesses for %s kept for later: %s", self.path, exc)
 
     # -- lifecycle ---------------------------------------------------------------
     def release(self) -> None:
