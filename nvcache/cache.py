@@ -37,11 +37,14 @@ _EMPTY: frozenset = frozenset()
 Record = Union[bytes, bytearray, memoryview]
 
 
+MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
+
+
 def _bound(max_mb: object, what: str = "max_mb") -> int:
     if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)):
         raise TypeError(f"{what} must be a number of MiB, not {type(max_mb).__name__}")
-    if not math.isfinite(max_mb) or max_mb < 0:
-        raise ValueError(f"{what} must be a finite number of MiB >= 0, got {max_mb!r}")
+    if not math.isfinite(max_mb) or not 0 <= max_mb <= MAX_MB:
+        raise ValueError(f"{what} must be a finite number of MiB in [0, {MAX_MB}], got {max_mb!r}")
     return int(max_mb * 1024 * 1024)
 
 
@@ -94,8 +97,7 @@ class LayerCache:
             max_mb = float(raw) if raw else 0.0
         except ValueError:
             raise ValueError(f"MAX_CACHE_RECORD_MB must be a number of MiB, got {raw!r}") from None
-        if not math.isfinite(max_mb) or max_mb < 0:
-            raise ValueError(f"MAX_CACHE_RECORD_MB must be a finite number of MiB >= 0, got {raw!r}")
+        _bound(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
         return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_max_bytes_and_attributes(make_cache, cache_dir):
     assert len(cache) == 0
 
 
-@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), -0.5])
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), -0.5, 1e20, (1 << 20) + 1])
 def test_bad_bound_is_value_error(Cache, cache_dir, bad):
     with pytest.raises(ValueError):
         Cache(cache_dir, bad)
@@ -97,7 +97,7 @@ def test_from_env(Cache, cache_dir, monkeypatch):
     monkeypatch.setenv("MAX_CACHE_RECORD_MB", " 2.5 ")
     with Cache.from_env() as cache:
         assert cache.enabled and cache.max_bytes == int(2.5 * MiB) and cache.path == cache_dir
-    for bad in ("abc", "-1", "nan", "inf", "1e999"):
+    for bad in ("abc", "-1", "nan", "inf", "1e999", "1e20"):
         monkeypatch.setenv("MAX_CACHE_RECORD_MB", bad)
         with pytest.raises(ValueError, match="MAX_CACHE_RECORD_MB"):
             Cache.from_env()
