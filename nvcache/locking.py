@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import threading
 import time
 from typing import Optional
@@ -47,13 +48,33 @@ def fork_generation() -> int:
 
 
 def open_nofollow(path: str, flags: int, mode: int = 0o640) -> int:
-    """``os.open`` that refuses to follow a symlink planted at ``path``; failures are CacheError."""
+    """``os.open`` that refuses to follow a symlink planted at ``path``; failures are CacheError.
+
+    O_NONBLOCK: a FIFO planted in place of a file must not hang the opener
+    (it changes nothing for regular files).
+    """
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CacheError(f"{path} is a symlink; refusing to follow it") from None
         raise CacheError(f"cannot open {path}: {exc.strerror}") from exc
+
+
+def open_lock_file(path: str) -> int:
+    """Open (creating) a file that only ever serves as a flock target.
+
+    A directory planted at ``path`` is removed first. Only a directory: a race
+    with another process doing the same then fails (rmtree of a file) instead
+    of unlinking the lock file that process already holds.
+    """
+    try:
+        return open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    except CacheError as exc:
+        if not isinstance(exc.__cause__, IsADirectoryError):
+            raise
+    shutil.rmtree(path, ignore_errors=True)
+    return open_nofollow(path, os.O_RDWR | os.O_CREAT)
 
 
 class FileLock:
@@ -66,7 +87,7 @@ class FileLock:
         self.path = path
         self.timeout = timeout
         self.mutex = threading.Lock()
-        self.fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+        self.fd = open_lock_file(path)
         self._generation = _fork_generation
 
     def _reopen_after_fork(self) -> None:
@@ -74,7 +95,7 @@ class FileLock:
         # (that never releases the parent's flock) and take a fresh one.
         old = self.fd
         self.mutex = threading.Lock()
-        self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+        self.fd = open_lock_file(self.path)
         self._generation = _fork_generation
         try:
             os.close(old)

@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -35,7 +36,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import lmdb
 
 from .errors import CacheError, CacheTimeout
-from .locking import FileLock, fork_generation, open_nofollow
+from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
 
 log = logging.getLogger("nvcache")
 
@@ -114,6 +115,16 @@ def write_atomically(path: str, name: str, body: bytes) -> None:
     os.replace(tmp, os.path.join(path, name))
 
 
+def remove_entry(path: str) -> None:
+    """Remove a file, symlink (never its target) or planted directory; absent is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path)  # does not follow symlinks inside
+
+
 def write_version(path: str) -> None:
     body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION}).encode()
     write_atomically(path, VERSION_FILE, body)
@@ -177,7 +188,7 @@ class Store:
         self._users_fd = -1
         self.lock = FileLock(os.path.join(path, LOCK_FILE), lock_timeout)
         try:
-            self._users_fd = open_nofollow(os.path.join(path, USERS_FILE), os.O_RDWR | os.O_CREAT)
+            self._users_fd = open_lock_file(os.path.join(path, USERS_FILE))
             self._first = self._claim_users()
             self._open()
             self._first = False  # later reopens follow a rebuild or a fork: no deep check
@@ -387,12 +398,9 @@ class Store:
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
         self._close_env()
-        for name in (VERSION_FILE, DATA_FILE, "lock.mdb"):
-            try:
-                os.unlink(os.path.join(self.path, name))
-            except FileNotFoundError:
-                pass
         try:
+            for name in (VERSION_FILE, DATA_FILE, "lock.mdb", CLEAN_FILE):
+                remove_entry(os.path.join(self.path, name))
             env = self._env(create=True)
             with env.begin(write=True) as txn:
                 dbs = [env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
@@ -414,8 +422,7 @@ class Store:
             # Our mapping and descriptors are the parent's: drop them, never write through them.
             self.buffer.clear()
             self.generation = fork_generation()
-            inherited, self._users_fd = self._users_fd, open_nofollow(
-                os.path.join(self.path, USERS_FILE), os.O_RDWR | os.O_CREAT)
+            inherited, self._users_fd = self._users_fd, open_lock_file(os.path.join(self.path, USERS_FILE))
             os.close(inherited)  # closing our copy leaves the parent's flock alone
             self._claim_users()
         if self._damaged:
