@@ -35,7 +35,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .cache import LayerCache
 from .errors import CacheError
@@ -327,8 +327,6 @@ def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_
     """
     if not cache.enabled:
         raise SeedFormatError("the target cache is disabled (bound 0); give a bound with --max-mb")
-    restore: Optional[Callable[..., bool]] = getattr(cache, "restore", None)
-    add_counters: Optional[Callable[..., None]] = getattr(cache, "add_counters", None)
     with seed_lock(os.path.abspath(src), exclusive=False, timeout=lock_timeout, create=False):
         index = read_index(src, skip_missing)
         result = ImportResult(hits=index.hits, misses=index.misses, dry_run=dry_run,
@@ -353,10 +351,6 @@ def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_
             raise SeedFormatError(
                 f"{len(todo)} records of {result.record_bytes} bytes (decompressed) plus the {held} bytes "
                 f"already cached exceed the bound of {cache.max_bytes} bytes; raise --max-mb or clear the cache")
-        if restore is None or add_counters is None:
-            raise SeedFormatError(
-                "this nvcache core has no LayerCache.restore/add_counters, so an import cannot keep "
-                "reference counts, last references and counters; nothing was imported")
         if dry_run:
             result.imported = len(todo)
             return result
@@ -368,13 +362,13 @@ def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_
                 data = load_record(rec)
                 if len(data) != size:
                     raise SeedFormatError(f"{rec.file} changed while importing")
-                if restore(rec.layer_id, data, rec.kind, reference_count=rec.ref_cnt,
+                if cache.restore(rec.layer_id, data, rec.kind, reference_count=rec.ref_cnt,
                            last_referred_ns=rec.last_ns):
                     restored.append(rec)
                 else:  # put there by a scanner since pass 1
                     result.skipped += 1
             if restored or not result.skipped:
-                add_counters(index.hits, index.misses)
+                cache.add_counters(index.hits, index.misses)
             else:  # every record was already here: most likely imported before; never count twice
                 result.hits = result.misses = 0
                 result.warnings.append("every record is already in the cache (imported before?); "
@@ -456,12 +450,7 @@ def export_seed(cache: LayerCache, dst: str, *, force: bool = False, seed_path: 
     snapshot = cache.cache_data()
     names = [rec["layer_id"] for rec in snapshot["cache_records"]]
     split = {name: _check_name(name) for name in names}  # every name checked before writing
-    peek: Optional[Callable[..., Optional[bytes]]] = getattr(cache, "peek", None)
     result = ExportResult(hits=snapshot["cache_hits"] or 0, misses=snapshot["cache_misses"] or 0)
-    if peek is None:
-        result.warnings.append("this nvcache core has no LayerCache.peek, so reading each record "
-                               "counted one hit and reference in the nvcache cache (not in the export)")
-    read: Callable[..., Optional[bytes]] = peek if peek is not None else cache.get
     created = _prepare_destination(dst, force)
     ref_dir = os.path.join(dst, REF_DIR)
     written: List[str] = []
@@ -471,7 +460,7 @@ def export_seed(cache: LayerCache, dst: str, *, force: bool = False, seed_path: 
             total = 0
             for rec in snapshot["cache_records"]:
                 name = rec["layer_id"]
-                data = read(*split[name])
+                data = cache.peek(*split[name])  # counts nothing: the exported cache is unchanged
                 if data is None:
                     result.warnings.append(f"{name} was evicted or deleted while exporting; left out")
                     continue

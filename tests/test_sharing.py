@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-import nvcache
 from nvcache import CacheFull
 
 HERE = os.path.dirname(os.path.abspath(__file__))
