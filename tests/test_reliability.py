@@ -1484,3 +1484,36 @@ def test_lock_file_removed_while_held_still_excludes(Cache, cache_dir, children)
     assert out.kind == "ok", out
     with Cache(cache_dir, 4) as cache:
         assert cache.verify() == []
+
+
+BIT_ROT_ROUNDS = env_int("NVCACHE_BIT_ROT_ROUNDS", 40)
+
+
+def test_silent_bit_rot_after_a_clean_close(Cache, tmp_path, core):
+    """Damage inside live B-tree pages after a clean close, mtime kept (what failing media does).
+
+    The clean-close mark still matches, so a cheap open trusts the file; the opener must still
+    never crash nor serve wrong bytes, and the cache must not stay damaged for every later user.
+    """
+    rng = random.Random(0xB17)
+    outcomes: Dict[str, int] = {}
+    bad = []
+    for n in range(BIT_ROT_ROUNDS):
+        path = str(tmp_path / f"b{n}")
+        populate(Cache, path)
+        seed = rng.randrange(1 << 30)
+        what = damage(path, "data.mdb", "bit-rot-mtime-kept", random.Random(seed))
+        victim = run_forked(_victim(Cache, path), timeout=120)
+        follow = run_forked(_follow_up(Cache, path), timeout=120)
+        outcome = classify(victim, follow)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        healthy_after = (follow.kind == "ok" and follow.value["verify"] == []
+                         and follow.value["roundtrip"] is True)
+        if outcome in ("crashed", "wrong-bytes") or not healthy_after:
+            bad.append({"seed": seed, "damage": what, "outcome": outcome,
+                        "victim": repr(victim)[:300], "follow_up": repr(follow)[:300]})
+        shutil.rmtree(path, ignore_errors=True)
+    save_figures("bit-rot", core, {"rounds": BIT_ROT_ROUNDS, "outcomes": outcomes, "failures": bad})
+    assert outcomes.get("crashed", 0) == 0, [b for b in bad if b["outcome"] == "crashed"][:3]
+    assert outcomes.get("wrong-bytes", 0) == 0
+    assert bad == [], bad[:3]
