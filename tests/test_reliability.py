@@ -316,8 +316,8 @@ def test_kill9_campaign(Cache, cache_dir, core, children):
         shape, max_mb, lo, hi = KILL_SHAPES[rnd % len(KILL_SHAPES)]
         path = os.path.join(cache_dir, shape)
         model = LruModel(state.get(shape, []), int(max_mb * MiB))
-        plan = kill_plan(rnd, next_key, 2000)
-        next_key += 2000
+        plan = kill_plan(rnd, next_key, 6000)
+        next_key += 6000
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
