@@ -329,7 +329,7 @@ def test_kill9_campaign(Cache, cache_dir, core, children):
         children.append(pid)
         os.close(w)
         # Kill at a random moment: often early (inside open), mostly while writing.
-        delay = rng.choice([0.0, rng.uniform(0, 0.01), rng.uniform(0, 0.15), rng.uniform(0, 0.4)])
+        delay = rng.choice([0.0, rng.uniform(0, 0.01), rng.uniform(0, 0.1), rng.uniform(0, 0.25)])
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
