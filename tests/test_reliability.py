@@ -876,13 +876,24 @@ def _busy(Cache: type, path: str, mode: str, stop_file: str) -> Callable[[], Any
     return run
 
 
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until ``pid`` is really stopped (state T in /proc), not just signalled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.0005)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def catch_holding(pid: int, path: str, want: str, attempts: int = 400) -> bool:
     """SIGSTOP ``pid`` at random moments until it is stopped holding the lock as ``want``."""
     rng = random.Random(pid)
     for _ in range(attempts):
         time.sleep(rng.uniform(0, 0.004))
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.002)
+        wait_stopped(pid)
         if lock_state(path) == want:
             return True
         os.kill(pid, signal.SIGCONT)
