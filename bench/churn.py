@@ -61,7 +61,10 @@ def cache_class(core: str) -> type:
 
 def run_churn(path: str, core: str = "ext", bound_mb: float = 64, factor: float = 16.0,
               seed: int = 1, samples: int = 64) -> Dict[str, Any]:
-    """Churn ``factor`` x ``bound_mb`` MiB of mixed-size records through a cache at ``path``."""
+    """Churn ``factor`` x ``bound_mb`` MiB of mixed-size records through a cache at ``path``.
+
+    ``max_file`` is the largest disk use of data.mdb seen (allocated blocks, capped by its size).
+    """
     from nvcache import CacheError
 
     rng = random.Random(seed)
@@ -101,29 +104,39 @@ def run_churn(path: str, core: str = "ext", bound_mb: float = 64, factor: float 
             cache.delete(recent.pop(rng.randrange(len(recent))))
             deletes += 1
         if written >= next_sample:
-            st = os.stat(data_file)
-            max_file = max(max_file, st.st_size)
-            stats = cache.stats()
-            series.append({"written": written, "file": st.st_size, "allocated": st.st_blocks * 512,
-                           "total": int(stats["record_total_size"] or 0),
-                           "records": int(stats["record_count"] or 0)})
+            series.append(_sample(cache, data_file, written))
+            max_file = max(max_file, series[-1]["used"])
             next_sample += step
     cache.flush()
-    st = os.stat(data_file)
-    max_file = max(max_file, st.st_size)
-    stats = cache.stats()
-    series.append({"written": written, "file": st.st_size, "allocated": st.st_blocks * 512,
-                   "total": int(stats["record_total_size"] or 0), "records": int(stats["record_count"] or 0)})
+    series.append(_sample(cache, data_file, written))
+    max_file = max(max_file, series[-1]["used"])
     problems = cache.verify()
     cache.close()
     limit = 2 * bound + 64 * MiB
     return {
         "core": core, "bound": bound, "limit": limit, "factor": factor, "written": written,
         "puts": puts, "gets": gets, "deletes": deletes, "errors": errors,
-        "elapsed_s": time.perf_counter() - t0, "max_file": max_file, "final_file": st.st_size,
+        "elapsed_s": time.perf_counter() - t0, "max_file": max_file, "final_file": series[-1]["used"],
+        "max_apparent": max(p["file"] for p in series),
         "met": max_file <= limit, "verify_problems": problems[:5], "series": series,
         "size_bands": [list(b) for b in SIZE_BANDS],
     }
+
+
+def _sample(cache: Any, data_file: str, written: int) -> Dict[str, int]:
+    """File size now. ``used`` = allocated blocks (st_size is the whole map if LMDB runs with writemap)."""
+    st = os.stat(data_file)
+    stats = cache.stats()
+    high_water = -1
+    try:  # LMDB's own high-water mark, when the store exposes its environment
+        env = cache._live().env
+        high_water = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    except Exception:
+        pass
+    used = min(st.st_size, st.st_blocks * 512)
+    return {"written": written, "file": st.st_size, "allocated": st.st_blocks * 512, "used": used,
+            "high_water": high_water, "total": int(stats["record_total_size"] or 0),
+            "records": int(stats["record_count"] or 0)}
 
 
 def main(argv: List[str]) -> int:
@@ -141,7 +154,7 @@ def main(argv: List[str]) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"core={res['core']} bound={res['bound'] / MiB:.0f} MiB written={res['written'] / MiB:.0f} MiB "
-          f"puts={res['puts']} in {res['elapsed_s']:.1f} s: data.mdb max {res['max_file'] / MiB:.1f} MiB, "
+          f"puts={res['puts']} in {res['elapsed_s']:.1f} s: data.mdb max {res['max_file'] / MiB:.1f} MiB used, "
           f"final {res['final_file'] / MiB:.1f} MiB, limit {res['limit'] / MiB:.0f} MiB -> "
           f"{'met' if res['met'] else 'NOT met'}; verify: {res['verify_problems'] or 'ok'}")
     if args.json:
