@@ -1140,7 +1140,7 @@ def test_planted_symlink_inside_never_leads_a_write_out(Cache, tmp_path, name, v
 
 from array import array  # noqa: E402
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 VALID_IDS = [lid(i) for i in range(12)]
@@ -1260,6 +1260,14 @@ def test_fuzz_public_api(Cache, tmp_path):
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.lists(ops, min_size=1, max_size=12))
+    # What earlier runs found, kept as fixed examples (every run tries them).
+    @example([("from_env", "1e20")])
+    @example([("open", "big", 1e300, False, 1.0), ("open", "huge", 10**30, True, 1.0)])
+    @example([("add_counters", 2**63 - 1, 0), ("add_counters", 2**63 - 1, 0),
+              ("add_counters", 0, 2**63 - 1), ("add_counters", 0, 2**63 - 1), ("stats",)])
+    @example([("open", "slow", 1, False, 1e300), ("open", "slower", 1, False, 2.96e222)])
+    @example([("put", lid(1), b"x" * (MiB + 1), "layer_file", ()), ("put", lid(2), b"r", "k\0", ()),
+              ("put", lid(3), b"r", "layer_file", [lid(3), 5])])
     def run(seq: List[Tuple[Any, ...]]) -> None:
         for op in seq:
             try:
