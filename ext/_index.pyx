@@ -48,6 +48,7 @@ MAX_LAYER_ID = 1024
 MAX_KIND = 32
 KEY_SIZE = 16
 HEADER_SIZE = 34
+U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
 RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
@@ -478,7 +479,8 @@ cdef class Index:
             txn.put(key, new, True, True, False, self.idx)
         if hits or misses:
             old_hits, old_misses = self._pair(txn, ACCESS)
-            txn.put(ACCESS, _pair(old_hits + hits, old_misses + misses), True, True, False, self.meta)
+            txn.put(ACCESS, _pair(min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX)),
+                    True, True, False, self.meta)
 
     def clear(self, txn):
         """Remove every record; hit, miss and eviction counters are kept."""

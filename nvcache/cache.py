@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Type, Union
 
@@ -77,9 +78,10 @@ class LayerCache:
         if not path or "\0" in path:
             raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
         self.max_bytes = _bound(max_mb)
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) \
-                or not lock_timeout >= 0 or not math.isfinite(lock_timeout):
-            raise ValueError(f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}")
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
+            raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
+        if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
+            raise ValueError(f"lock_timeout must be in [0, {threading.TIMEOUT_MAX:g}] seconds, got {lock_timeout!r}")
         self.path = path
         self.durable = bool(durable)
         self.enabled = self.max_bytes > 0
@@ -221,7 +223,7 @@ class LayerCache:
         return self._insert(layer_id, record, kind, (), reference_count, last_referred_ns)
 
     def add_counters(self, hits: int, misses: int) -> None:
-        """Add ``hits`` and ``misses`` to the cache's counters (for imports)."""
+        """Add ``hits`` and ``misses`` to the cache's counters (for imports); they saturate at 2**64-1."""
         for what, value in (("hits", hits), ("misses", misses)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{what} must be int, not {type(value).__name__}")
@@ -321,4 +323,6 @@ class LayerCache:
             problems.append(f"version file says {version!r}, expected {FORMAT_VERSION}")
         if not os.path.exists(os.path.join(store.path, DATA_FILE)):
             problems.append(f"{DATA_FILE} is missing")
+        if problems:
+            store.suspect()
         return problems

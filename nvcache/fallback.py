@@ -38,6 +38,7 @@ _TS = struct.Struct(">Q")
 _PAIR = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 
+U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
 RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
@@ -341,7 +342,8 @@ class Index:
                     db=self.idx)
         if hits or misses:
             old_hits, old_misses = self._pair(txn, ACCESS)
-            txn.put(ACCESS, _PAIR.pack(old_hits + hits, old_misses + misses), db=self.meta)
+            txn.put(ACCESS, _PAIR.pack(min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX)),
+                    db=self.meta)
 
     def clear(self, txn: Any) -> None:
         """Remove every record; hit, miss and eviction counters are kept."""

@@ -4,10 +4,13 @@ LMDB's own lock table keys readers by PID, and two scanner containers that
 share a hostPath are often both PID 1: their readers collide. So nvcache
 opens LMDB with ``lock=False`` and guards every transaction itself:
 
-* across processes, ``flock`` on ``<path>/lock``: shared for reads,
-  exclusive for writes. flock belongs to the open file description, so it
-  works across PID namespaces and is released by the kernel when a process
-  dies, even by ``kill -9``;
+* across processes, ``flock`` on the cache directory itself: shared for
+  reads, exclusive for writes. flock belongs to the open file description,
+  so it works across PID namespaces and is released by the kernel when a
+  process dies, even by ``kill -9``. The directory, not a ``lock`` file in
+  it: a /tmp cleaner may unlink an old lock file while a writer holds it,
+  and the next opener would then lock a new file and go ahead; a directory
+  that still holds the cache cannot be removed;
 * across threads, a mutex: threads share the descriptor and therefore the
   flock, so they must not take it concurrently (an exclusive request would
   silently convert another thread's shared lock);
@@ -77,8 +80,16 @@ def open_lock_file(path: str) -> int:
     return open_nofollow(path, os.O_RDWR | os.O_CREAT)
 
 
+def open_directory(path: str) -> int:
+    """A descriptor of the directory ``path`` (never through a symlink), to flock."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CacheError(f"cannot open cache directory {path}: {exc.strerror}") from exc
+
+
 class FileLock:
-    """A reader/writer lock on one file, safe for threads of one process."""
+    """A reader/writer lock on one directory, safe for threads of one process."""
 
     _POLL_MIN = 0.00005
     _POLL_MAX = 0.002
@@ -87,7 +98,7 @@ class FileLock:
         self.path = path
         self.timeout = timeout
         self.mutex = threading.Lock()
-        self.fd = open_lock_file(path)
+        self.fd = open_directory(path)
         self._generation = _fork_generation
 
     def _reopen_after_fork(self) -> None:
@@ -95,7 +106,7 @@ class FileLock:
         # (that never releases the parent's flock) and take a fresh one.
         old = self.fd
         self.mutex = threading.Lock()
-        self.fd = open_lock_file(self.path)
+        self.fd = open_directory(self.path)
         self._generation = _fork_generation
         try:
             os.close(old)

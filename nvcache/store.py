@@ -1,10 +1,11 @@
 """The store: one cache directory's LMDB environment, its files and transactions.
 
-A directory holds ``data.mdb`` (LMDB, opened with ``lock=False``), ``lock``
-(the flock target, see :mod:`nvcache.locking`) and ``version``. Each process
-opens a directory once: every :class:`~nvcache.LayerCache` on it shares one
-:class:`Store`, because LMDB refuses a second open of the same files and
-threads must share one flock descriptor anyway.
+A directory holds ``data.mdb`` (LMDB, opened with ``lock=False``), ``version``,
+``users`` and ``clean``; the directory itself is the flock target (see
+:mod:`nvcache.locking`). Each process opens a directory once: every
+:class:`~nvcache.LayerCache` on it shares one :class:`Store`, because LMDB
+refuses a second open of the same files and threads must share one flock
+descriptor anyway.
 
 Every transaction runs under the lock: :meth:`Store.read` under the shared
 lock, :meth:`Store.write` under the exclusive one, which also applies the
@@ -43,11 +44,13 @@ log = logging.getLogger("nvcache")
 FORMAT_VERSION = 1
 FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat, lru, meta"
 DATA_FILE = "data.mdb"
-LOCK_FILE = "lock"
 VERSION_FILE = "version"
 USERS_FILE = "users"  # every process using the cache holds a shared flock on it
 CLEAN_FILE = "clean"  # data.mdb's identity and mtime when its last user closed it
 BOOT_KEY = b"boot"
+# The first opener walks a data.mdb this small even after a clean close (silent bit rot keeps
+# mtime, and LMDB has no page checksums); larger files trust the clean mark to keep opens fast.
+ALWAYS_CHECK_BYTES = 64 << 20
 _MARK_BOOT = "update the boot record"
 
 # The map is address space, not disk: data.mdb grows only as pages are
@@ -59,7 +62,8 @@ _DB_NAMES = (b"idx", b"dat", b"lru", b"meta")
 # a full disk or a full map are not among them: those never trigger a rebuild.
 CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
                      lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError,
-                     lmdb.InvalidParameterError)  # EINVAL from a get of a valid key: a bad page
+                     lmdb.InvalidParameterError,  # EINVAL from a get of a valid key: a bad page
+                     lmdb.PageFullError)  # MDB_PAGE_FULL: a page's free-space bookkeeping is wrong
 # Errors after which the environment must be reopened (not rebuilt).
 REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
 
@@ -184,9 +188,10 @@ class Store:
         self._data_fd = -1
         self._damaged = False
         self._broken = False
+        self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._meta_db: Any = None
         self._users_fd = -1
-        self.lock = FileLock(os.path.join(path, LOCK_FILE), lock_timeout)
+        self.lock = FileLock(path, lock_timeout)
         try:
             self._users_fd = open_lock_file(os.path.join(path, USERS_FILE))
             self._first = self._claim_users()
@@ -239,10 +244,19 @@ class Store:
                 return f"{DATA_FILE} is not a regular file"
         except FileNotFoundError:
             return f"{DATA_FILE} is missing"
-        if deep and not self._closed_cleanly():
-            problem = self._deep_check()
-            if problem is not None:
-                return f"deep check after an unclean close: {problem}"
+        if deep:
+            # Small files are always walked (it costs less than a scanner's first layer); large
+            # ones only after an unclean close. Either way the mark is consumed: if this process
+            # dies before closing cleanly, the next first opener walks the file.
+            trusted = self._closed_cleanly() and os.path.getsize(data_path) > ALWAYS_CHECK_BYTES
+            try:
+                remove_entry(os.path.join(self.path, CLEAN_FILE))
+            except OSError as exc:
+                log.debug("could not consume the clean mark of %s: %s", self.path, exc)
+            if not trusted:
+                problem = self._deep_check()
+                if problem is not None:
+                    return f"deep check at first open: {problem}"
         try:
             env = self._env(create=False)
         except lmdb.Error as exc:
@@ -525,6 +539,14 @@ class Store:
             return CacheError(f"no space left for the cache in {self.path}")
         return CacheError(f"cache operation failed in {self.path}: {exc}")
 
+    def suspect(self) -> None:
+        """verify() found problems: never mark this file as closed cleanly.
+
+        The next process to open the cache alone then walks it in the deep
+        check, which rebuilds it (a live cache is not emptied under others).
+        """
+        self._suspect = True
+
     def flush(self) -> None:
         """Write this process's buffered accesses now."""
         if len(self.buffer):
@@ -569,7 +591,7 @@ class Store:
                 fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return  # others still use it
-            if not self._stale():
+            if not self._stale() and not self._suspect:
                 self._mark_clean()
         finally:
             self.lock.release()

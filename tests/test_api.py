@@ -469,7 +469,7 @@ def tamper(cache_dir: str, db: str, key: bytes, value: bytes) -> None:
     code = (
         "import fcntl, lmdb, sys\n"
         "d, db, k, v = sys.argv[1], sys.argv[2].encode(), bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4])\n"
-        "lock = open(d + '/lock', 'rb'); fcntl.flock(lock, fcntl.LOCK_EX)\n"
+        "import os; lock = os.open(d, os.O_RDONLY); fcntl.flock(lock, fcntl.LOCK_EX)\n"
         "env = lmdb.Environment(d, max_dbs=4, lock=False, map_size=1 << 36)\n"
         "h = env.open_db(db, create=False)\n"
         "with env.begin(write=True) as t: t.put(k, v, db=h)\n")
@@ -515,15 +515,27 @@ def test_tampered_file_is_deep_checked_and_rebuilt_at_next_first_open(Cache, cac
     assert any("deep check" in r.message for r in caplog.records)
 
 
-def test_clean_close_skips_the_deep_check(Cache, cache_dir, monkeypatch):
-    from nvcache.store import Store
+def test_deep_check_policy_at_first_open(Cache, cache_dir, monkeypatch):
+    """Small files are always walked; large ones only without a matching clean mark, which is consumed."""
+    from nvcache import store
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
     calls = []
-    monkeypatch.setattr(Store, "_deep_check", lambda self: calls.append(1))
-    with Cache(cache_dir, 1) as cache:
+    real = store.Store._deep_check
+    monkeypatch.setattr(store.Store, "_deep_check", lambda self: calls.append(1) or real(self))
+    with Cache(cache_dir, 1) as cache:  # small: walked even after a clean close
         assert cache.get(DIGEST) == b"r"
-    assert calls == []
+    assert calls == [1]
+    monkeypatch.setattr(store, "ALWAYS_CHECK_BYTES", 0)  # as if the file were large
+    with Cache(cache_dir, 1) as cache:  # clean mark matches: trusted, and consumed at open
+        assert not os.path.exists(os.path.join(cache_dir, "clean"))
+        assert cache.get(DIGEST) == b"r"
+    assert calls == [1]
+    assert os.path.exists(os.path.join(cache_dir, "clean"))  # rewritten by the clean close
+    with Cache(cache_dir, 1):
+        second = Cache(cache_dir, 1)  # not the first opener in this process: no check either
+        second.close()
+    assert calls == [1]
 
 
 def test_map_is_sized_for_the_bound(core):
@@ -555,3 +567,23 @@ def test_peek_counts_nothing(make_cache):
     with pytest.raises(ValueError):
         cache.peek("bad id")
     assert cache.cache_data() == before
+
+
+def test_opener_that_dies_leaves_no_clean_mark(Cache, cache_dir, monkeypatch):
+    from nvcache import store
+    monkeypatch.setattr(store, "ALWAYS_CHECK_BYTES", 0)  # large-file policy: trust a matching mark
+    with Cache(cache_dir, 1) as cache:
+        cache.put(DIGEST, b"r")
+    assert os.path.exists(os.path.join(cache_dir, "clean"))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: opens alone, then dies without closing
+        opened = Cache(cache_dir, 1)  # kept referenced: no close before the exit
+        opened.get(DIGEST)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    calls = []
+    real = store.Store._deep_check
+    monkeypatch.setattr(store.Store, "_deep_check", lambda self: calls.append(1) or real(self))
+    with Cache(cache_dir, 1) as cache:
+        assert cache.get(DIGEST) == b"r"
+    assert calls == [1]
