@@ -276,19 +276,8 @@ cdef class AccessBuffer:
         return out
 
     def restore(self, taken):
-        """Merge back what :meth:`take` returned, after a failed apply."""
-        pending, hits, misses, first_ns = taken
-        for key, (refs, last) in pending.items():
-            entry = self.pending.get(key)
-            if entry is None:
-                self.pending[key] = [refs, last]
-            else:
-                entry[0] += refs
-                entry[1] = max(entry[1], last)
-        self.hits += hits
-        self.misses += misses
-        if first_ns and (not self.first_ns or first_ns < self.first_ns):
-            self.first_ns = first_ns
+        """Merge back what :meth:`take` returned, after a failed apply (cold: shared with the twin)."""
+        _twin.AccessBuffer.restore(self, taken)
 
     def clear(self):
         self.take()
