@@ -351,16 +351,6 @@ cdef class Index:
         """The record's bytes; None when absent; False when its bytes fail the checksum."""
         return self._lookup(txn, key)
 
-    def get(self, txn, bytes key, AccessBuffer buffer):
-        """:meth:`lookup`, counting the hit or miss in ``buffer`` at the time of the read."""
-        data = self._lookup(txn, key)
-        if data is None or data is False:  # absent, or failed its checksum: a miss
-            buffer.misses += 1
-            buffer._aged(_now_ns())
-        else:
-            buffer._hit(key, _now_ns())
-        return data
-
     # -- writes -------------------------------------------------------------
     cdef void _remove(self, txn, bytes key, uint64_t last_ns) except *:
         txn.delete(key, b"", self.idx)

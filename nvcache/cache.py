@@ -103,11 +103,11 @@ class LayerCache:
         return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------
-    def _live(self) -> Store:
-        store = self._store
-        if store is None:
+    def _opened(self) -> Optional[Store]:
+        """The store, or None when the cache is disabled; CacheError once closed."""
+        if self._closed:
             raise CacheError("the cache is closed")
-        return store
+        return self._store
 
     def close(self) -> None:
         """Write buffered accesses and release the cache; calling it again does nothing."""
@@ -119,7 +119,7 @@ class LayerCache:
             store.release()
 
     def __enter__(self) -> "LayerCache":
-        self._check_open()
+        self._opened()
         return self
 
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
@@ -131,10 +131,6 @@ class LayerCache:
             self.close()
         except Exception:  # never raise from a finaliser; the atexit flush still runs
             pass
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CacheError("the cache is closed")
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("enabled" if self.enabled else "disabled")
@@ -149,9 +145,9 @@ class LayerCache:
         fail their checksum is dropped, logged and reported as a miss.
         """
         store = self._store
-        if store is None:  # disabled or closed: still a bad argument is a bad argument
+        if store is None:  # disabled or closed: a bad argument is still a bad argument
             self._core.record_name(layer_id, kind)
-            self._check_open()
+            self._opened()
             return None
         data = store.get(layer_id, kind)
         if data is False:
@@ -171,10 +167,10 @@ class LayerCache:
         """
         core = self._core
         name, _lid = core.record_name(layer_id, kind)
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return None
-        data = self._live().read(core.Index.lookup, core.name_key(name))
+        data = store.read(core.Index.lookup, core.name_key(name))
         return data if data is not False else None
 
     def put(self, layer_id: str, record: Record, kind: str = "layer_file",
@@ -195,10 +191,9 @@ class LayerCache:
         name, lid = core.record_name(layer_id, kind)
         data = _as_record(record)
         keep_ids = _EMPTY if type(keep) is tuple and not keep else core.keep_set(keep)
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return False
-        store = self._live()
         if len(data) > self.max_bytes:
             raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
         evicted = store.write(core.Index.insert, core.name_key(name), name, lid, data,
@@ -229,46 +224,45 @@ class LayerCache:
                 raise TypeError(f"{what} must be int, not {type(value).__name__}")
             if not 0 <= value < 1 << 63:
                 raise ValueError(f"{what} must be in [0, 2**63), got {value}")
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return
-        self._live().write(self._core.Index.apply, {}, hits, misses)
+        store.write(self._core.Index.apply, {}, hits, misses)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Remove a record; False if there was none."""
         core = self._core
         name, _lid = core.record_name(layer_id, kind)
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return False
-        return bool(self._live().write(core.Index.remove, core.name_key(name)))
+        return bool(store.write(core.Index.remove, core.name_key(name)))
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Whether a record exists; counts no hit, miss or reference."""
         core = self._core
         name, _lid = core.record_name(layer_id, kind)
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return False
-        return bool(self._live().read(core.Index.contains, core.name_key(name)))
+        return bool(store.read(core.Index.contains, core.name_key(name)))
 
     def __contains__(self, layer_id: object) -> bool:
         return self.contains(layer_id)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return 0
-        return int(self._live().read_fresh(self._core.Index.count))
+        return int(store.read_fresh(self._core.Index.count))
 
     # -- statistics and dumps ----------------------------------------------------
     def stats(self) -> Dict[str, Optional[int]]:
         """The seed's ``cache-stat`` fields; all None when the cache is disabled."""
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return {"cache_hits": None, "cache_misses": None, "record_count": None,
                     "record_total_size": None}
-        store = self._live()
         store.flush()
         count, total, hits, misses, _evictions = store.read_fresh(self._core.Index.counters)
         return {"cache_hits": hits, "cache_misses": misses, "record_count": count,
@@ -276,18 +270,17 @@ class LayerCache:
 
     def evictions(self) -> Optional[int]:
         """How many records were evicted to respect the bound (None when disabled)."""
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return None
-        return int(self._live().read_fresh(self._core.Index.counters)[4])
+        return int(store.read_fresh(self._core.Index.counters)[4])
 
     def cache_data(self) -> Dict[str, Any]:
         """The seed's ``cache-data`` dump: counters and records, next victim first."""
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return {"cache_hits": None, "cache_misses": None, "cache_records": [],
                     "record_total_size": None}
-        store = self._live()
         store.flush()
         return store.read_fresh(self._core.Index.cache_data)  # type: ignore[no-any-return]
 
@@ -298,24 +291,23 @@ class LayerCache:
     # -- maintenance ---------------------------------------------------------------
     def flush(self) -> None:
         """Write this process's buffered accesses (reference counts, hits, misses) now."""
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return
-        self._live().flush()
+        store.flush()
 
     def clear(self) -> None:
         """Remove every record. Hit, miss and eviction counters are kept."""
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return
-        self._live().write(self._core.Index.clear)
+        store.write(self._core.Index.clear)
 
     def verify(self) -> List[str]:
         """Every problem found in the cache (index, records, totals, LRU order, checksums); [] when healthy."""
-        if not self.enabled:
-            self._check_open()
+        store = self._opened()
+        if store is None:
             return []
-        store = self._live()
         store.flush()
         problems: List[str] = list(store.read_fresh(self._core.Index.check, self.max_bytes))
         version = read_version(store.path)

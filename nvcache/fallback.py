@@ -231,15 +231,6 @@ class Index:
     def contains(self, txn: Any, key: bytes) -> bool:
         return txn.get(key, None, self.idx) is not None
 
-    def get(self, txn: Any, key: bytes, buffer: AccessBuffer) -> Any:
-        """:meth:`lookup`, counting the hit or miss in ``buffer`` at the time of the read."""
-        data = self.lookup(txn, key)
-        if data is None or data is False:  # absent, or failed its checksum: a miss
-            buffer.miss(time.time_ns())
-        else:
-            buffer.hit(key, time.time_ns())
-        return data
-
     def lookup(self, txn: Any, key: bytes) -> Any:
         """The record's bytes; None when absent; False when its bytes fail the checksum."""
         hdr = txn.get(key, None, self.idx)
@@ -491,9 +482,14 @@ class Reader:
         try:
             txn = self.env.begin()
             try:
-                return self.index.get(txn, key, self.buffer)
+                data = self.index.lookup(txn, key)
             finally:
                 txn.abort()
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             self.mutex.release()
+        if data is None or data is False:  # absent, or failed its checksum: a miss
+            self.buffer.miss(time.time_ns())
+        else:
+            self.buffer.hit(key, time.time_ns())
+        return data

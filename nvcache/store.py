@@ -454,10 +454,14 @@ class Store:
                 or os.fstat(self._data_fd).st_nlink == 0)
 
     # -- transactions ----------------------------------------------------------
-    def read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(index, txn, *args)`` in a read transaction under the shared lock."""
+    def _ensure(self) -> None:
+        """Reopen first when forked, closed by a failure, or found damaged."""
         if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
             self._refresh()
+
+    def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(index, txn, *args)`` in a read transaction under the shared lock."""
+        self._ensure()
         lock = self.lock
         lock.acquire(False)
         try:
@@ -474,7 +478,7 @@ class Store:
     def get(self, layer_id: str, kind: str) -> Any:
         """The hot read: ``Reader.get`` (validate, hash, lock, look up, count) in one core call."""
         if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
-            self._refresh()
+            self._refresh()  # _ensure() inlined: this is every get's path
         try:
             return self.reader.get(layer_id, kind)
         except lmdb.Error as exc:
@@ -482,7 +486,7 @@ class Store:
 
     def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like :meth:`read`, but first reopen if another process rebuilt the file."""
-        if self.generation != fork_generation() or self.env is None or self._stale():
+        if self._stale():
             self._refresh()
         return self.read(fn, *args)
 
@@ -493,8 +497,7 @@ class Store:
         the exclusive lock) and the operation retried once on the new one: a
         put then stores its record instead of failing on every later try.
         """
-        if self.generation != fork_generation() or self.env is None:
-            self._refresh()
+        self._ensure()
         lock = self.lock
         lock.acquire(True, timeout)
         try:
