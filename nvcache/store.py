@@ -535,8 +535,10 @@ class Store:
         # We hold the exclusive lock, so nobody else can rebuild meanwhile.
         damaged = self._damaged
         self._close_env()
-        problem = None if damaged else self._try_open()
-        if damaged or problem is not None:
+        problem = None if damaged else self._try_open(deep=False)
+        if problem == _MARK_BOOT:
+            self._write_boot()
+        elif damaged or problem is not None:
             self._rebuild("damage found while in use" if damaged else problem or "")
 
     def _failure(self, exc: lmdb.Error) -> CacheError:

@@ -229,3 +229,25 @@ def test_many_caches_many_paths(Cache, tmp_path):
     for i, c in enumerate(caches):
         assert c.get("sha256:x") == bytes([i]) * 10
         c.close()
+
+
+def test_rebuild_by_another_process_is_noticed(Cache, cache_dir, core_env):
+    """Another process empties the cache (bad version file): this one reopens, never writes to the old file."""
+    cache = Cache(cache_dir, 1)
+    try:
+        cache.put("sha256:before", b"old")
+        with open(os.path.join(cache_dir, "version"), "w") as f:
+            f.write("garbage")
+        code = ("import sys, nvcache\n"
+                "c = nvcache.LayerCache(sys.argv[1], 1)\n"
+                "assert len(c) == 0, len(c)\n"
+                "c.put('sha256:other', b'new'); c.close()\n")
+        subprocess.run([sys.executable, "-c", code, cache_dir], env=core_env, check=True, timeout=60)
+        assert cache.put("sha256:after", b"mine")  # reopens on the rebuilt file first
+        assert len(cache) == 2
+        assert cache.get("sha256:other") == b"new" and cache.get("sha256:before") is None
+        assert cache.stats()["record_count"] == 2 and cache.verify() == []
+    finally:
+        cache.close()
+    with Cache(cache_dir, 1) as again:
+        assert again.get("sha256:after") == b"mine"
