@@ -587,3 +587,22 @@ def test_opener_that_dies_leaves_no_clean_mark(Cache, cache_dir, monkeypatch):
     with Cache(cache_dir, 1) as cache:
         assert cache.get(DIGEST) == b"r"
     assert calls == [1]
+
+
+def test_map_full_is_a_cache_error_and_changes_nothing(Cache, cache_dir, monkeypatch):
+    """The map is sized far above the bound; should it ever fill, MapFullError must not escape."""
+    from nvcache import store
+    monkeypatch.setattr(store, "map_size_for", lambda max_bytes: 256 * 1024)  # a deliberately tiny map
+    cache = Cache(cache_dir, 10)
+    try:
+        stored = []
+        with pytest.raises(CacheError, match="map size"):
+            for i in range(1000):
+                assert cache.put(lid(i), bytes([i % 256]) * 3000)
+                stored.append(i)
+        assert stored and cache.verify() == []  # the failed commit changed nothing
+        for i in stored:  # and every acknowledged record still reads back
+            assert cache.get(lid(i)) == bytes([i % 256]) * 3000
+        assert cache.stats()["record_count"] == len(stored)
+    finally:
+        cache.close()
