@@ -599,8 +599,15 @@ class Store:
             os.close(self._users_fd)
 
     def _leave(self) -> None:
-        """If this is the last process using the cache, record that it closed cleanly."""
-        self.lock.acquire(True)
+        """If this is the last process using the cache, record that it closed cleanly.
+
+        Best effort and never waits: without the mark, the next first opener
+        only walks the file once more.
+        """
+        try:
+            self.lock.acquire(True, 0)
+        except CacheTimeout:
+            return
         try:
             try:
                 fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
