@@ -328,30 +328,24 @@ class LmdbPeer(Peer):
 
     def _writer(self, body: Callable[[Any, Any, Any], Any]) -> Callable[..., Any]:
         begin = self.env.begin
+
+        def write(k: Any, v: Any = None) -> Any:
+            txn = begin(write=True)
+            try:
+                r = body(txn, k, v)
+            except BaseException:
+                txn.abort()
+                raise
+            txn.commit()
+            return r
         if not self.flock:
-            def write(k: Any, v: Any = None) -> Any:
-                txn = begin(write=True)
-                try:
-                    r = body(txn, k, v)
-                except BaseException:
-                    txn.abort()
-                    raise
-                txn.commit()
-                return r
             return write
         fd, flock, EX, UN = self.fd, fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
 
         def write_locked(k: Any, v: Any = None) -> Any:
             flock(fd, EX)
             try:
-                txn = begin(write=True)
-                try:
-                    r = body(txn, k, v)
-                except BaseException:
-                    txn.abort()
-                    raise
-                txn.commit()
-                return r
+                return write(k, v)
             finally:
                 flock(fd, UN)
         return write_locked
