@@ -60,6 +60,13 @@ cdef object _xxh3_128 = xxhash.xxh3_128_digest
 cdef dict _valid_kinds = {}
 
 keep_set = _twin.keep_set
+CHUNK_SIZE = _twin.CHUNK_SIZE
+cdef Py_ssize_t _CHUNK_SIZE = _twin.CHUNK_SIZE
+cdef bytes _FIRST_CHUNK = b"\0\0\0\0"
+# Records larger than one chunk are rare and slow anyway: shared with the twin.
+cdef object _read_chunks = _twin.read_chunks
+cdef object _write_chunks = _twin.write_chunks
+cdef object _delete_chunks = _twin.delete_chunks
 
 
 cdef inline uint64_t _now_ns() noexcept:
@@ -337,11 +344,16 @@ cdef class Index:
         cdef bytes hdr = txn.get(key, None, self.idx)
         if hdr is None:
             return None
-        cdef bytes data = txn.get(key, None, self.dat)
-        if data is None or PyBytes_GET_SIZE(hdr) <= HDR:
+        if PyBytes_GET_SIZE(hdr) <= HDR:
             return False
         cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-        if <uint64_t>PyBytes_GET_SIZE(data) != _get_le(p, 8):
+        cdef uint64_t size = _get_le(p, 8)
+        cdef bytes data
+        if size <= <uint64_t>_CHUNK_SIZE:
+            data = txn.get(key + _FIRST_CHUNK, None, self.dat)
+        else:
+            data = _read_chunks(txn, self.dat, key, size)
+        if data is None or <uint64_t>PyBytes_GET_SIZE(data) != size:
             return False
         if <uint64_t>_xxh3_64(data) != _get_le(p + 24, 8):
             return False
@@ -352,9 +364,12 @@ cdef class Index:
         return self._lookup(txn, key)
 
     # -- writes -------------------------------------------------------------
-    cdef void _remove(self, txn, bytes key, uint64_t last_ns) except *:
+    cdef void _remove(self, txn, bytes key, uint64_t last_ns, uint64_t size) except *:
         txn.delete(key, b"", self.idx)
-        txn.delete(key, b"", self.dat)
+        if size <= <uint64_t>_CHUNK_SIZE:
+            txn.delete(key + _FIRST_CHUNK, b"", self.dat)
+        else:
+            _delete_chunks(txn, self.dat, key, size)
         txn.delete(_lru_key(last_ns, key), b"", self.lru)
 
     def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, uint64_t max_bytes,
@@ -397,7 +412,7 @@ cdef class Index:
                 raise CacheFull(
                     f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
             for vkey, vlast, vsize in victims:
-                self._remove(txn, vkey, vlast)
+                self._remove(txn, vkey, vlast, vsize)
                 c_count -= 1
                 c_total -= vsize
             txn.put(EVICTIONS, _u64(self._evictions(txn) + len(victims)), True, True, False, self.meta)
@@ -405,7 +420,10 @@ cdef class Index:
         txn.put(key, _header(size, refs, now_ns, _xxh3_64(data), lid_len,
                              <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)),
                 True, True, False, self.idx)
-        txn.put(key, data, True, True, False, self.dat)
+        if size <= <uint64_t>_CHUNK_SIZE:
+            txn.put(key + _FIRST_CHUNK, data, True, True, False, self.dat)
+        else:
+            _write_chunks(txn, self.dat, key, data)
         txn.put(_lru_key(now_ns, key), b"", True, True, False, self.lru)
         txn.put(RECORDS, _pair(c_count + 1, c_total + size), True, True, False, self.meta)
         return len(victims)
@@ -428,7 +446,7 @@ cdef class Index:
             txn.delete(_lru_key(_get_le(<const unsigned char *>PyBytes_AS_STRING(hdr) + 16, 8), key),
                        b"", self.lru)
         txn.delete(key, b"", self.idx)
-        txn.delete(key, b"", self.dat)
+        _delete_chunks(txn, self.dat, key, size)
         txn.put(RECORDS, _pair(max(count - 1, 0), max(total - size, 0)), True, True, False, self.meta)
         return True
 

@@ -10,7 +10,10 @@ LMDB layout (one environment, four named databases):
 ``idx``  key -> header ``<QQQQH`` (size, refs, last_ns, checksum, layer_id
          length) followed by the record's full name. The key is the 16-byte
          xxh3-128 of the name, since LMDB keys stop at 511 bytes.
-``dat``  key -> the record's bytes.
+``dat``  key + big-endian u32 chunk number -> the record's bytes, in chunks of
+         at most ``CHUNK_SIZE`` (16 pages with LMDB's node header): a large
+         record never needs a long run of free pages, which would fragment
+         the file under churn of mixed sizes.
 ``lru``  big-endian last_ns + key -> b"": a cursor walk from the first entry
          meets the least recently referred record first.
 ``meta`` ``records`` -> ``<QQ`` (count, total bytes), ``access`` -> ``<QQ``
@@ -39,6 +42,9 @@ _PAIR = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 
 U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
+CHUNK_SIZE = 65536 - 32
+_CHUNK = struct.Struct(">I")
+_FIRST_CHUNK = _CHUNK.pack(0)
 RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
@@ -129,6 +135,37 @@ def rfc3339nano(ns: int) -> str:
     if frac:
         text += (".%09d" % frac).rstrip("0")
     return text + "Z"
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE or 1
+
+
+def read_chunks(txn: Any, dat: Any, key: bytes, size: int) -> Optional[bytes]:
+    """A record's bytes joined from its chunks; None when one is missing."""
+    if size <= CHUNK_SIZE:
+        return txn.get(key + _FIRST_CHUNK, None, dat)  # type: ignore[no-any-return]
+    parts = []
+    for i in range(chunk_count(size)):
+        part = txn.get(key + _CHUNK.pack(i), None, dat)
+        if part is None:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
+def write_chunks(txn: Any, dat: Any, key: bytes, data: Any) -> None:
+    if len(data) <= CHUNK_SIZE:
+        txn.put(key + _FIRST_CHUNK, data, db=dat)
+        return
+    view = memoryview(data)
+    for i in range(chunk_count(len(data))):
+        txn.put(key + _CHUNK.pack(i), view[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE], db=dat)
+
+
+def delete_chunks(txn: Any, dat: Any, key: bytes, size: int) -> None:
+    for i in range(chunk_count(size)):
+        txn.delete(key + _CHUNK.pack(i), db=dat)
 
 
 class AccessBuffer:
@@ -236,18 +273,18 @@ class Index:
         hdr = txn.get(key, None, self.idx)
         if hdr is None:
             return None
-        data = txn.get(key, None, self.dat)
-        if data is None or len(hdr) <= HEADER_SIZE:
+        if len(hdr) <= HEADER_SIZE:
             return False
         size, _refs, _last, check, _lid = _HDR.unpack_from(hdr)
-        if len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
+        data = read_chunks(txn, self.dat, key, size)
+        if data is None or len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
             return False
         return data
 
     # -- writes -------------------------------------------------------------
-    def _remove(self, txn: Any, key: bytes, last_ns: int) -> None:
+    def _remove(self, txn: Any, key: bytes, last_ns: int, size: int) -> None:
         txn.delete(key, db=self.idx)
-        txn.delete(key, db=self.dat)
+        delete_chunks(txn, self.dat, key, size)
         txn.delete(_TS.pack(last_ns) + key, db=self.lru)
 
     def insert(self, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
@@ -281,7 +318,7 @@ class Index:
                 raise CacheFull(
                     f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
             for vkey, vlast, vsize in victims:
-                self._remove(txn, vkey, vlast)
+                self._remove(txn, vkey, vlast, vsize)
                 count -= 1
                 total -= vsize
             raw = txn.get(EVICTIONS, None, self.meta)
@@ -290,7 +327,7 @@ class Index:
         now_ns = last_ns or time.time_ns()
         txn.put(key, _HDR.pack(size, refs, now_ns, xxhash.xxh3_64_intdigest(data), lid_len) + name,
                 db=self.idx)
-        txn.put(key, data, db=self.dat)
+        write_chunks(txn, self.dat, key, data)
         txn.put(_TS.pack(now_ns) + key, b"", db=self.lru)
         txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
         return len(victims)
@@ -313,7 +350,7 @@ class Index:
         else:  # a damaged header: its lru entry is found by verify, not here
             size = 0
         txn.delete(key, db=self.idx)
-        txn.delete(key, db=self.dat)
+        delete_chunks(txn, self.dat, key, size)
         txn.put(RECORDS, _PAIR.pack(max(count - 1, 0), max(total - size, 0)), db=self.meta)
         return True
 
@@ -413,7 +450,7 @@ class Index:
                     problems.append(f"record {label}: key does not match its name")
                 if not 1 <= lid < len(name):
                     problems.append(f"record {label}: bad layer_id length {lid}")
-                data = txn.get(key, None, self.dat)
+                data = read_chunks(txn, self.dat, key, size)
                 if data is None:
                     problems.append(f"record {label}: bytes are missing")
                 elif len(data) != size:
@@ -432,9 +469,12 @@ class Index:
         for lk in sorted(expected_lru):
             problems.append(f"record key {lk[8:].hex()} is missing from the lru order")
         with txn.cursor(self.dat) as cur:
-            for key in cur.iternext(keys=True, values=False):
-                if txn.get(key, None, self.idx) is None:
-                    problems.append(f"record bytes {key.hex()} have no index entry")
+            for ckey in cur.iternext(keys=True, values=False):
+                hdr = txn.get(ckey[:KEY_SIZE], None, self.idx) if len(ckey) == KEY_SIZE + 4 else None
+                if hdr is None or len(hdr) <= HEADER_SIZE:
+                    problems.append(f"record bytes {ckey.hex()} have no index entry")
+                elif _CHUNK.unpack_from(ckey, KEY_SIZE)[0] >= chunk_count(_HDR.unpack_from(hdr)[0]):
+                    problems.append(f"record bytes {ckey.hex()}: a chunk beyond the record's size")
         stored_count, stored_total = self.counters(txn)[:2]
         if stored_count != count:
             problems.append(f"record_count {stored_count} != {count} records present")

@@ -41,8 +41,8 @@ from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
 
 log = logging.getLogger("nvcache")
 
-FORMAT_VERSION = 1
-FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat, lru, meta"
+FORMAT_VERSION = 2  # 2: record bytes in chunks of at most 64 KiB
+FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked), lru, meta"
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"  # every process using the cache holds a shared flock on it

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import nvcache
+import nvcache.store
 from nvcache import CacheError, CacheFull, RecordTooLarge
 
 MiB = 1024 * 1024
@@ -425,7 +426,7 @@ def test_bad_version_empties_with_warning(Cache, cache_dir, caplog):
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
     vfile = os.path.join(cache_dir, "version")
-    assert json.load(open(vfile))["version"] == 1
+    assert json.load(open(vfile))["version"] == nvcache.store.FORMAT_VERSION
     for content in ('{"version": 0, "description": "initial implementation"}', "garbage", None):
         if content is None:
             os.unlink(vfile)
@@ -438,7 +439,7 @@ def test_bad_version_empties_with_warning(Cache, cache_dir, caplog):
                 cache.put(DIGEST, b"r")
         assert any("emptying cache" in r.message for r in caplog.records)
         caplog.clear()
-    assert json.load(open(vfile))["version"] == 1
+    assert json.load(open(vfile))["version"] == nvcache.store.FORMAT_VERSION
 
 
 def test_foreign_files_are_left_alone(Cache, cache_dir):
@@ -481,7 +482,7 @@ def test_checksum_mismatch_is_a_logged_miss(Cache, cache_dir, caplog, core):
     holder.put(DIGEST, b"the right bytes")
     holder.put(lid(1), b"other")
     # Change the stored bytes behind the cache's back, keeping the index entry.
-    tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()), b"the wrong bytes")
+    tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()) + b"\0\0\0\0", b"the wrong bytes")
     with caplog.at_level(logging.WARNING, logger="nvcache"):
         with holder as cache:
             assert any("checksum mismatch" in p for p in cache.verify())
@@ -606,3 +607,21 @@ def test_map_full_is_a_cache_error_and_changes_nothing(Cache, cache_dir, monkeyp
         assert cache.stats()["record_count"] == len(stored)
     finally:
         cache.close()
+
+
+def test_large_records_are_stored_in_chunks(make_cache, core):
+    """Records above one chunk round-trip byte for byte, are evicted and deleted whole."""
+    from nvcache.fallback import CHUNK_SIZE
+    cache = make_cache(1)
+    sizes = [CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE, 300_001]
+    blobs = {lid(i): os.urandom(n) for i, n in enumerate(sizes)}
+    for key, blob in blobs.items():
+        assert cache.put(key, blob)
+    for key, blob in blobs.items():
+        assert cache.get(key) == blob and cache.peek(key) == blob
+    assert cache.verify() == []
+    assert cache.delete(lid(3))
+    assert cache.verify() == []
+    cache.put(lid(50), os.urandom(cache.max_bytes - 10))  # evicts everything else, chunks included
+    assert len(cache) == 1 and cache.verify() == []
+    assert cache.stats()["record_total_size"] == cache.max_bytes - 10
