@@ -415,7 +415,7 @@ cdef class Index:
                 self._remove(txn, vkey, vlast, vsize)
                 c_count -= 1
                 c_total -= vsize
-            txn.put(EVICTIONS, _u64(self._evictions(txn) + len(victims)), True, True, False, self.meta)
+            txn.put(EVICTIONS, _u64(min(self._evictions(txn) + len(victims), U64_MAX)), True, True, False, self.meta)
         cdef uint64_t now_ns = last_ns or _now_ns()
         txn.put(key, _header(size, refs, now_ns, _xxh3_64(data), lid_len,
                              <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)),
@@ -456,7 +456,7 @@ cdef class Index:
         cdef list entry
         cdef const unsigned char *p
         cdef unsigned char *q
-        cdef uint64_t last, old_last
+        cdef uint64_t last, old_last, refs
         for key, entry in pending.items():
             hdr = txn.get(key, None, self.idx)
             if not _header_ok(hdr):
@@ -471,7 +471,10 @@ cdef class Index:
                 last = old_last
             new = PyBytes_FromStringAndSize(<const char *>p, PyBytes_GET_SIZE(hdr))
             q = <unsigned char *>PyBytes_AS_STRING(new)
-            _set_le(q + 8, _get_le(p + 8, 8) + <uint64_t>entry[0], 8)
+            refs = _get_le(p + 8, 8) + <uint64_t>entry[0]
+            if refs < _get_le(p + 8, 8):  # saturate rather than wrap, like the twin
+                refs = 0xFFFFFFFFFFFFFFFFULL
+            _set_le(q + 8, refs, 8)
             _set_le(q + 16, last, 8)
             txn.put(key, new, True, True, False, self.idx)
         if hits or misses:

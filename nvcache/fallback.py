@@ -252,14 +252,25 @@ class Index:
     # -- counters ---------------------------------------------------------
     def _pair(self, txn: Any, name: bytes) -> Tuple[int, int]:
         raw = txn.get(name, None, self.meta)
-        return _PAIR.unpack(raw) if raw is not None else (0, 0)
+        if raw is None:
+            return (0, 0)
+        if len(raw) != _PAIR.size:
+            raise ValueError(f"counter {name!r} is malformed")
+        return _PAIR.unpack(raw)  # type: ignore[no-any-return]
+
+    def _evictions(self, txn: Any) -> int:
+        raw = txn.get(EVICTIONS, None, self.meta)
+        if raw is None:
+            return 0
+        if len(raw) != _U64.size:
+            raise ValueError("counter b'evictions' is malformed")
+        return _U64.unpack(raw)[0]  # type: ignore[no-any-return]
 
     def counters(self, txn: Any) -> Tuple[int, int, int, int, int]:
         """(record count, total bytes, hits, misses, evictions)."""
         count, total = self._pair(txn, RECORDS)
         hits, misses = self._pair(txn, ACCESS)
-        raw = txn.get(EVICTIONS, None, self.meta)
-        return count, total, hits, misses, _U64.unpack(raw)[0] if raw is not None else 0
+        return count, total, hits, misses, self._evictions(txn)
 
     def count(self, txn: Any) -> int:
         return self._pair(txn, RECORDS)[0]
@@ -321,9 +332,7 @@ class Index:
                 self._remove(txn, vkey, vlast, vsize)
                 count -= 1
                 total -= vsize
-            raw = txn.get(EVICTIONS, None, self.meta)
-            evicted = _U64.unpack(raw)[0] if raw is not None else 0
-            txn.put(EVICTIONS, _U64.pack(evicted + len(victims)), db=self.meta)
+            txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)
         now_ns = last_ns or time.time_ns()
         txn.put(key, _HDR.pack(size, refs, now_ns, xxhash.xxh3_64_intdigest(data), lid_len) + name,
                 db=self.idx)
@@ -366,7 +375,7 @@ class Index:
                 txn.put(_TS.pack(last) + key, b"", db=self.lru)
             else:
                 last = old_last
-            txn.put(key, _HDR.pack(size, old_refs + refs, last, check, lid) + hdr[HEADER_SIZE:],
+            txn.put(key, _HDR.pack(size, min(old_refs + refs, U64_MAX), last, check, lid) + hdr[HEADER_SIZE:],
                     db=self.idx)
         if hits or misses:
             old_hits, old_misses = self._pair(txn, ACCESS)

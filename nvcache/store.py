@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import threading
 import time
 from types import ModuleType
@@ -64,6 +65,8 @@ CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundEr
                      lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError,
                      lmdb.InvalidParameterError,  # EINVAL from a get of a valid key: a bad page
                      lmdb.PageFullError)  # MDB_PAGE_FULL: a page's free-space bookkeeping is wrong
+# What an index operation raises on bad stored bytes (arguments were checked by the front).
+DATA_ERRORS = (lmdb.Error, ValueError, struct.error)
 # Errors after which the environment must be reopened (not rebuilt).
 REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
 
@@ -433,12 +436,15 @@ class Store:
     def _refresh(self) -> None:
         """Reopen after a fork, after another process rebuilt the file, or after damage."""
         if self.generation != fork_generation():
-            # Our mapping and descriptors are the parent's: drop them, never write through them.
+            # Our mapping and descriptors are the parent's: drop them first, never use them again,
+            # and count the fork as handled only once the child has its own (a failure retries).
+            self._close_env()
             self.buffer.clear()
-            self.generation = fork_generation()
-            inherited, self._users_fd = self._users_fd, open_lock_file(os.path.join(self.path, USERS_FILE))
+            users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
+            inherited, self._users_fd = self._users_fd, users_fd
             os.close(inherited)  # closing our copy leaves the parent's flock alone
             self._claim_users()
+            self.generation = fork_generation()
         if self._damaged:
             self.lock.acquire(True)
             try:
@@ -470,7 +476,7 @@ class Store:
                 return fn(self.index, txn, *args)
             finally:
                 txn.abort()
-        except lmdb.Error as exc:
+        except DATA_ERRORS as exc:
             raise self._failure(exc) from exc
         finally:
             lock.release()
@@ -516,17 +522,21 @@ class Store:
                         txn.abort()
                         raise
                     txn.commit()
-                    if self.force_sync:
-                        self.env.sync(True)
-                    return result
-                except lmdb.Error as exc:
+                except DATA_ERRORS as exc:
                     self.buffer.restore(taken)
                     failure = self._failure(exc)
                     if attempt == 2 or not self._damaged:
                         raise failure from exc
+                    continue
                 except BaseException:
                     self.buffer.restore(taken)
                     raise
+                if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
+                    try:
+                        self.env.sync(True)
+                    except lmdb.Error as exc:
+                        raise self._failure(exc) from exc
+                return result
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
             lock.release()
@@ -541,8 +551,8 @@ class Store:
         elif damaged or problem is not None:
             self._rebuild("damage found while in use" if damaged else problem or "")
 
-    def _failure(self, exc: lmdb.Error) -> CacheError:
-        if isinstance(exc, CORRUPTION_ERRORS):
+    def _failure(self, exc: BaseException) -> CacheError:
+        if isinstance(exc, CORRUPTION_ERRORS + (ValueError, struct.error)):
             self._damaged = True
             log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
             return CacheError(f"cache in {self.path} is damaged: {exc}")

@@ -625,3 +625,25 @@ def test_large_records_are_stored_in_chunks(make_cache, core):
     cache.put(lid(50), os.urandom(cache.max_bytes - 10))  # evicts everything else, chunks included
     assert len(cache) == 1 and cache.verify() == []
     assert cache.stats()["record_total_size"] == cache.max_bytes - 10
+
+
+def test_reference_counts_saturate(make_cache):
+    cache = make_cache()
+    cache.restore(DIGEST, b"x", reference_count=2**64 - 1, last_referred_ns=1)
+    assert cache.get(DIGEST) == b"x"
+    cache.flush()
+    (rec,) = cache.cache_data()["cache_records"]
+    assert rec["reference_count"] == 2**64 - 1 and cache.verify() == []
+
+
+def test_malformed_counter_is_damage_not_a_crash(Cache, cache_dir):
+    holder = Cache(cache_dir, 1)
+    try:
+        holder.put(DIGEST, b"r")
+        tamper(cache_dir, "meta", b"access", b"\x01\x02\x03")  # a counter of the wrong length
+        with pytest.raises(CacheError):
+            holder.stats()
+        assert holder.put(lid(1), b"again")  # the next write rebuilds the damaged file
+        assert holder.get(lid(1)) == b"again" and holder.verify() == []
+    finally:
+        holder.close()
