@@ -137,6 +137,10 @@ class LayerCache:
         return f"<LayerCache {self.path!r} max_bytes={self.max_bytes} {state}>"
 
     # -- records ---------------------------------------------------------------
+    def _key(self, layer_id: str, kind: str) -> bytes:
+        """Validate the arguments (before anything else) and return the record's LMDB key."""
+        return self._core.name_key(self._core.record_name(layer_id, kind)[0])  # type: ignore[no-any-return]
+
     def get(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
         """The record put for ``layer_id`` and ``kind``, or None on a miss.
 
@@ -165,12 +169,11 @@ class LayerCache:
         No hit, miss or reference is counted and ``last_referred`` stays. A
         record that fails its checksum reads as None (:meth:`get` drops it).
         """
-        core = self._core
-        name, _lid = core.record_name(layer_id, kind)
+        key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return None
-        data = store.read(core.Index.lookup, core.name_key(name))
+        data = store.read(self._core.Index.lookup, key)
         return data if data is not False else None
 
     def put(self, layer_id: str, record: Record, kind: str = "layer_file",
@@ -231,21 +234,19 @@ class LayerCache:
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Remove a record; False if there was none."""
-        core = self._core
-        name, _lid = core.record_name(layer_id, kind)
+        key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return False
-        return bool(store.write(core.Index.remove, core.name_key(name)))
+        return bool(store.write(self._core.Index.remove, key))
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Whether a record exists; counts no hit, miss or reference."""
-        core = self._core
-        name, _lid = core.record_name(layer_id, kind)
+        key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return False
-        return bool(store.read(core.Index.contains, core.name_key(name)))
+        return bool(store.read(self._core.Index.contains, key))
 
     def __contains__(self, layer_id: object) -> bool:
         return self.contains(layer_id)  # type: ignore[arg-type]
