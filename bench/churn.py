@@ -129,7 +129,7 @@ def _sample(cache: Any, data_file: str, written: int) -> Dict[str, int]:
     stats = cache.stats()
     high_water = -1
     try:  # LMDB's own high-water mark, when the store exposes its environment
-        env = cache._live().env
+        env = cache._opened().env
         high_water = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     except Exception:
         pass

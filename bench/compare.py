@@ -203,7 +203,7 @@ class NvPeer(Peer):
 
         def flush_batch() -> None:
             try:
-                cache._live().write(_nv_bulk_insert, list(batch), cache.max_bytes, core)
+                cache._opened().write(_nv_bulk_insert, list(batch), cache.max_bytes, core)
             except (AttributeError, TypeError):
                 for lid, data in batch:
                     cache.put(lid, data)

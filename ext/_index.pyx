@@ -20,7 +20,7 @@ from libc.string cimport memcmp, memcpy
 import xxhash
 
 from nvcache import fallback as _twin
-from nvcache.errors import CacheFull
+from nvcache.errors import CacheFull, StaleReader
 
 cdef extern from "<sys/file.h>" nogil:
     int flock(int fd, int operation)
@@ -571,6 +571,27 @@ cdef class Reader:
         self.index = index
         self.buffer = buffer
 
+    def close(self):
+        """Called by the store with the lock's mutex held, before it closes the environment."""
+        self.env = None
+
+    cdef object _lookup(self, bytes key):
+        if self.env is None:
+            raise StaleReader("the environment was replaced")
+        txn = self.env.begin()
+        try:
+            return self.index._lookup(txn, key)
+        finally:
+            txn.abort()
+
+    cdef object _lookup_waiting(self, bytes key):
+        lock = self.lock
+        lock.acquire(False)
+        try:
+            return self._lookup(key)
+        finally:
+            lock.release()
+
     def get(self, layer_id, kind):
         """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
 
@@ -579,21 +600,21 @@ cdef class Reader:
         """
         cdef Py_ssize_t n = 0
         cdef bytes key = _xxh3_128(_record_name(layer_id, kind, &n))
-        if self.mutex.acquire(False):
-            if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
-                self.mutex.release()
-                self.lock.acquire(False)
+        mutex = self.mutex
+        if not mutex.acquire(False):
+            data = self._lookup_waiting(key)
+        elif self.env is None:
+            mutex.release()
+            raise StaleReader("the environment was replaced")
+        elif flock(self.fd, LOCK_SH | LOCK_NB) != 0:
+            mutex.release()
+            data = self._lookup_waiting(key)
         else:
-            self.lock.acquire(False)
-        try:
-            txn = self.env.begin()
             try:
-                data = self.index._lookup(txn, key)
+                data = self._lookup(key)
             finally:
-                txn.abort()
-        finally:
-            flock(self.fd, LOCK_UN)
-            self.mutex.release()
+                flock(self.fd, LOCK_UN)
+                mutex.release()
         if data is None or data is False:  # absent, or failed its checksum: a miss
             self.buffer.misses += 1
             self.buffer._aged(_now_ns())

@@ -21,3 +21,7 @@ class CacheFull(CacheError):
 
 class CacheTimeout(CacheError):
     """A lock could not be taken within ``lock_timeout`` seconds."""
+
+
+class StaleReader(CacheError):
+    """Internal: a read met a reader whose environment another thread had just replaced."""

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
-from .errors import CacheFull
+from .errors import CacheFull, StaleReader
 
 MAX_LAYER_ID = 1024
 MAX_KIND = 32
@@ -498,9 +498,11 @@ class Reader:
     """The hot read in one call: lock, snapshot, look up, count, unlock.
 
     Bound to one open environment and its :class:`~nvcache.locking.FileLock`
-    (rebuilt by the store whenever either changes). The common case takes
-    the thread mutex and the shared flock without waiting; anything else
-    (contention, a timeout to honour) goes through ``lock.acquire``.
+    (the store makes a new Reader whenever either changes, and closes the
+    old one). The common case takes the thread mutex and the shared flock
+    without waiting; anything else (contention, a timeout to honour) goes
+    through ``lock.acquire``. A closed Reader raises StaleReader, checked
+    under the mutex before its descriptor is touched.
     """
 
     __slots__ = ("lock", "fd", "mutex", "env", "index", "buffer")
@@ -513,6 +515,27 @@ class Reader:
         self.index = index
         self.buffer = buffer
 
+    def close(self) -> None:
+        """Called by the store with the lock's mutex held, before it closes the environment."""
+        self.env = None
+
+    def _lookup(self, key: bytes) -> Any:
+        if self.env is None:
+            raise StaleReader("the environment was replaced")
+        txn = self.env.begin()
+        try:
+            return self.index.lookup(txn, key)
+        finally:
+            txn.abort()
+
+    def _lookup_waiting(self, key: bytes) -> Any:
+        lock = self.lock
+        lock.acquire(False)
+        try:
+            return self._lookup(key)
+        finally:
+            lock.release()
+
     def get(self, layer_id: str, kind: str) -> Any:
         """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
 
@@ -520,23 +543,24 @@ class Reader:
         checksum; counts the hit or miss in the buffer.
         """
         key = xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
-        if self.mutex.acquire(False):
+        mutex = self.mutex
+        if not mutex.acquire(False):
+            data = self._lookup_waiting(key)
+        elif self.env is None:
+            mutex.release()
+            raise StaleReader("the environment was replaced")
+        else:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                self.mutex.release()
-                self.lock.acquire(False)
-        else:
-            self.lock.acquire(False)
-        try:
-            txn = self.env.begin()
-            try:
-                data = self.index.lookup(txn, key)
-            finally:
-                txn.abort()
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            self.mutex.release()
+                mutex.release()
+                data = self._lookup_waiting(key)
+            else:
+                try:
+                    data = self._lookup(key)
+                finally:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                    mutex.release()
         if data is None or data is False:  # absent, or failed its checksum: a miss
             self.buffer.miss(time.time_ns())
         else:

@@ -30,16 +30,22 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from typing import Optional
 
 from .errors import CacheError, CacheTimeout
 
 _fork_generation = 0
+# Every live FileLock: a forked child gives each a fresh mutex before any thread of its own runs.
+_locks: "weakref.WeakSet[FileLock]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    for lock in list(_locks):
+        # The parent's mutex may have been held by a thread that does not exist here.
+        lock.mutex = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -100,12 +106,13 @@ class FileLock:
         self.mutex = threading.Lock()
         self.fd = open_directory(path)
         self._generation = _fork_generation
+        _locks.add(self)
 
     def _reopen_after_fork(self) -> None:
+        # Called with the (child's own) mutex held, so only one thread does it.
         # The inherited descriptor shares the parent's lock: close our copy
         # (that never releases the parent's flock) and take a fresh one.
         old = self.fd
-        self.mutex = threading.Lock()
         self.fd = open_directory(self.path)
         self._generation = _fork_generation
         try:
@@ -118,18 +125,21 @@ class FileLock:
 
         ``timeout`` defaults to the lock's own; 0 tries once without waiting.
         """
-        if self._generation != _fork_generation:
-            self._reopen_after_fork()
         timeout = self.timeout if timeout is None else timeout
-        if not (self.mutex.acquire(True, timeout) if timeout > 0 else self.mutex.acquire(False)):
+        mutex = self.mutex
+        if not (mutex.acquire(True, timeout) if timeout > 0 else mutex.acquire(False)):
             raise CacheTimeout(f"another thread held the cache lock for {timeout} s")
         op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
+            if self.fd < 0:
+                raise CacheError("the cache is closed")
+            if self._generation != _fork_generation:
+                self._reopen_after_fork()
             fcntl.flock(self.fd, op | fcntl.LOCK_NB)
         except BlockingIOError:
             self._wait(op, timeout)
         except BaseException:
-            self.mutex.release()
+            mutex.release()
             raise
 
     def _wait(self, op: int, timeout: float) -> None:
@@ -160,8 +170,14 @@ class FileLock:
             self.mutex.release()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.close(self.fd)
-            finally:
-                self.fd = -1
+        """Close the descriptor, with the mutex held (bounded) so no thread is between flocks."""
+        held = self.mutex.acquire(True, self.timeout)
+        try:
+            if self.fd >= 0:
+                try:
+                    os.close(self.fd)
+                finally:
+                    self.fd = -1
+        finally:
+            if held:
+                self.mutex.release()

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import lmdb
 
-from .errors import CacheError, CacheTimeout
+from .errors import CacheError, CacheTimeout, StaleReader
 from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
 
 log = logging.getLogger("nvcache")
@@ -396,6 +396,10 @@ class Store:
         self._damaged = self._broken = False
 
     def _close_env(self) -> None:
+        # The Reader object stays (closed): a thread that fetched it just before
+        # gets StaleReader from it, never an AttributeError on None.
+        if self.reader is not None:
+            self.reader.close()
         if self.env is not None:
             try:
                 self.env.close()
@@ -403,7 +407,6 @@ class Store:
                 pass
             self.env = None
             self.index = None
-            self.reader = None
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -433,27 +436,35 @@ class Store:
             raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
         self._adopt(env, index, dbs[3])
 
+    def _needs_refresh(self) -> bool:
+        return self.generation != fork_generation() or self.env is None or self._damaged or self._broken
+
     def _refresh(self) -> None:
-        """Reopen after a fork, after another process rebuilt the file, or after damage."""
-        if self.generation != fork_generation():
-            # Our mapping and descriptors are the parent's: drop them first, never use them again,
-            # and count the fork as handled only once the child has its own (a failure retries).
-            self._close_env()
-            self.buffer.clear()
-            users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
-            inherited, self._users_fd = self._users_fd, users_fd
-            os.close(inherited)  # closing our copy leaves the parent's flock alone
-            self._claim_users()
-            self.generation = fork_generation()
-        if self._damaged:
-            self.lock.acquire(True)
-            try:
+        """Reopen after a fork, after another process rebuilt the file, or after damage.
+
+        Under the exclusive lock: its mutex keeps every other thread of this
+        process out of a transaction while the environment is replaced, and
+        several threads that found the store stale at once reopen it once
+        (the condition is checked again inside).
+        """
+        self.lock.acquire(True)  # in a forked child, its own fresh mutex and descriptor
+        try:
+            if self.generation != fork_generation():
+                # The mapping and buffer are the parent's: drop them, never use them again. Until
+                # the generation is updated below, every call comes here first.
+                self._close_env()
+                self.buffer.clear()
+                users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
+                inherited, self._users_fd = self._users_fd, users_fd
+                os.close(inherited)  # closing our copy leaves the parent's flock alone
+                self._claim_users()
                 self._reopen_locked()
-            finally:
-                self.lock.release()
-        else:
-            self._close_env()
-            self._open()
+                # Only now, with the child's own environment adopted: a failure above retries.
+                self.generation = fork_generation()
+            elif self.env is None or self._damaged or self._broken:
+                self._reopen_locked()
+        finally:
+            self.lock.release()
 
     def _stale(self) -> bool:
         return (self._damaged or self._broken or self._data_fd < 0
@@ -462,8 +473,15 @@ class Store:
     # -- transactions ----------------------------------------------------------
     def _ensure(self) -> None:
         """Reopen first when forked, closed by a failure, or found damaged."""
-        if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
+        if self._needs_refresh():
             self._refresh()
+
+    def _env_locked(self) -> Any:
+        """The environment, checked again under the lock: another thread's failed reopen may have closed it."""
+        env = self.env
+        if env is None:
+            raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+        return env
 
     def read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(index, txn, *args)`` in a read transaction under the shared lock."""
@@ -471,7 +489,7 @@ class Store:
         lock = self.lock
         lock.acquire(False)
         try:
-            txn = self.env.begin()
+            txn = self._env_locked().begin()
             try:
                 return fn(self.index, txn, *args)
             finally:
@@ -485,8 +503,14 @@ class Store:
         """The hot read: ``Reader.get`` (validate, hash, lock, look up, count) in one core call."""
         if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
             self._refresh()  # _ensure() inlined: this is every get's path
+        reader = self.reader
         try:
-            return self.reader.get(layer_id, kind)
+            return reader.get(layer_id, kind)
+        except StaleReader:
+            # Another thread replaced the environment between our check and the lock: once more.
+            if self.reader is reader or self.reader is None:
+                raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+            return self.get(layer_id, kind)
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
@@ -512,7 +536,7 @@ class Store:
                 try:
                     if self._stale():
                         self._reopen_locked()
-                    txn = self.env.begin(write=True)
+                    txn = self._env_locked().begin(write=True)
                     try:
                         pending, hits, misses, _first = taken
                         if pending or hits or misses:
@@ -604,7 +628,13 @@ class Store:
                 self.flush()
                 self._leave()
         finally:
-            self._close_env()
+            # With the mutex (bounded): no other thread may be inside a transaction of this env.
+            held = self.lock.mutex.acquire(True, self.lock.timeout)
+            try:
+                self._close_env()
+            finally:
+                if held:
+                    self.lock.mutex.release()
             self.lock.close()
             os.close(self._users_fd)
 
@@ -639,4 +669,10 @@ class Store:
                     log.warning("could not write buffered accesses for %s: %s", store.path, exc)
 
 
+def _after_fork_in_child() -> None:
+    # The registry's lock may have been held by a parent thread that does not exist here.
+    Store._registry_lock = threading.Lock()
+
+
 atexit.register(Store.flush_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -251,3 +251,104 @@ def test_rebuild_by_another_process_is_noticed(Cache, cache_dir, core_env):
         cache.close()
     with Cache(cache_dir, 1) as again:
         assert again.get("sha256:after") == b"mine"
+
+
+def _threads_hammer(cache, n_threads, seconds, start=None):
+    """Threads mixing get, put, len and stats on one instance; returns (errors, [(hits, misses)])."""
+    errors, counts = [], []
+    go = start or threading.Event()
+
+    def work(seed):
+        rng = random.Random(seed)
+        hits = misses = 0
+        go.wait(10)
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                key = f"sha256:{rng.randrange(60)}"
+                got = cache.get(key)
+                if got is None:
+                    misses += 1
+                    try:
+                        cache.put(key, record_for(key))
+                    except CacheFull:
+                        pass
+                else:
+                    hits += 1
+                    assert got == record_for(key), key
+                if rng.random() < 0.05:
+                    len(cache)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+        counts.append((hits, misses))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(n_threads)]
+    for t in threads:
+        t.start()
+    if start is None:
+        go.set()
+    for t in threads:
+        t.join(60)
+    return errors, counts
+
+
+def test_threads_racing_the_first_use_after_fork(make_cache):
+    """Many threads of a forked child all find the inherited instance stale at once: one reopens."""
+    cache = make_cache(0.1)
+    cache.put("sha256:1", record_for("sha256:1"))
+    for round_ in range(6):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child; reports through the pipe and exit status
+            code = 1
+            try:
+                errors, counts = _threads_hammer(cache, 8, 0.3)
+                if errors:
+                    os.write(w, repr(errors[:3]).encode()[:400])
+                else:
+                    stats = cache.stats()
+                    ok = stats["cache_hits"] >= sum(h for h, _ in counts) and cache.verify() == []
+                    os.write(w, b"ok" if ok else repr(stats).encode())
+                    code = 0 if ok else 1
+            except BaseException as exc:
+                os.write(w, repr(exc).encode()[:400])
+            os._exit(code)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        said = os.read(r, 500)
+        os.close(r)
+        assert said == b"ok" and os.WEXITSTATUS(status) == 0, (round_, said)
+    assert cache.verify() == []
+    assert cache.get("sha256:1") == record_for("sha256:1")
+
+
+def test_threads_racing_a_rebuild_by_another_process(Cache, cache_dir, core_env):
+    """Threads keep working while another process rebuilds the file again and again under them."""
+    cache = Cache(cache_dir, 0.1)
+    stop = threading.Event()
+    rebuilds = []
+    code = ("import os, sys, nvcache\n"
+            "path = sys.argv[1]\n"
+            "for i in range(int(sys.argv[2])):\n"
+            "    os.unlink(os.path.join(path, 'version'))\n"
+            "    c = nvcache.LayerCache(path, 0.1); c.put('sha256:r%d' % i, b'x'); c.close()\n")
+
+    def rebuild():
+        while not stop.is_set():
+            subprocess.run([sys.executable, "-c", code, cache_dir, "10"], env=core_env, check=True, timeout=60)
+            rebuilds.append(10)
+
+    try:
+        t = threading.Thread(target=rebuild)
+        t.start()
+        try:
+            errors, _ = _threads_hammer(cache, 6, 4.0)
+        finally:
+            stop.set()
+            t.join(120)
+        assert errors == [], errors[:3]
+        assert sum(rebuilds) >= 10
+        assert cache.verify() == []
+        assert cache.put("sha256:last", b"z") and cache.get("sha256:last") == b"z"
+    finally:
+        cache.close()
