@@ -555,25 +555,69 @@ def _by_name(entry):
     return (<bytes>entry[1])[HDR:]
 
 
+cdef extern from *:
+    """
+    /* The reader's half of the readers-table handshake (nvcache/locking.py): set our slot,
+       full fence, then look at the writer flag; the writer does the mirror image. */
+    static inline int nvc_enter_read(volatile unsigned char *slot, volatile unsigned char *flag) {
+        __atomic_store_n(slot, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(flag, __ATOMIC_SEQ_CST) == 0) return 1;
+        __atomic_store_n(slot, 0, __ATOMIC_RELEASE);
+        return 0;
+    }
+    static inline void nvc_leave_read(volatile unsigned char *slot) {
+        __atomic_store_n(slot, 0, __ATOMIC_RELEASE);
+    }
+    """
+    bint nvc_enter_read(unsigned char *slot, unsigned char *flag) nogil
+    void nvc_leave_read(unsigned char *slot) nogil
+
+
+from nvcache.locking import FAST_READS_SUPPORTED, FLAG_OFFSET, SLOTS_OFFSET, SLOT_SIZE
+cdef Py_ssize_t _FLAG_OFFSET = FLAG_OFFSET, _SLOTS_OFFSET = SLOTS_OFFSET, _SLOT_SIZE = SLOT_SIZE
+
+# Whether this core reads without the flock when the readers table lets it (see locking.py).
+FAST_READS = FAST_READS_SUPPORTED
+
+
 cdef class Reader:
-    """The hot read in one call: lock, snapshot, look up, count, unlock (see fallback.py)."""
+    """The hot read in one call: lock, snapshot, look up, count, unlock (see fallback.py).
+
+    With a slot in the readers table, the common read takes no flock at all:
+    the thread mutex, then the slot handshake (two atomic stores and a load).
+    """
 
     cdef public object lock, mutex, env
     cdef public Index index
     cdef public AccessBuffer buffer
     cdef public int fd
+    cdef unsigned char[::1] _view  # keeps the table's mapping alive while we point into it
+    cdef unsigned char *_slot
+    cdef unsigned char *_flag
 
-    def __init__(self, lock, env, Index index, AccessBuffer buffer):
+    def __init__(self, lock, env, Index index, AccessBuffer buffer, table=None):
         self.lock = lock
         self.fd = lock.fd
         self.mutex = lock.mutex
         self.env = env
         self.index = index
         self.buffer = buffer
+        self._slot = self._flag = NULL
+        if table is not None and table.slot >= 0:
+            self._view = table.mm
+            self._flag = &self._view[_FLAG_OFFSET]
+            self._slot = &self._view[_SLOTS_OFFSET + table.slot * _SLOT_SIZE]
+
+    @property
+    def fast(self):
+        """Whether reads may skip the flock (this process owns a slot)."""
+        return self._slot != NULL
 
     def close(self):
         """Called by the store with the lock's mutex held, before it closes the environment."""
         self.env = None
+        self._slot = self._flag = NULL
+        self._view = None
 
     cdef object _lookup(self, bytes key):
         if self.env is None:
@@ -593,7 +637,7 @@ cdef class Reader:
             lock.release()
 
     def get(self, layer_id, kind):
-        """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
+        """The record of ``layer_id`` and ``kind`` (validated), looked up without a writer.
 
         Returns its bytes, None when absent, False when they fail their
         checksum; counts the hit or miss in the buffer.
@@ -606,6 +650,12 @@ cdef class Reader:
         elif self.env is None:
             mutex.release()
             raise StaleReader("the environment was replaced")
+        elif self._slot != NULL and nvc_enter_read(self._slot, self._flag):
+            try:
+                data = self._lookup(key)
+            finally:
+                nvc_leave_read(self._slot)
+                mutex.release()
         elif flock(self.fd, LOCK_SH | LOCK_NB) != 0:
             mutex.release()
             data = self._lookup_waiting(key)

@@ -494,6 +494,10 @@ class Index:
         return problems
 
 
+# Whether this core reads without the flock when the readers table lets it (see locking.py).
+FAST_READS = False
+
+
 class Reader:
     """The hot read in one call: lock, snapshot, look up, count, unlock.
 
@@ -507,7 +511,9 @@ class Reader:
 
     __slots__ = ("lock", "fd", "mutex", "env", "index", "buffer")
 
-    def __init__(self, lock: Any, env: Any, index: Index, buffer: AccessBuffer) -> None:
+    def __init__(self, lock: Any, env: Any, index: Index, buffer: AccessBuffer, table: Any = None) -> None:
+        # ``table``: the readers table, for the compiled twin's reads without the flock; Python
+        # has no fence of its own, so this twin always reads under the flock (FAST_READS).
         self.lock = lock
         self.fd = lock.fd
         self.mutex = lock.mutex

@@ -38,17 +38,18 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import lmdb
 
 from .errors import CacheError, CacheTimeout, StaleReader
-from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
+from .locking import READERS_FILE, FileLock, ReaderTable, fork_generation, open_lock_file, open_nofollow
 
 log = logging.getLogger("nvcache")
 
-FORMAT_VERSION = 2  # 2: record bytes in chunks of at most 64 KiB
-FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked), lru, meta"
+FORMAT_VERSION = 3  # 2: record bytes in chunks of at most 64 KiB; 3: the readers table
+FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked), lru, meta; readers table"
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"  # every process using the cache holds a shared flock on it
 CLEAN_FILE = "clean"  # data.mdb's identity and mtime when its last user closed it
 BOOT_KEY = b"boot"
+READERS_KEY = b"readers"  # the nonce of the readers table made with this data.mdb
 # The first opener walks a data.mdb this small even after a clean close (silent bit rot keeps
 # mtime, and LMDB has no page checksums); larger files trust the clean mark to keep opens fast.
 ALWAYS_CHECK_BYTES = 64 << 20
@@ -188,6 +189,7 @@ class Store:
         self.env: Any = None
         self.index: Any = None
         self.reader: Any = None
+        self.table: Optional[ReaderTable] = None
         self._data_fd = -1
         self._damaged = False
         self._broken = False
@@ -261,8 +263,13 @@ class Store:
                 if problem is not None:
                     return f"deep check at first open: {problem}"
         try:
+            table = ReaderTable(self.path, create=False)
+        except CacheError as exc:
+            return f"readers table: {exc}"
+        try:
             env = self._env(create=False)
         except lmdb.Error as exc:
+            table.close()
             if isinstance(exc, CORRUPTION_ERRORS) or not os.path.exists(data_path):
                 return f"cannot open {DATA_FILE}: {exc}"
             raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
@@ -273,13 +280,26 @@ class Store:
             with env.begin() as txn:
                 index.counters(txn)  # fails on a damaged or foreign meta database
                 boot = txn.get(BOOT_KEY, None, dbs[3])
+                nonce = txn.get(READERS_KEY, None, dbs[3])
         except (lmdb.NotFoundError, lmdb.ReadonlyError):
             env.close()
+            table.close()
             return f"{DATA_FILE} lacks nvcache's databases"
         except (CORRUPTION_ERRORS + (ValueError, TypeError)) as exc:
             env.close()
+            table.close()
             return f"{DATA_FILE} is damaged: {exc}"
-        self._adopt(env, index, dbs[3])
+        except BaseException:
+            env.close()
+            table.close()
+            raise
+        if nonce != table.nonce:
+            # A table made for another data.mdb (or remade after ours was deleted): processes
+            # may still read through the old one, so only a new data.mdb is safe to write.
+            env.close()
+            table.close()
+            return f"the readers table does not belong to {DATA_FILE}"
+        self._adopt(env, index, dbs[3], table)
         return self._boot_problem(boot)
 
     # -- reboots -----------------------------------------------------------------
@@ -305,6 +325,8 @@ class Store:
         return f"{current_boot_id()}\0{flag}".encode("ascii", "replace")
 
     def _write_boot(self) -> None:
+        assert self.table is not None
+        self.table.enter_write(self.lock.timeout)
         try:
             with self.env.begin(write=True) as txn:
                 txn.put(BOOT_KEY, self._boot_record(txn.get(BOOT_KEY, None, self._meta_db)),
@@ -313,6 +335,8 @@ class Store:
                 self.env.sync(True)
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
+        finally:
+            self.table.leave_write()
 
     # -- clean close and the deep check ---------------------------------------------
     def _claim_users(self) -> bool:
@@ -387,10 +411,13 @@ class Store:
             lock=False, sync=self.durable, metasync=self.durable, max_dbs=len(_DB_NAMES),
             max_spare_txns=4, readahead=False, mode=0o640)
 
-    def _adopt(self, env: Any, index: Any, meta_db: Any) -> None:
+    def _adopt(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
         self.env = env
         self.index = index
-        self.reader = self.core.Reader(self.lock, env, index, self.buffer)
+        self.table = table
+        if self.core.FAST_READS:
+            table.claim()  # no free slot: this process reads under the flock
+        self.reader = self.core.Reader(self.lock, env, index, self.buffer, table)
         self._meta_db = meta_db
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE), os.O_RDONLY)
         self._damaged = self._broken = False
@@ -407,6 +434,9 @@ class Store:
                 pass
             self.env = None
             self.index = None
+        if self.table is not None:
+            self.table.close()
+            self.table = None
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -418,23 +448,29 @@ class Store:
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
         self._close_env()
+        table = env = None
         try:
-            for name in (VERSION_FILE, DATA_FILE, "lock.mdb", CLEAN_FILE):
+            for name in (VERSION_FILE, DATA_FILE, "lock.mdb", CLEAN_FILE, READERS_FILE):
                 remove_entry(os.path.join(self.path, name))
+            # Nobody maps the new files yet (opening them takes the lock we hold).
+            table = ReaderTable(self.path, create=True)
             env = self._env(create=True)
             with env.begin(write=True) as txn:
                 dbs = [env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
                 index = self.core.Index(*dbs)
                 index.init_counters(txn)
                 txn.put(BOOT_KEY, self._boot_record(None), db=dbs[3])
+                txn.put(READERS_KEY, table.nonce, db=dbs[3])
             if self.durable:
                 env.sync(True)
             write_version(self.path)
-        except (lmdb.Error, OSError) as exc:
+        except (lmdb.Error, OSError, CacheError) as exc:
+            if env is not None:
+                env.close()
+            if table is not None:
+                table.close()
             raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
-        except CacheError as exc:
-            raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
-        self._adopt(env, index, dbs[3])
+        self._adopt(env, index, dbs[3], table)
 
     def _needs_refresh(self) -> bool:
         return self.generation != fork_generation() or self.env is None or self._damaged or self._broken
@@ -536,16 +572,23 @@ class Store:
                 try:
                     if self._stale():
                         self._reopen_locked()
-                    txn = self._env_locked().begin(write=True)
+                    env, table = self._env_locked(), self.table
+                    assert table is not None
+                    # Readers without the flock must be out before any page changes.
+                    table.enter_write(self.lock.timeout if timeout is None else timeout)
                     try:
-                        pending, hits, misses, _first = taken
-                        if pending or hits or misses:
-                            self.index.apply(txn, pending, hits, misses)
-                        result = fn(self.index, txn, *args) if fn is not None else None
-                    except BaseException:
-                        txn.abort()
-                        raise
-                    txn.commit()
+                        txn = env.begin(write=True)
+                        try:
+                            pending, hits, misses, _first = taken
+                            if pending or hits or misses:
+                                self.index.apply(txn, pending, hits, misses)
+                            result = fn(self.index, txn, *args) if fn is not None else None
+                        except BaseException:
+                            txn.abort()
+                            raise
+                        txn.commit()
+                    finally:
+                        table.leave_write()
                 except DATA_ERRORS as exc:
                     self.buffer.restore(taken)
                     failure = self._failure(exc)

@@ -51,6 +51,7 @@ import pytest
 
 import nvcache
 from nvcache import CacheError, CacheFull, CacheTimeout, RecordTooLarge
+from nvcache.locking import FLAG_OFFSET, SLOT_SIZE, SLOTS, SLOTS_OFFSET
 
 MiB = 1024 * 1024
 NOBODY = 65534
@@ -413,6 +414,8 @@ SPECIAL_DAMAGE = {
                  "bit-rot-mtime-kept"],
     "lock": ["foreign-owner", "stale-garbage"],
     "version": ["other-version", "seed-version-0", "not-json"],
+    # A writer killed between raising and lowering the flag; readers killed inside a read.
+    "readers": ["flag-stuck", "slots-stuck"],
 }
 
 
@@ -566,6 +569,17 @@ def damage(path: str, fname: str, kind: str, rng: random.Random) -> str:
         with open(target, "w") as f:
             json.dump({"version": 0, "description": "initial implementation"}, f)
         return "the seed's version 0"
+    if kind in ("flag-stuck", "slots-stuck"):
+        with open(target, "r+b") as f:
+            if kind == "flag-stuck":
+                f.seek(FLAG_OFFSET)
+                f.write(b"\1")
+                return "writer flag left raised"
+            picked = rng.sample(range(SLOTS), 5)
+            for slot in picked:
+                f.seek(SLOTS_OFFSET + slot * SLOT_SIZE)
+                f.write(b"\1")
+            return f"slots {picked} left set by dead readers"
     if kind == "not-json":
         with open(target, "wb") as f:
             f.write(b"\xff\xfe{version: one")
@@ -649,7 +663,7 @@ def classify(victim: Outcome, follow: Outcome) -> str:
 
 
 def corruption_cases() -> List[Tuple[str, str]]:
-    files = ["data.mdb", "lock", "version", "users", "clean"]
+    files = ["data.mdb", "lock", "version", "users", "clean", "readers"]
     cases = [(f, k) for f in files for k in GENERIC_DAMAGE]
     cases += [(f, k) for f, kinds in SPECIAL_DAMAGE.items() for k in kinds]
     return cases
@@ -770,22 +784,38 @@ def test_reboot_after_a_non_durable_writer_rebuilds_even_a_durable_cache(Cache, 
 # bounded waits: SIGSTOP with a lock held
 # =========================================================================================
 
+# Holds the cache lock as nvcache does: "sh" as a reader under the flock, "ex" as a writer (the
+# exclusive flock, then the readers table's writer flag, which keeps readers without the flock out).
 LOCK_HOLDER = r"""
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2] == "sh" else fcntl.LOCK_EX)
+if sys.argv[2] == "ex":
+    table = os.open(os.path.join(sys.argv[1], "readers"), os.O_RDWR)
+    os.pwrite(table, b"\1", int(sys.argv[3]))
 print("locked", flush=True)
 time.sleep(120)
 """
 
 
+def reader_slots_set(path: str) -> int:
+    """How many readers are inside a read without the flock (slots set in the readers table)."""
+    with open(os.path.join(path, "readers"), "rb") as f:
+        table = f.read()
+    return sum(1 for i in range(SLOTS) if table[SLOTS_OFFSET + i * SLOT_SIZE])
+
+
 def lock_state(path: str) -> str:
-    """'free', 'shared' or 'exclusive': how another process holds the cache lock (the directory) now."""
+    """'free', 'shared' or 'exclusive': how another process holds the cache lock now.
+
+    Shared: a reader holds the directory's flock, or is inside a read through its slot.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return "free"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return "shared" if reader_slots_set(path) else "free"
         except BlockingIOError:
             pass
         try:
@@ -816,7 +846,7 @@ def assert_times_out(fn: Callable[[], Any], what: str) -> None:
 
 
 def _stopped_holder(path: str, mode: str, procs: List[subprocess.Popen]) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, path, mode],
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, path, mode, str(FLAG_OFFSET)],
                               stdout=subprocess.PIPE, text=True)
     procs.append(holder)
     assert holder.stdout.readline().strip() == "locked"
@@ -1431,7 +1461,7 @@ def test_many_openers(Cache, cache_dir, core, children):
     with Cache(cache_dir, 4) as cache:
         for i in range(40):
             cache.put(lid(i), record(i, 60_000))
-    allowed = {"data.mdb", "lock", "version", "users", "clean"}
+    allowed = {"data.mdb", "lock", "version", "users", "clean", "readers"}
     rng = random.Random(7)
     kills = finished = 0
     failures: List[str] = []

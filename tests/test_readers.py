@@ -1,0 +1,172 @@
+"""The readers table: reads without the flock, and what keeps them safe.
+
+A process with the compiled core reads with a slot in ``<path>/readers``
+instead of the flock (see nvcache/locking.py). These tests pin down the
+handshake from both sides: writers of either core wait for a reader inside
+a read, never for a dead one, and a table that is deleted or swapped makes
+the cache start over rather than let a writer miss a reader.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import nvcache
+from nvcache import CacheTimeout
+from nvcache.locking import FAST_READS_SUPPORTED, SLOT_SIZE, SLOTS_OFFSET, ReaderTable
+
+pytestmark = pytest.mark.skipif(not FAST_READS_SUPPORTED, reason="reads without the flock need x86-64 Linux")
+
+
+def _compiled():
+    from nvcache import _index  # the slot owner is always a compiled reader
+    return type("LayerCache_ext", (nvcache.LayerCache,), {"_core": _index})
+
+
+def _slot_byte(path, slot):
+    with open(os.path.join(path, "readers"), "rb") as f:
+        f.seek(SLOTS_OFFSET + slot * SLOT_SIZE)
+        return f.read(1)[0]
+
+
+def _reader_child(path, then):
+    """Fork a compiled reader that owns a slot, marks itself inside a read, then ``then``s.
+
+    Returns (pid, slot). ``then``: "stop" (SIGSTOP itself) or "die" (SIGKILL itself).
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            cache = _compiled()(path, 1)
+            store = cache._store
+            assert store.reader.fast
+            slot = store.table.slot
+            store.table.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 1  # as if inside a read
+            os.write(w, str(slot).encode())
+            os.kill(os.getpid(), signal.SIGSTOP if then == "stop" else signal.SIGKILL)
+            store.table.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 0  # resumed: the read ends
+            cache.close()
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    os.close(w)
+    slot = int(os.read(r, 20))
+    os.close(r)
+    return pid, slot
+
+
+def _wait_stopped(pid):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ", 1)[1][0] == "T":
+                return
+        time.sleep(0.005)
+    raise AssertionError("child never stopped")
+
+
+def test_a_reader_inside_a_read_holds_writers_off_bounded(Cache, cache_dir):
+    """A reader stopped inside a read: writers of either core time out, reads go on; then all is well."""
+    with Cache(cache_dir, 1) as cache:
+        cache.put("sha256:a", b"A")
+    pid, slot = _reader_child(cache_dir, "stop")
+    try:
+        _wait_stopped(pid)
+        with Cache(cache_dir, 1, lock_timeout=0.3) as other:
+            t0 = time.monotonic()
+            with pytest.raises(CacheTimeout):
+                other.put("sha256:b", b"B")
+            assert 0.27 <= time.monotonic() - t0 < 3
+            assert other.get("sha256:a") == b"A"  # readers never wait for readers
+            assert "sha256:b" not in other
+            os.kill(pid, signal.SIGCONT)
+            assert os.waitpid(pid, 0)[1] == 0
+            pid = 0
+            assert other.put("sha256:b", b"B") is True
+            assert other.get("sha256:b") == b"B" and other.verify() == []
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_reader_killed_inside_a_read_is_not_waited_for(Cache, cache_dir):
+    """The kernel drops a dead reader's slot lock: the next writer clears its slot and goes on."""
+    with Cache(cache_dir, 1) as cache:
+        cache.put("sha256:a", b"A")
+    pid, slot = _reader_child(cache_dir, "die")
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert _slot_byte(cache_dir, slot) == 1
+    with Cache(cache_dir, 1, lock_timeout=5) as other:
+        t0 = time.monotonic()
+        assert other.put("sha256:b", b"B") is True
+        assert time.monotonic() - t0 < 1.0
+        assert _slot_byte(cache_dir, slot) == 0
+        assert other.verify() == []
+
+
+def test_a_forked_child_reads_with_its_own_slot(cache_dir):
+    """After fork the child owns a new slot; the parent's stays owned by the parent alone."""
+    cache = _compiled()(cache_dir, 1)
+    try:
+        cache.put("sha256:a", b"A")
+        assert cache.get("sha256:a") == b"A"
+        parent_slot = cache._store.table.slot
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                ok = cache.get("sha256:a") == b"A" and cache._store.reader.fast
+                os.write(w, str(cache._store.table.slot if ok else -1).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        child_slot = int(os.read(r, 20))
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert child_slot >= 0 and child_slot != parent_slot
+        # The child is gone; the parent's slot must still look owned to a writer.
+        table = ReaderTable(cache_dir, create=False)
+        try:
+            assert table._owner_alive(parent_slot)
+            assert not table._owner_alive(child_slot)
+        finally:
+            table.close()
+        assert cache.get("sha256:a") == b"A" and cache._store.reader.fast
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("how", ["delete", "swap"])
+def test_a_replaced_readers_table_makes_the_cache_start_over(Cache, cache_dir, core_env, how):
+    """A new table would hide readers that still use the old one: a new data.mdb comes with it."""
+    first = Cache(cache_dir, 1)
+    try:
+        first.put("sha256:old", b"old")
+        assert first.get("sha256:old") == b"old"
+        table = os.path.join(cache_dir, "readers")
+        if how == "delete":
+            os.unlink(table)
+        else:  # another cache's table, valid in itself, moved in
+            other_dir = cache_dir + "-other"
+            Cache(other_dir, 1).close()
+            os.replace(os.path.join(other_dir, "readers"), table)
+        code = ("import sys, nvcache\n"
+                "with nvcache.LayerCache(sys.argv[1], 1) as second:\n"
+                "    assert second.get('sha256:old') is None, 'did not start over'\n"
+                "    assert second.put('sha256:new', b'new')\n")
+        subprocess.run([sys.executable, "-c", code, cache_dir], env=core_env, check=True, timeout=60)
+        # The first process writes to the new file only (its old data.mdb was unlinked).
+        assert first.put("sha256:mine", b"mine") is True
+        assert first.get("sha256:new") == b"new" and first.get("sha256:mine") == b"mine"
+        assert first.verify() == []
+    finally:
+        first.close()
