@@ -11,8 +11,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# The compiled core reads through LMDB's C library: Debian's liblmdb-dev (installed here
+# when missing and we are root; elsewhere install it, or lmdb-devel, yourself).
+LMDB_H := /usr/include/lmdb.h
+$(LMDB_H):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q liblmdb-dev || { apt-get update -q && apt-get install -y -q liblmdb-dev; }; \
+	else \
+	  echo "nvcache's compiled core needs LMDB's headers and library: install liblmdb-dev" >&2; exit 1; \
+	fi
+
 # Editable install: compiles ext/_index.pyx into nvcache/_index*.so.
-$(STAMP): $(BIN)/python pyproject.toml setup.py ext/_index.pyx
+$(STAMP): $(BIN)/python pyproject.toml setup.py ext/_index.pyx | $(LMDB_H)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	@touch $(STAMP)
 

@@ -13,7 +13,8 @@ if os.environ.get("NVCACHE_NO_EXTENSIONS", "") in ("", "0"):
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("nvcache._index", ["ext/_index.pyx"], extra_compile_args=["-O2"])],
+        # liblmdb (Debian: liblmdb-dev): the compiled Reader reads through LMDB's C API.
+        [Extension("nvcache._index", ["ext/_index.pyx"], libraries=["lmdb"], extra_compile_args=["-O2"])],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 

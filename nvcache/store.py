@@ -193,6 +193,9 @@ class Store:
         self._data_fd = -1
         self._damaged = False
         self._broken = False
+        # False whenever _needs_refresh() may be true (closed, damaged, broken, forked): one
+        # attribute for the hot get to check.
+        self._ok = False
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._meta_db: Any = None
         self._users_fd = -1
@@ -421,10 +424,12 @@ class Store:
         self._meta_db = meta_db
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE), os.O_RDONLY)
         self._damaged = self._broken = False
+        self._ok = True
 
     def _close_env(self) -> None:
         # The Reader object stays (closed): a thread that fetched it just before
         # gets StaleReader from it, never an AttributeError on None.
+        self._ok = False
         if self.reader is not None:
             self.reader.close()
         if self.env is not None:
@@ -494,7 +499,11 @@ class Store:
                 inherited, self._users_fd = self._users_fd, users_fd
                 os.close(inherited)  # closing our copy leaves the parent's flock alone
                 self._claim_users()
-                self._reopen_locked()
+                try:
+                    self._reopen_locked()
+                except BaseException:
+                    self._ok = False  # the generation is still the parent's: the next call retries
+                    raise
                 # Only now, with the child's own environment adopted: a failure above retries.
                 self.generation = fork_generation()
             elif self.env is None or self._damaged or self._broken:
@@ -537,8 +546,8 @@ class Store:
 
     def get(self, layer_id: str, kind: str) -> Any:
         """The hot read: ``Reader.get`` (validate, hash, lock, look up, count) in one core call."""
-        if self.generation != fork_generation() or self.env is None or self._damaged or self._broken:
-            self._refresh()  # _ensure() inlined: this is every get's path
+        if not self._ok:
+            self._refresh()  # _ensure() in one attribute: this is every get's path
         reader = self.reader
         try:
             return reader.get(layer_id, kind)
@@ -620,11 +629,11 @@ class Store:
 
     def _failure(self, exc: BaseException) -> CacheError:
         if isinstance(exc, CORRUPTION_ERRORS + (ValueError, struct.error)):
-            self._damaged = True
+            self._damaged, self._ok = True, False
             log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
             return CacheError(f"cache in {self.path} is damaged: {exc}")
         if isinstance(exc, REOPEN_ERRORS):
-            self._broken = True
+            self._broken, self._ok = True, False
         if isinstance(exc, lmdb.MapFullError):
             return CacheError(f"cache file in {self.path} reached its map size")
         if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
@@ -715,6 +724,8 @@ class Store:
 def _after_fork_in_child() -> None:
     # The registry's lock may have been held by a parent thread that does not exist here.
     Store._registry_lock = threading.Lock()
+    for store in Store._registry.values():
+        store._ok = False  # the environment is the parent's: the first use refreshes
 
 
 atexit.register(Store.flush_all)
