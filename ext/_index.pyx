@@ -804,6 +804,27 @@ cdef class Reader:
             return False
         return data
 
+    cdef bint _contains_c(self, bytes key) except -1:
+        cdef MDB_val k, v
+        cdef int rc = mdb_txn_renew(self._ctxn)
+        if rc != 0:
+            self._close_c()
+            return self._contains_py(key)
+        k.mv_size = KEYLEN
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        rc = mdb_get(self._ctxn, self._idx, &k, &v)
+        mdb_txn_reset(self._ctxn)
+        if rc != 0 and rc != MDB_NOTFOUND:
+            raise _mdb_error(rc, "mdb_get")
+        return rc == 0
+
+    cdef bint _contains_py(self, bytes key) except -1:
+        txn = self.env.begin()
+        try:
+            return self.index.contains(txn, key)
+        finally:
+            txn.abort()
+
     cdef object _lookup_py(self, bytes key):
         txn = self.env.begin()
         try:
@@ -811,20 +832,48 @@ cdef class Reader:
         finally:
             txn.abort()
 
-    cdef object _lookup(self, bytes key):
+    cdef object _read(self, bytes key, bint lookup):
+        """The record (``lookup``) or whether it exists; the caller holds the read lock."""
         if self.env is None:
             raise StaleReader("the environment was replaced")
         if self._ctxn != NULL:
-            return self._lookup_c(key)
-        return self._lookup_py(key)
+            return self._lookup_c(key) if lookup else self._contains_c(key)
+        return self._lookup_py(key) if lookup else self._contains_py(key)
 
-    cdef object _lookup_waiting(self, bytes key):
+    cdef object _read_waiting(self, bytes key, bint lookup):
         lock = self.lock
         lock.acquire(False)
         try:
-            return self._lookup(key)
+            return self._read(key, lookup)
         finally:
             lock.release()
+
+    cdef object _guarded(self, bytes key, bint lookup):
+        """``_read`` under the thread mutex and the slot handshake, else the shared flock."""
+        release = self._release
+        if not self._try_acquire(False):
+            return self._read_waiting(key, lookup)
+        if self.env is None:
+            release()
+            raise StaleReader("the environment was replaced")
+        if self._slot != NULL and nvc_enter_read(self._slot, self._flag):
+            try:
+                return self._read(key, lookup)
+            finally:
+                nvc_leave_read(self._slot)
+                release()
+        if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
+            release()
+            return self._read_waiting(key, lookup)
+        try:
+            return self._read(key, lookup)
+        finally:
+            flock(self.fd, LOCK_UN)
+            release()
+
+    def contains(self, bytes key):
+        """Whether the record of ``key`` exists; counts nothing."""
+        return self._guarded(key, False)
 
     def get(self, layer_id, kind):
         """The record of ``layer_id`` and ``kind`` (validated), looked up without a writer.
@@ -834,27 +883,7 @@ cdef class Reader:
         """
         cdef Py_ssize_t n = 0
         cdef bytes key = _xxh3_128(_record_name(layer_id, kind, &n))
-        release = self._release
-        if not self._try_acquire(False):
-            data = self._lookup_waiting(key)
-        elif self.env is None:
-            release()
-            raise StaleReader("the environment was replaced")
-        elif self._slot != NULL and nvc_enter_read(self._slot, self._flag):
-            try:
-                data = self._lookup(key)
-            finally:
-                nvc_leave_read(self._slot)
-                release()
-        elif flock(self.fd, LOCK_SH | LOCK_NB) != 0:
-            release()
-            data = self._lookup_waiting(key)
-        else:
-            try:
-                data = self._lookup(key)
-            finally:
-                flock(self.fd, LOCK_UN)
-                release()
+        data = self._guarded(key, True)
         if data is None or data is False:  # absent, or failed its checksum: a miss
             self.buffer.misses += 1
             self.buffer._aged(_now_ns())

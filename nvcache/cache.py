@@ -199,8 +199,11 @@ class LayerCache:
             return False
         if len(data) > self.max_bytes:
             raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
-        evicted = store.write(core.Index.insert, core.name_key(name), name, lid, data,
-                              self.max_bytes, keep_ids, refs, last_ns)
+        key = core.name_key(name)
+        if store.contains(key):  # the first record stays: no write lock, no write transaction
+            return False
+        evicted = store.write(core.Index.insert, key, name, lid, data, self.max_bytes, keep_ids,
+                              refs, last_ns)
         return evicted >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
@@ -246,7 +249,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
-        return bool(store.read(self._core.Index.contains, key))
+        return store.contains(key)
 
     def __contains__(self, layer_id: object) -> bool:
         return self.contains(layer_id)  # type: ignore[arg-type]

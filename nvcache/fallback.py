@@ -525,22 +525,46 @@ class Reader:
         """Called by the store with the lock's mutex held, before it closes the environment."""
         self.env = None
 
-    def _lookup(self, key: bytes) -> Any:
+    def _read(self, key: bytes, lookup: bool) -> Any:
+        """The record (``lookup``) or whether it exists; the caller holds the read lock."""
         if self.env is None:
             raise StaleReader("the environment was replaced")
         txn = self.env.begin()
         try:
-            return self.index.lookup(txn, key)
+            return self.index.lookup(txn, key) if lookup else self.index.contains(txn, key)
         finally:
             txn.abort()
 
-    def _lookup_waiting(self, key: bytes) -> Any:
+    def _read_waiting(self, key: bytes, lookup: bool) -> Any:
         lock = self.lock
         lock.acquire(False)
         try:
-            return self._lookup(key)
+            return self._read(key, lookup)
         finally:
             lock.release()
+
+    def _guarded(self, key: bytes, lookup: bool) -> Any:
+        """``_read`` under the thread mutex and the shared flock (waiting only when contended)."""
+        mutex = self.mutex
+        if not mutex.acquire(False):
+            return self._read_waiting(key, lookup)
+        if self.env is None:
+            mutex.release()
+            raise StaleReader("the environment was replaced")
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            mutex.release()
+            return self._read_waiting(key, lookup)
+        try:
+            return self._read(key, lookup)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            mutex.release()
+
+    def contains(self, key: bytes) -> bool:
+        """Whether the record of ``key`` exists; counts nothing."""
+        return bool(self._guarded(key, False))
 
     def get(self, layer_id: str, kind: str) -> Any:
         """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
@@ -549,24 +573,7 @@ class Reader:
         checksum; counts the hit or miss in the buffer.
         """
         key = xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
-        mutex = self.mutex
-        if not mutex.acquire(False):
-            data = self._lookup_waiting(key)
-        elif self.env is None:
-            mutex.release()
-            raise StaleReader("the environment was replaced")
-        else:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                mutex.release()
-                data = self._lookup_waiting(key)
-            else:
-                try:
-                    data = self._lookup(key)
-                finally:
-                    fcntl.flock(self.fd, fcntl.LOCK_UN)
-                    mutex.release()
+        data = self._guarded(key, True)
         if data is None or data is False:  # absent, or failed its checksum: a miss
             self.buffer.miss(time.time_ns())
         else:

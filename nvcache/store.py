@@ -559,6 +559,20 @@ class Store:
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
+    def contains(self, key: bytes) -> bool:
+        """Whether a record exists, read like :meth:`get` (the cheap path); counts nothing."""
+        if not self._ok:
+            self._refresh()
+        reader = self.reader
+        try:
+            return bool(reader.contains(key))
+        except StaleReader:
+            if self.reader is reader or self.reader is None:
+                raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+            return self.contains(key)
+        except lmdb.Error as exc:
+            raise self._failure(exc) from exc
+
     def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like :meth:`read`, but first reopen if another process rebuilt the file."""
         if self._stale():
