@@ -563,6 +563,29 @@ cdef class Index:
         return _twin.Index.check(self, txn, max_bytes)
 
 
+cdef inline object _dump_record(bytes hdr):
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+    return {
+        "last_referred": _rfc3339nano(_get_le(p + 16, 8)),
+        "layer_id": hdr[HDR:].decode("ascii"),
+        "reference_count": _get_le(p + 8, 8),
+        "size": _get_le(p, 8),
+    }
+
+
+cdef void _flush_group(list group, list out) except *:
+    # Headers that share one last_referred, in name order (the name follows the header).
+    if len(group) > 1:
+        group.sort(key=_name_of)
+    for hdr in group:
+        out.append(_dump_record(hdr))
+    del group[:]
+
+
+def _name_of(bytes hdr):
+    return hdr[HDR:]
+
+
 def _by_name(entry):
     return (<bytes>entry[1])[HDR:]
 
@@ -598,6 +621,11 @@ cdef extern from "lmdb.h" nogil:
     ctypedef struct MDB_txn:
         pass
     ctypedef unsigned int MDB_dbi
+    ctypedef struct MDB_cursor:
+        pass
+    ctypedef enum MDB_cursor_op:
+        MDB_FIRST
+        MDB_NEXT
     ctypedef struct MDB_val:
         size_t mv_size
         void *mv_data
@@ -613,6 +641,9 @@ cdef extern from "lmdb.h" nogil:
     int mdb_txn_renew(MDB_txn *txn)
     int mdb_dbi_open(MDB_txn *txn, const char *name, unsigned int flags, MDB_dbi *dbi)
     int mdb_get(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data)
+    int mdb_cursor_open(MDB_txn *txn, MDB_dbi dbi, MDB_cursor **cursor)
+    void mdb_cursor_close(MDB_cursor *cursor)
+    int mdb_cursor_get(MDB_cursor *cursor, MDB_val *key, MDB_val *data, MDB_cursor_op op)
     const char *mdb_strerror(int err)
     enum:
         MDB_NOLOCK
@@ -670,7 +701,7 @@ cdef class Reader:
     cdef unsigned char *_flag
     cdef MDB_env *_cenv
     cdef MDB_txn *_ctxn  # reset between reads, renewed for each
-    cdef MDB_dbi _idx, _dat
+    cdef MDB_dbi _idx, _dat, _lru, _meta
 
     def __init__(self, lock, env, Index index, AccessBuffer buffer, table=None):
         self.lock = lock
@@ -701,7 +732,8 @@ cdef class Reader:
         if rc == 0:
             rc = mdb_txn_begin(cenv, NULL, MDB_RDONLY, &txn)
         if rc == 0:
-            rc = mdb_dbi_open(txn, b"idx", 0, &self._idx) or mdb_dbi_open(txn, b"dat", 0, &self._dat)
+            rc = (mdb_dbi_open(txn, b"idx", 0, &self._idx) or mdb_dbi_open(txn, b"dat", 0, &self._dat)
+                  or mdb_dbi_open(txn, b"lru", 0, &self._lru) or mdb_dbi_open(txn, b"meta", 0, &self._meta))
         if rc == 0:  # the handles outlive the transaction that opened them only once it commits
             rc = mdb_txn_commit(txn)
             txn = NULL
@@ -874,6 +906,78 @@ cdef class Reader:
     def contains(self, bytes key):
         """Whether the record of ``key`` exists; counts nothing."""
         return self._guarded(key, False)
+
+    def cache_data(self):
+        """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
+        lock = self.lock
+        lock.acquire(False)
+        try:
+            if self.env is None:
+                raise StaleReader("the environment was replaced")
+            if self._ctxn != NULL and mdb_txn_renew(self._ctxn) == 0:
+                try:
+                    return self._cache_data_c()
+                finally:
+                    mdb_txn_reset(self._ctxn)
+            txn = self.env.begin()
+            try:
+                return self.index.cache_data(txn)
+            finally:
+                txn.abort()
+        finally:
+            lock.release()
+
+    cdef tuple _pair_c(self, bytes name):
+        cdef MDB_val k, v
+        k.mv_size = PyBytes_GET_SIZE(name)
+        k.mv_data = PyBytes_AS_STRING(name)
+        cdef int rc = mdb_get(self._ctxn, self._meta, &k, &v)
+        if rc == MDB_NOTFOUND:
+            return (0, 0)
+        if rc != 0:
+            raise _mdb_error(rc, "mdb_get")
+        if v.mv_size != 16:
+            raise ValueError(f"counter {name!r} is malformed")
+        return (_get_le(<const unsigned char *>v.mv_data, 8), _get_le(<const unsigned char *>v.mv_data + 8, 8))
+
+    cdef dict _cache_data_c(self):
+        """Index.cache_data through the C API: the same walk (LRU order, ties by name), no py-lmdb calls."""
+        _count, total = self._pair_c(RECORDS)
+        hits, misses = self._pair_c(ACCESS)
+        cdef list out = [], group = []
+        cdef MDB_cursor *cur = NULL
+        cdef MDB_val k, v, ik, hv
+        cdef unsigned char group_ts[8]
+        cdef bint grouped = False
+        cdef bytes hdr
+        cdef tuple entry
+        cdef int rc = mdb_cursor_open(self._ctxn, self._lru, &cur)
+        if rc != 0:
+            raise _mdb_error(rc, "mdb_cursor_open")
+        try:
+            rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)
+            while rc == 0:
+                if k.mv_size < 8:
+                    raise _lmdb.BadValsizeError("an lru key shorter than its timestamp")
+                ik.mv_size = k.mv_size - 8
+                ik.mv_data = <unsigned char *>k.mv_data + 8
+                rc = mdb_get(self._ctxn, self._idx, &ik, &hv)
+                if rc == 0 and hv.mv_size > HDR:
+                    if grouped and memcmp(k.mv_data, group_ts, 8) != 0:
+                        _flush_group(group, out)
+                    memcpy(group_ts, k.mv_data, 8)
+                    grouped = True
+                    group.append(PyBytes_FromStringAndSize(<char *>hv.mv_data, hv.mv_size))
+                elif rc != 0 and rc != MDB_NOTFOUND:
+                    raise _mdb_error(rc, "mdb_get")
+                # else: an lru entry without its record: verify reports it
+                rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
+            if rc != MDB_NOTFOUND:
+                raise _mdb_error(rc, "mdb_cursor_get")
+            _flush_group(group, out)
+        finally:
+            mdb_cursor_close(cur)
+        return {"cache_hits": hits, "cache_misses": misses, "cache_records": out, "record_total_size": total}
 
     def get(self, layer_id, kind):
         """The record of ``layer_id`` and ``kind`` (validated), looked up without a writer.

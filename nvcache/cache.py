@@ -286,7 +286,7 @@ class LayerCache:
             return {"cache_hits": None, "cache_misses": None, "cache_records": [],
                     "record_total_size": None}
         store.flush()
-        return store.read_fresh(self._core.Index.cache_data)  # type: ignore[no-any-return]
+        return store.cache_data()
 
     def cache_data_json(self) -> str:
         """:meth:`cache_data` as the controller prints it: sorted keys, 2-space indent."""

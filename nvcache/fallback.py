@@ -566,6 +566,21 @@ class Reader:
         """Whether the record of ``key`` exists; counts nothing."""
         return bool(self._guarded(key, False))
 
+    def cache_data(self) -> Dict[str, Any]:
+        """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
+        lock = self.lock
+        lock.acquire(False)
+        try:
+            if self.env is None:
+                raise StaleReader("the environment was replaced")
+            txn = self.env.begin()
+            try:
+                return self.index.cache_data(txn)
+            finally:
+                txn.abort()
+        finally:
+            lock.release()
+
     def get(self, layer_id: str, kind: str) -> Any:
         """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
 

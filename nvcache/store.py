@@ -559,19 +559,30 @@ class Store:
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
-    def contains(self, key: bytes) -> bool:
-        """Whether a record exists, read like :meth:`get` (the cheap path); counts nothing."""
+    def _via_reader(self, method: str, *args: Any) -> Any:
+        """``reader.<method>(*args)``, retried once if another thread replaced the reader meanwhile."""
         if not self._ok:
             self._refresh()
-        reader = self.reader
-        try:
-            return bool(reader.contains(key))
-        except StaleReader:
-            if self.reader is reader or self.reader is None:
-                raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
-            return self.contains(key)
-        except lmdb.Error as exc:
-            raise self._failure(exc) from exc
+        for _attempt in (1, 2):
+            reader = self.reader
+            try:
+                return getattr(reader, method)(*args)
+            except StaleReader:
+                if self.reader is reader or self.reader is None:
+                    break
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
+        raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+
+    def contains(self, key: bytes) -> bool:
+        """Whether a record exists, read like :meth:`get` (the cheap path); counts nothing."""
+        return bool(self._via_reader("contains", key))
+
+    def cache_data(self) -> Dict[str, Any]:
+        """The seed's dump, after reopening if another process rebuilt the file."""
+        if self._stale():
+            self._refresh()
+        return self._via_reader("cache_data")  # type: ignore[no-any-return]
 
     def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like :meth:`read`, but first reopen if another process rebuilt the file."""

@@ -63,3 +63,34 @@ def test_access_buffer(hits, misses):
 
 def test_keep_set_is_shared():
     assert compiled.keep_set is fallback.keep_set
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 4), st.binary(max_size=300)), max_size=40),
+       st.lists(st.integers(0, 40), max_size=5))
+def test_c_reads_match_py_lmdb_reads(tmp_path_factory, records, dangling):
+    """The compiled Reader's own LMDB path (get, contains, the dump) agrees with py-lmdb's on one file."""
+    import os
+
+    import lmdb
+    import nvcache
+
+    Cache = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
+    with Cache(str(tmp_path_factory.mktemp("c")), 1) as cache:
+        for i, when, data in records:  # few distinct times: many ties, broken by name
+            cache.restore(f"sha256:{i}", data, reference_count=i, last_referred_ns=when * 10**9)
+        store = cache._store
+        reader = store.reader
+        assert reader.direct and reader.fast
+        txn = store.env.begin(write=True)  # lru entries without a record: both walks skip them
+        for i in dangling:
+            txn.put(b"\0" * 8 + os.urandom(16), b"", db=store.index.lru)
+        txn.commit()
+        with store.env.begin() as t:
+            expected = store.index.cache_data(t)
+            for i in range(42):
+                key = compiled.name_key(f"sha256:{i}_layer_file".encode())
+                assert reader.contains(key) == store.index.contains(t, key)
+                assert reader.get(f"sha256:{i}", "layer_file") == store.index.lookup(t, key)
+        assert reader.cache_data() == expected
+        assert isinstance(store.env, lmdb.Environment)
