@@ -283,6 +283,8 @@ class Worker:
                "--lock-timeout", repr(args.lock_timeout)]
         if args.durable:
             cmd.append("--durable")
+        if args.core == "mixed":  # odd workers on the pure-Python twin: both cores on one cache
+            env = dict(env, NVCACHE_NO_EXTENSIONS="1" if self.slot % 2 else "")
         if self.pidns:
             cmd = ["unshare", "--pid", "--fork", "--kill-child", "--"] + cmd + ["--in-pidns"]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
@@ -361,7 +363,7 @@ def supervise(args: argparse.Namespace) -> int:
         os.environ["NVCACHE_NO_EXTENSIONS"] = ""
     import lmdb
     import nvcache
-    if args.core == "ext" and not nvcache.EXTENSION:
+    if args.core in ("ext", "mixed") and not nvcache.EXTENSION:
         print("the compiled core is not built", file=sys.stderr)
         return 2
     _index_names(args.keys)
@@ -525,7 +527,8 @@ def supervise(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in vars(args).items() if k not in ("worker",)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "lmdb": lmdb.__version__, "lmdb_library": ".".join(map(str, lmdb.version())),
-                    "core": "ext" if nvcache.EXTENSION else "py", "kernel": platform.release()},
+                    "core": "mixed" if args.core == "mixed" else ("ext" if nvcache.EXTENSION else "py"),
+                    "kernel": platform.release()},
         "processes": {"slots": args.workers, "started": len(workers), "pidns_slots": n_pidns,
                       "ran_as_pid1": pid1, "pidns_note": pidns_reason},
         "duration_s": round(elapsed, 3),
@@ -603,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=16, help="worker processes running at once")
     p.add_argument("--duration", type=float, default=20.0, help="seconds")
     p.add_argument("--path", default="", help="cache directory (default: a fresh temporary one)")
-    p.add_argument("--core", choices=("auto", "ext", "py"), default="auto",
-                   help="hot index: compiled, pure Python, or as NVCACHE_NO_EXTENSIONS says")
+    p.add_argument("--core", choices=("auto", "ext", "py", "mixed"), default="auto",
+                   help="hot index: compiled, pure Python, as NVCACHE_NO_EXTENSIONS says, or mixed (odd workers on the twin)")
     p.add_argument("--pidns", type=int, default=-1,
                    help="workers run as PID 1 in their own PID namespace (-1: a quarter, where unshare works)")
     p.add_argument("--mix", default=DEFAULT_MIX, help="op weights")
