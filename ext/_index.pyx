@@ -760,7 +760,12 @@ cdef class Reader:
         return self._ctxn != NULL
 
     def close(self):
-        """Called by the store with the lock's mutex held, before it closes the environment."""
+        """Called by the store with the lock's mutex held, before it closes the environment.
+
+        No read is in flight then (reads hold the mutex), so the table's
+        mapping and the C environment can go at once. (A store that cannot
+        get the mutex leaves its Reader open instead.)
+        """
         self.env = None
         self._slot = self._flag = NULL
         self._view = None
@@ -806,11 +811,27 @@ cdef class Reader:
             check = _get_le(h + 24, 8)
             if size > MAX_RECORD:
                 return False
-            data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
-            out = PyBytes_AS_STRING(data)
             memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
             k.mv_size = KEYLEN + 4
             k.mv_data = ckey
+            if size > <uint64_t>_CHUNK_SIZE:
+                # Before allocating what a (possibly damaged) header claims: its last chunk must
+                # exist with the length that size implies (as the twin finds out chunk by chunk).
+                chunk = <unsigned int>((size - 1) // <uint64_t>_CHUNK_SIZE)
+                ckey[KEYLEN] = (chunk >> 24) & 0xFF
+                ckey[KEYLEN + 1] = (chunk >> 16) & 0xFF
+                ckey[KEYLEN + 2] = (chunk >> 8) & 0xFF
+                ckey[KEYLEN + 3] = chunk & 0xFF
+                rc = mdb_get(self._ctxn, self._dat, &k, &v)
+                if rc == MDB_NOTFOUND:
+                    return False
+                if rc != 0:
+                    raise _mdb_error(rc, "mdb_get")
+                if v.mv_size != size - <uint64_t>chunk * <uint64_t>_CHUNK_SIZE:
+                    return False
+                chunk = 0
+            data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
+            out = PyBytes_AS_STRING(data)
             while True:  # chunk i is key + big-endian u32 i, CHUNK_SIZE bytes but the last
                 ckey[KEYLEN] = (chunk >> 24) & 0xFF
                 ckey[KEYLEN + 1] = (chunk >> 16) & 0xFF
@@ -888,11 +909,12 @@ cdef class Reader:
         if self.env is None:
             release()
             raise StaleReader("the environment was replaced")
-        if self._slot != NULL and nvc_enter_read(self._slot, self._flag):
+        cdef unsigned char *slot = self._slot  # ours until we leave, even if close() runs meanwhile
+        if slot != NULL and nvc_enter_read(slot, self._flag):
             try:
                 return self._read(key, lookup)
             finally:
-                nvc_leave_read(self._slot)
+                nvc_leave_read(slot)
                 release()
         if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
             release()
@@ -940,10 +962,23 @@ cdef class Reader:
             raise ValueError(f"counter {name!r} is malformed")
         return (_get_le(<const unsigned char *>v.mv_data, 8), _get_le(<const unsigned char *>v.mv_data + 8, 8))
 
+    cdef int _check_evictions_c(self) except -1:
+        # Index.counters also reads (and so validates) the evictions counter.
+        cdef MDB_val k, v
+        k.mv_size = PyBytes_GET_SIZE(EVICTIONS)
+        k.mv_data = PyBytes_AS_STRING(EVICTIONS)
+        cdef int rc = mdb_get(self._ctxn, self._meta, &k, &v)
+        if rc == 0 and v.mv_size != 8:
+            raise ValueError("counter b'evictions' is malformed")
+        if rc != 0 and rc != MDB_NOTFOUND:
+            raise _mdb_error(rc, "mdb_get")
+        return 0
+
     cdef dict _cache_data_c(self):
         """Index.cache_data through the C API: the same walk (LRU order, ties by name), no py-lmdb calls."""
         _count, total = self._pair_c(RECORDS)
         hits, misses = self._pair_c(ACCESS)
+        self._check_evictions_c()
         cdef list out = [], group = []
         cdef MDB_cursor *cur = NULL
         cdef MDB_val k, v, ik, hv

@@ -200,7 +200,7 @@ class LayerCache:
         if len(data) > self.max_bytes:
             raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
         key = core.name_key(name)
-        if store.contains(key):  # the first record stays: no write lock, no write transaction
+        if store.contains(key, fresh=True):  # the first record stays: no write lock, no transaction
             return False
         evicted = store.write(core.Index.insert, key, name, lid, data, self.max_bytes, keep_ids,
                               refs, last_ns)

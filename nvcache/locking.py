@@ -75,6 +75,18 @@ def open_nofollow(path: str, flags: int, mode: int = 0o640) -> int:
         raise CacheError(f"cannot open {path}: {exc.strerror}") from exc
 
 
+# Errors that say something about the machine (descriptors, memory), not about a file's contents:
+# they must never be taken for damage (which empties the cache).
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR,
+                             errno.ENOBUFS})
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the OSError behind a CacheError) is a shortage, not a bad file."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS
+
+
 def open_lock_file(path: str) -> int:
     """Open (creating) a file that only ever serves as a flock target.
 
@@ -175,8 +187,13 @@ class FileLock:
             self.mutex.release()
 
     def close(self) -> None:
-        """Close the descriptor, with the mutex held (bounded) so no thread is between flocks."""
-        held = self.mutex.acquire(True, self.timeout)
+        """Close the descriptor, with the mutex held so that no thread is between flocks.
+
+        If another thread keeps the mutex past the timeout, the descriptor is
+        left open (closing it could let that thread flock a reused number).
+        """
+        if not self.mutex.acquire(True, self.timeout):
+            return
         try:
             if self.fd >= 0:
                 try:
@@ -184,8 +201,7 @@ class FileLock:
                 finally:
                     self.fd = -1
         finally:
-            if held:
-                self.mutex.release()
+            self.mutex.release()
 
 
 # -- the readers table: reads without a system call ------------------------------------
@@ -234,24 +250,38 @@ def _fence() -> None:
 _tables: "weakref.WeakSet[ReaderTable]" = weakref.WeakSet()
 
 
+class BadTable(CacheError):
+    """The readers file is missing or is not a readers table (the cache must be remade)."""
+
+
 class ReaderTable:
-    """One mapped ``readers`` file: the writer flag and the reader slots."""
+    """One mapped ``readers`` file: the writer flag and the reader slots.
+
+    Opening an existing table raises :class:`BadTable` when the file is
+    missing or not a table, and a plain CacheError when the machine is short
+    of descriptors or memory: only the first means "rebuild".
+    """
 
     def __init__(self, path: str, create: bool) -> None:
         self.path = os.path.join(path, READERS_FILE)
         self.slot = -1
         self._claim_fd = -1
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = open_nofollow(self.path, flags)
+        try:
+            fd = open_nofollow(self.path, flags)
+        except CacheError as exc:
+            if create or is_resource_error(exc):
+                raise
+            raise BadTable(str(exc)) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise CacheError(f"{self.path} is not a regular file")
+                raise BadTable(f"{self.path} is not a regular file")
             if create:
                 os.ftruncate(fd, TABLE_SIZE)
                 os.pwrite(fd, TABLE_MAGIC + os.urandom(8), 0)
             elif st.st_size != TABLE_SIZE:
-                raise CacheError(f"{self.path} has {st.st_size} bytes, not {TABLE_SIZE}")
+                raise BadTable(f"{self.path} has {st.st_size} bytes, not {TABLE_SIZE}")
             self.mm = mmap.mmap(fd, TABLE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             raise CacheError(f"cannot map {self.path}: {exc.strerror}") from exc
@@ -259,13 +289,17 @@ class ReaderTable:
             os.close(fd)  # the mapping keeps the file
         if self.mm[:NONCE_OFFSET] != TABLE_MAGIC:
             self.mm.close()
-            raise CacheError(f"{self.path} is not an nvcache readers table")
+            raise BadTable(f"{self.path} is not an nvcache readers table")
         self.nonce = bytes(self.mm[NONCE_OFFSET:NONCE_OFFSET + 8])
         _tables.add(self)
 
     # -- the reader side (used by the compiled core) --------------------------------
     def claim(self) -> int:
-        """Own a free slot for this process (its byte's OFD lock); -1 when all are taken."""
+        """Own a free slot for this process; -1 when all are taken.
+
+        Ownership of slot ``i`` is an OFD write lock on byte ``i`` of the file
+        (bytes 0-1023: the lock is only a token, it guards nothing there).
+        """
         if not FAST_READS_SUPPORTED or self.slot >= 0:
             return self.slot
         try:
@@ -310,14 +344,19 @@ class ReaderTable:
 
     # -- the writer side (both cores; the caller holds the exclusive flock) ------------
     def enter_write(self, timeout: float) -> None:
-        """Raise the flag and wait until no reader is inside a read without the flock."""
+        """Raise the flag and wait until no reader is inside a read without the flock.
+
+        ``timeout`` 0 (bookkeeping that must not wait) gives up after a brief
+        spin; otherwise a slot set for more than 2 ms has its owner checked.
+        """
         mm = self.mm
         mm[FLAG_OFFSET] = 1
         _fence()
         pos = mm.find(b"\1", SLOTS_OFFSET)  # only a slot's first byte is ever set
         if pos < 0:
             return
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         checked: Dict[int, float] = {}
         pause = 0.0
         while pos >= 0:
@@ -328,13 +367,13 @@ class ReaderTable:
                 first = checked.setdefault(pos, now)
                 # A read takes microseconds: a slot still set after 2 ms may belong to a dead
                 # process (its OFD lock is then gone), else to a stopped or descheduled one.
-                if now - first > 0.002 and not self._owner_alive((pos - SLOTS_OFFSET) // SLOT_SIZE):
+                if timeout > 0 and now - first > 0.002 and not self._owner_alive((pos - SLOTS_OFFSET) // SLOT_SIZE):
                     mm[pos] = 0
                     checked.pop(pos)
-                elif now >= deadline and now - first > 0.002:
+                elif (timeout <= 0 and now - start > 0.0001) or (now >= deadline and now - first > 0.002):
                     mm[FLAG_OFFSET] = 0
                     raise CacheTimeout(f"a reader of {os.path.dirname(self.path)} stayed inside a read for "
-                                       f"{timeout} s")
+                                       f"{max(timeout, now - start):.3g} s")
                 else:
                     time.sleep(pause)
                     pause = min(pause * 2 or 0.00002, 0.002)
@@ -356,6 +395,8 @@ class ReaderTable:
 
 
 def _tables_after_fork_in_child() -> None:
+    global _fence_lock
+    _fence_lock = threading.Lock()  # a parent thread may have been inside _fence()
     # The claim's OFD lock belongs to the open file, which the child shares with its parent:
     # drop our copy at once, or the parent's slot would look alive after the parent died.
     for table in list(_tables):

@@ -38,7 +38,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import lmdb
 
 from .errors import CacheError, CacheTimeout, StaleReader
-from .locking import READERS_FILE, FileLock, ReaderTable, fork_generation, open_lock_file, open_nofollow
+from .locking import (READERS_FILE, BadTable, FileLock, ReaderTable, fork_generation, is_resource_error,
+                      open_lock_file, open_nofollow)
 
 log = logging.getLogger("nvcache")
 
@@ -98,17 +99,27 @@ def prepare_directory(path: str) -> None:
 
 
 def read_version(path: str) -> Optional[int]:
-    """The format version recorded in ``<path>/version``, or None if missing or unreadable."""
+    """The format version recorded in ``<path>/version``, or None if missing or unreadable.
+
+    A shortage of descriptors or memory raises CacheError instead: it says
+    nothing about the file, and None would empty the cache.
+    """
     try:
         fd = open_nofollow(os.path.join(path, VERSION_FILE), os.O_RDONLY)
-    except (OSError, CacheError):
+    except CacheError as exc:
+        if is_resource_error(exc):
+            raise
         return None
     try:
         with os.fdopen(fd, "rb") as f:
             doc = json.loads(f.read(4096))
         version = doc.get("version") if isinstance(doc, dict) else None
         return version if type(version) is int else None
-    except (OSError, ValueError):
+    except OSError as exc:
+        if is_resource_error(exc):
+            raise CacheError(f"cannot read {path}/{VERSION_FILE}: {exc.strerror}") from exc
+        return None
+    except ValueError:
         return None
 
 
@@ -267,7 +278,7 @@ class Store:
                     return f"deep check at first open: {problem}"
         try:
             table = ReaderTable(self.path, create=False)
-        except CacheError as exc:
+        except BadTable as exc:  # other CacheErrors (no descriptors, no memory) are not damage
             return f"readers table: {exc}"
         try:
             env = self._env(create=False)
@@ -506,8 +517,8 @@ class Store:
                     raise
                 # Only now, with the child's own environment adopted: a failure above retries.
                 self.generation = fork_generation()
-            elif self.env is None or self._damaged or self._broken:
-                self._reopen_locked()
+            elif self.env is None or self._damaged or self._broken or self._stale():
+                self._reopen_locked()  # (stale: another process rebuilt data.mdb)
         finally:
             self.lock.release()
 
@@ -552,10 +563,7 @@ class Store:
         try:
             return reader.get(layer_id, kind)
         except StaleReader:
-            # Another thread replaced the environment between our check and the lock: once more.
-            if self.reader is reader or self.reader is None:
-                raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
-            return self.get(layer_id, kind)
+            return self._via_reader("get", layer_id, kind)  # replaced meanwhile: the slow way
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
@@ -563,19 +571,25 @@ class Store:
         """``reader.<method>(*args)``, retried once if another thread replaced the reader meanwhile."""
         if not self._ok:
             self._refresh()
-        for _attempt in (1, 2):
+        for _attempt in range(8):  # each retry follows a finished reopen by another thread
             reader = self.reader
             try:
                 return getattr(reader, method)(*args)
             except StaleReader:
                 if self.reader is reader or self.reader is None:
-                    break
+                    break  # closed and not replaced: that reopen failed
             except DATA_ERRORS as exc:
                 raise self._failure(exc) from exc
         raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
 
-    def contains(self, key: bytes) -> bool:
-        """Whether a record exists, read like :meth:`get` (the cheap path); counts nothing."""
+    def contains(self, key: bytes, fresh: bool = False) -> bool:
+        """Whether a record exists, read like :meth:`get` (the cheap path); counts nothing.
+
+        ``fresh``: first reopen if another process rebuilt the file (a put must
+        not skip its write because of a record in a file nobody uses any more).
+        """
+        if fresh and self._stale():
+            self._refresh()
         return bool(self._via_reader("contains", key))
 
     def cache_data(self) -> Dict[str, Any]:
@@ -599,6 +613,8 @@ class Store:
         """
         self._ensure()
         lock = self.lock
+        wait = lock.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         lock.acquire(True, timeout)
         try:
             for attempt in (1, 2):
@@ -609,7 +625,8 @@ class Store:
                     env, table = self._env_locked(), self.table
                     assert table is not None
                     # Readers without the flock must be out before any page changes.
-                    table.enter_write(self.lock.timeout if timeout is None else timeout)
+                    # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
+                    table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
                     try:
                         txn = env.begin(write=True)
                         try:
@@ -706,14 +723,18 @@ class Store:
                 self._leave()
         finally:
             # With the mutex (bounded): no other thread may be inside a transaction of this env.
-            held = self.lock.mutex.acquire(True, self.lock.timeout)
-            try:
-                self._close_env()
-            finally:
-                if held:
+            # A thread that kept it past the timeout may be inside one: then leave the
+            # environment and descriptors to the garbage collector rather than pull them away.
+            if self.lock.mutex.acquire(True, self.lock.timeout):
+                try:
+                    self._close_env()
+                finally:
                     self.lock.mutex.release()
-            self.lock.close()
-            os.close(self._users_fd)
+                self.lock.close()
+                os.close(self._users_fd)
+            else:
+                log.warning("closed %s while another thread still used it: its resources stay open",
+                            self.path)
 
     def _leave(self) -> None:
         """If this is the last process using the cache, record that it closed cleanly.

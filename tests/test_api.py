@@ -647,3 +647,35 @@ def test_malformed_counter_is_damage_not_a_crash(Cache, cache_dir):
         assert holder.get(lid(1)) == b"again" and holder.verify() == []
     finally:
         holder.close()
+
+
+def test_malformed_evictions_counter_is_damage_in_the_dump(Cache, cache_dir):
+    holder = Cache(cache_dir, 1)
+    try:
+        holder.put(DIGEST, b"r")
+        tamper(cache_dir, "meta", b"evictions", b"\x01\x02")
+        with pytest.raises(CacheError):
+            holder.cache_data()
+        assert holder.put(lid(1), b"again")  # the next write rebuilds the damaged file
+        assert holder.cache_data()["cache_records"][0]["layer_id"] == lid(1) + "_layer_file"
+        assert holder.verify() == []
+    finally:
+        holder.close()
+
+
+def test_an_absurd_size_in_a_header_is_a_miss_not_an_allocation(Cache, cache_dir, core):
+    """A damaged header claiming 512 GiB: a logged miss that drops the record (no MemoryError)."""
+    holder = Cache(cache_dir, 1)
+    try:
+        holder.put(DIGEST, b"r" * 100)
+        name, lid_len = core.record_name(DIGEST, "layer_file")
+        key = core.name_key(name)
+        store = holder._store
+        with store.env.begin() as txn:
+            _size, refs, last_ns, check, lid_len, _name = core.unpack_header(txn.get(key, db=store.index.idx))
+        tamper(cache_dir, "idx", key, core.pack_header(1 << 39, refs, last_ns, check, lid_len, name))
+        assert holder.get(DIGEST) is None
+        assert holder.put(DIGEST, b"new") is True  # the damaged record was dropped
+        assert holder.get(DIGEST) == b"new" and holder.verify() == []
+    finally:
+        holder.close()

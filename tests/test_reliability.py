@@ -1577,3 +1577,32 @@ def test_silent_bit_rot_after_a_clean_close(Cache, tmp_path, core):
     assert outcomes.get("crashed", 0) == 0, [b for b in bad if b["outcome"] == "crashed"][:3]
     assert outcomes.get("wrong-bytes", 0) == 0
     assert bad == [], bad[:3]
+
+
+SHORT_OF_DESCRIPTORS = r"""
+import os, resource, sys
+import nvcache
+_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + int(sys.argv[2]), hard))
+try:
+    with nvcache.LayerCache(sys.argv[1], 4, lock_timeout=2) as cache:
+        print("ok" if cache.get(sys.argv[3]) is not None else "miss")
+except nvcache.CacheError:
+    print("cache_error")
+"""
+
+
+def test_a_shortage_of_descriptors_never_empties_the_cache(Cache, cache_dir, core_env):
+    """EMFILE while opening version, readers or data.mdb is an error, never damage to rebuild."""
+    with Cache(cache_dir, 4) as cache:
+        cache.put(lid(1), record(1, 1000))
+        ino = os.stat(os.path.join(cache_dir, "data.mdb")).st_ino
+        outcomes = set()
+        for spare in range(0, 16):  # a fresh process, each step of its open short in turn
+            out = subprocess.run([sys.executable, "-c", SHORT_OF_DESCRIPTORS, cache_dir, str(spare), lid(1)],
+                                 env=core_env, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, (spare, out.stderr[-2000:])
+            outcomes.add(out.stdout.strip())
+            assert os.stat(os.path.join(cache_dir, "data.mdb")).st_ino == ino, f"rebuilt with {spare} spare"
+        assert outcomes == {"cache_error", "ok"}, outcomes  # some were short, some had enough
+        assert cache.get(lid(1)) == record(1, 1000) and cache.verify() == []

@@ -352,3 +352,23 @@ def test_threads_racing_a_rebuild_by_another_process(Cache, cache_dir, core_env)
         assert cache.put("sha256:last", b"z") and cache.get("sha256:last") == b"z"
     finally:
         cache.close()
+
+
+def test_a_rebuild_elsewhere_is_seen_by_put_len_and_the_dump(Cache, cache_dir, core_env):
+    """After another process rebuilt the cache, nothing here answers from the old file."""
+    cache = Cache(cache_dir, 1)
+    try:
+        cache.put("sha256:kept", b"old")
+        os.unlink(os.path.join(cache_dir, "version"))
+        code = ("import sys, nvcache\n"
+                "with nvcache.LayerCache(sys.argv[1], 1) as c:\n"
+                "    assert len(c) == 0, 'not rebuilt'\n"
+                "    c.put('sha256:other', b'new')\n")
+        subprocess.run([sys.executable, "-c", code, cache_dir], env=core_env, check=True, timeout=60)
+        assert cache.put("sha256:kept", b"again") is True  # not answered from the old file
+        assert len(cache) == 2
+        names = sorted(r["layer_id"] for r in cache.cache_data()["cache_records"])
+        assert names == ["sha256:kept_layer_file", "sha256:other_layer_file"]
+        assert cache.get("sha256:kept") == b"again" and cache.verify() == []
+    finally:
+        cache.close()
