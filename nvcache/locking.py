@@ -2,7 +2,9 @@
 
 LMDB's own lock table keys readers by PID, and two scanner containers that
 share a hostPath are often both PID 1: their readers collide. So nvcache
-opens LMDB with ``lock=False`` and guards every transaction itself:
+opens LMDB with ``lock=False`` and guards every transaction itself (reads of
+the compiled core may use the readers table at the end of this module instead
+of the flock):
 
 * across processes, ``flock`` on the cache directory itself: shared for
   reads, exclusive for writes. flock belongs to the open file description,
