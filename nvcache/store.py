@@ -454,8 +454,8 @@ class Store:
             self.table.close()
             self.table = None
         if self._data_fd >= 0:
-            os.close(self._data_fd)
-            self._data_fd = -1
+            fd, self._data_fd = self._data_fd, -1  # unpublished before it is closed
+            os.close(fd)
 
     def _rebuild(self, reason: str) -> None:
         """Empty and recreate the cache; the caller holds the exclusive lock."""
@@ -523,8 +523,15 @@ class Store:
             self.lock.release()
 
     def _stale(self) -> bool:
-        return (self._damaged or self._broken or self._data_fd < 0
-                or os.fstat(self._data_fd).st_nlink == 0)
+        # Also called without the lock (before a dump, a put's existence check): another thread
+        # may close the descriptor under us, and a closed one means "reopen" as well.
+        fd = self._data_fd
+        if self._damaged or self._broken or fd < 0:
+            return True
+        try:
+            return os.fstat(fd).st_nlink == 0
+        except OSError:
+            return True
 
     # -- transactions ----------------------------------------------------------
     def _ensure(self) -> None:
