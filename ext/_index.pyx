@@ -70,7 +70,8 @@ CHUNK_SIZE = _twin.CHUNK_SIZE
 cdef Py_ssize_t _CHUNK_SIZE = _twin.CHUNK_SIZE
 cdef bytes _FIRST_CHUNK = b"\0\0\0\0"
 # Records larger than one chunk are rare and slow anyway: shared with the twin.
-cdef object _read_chunks = _twin.read_chunks
+cdef object _read_record = _twin.read_record
+DEF PREFIX = 16  # <QQ size, checksum in front of chunk 0
 cdef object _write_chunks = _twin.write_chunks
 cdef object _delete_chunks = _twin.delete_chunks
 
@@ -101,6 +102,14 @@ cdef inline void _set_be(unsigned char *p, uint64_t v) noexcept:
     for i in range(7, -1, -1):
         p[i] = v & 0xFF
         v >>= 8
+
+
+cdef inline void _set_chunk(unsigned char *ckey, unsigned int chunk) noexcept:
+    # The chunk number after a 16-byte key, big-endian (dat's keys sort by record, then chunk).
+    ckey[16] = (chunk >> 24) & 0xFF
+    ckey[17] = (chunk >> 16) & 0xFF
+    ckey[18] = (chunk >> 8) & 0xFF
+    ckey[19] = chunk & 0xFF
 
 
 cdef bytes _pair(uint64_t a, uint64_t b):
@@ -353,21 +362,23 @@ cdef class Index:
         return txn.get(key, None, self.idx) is not None
 
     cdef object _lookup(self, txn, bytes key):
-        cdef bytes hdr = txn.get(key, None, self.idx)
-        if hdr is None:
-            return None
-        if PyBytes_GET_SIZE(hdr) <= HDR:
-            return False
-        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-        cdef uint64_t size = _get_le(p, 8)
+        # dat alone for a hit (see fallback.py); idx only when there are no bytes.
+        cdef bytes first = txn.get(key + _FIRST_CHUNK, None, self.dat)
+        cdef const unsigned char *p
+        cdef uint64_t size
         cdef bytes data
-        if size <= <uint64_t>_CHUNK_SIZE:
-            data = txn.get(key + _FIRST_CHUNK, None, self.dat)
-        else:
-            data = _read_chunks(txn, self.dat, key, size)
-        if data is None or <uint64_t>PyBytes_GET_SIZE(data) != size:
+        if first is None:
+            return False if txn.get(key, None, self.idx) is not None else None
+        if PyBytes_GET_SIZE(first) < PREFIX:
             return False
-        if <uint64_t>_xxh3_64(data) != _get_le(p + 24, 8):
+        p = <const unsigned char *>PyBytes_AS_STRING(first)
+        size = _get_le(p, 8)
+        if size > <uint64_t>_CHUNK_SIZE:
+            return _read_record(txn, self.dat, key)  # rare and slow anyway: shared with the twin
+        if <uint64_t>PyBytes_GET_SIZE(first) != PREFIX + size:
+            return False
+        data = PyBytes_FromStringAndSize(<const char *>p + PREFIX, <Py_ssize_t>size)
+        if <uint64_t>_xxh3_64(data) != _get_le(p + 8, 8):
             return False
         return data
 
@@ -429,13 +440,16 @@ cdef class Index:
                 c_total -= vsize
             txn.put(EVICTIONS, _u64(min(self._evictions(txn) + len(victims), U64_MAX)), True, True, False, self.meta)
         cdef uint64_t now_ns = last_ns or _now_ns()
-        txn.put(key, _header(size, refs, now_ns, _xxh3_64(data), lid_len,
+        cdef uint64_t check = _xxh3_64(data)
+        cdef bytes first
+        txn.put(key, _header(size, refs, now_ns, check, lid_len,
                              <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)),
                 True, True, False, self.idx)
         if size <= <uint64_t>_CHUNK_SIZE:
-            txn.put(key + _FIRST_CHUNK, data, True, True, False, self.dat)
+            first = _pair(size, check) + data  # the prefix, then the bytes: chunk 0
+            txn.put(key + _FIRST_CHUNK, first, True, True, False, self.dat)
         else:
-            _write_chunks(txn, self.dat, key, data)
+            _write_chunks(txn, self.dat, key, data, check)
         txn.put(_lru_key(now_ns, key), b"", True, True, False, self.lru)
         txn.put(RECORDS, _pair(c_count + 1, c_total + size), True, True, False, self.meta)
         return len(victims)
@@ -783,13 +797,17 @@ cdef class Reader:
         self._close_c()
 
     cdef object _lookup_c(self, bytes key):
-        """``Index.lookup`` through the C API: None when absent, False when damaged."""
-        cdef MDB_val k, v
+        """``Index.lookup`` through the C API: None when absent, False when damaged.
+
+        One B-tree lookup for a hit: chunk 0 of ``dat`` starts with the size
+        and checksum; ``idx`` is read only when there are no bytes.
+        """
+        cdef MDB_val k, v, ik
         cdef unsigned char ckey[KEYLEN + 4]
         cdef const unsigned char *h
-        cdef uint64_t size, done = 0, part
+        cdef uint64_t size, done, part, last
         cdef uint64_t check
-        cdef unsigned int chunk = 0
+        cdef unsigned int chunk
         cdef bytes data
         cdef char *out
         cdef int rc = mdb_txn_renew(self._ctxn)
@@ -797,59 +815,63 @@ cdef class Reader:
             self._close_c()  # this environment is unusable: py-lmdb from now on
             return self._lookup_py(key)
         try:
-            k.mv_size = KEYLEN
-            k.mv_data = <void *>PyBytes_AS_STRING(key)
-            rc = mdb_get(self._ctxn, self._idx, &k, &v)
-            if rc == MDB_NOTFOUND:
-                return None
+            memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
+            _set_chunk(ckey, 0)
+            k.mv_size = KEYLEN + 4
+            k.mv_data = ckey
+            rc = mdb_get(self._ctxn, self._dat, &k, &v)
+            if rc == MDB_NOTFOUND:  # no bytes: absent, or an index entry without them (damage)
+                ik.mv_size = KEYLEN
+                ik.mv_data = <void *>PyBytes_AS_STRING(key)
+                rc = mdb_get(self._ctxn, self._idx, &ik, &v)
+                if rc == MDB_NOTFOUND:
+                    return None
+                if rc != 0:
+                    raise _mdb_error(rc, "mdb_get")
+                return False
             if rc != 0:
                 raise _mdb_error(rc, "mdb_get")
-            if v.mv_size <= HDR:
+            if v.mv_size < PREFIX:
                 return False
             h = <const unsigned char *>v.mv_data
             size = _get_le(h, 8)
-            check = _get_le(h + 24, 8)
-            if size > MAX_RECORD:
-                return False
-            memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
-            k.mv_size = KEYLEN + 4
-            k.mv_data = ckey
-            if size > <uint64_t>_CHUNK_SIZE:
-                # Before allocating what a (possibly damaged) header claims: its last chunk must
+            check = _get_le(h + 8, 8)
+            if size <= <uint64_t>_CHUNK_SIZE:
+                if v.mv_size != PREFIX + size:
+                    return False
+                data = PyBytes_FromStringAndSize(<const char *>h + PREFIX, <Py_ssize_t>size)
+            else:
+                if size > MAX_RECORD or v.mv_size != PREFIX + <uint64_t>_CHUNK_SIZE:
+                    return False
+                # Before allocating what a (possibly damaged) prefix claims: the last chunk must
                 # exist with the length that size implies (as the twin finds out chunk by chunk).
-                chunk = <unsigned int>((size - 1) // <uint64_t>_CHUNK_SIZE)
-                ckey[KEYLEN] = (chunk >> 24) & 0xFF
-                ckey[KEYLEN + 1] = (chunk >> 16) & 0xFF
-                ckey[KEYLEN + 2] = (chunk >> 8) & 0xFF
-                ckey[KEYLEN + 3] = chunk & 0xFF
+                last = (size - 1) // <uint64_t>_CHUNK_SIZE
+                _set_chunk(ckey, <unsigned int>last)
                 rc = mdb_get(self._ctxn, self._dat, &k, &v)
                 if rc == MDB_NOTFOUND:
                     return False
                 if rc != 0:
                     raise _mdb_error(rc, "mdb_get")
-                if v.mv_size != size - <uint64_t>chunk * <uint64_t>_CHUNK_SIZE:
+                if v.mv_size != size - last * <uint64_t>_CHUNK_SIZE:
                     return False
-                chunk = 0
-            data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
-            out = PyBytes_AS_STRING(data)
-            while True:  # chunk i is key + big-endian u32 i, CHUNK_SIZE bytes but the last
-                ckey[KEYLEN] = (chunk >> 24) & 0xFF
-                ckey[KEYLEN + 1] = (chunk >> 16) & 0xFF
-                ckey[KEYLEN + 2] = (chunk >> 8) & 0xFF
-                ckey[KEYLEN + 3] = chunk & 0xFF
-                part = size - done if size - done < <uint64_t>_CHUNK_SIZE else <uint64_t>_CHUNK_SIZE
-                rc = mdb_get(self._ctxn, self._dat, &k, &v)
-                if rc == MDB_NOTFOUND:
-                    return False
-                if rc != 0:
-                    raise _mdb_error(rc, "mdb_get")
-                if v.mv_size != part:
-                    return False
-                memcpy(out + done, v.mv_data, part)
-                done += part
-                chunk += 1
-                if done >= size:
-                    break
+                data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
+                out = PyBytes_AS_STRING(data)
+                memcpy(out, h + PREFIX, _CHUNK_SIZE)  # h stays valid until the reset below
+                done = _CHUNK_SIZE
+                chunk = 1
+                while done < size:  # chunk i: key + big-endian u32 i, CHUNK_SIZE bytes but the last
+                    _set_chunk(ckey, chunk)
+                    part = size - done if size - done < <uint64_t>_CHUNK_SIZE else <uint64_t>_CHUNK_SIZE
+                    rc = mdb_get(self._ctxn, self._dat, &k, &v)
+                    if rc == MDB_NOTFOUND:
+                        return False
+                    if rc != 0:
+                        raise _mdb_error(rc, "mdb_get")
+                    if v.mv_size != part:
+                        return False
+                    memcpy(out + done, v.mv_data, part)
+                    done += part
+                    chunk += 1
         finally:
             if self._ctxn != NULL:
                 mdb_txn_reset(self._ctxn)

@@ -11,9 +11,11 @@ LMDB layout (one environment, four named databases):
          length) followed by the record's full name. The key is the 16-byte
          xxh3-128 of the name, since LMDB keys stop at 511 bytes.
 ``dat``  key + big-endian u32 chunk number -> the record's bytes, in chunks of
-         at most ``CHUNK_SIZE`` (16 pages with LMDB's node header): a large
-         record never needs a long run of free pages, which would fragment
-         the file under churn of mixed sizes.
+         at most ``CHUNK_SIZE``; chunk 0 starts with ``<QQ`` (size, checksum),
+         so a get reads ``dat`` alone (one B-tree lookup for most records).
+         A chunk value is at most 65,504 bytes (16 pages with LMDB's node
+         header): a large record never needs a long run of free pages, which
+         would fragment the file under churn of mixed sizes.
 ``lru``  big-endian last_ns + key -> b"": a cursor walk from the first entry
          meets the least recently referred record first.
 ``meta`` ``records`` -> ``<QQ`` (count, total bytes), ``access`` -> ``<QQ``
@@ -42,7 +44,9 @@ _PAIR = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 
 U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
-CHUNK_SIZE = 65536 - 32
+CHUNK_SIZE = 65536 - 32 - 16  # record bytes per chunk; chunk 0 also holds the 16-byte prefix
+_PREFIX = _PAIR  # size, checksum: in front of chunk 0
+PREFIX_SIZE = _PREFIX.size
 _CHUNK = struct.Struct(">I")
 _FIRST_CHUNK = _CHUNK.pack(0)
 RECORDS = b"records"
@@ -141,25 +145,45 @@ def chunk_count(size: int) -> int:
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE or 1
 
 
-def read_chunks(txn: Any, dat: Any, key: bytes, size: int) -> Optional[bytes]:
-    """A record's bytes joined from its chunks; None when one is missing."""
+def read_record(txn: Any, dat: Any, key: bytes) -> Any:
+    """A record's bytes from ``dat`` alone: None when it has no chunk 0, False when damaged.
+
+    Damaged: a short prefix, a missing or wrongly sized chunk, or bytes that
+    fail the checksum in the prefix.
+    """
+    first = txn.get(key + _FIRST_CHUNK, None, dat)
+    if first is None:
+        return None
+    if len(first) < PREFIX_SIZE:
+        return False
+    size, check = _PREFIX.unpack_from(first)
     if size <= CHUNK_SIZE:
-        return txn.get(key + _FIRST_CHUNK, None, dat)  # type: ignore[no-any-return]
-    parts = []
-    for i in range(chunk_count(size)):
-        part = txn.get(key + _CHUNK.pack(i), None, dat)
-        if part is None:
-            return None
-        parts.append(part)
-    return b"".join(parts)
+        data = first[PREFIX_SIZE:]
+    else:
+        parts = [first[PREFIX_SIZE:]]
+        for i in range(1, chunk_count(size)):
+            part = txn.get(key + _CHUNK.pack(i), None, dat)
+            if part is None:
+                return False
+            parts.append(part)
+        data = b"".join(parts)
+    if len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
+        return False
+    return data
 
 
-def write_chunks(txn: Any, dat: Any, key: bytes, data: Any) -> None:
-    if len(data) <= CHUNK_SIZE:
-        txn.put(key + _FIRST_CHUNK, data, db=dat)
-        return
+def read_prefix(txn: Any, dat: Any, key: bytes) -> Optional[Tuple[int, int]]:
+    """(size, checksum) from the front of chunk 0; None when missing or short."""
+    first = txn.get(key + _FIRST_CHUNK, None, dat)
+    if first is None or len(first) < PREFIX_SIZE:
+        return None
+    return _PREFIX.unpack_from(first)  # type: ignore[return-value]
+
+
+def write_chunks(txn: Any, dat: Any, key: bytes, data: Any, check: int) -> None:
     view = memoryview(data)
-    for i in range(chunk_count(len(data))):
+    txn.put(key + _FIRST_CHUNK, _PREFIX.pack(len(data), check) + view[:CHUNK_SIZE], db=dat)
+    for i in range(1, chunk_count(len(data))):
         txn.put(key + _CHUNK.pack(i), view[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE], db=dat)
 
 
@@ -280,15 +304,13 @@ class Index:
         return txn.get(key, None, self.idx) is not None
 
     def lookup(self, txn: Any, key: bytes) -> Any:
-        """The record's bytes; None when absent; False when its bytes fail the checksum."""
-        hdr = txn.get(key, None, self.idx)
-        if hdr is None:
-            return None
-        if len(hdr) <= HEADER_SIZE:
-            return False
-        size, _refs, _last, check, _lid = _HDR.unpack_from(hdr)
-        data = read_chunks(txn, self.dat, key, size)
-        if data is None or len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
+        """The record's bytes; None when absent; False when its bytes fail the checksum.
+
+        One lookup in ``dat`` for a hit; ``idx`` only when there are no bytes
+        (an index entry without them is damage, not a miss).
+        """
+        data = read_record(txn, self.dat, key)
+        if data is None and txn.get(key, None, self.idx) is not None:
             return False
         return data
 
@@ -334,9 +356,9 @@ class Index:
                 total -= vsize
             txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)
         now_ns = last_ns or time.time_ns()
-        txn.put(key, _HDR.pack(size, refs, now_ns, xxhash.xxh3_64_intdigest(data), lid_len) + name,
-                db=self.idx)
-        write_chunks(txn, self.dat, key, data)
+        check = xxhash.xxh3_64_intdigest(data)
+        txn.put(key, _HDR.pack(size, refs, now_ns, check, lid_len) + name, db=self.idx)
+        write_chunks(txn, self.dat, key, data, check)
         txn.put(_TS.pack(now_ns) + key, b"", db=self.lru)
         txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
         return len(victims)
@@ -459,13 +481,16 @@ class Index:
                     problems.append(f"record {label}: key does not match its name")
                 if not 1 <= lid < len(name):
                     problems.append(f"record {label}: bad layer_id length {lid}")
-                data = read_chunks(txn, self.dat, key, size)
+                prefix = read_prefix(txn, self.dat, key)
+                data = read_record(txn, self.dat, key)
                 if data is None:
                     problems.append(f"record {label}: bytes are missing")
-                elif len(data) != size:
-                    problems.append(f"record {label}: size {len(data)} != indexed {size}")
-                elif xxhash.xxh3_64_intdigest(data) != check:
-                    problems.append(f"record {label}: checksum mismatch")
+                elif prefix is None:
+                    problems.append(f"record {label}: first chunk too short for its size and checksum")
+                elif prefix != (size, check):
+                    problems.append(f"record {label}: stored size/checksum {prefix} != indexed {(size, check)}")
+                elif data is False:
+                    problems.append(f"record {label}: checksum mismatch (or a missing or short chunk)")
                 expected_lru.add(_TS.pack(last) + key)
                 count += 1
                 total += size

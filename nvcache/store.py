@@ -43,8 +43,10 @@ from .locking import (READERS_FILE, BadTable, FileLock, ReaderTable, fork_genera
 
 log = logging.getLogger("nvcache")
 
-FORMAT_VERSION = 3  # 2: record bytes in chunks of at most 64 KiB; 3: the readers table
-FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked), lru, meta; readers table"
+# 2: record bytes in chunks of at most 64 KiB; 3: the readers table; 4: size and checksum in front
+# of a record's first chunk (a get reads dat alone)
+FORMAT_VERSION = 4
+FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked, size+checksum first), lru, meta; readers table"
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"  # every process using the cache holds a shared flock on it

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -481,8 +482,11 @@ def test_checksum_mismatch_is_a_logged_miss(Cache, cache_dir, caplog, core):
     holder = Cache(cache_dir, 1)  # keeps the cache in use, so tampering is not an unclean close
     holder.put(DIGEST, b"the right bytes")
     holder.put(lid(1), b"other")
-    # Change the stored bytes behind the cache's back, keeping the index entry.
-    tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()) + b"\0\0\0\0", b"the wrong bytes")
+    # Change the stored bytes behind the cache's back (same length), keeping the index entry and
+    # the size and checksum stored in front of them.
+    prefix = struct.pack("<QQ", 15, core.checksum(b"the right bytes"))
+    tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()) + b"\0\0\0\0",
+           prefix + b"the wrong bytes")
     with caplog.at_level(logging.WARNING, logger="nvcache"):
         with holder as cache:
             assert any("checksum mismatch" in p for p in cache.verify())
@@ -663,17 +667,14 @@ def test_malformed_evictions_counter_is_damage_in_the_dump(Cache, cache_dir):
         holder.close()
 
 
-def test_an_absurd_size_in_a_header_is_a_miss_not_an_allocation(Cache, cache_dir, core):
-    """A damaged header claiming 512 GiB: a logged miss that drops the record (no MemoryError)."""
+def test_an_absurd_stored_size_is_a_miss_not_an_allocation(Cache, cache_dir, core):
+    """Damage claiming 512 GiB in front of a record's bytes: a logged miss that drops it (no MemoryError)."""
     holder = Cache(cache_dir, 1)
     try:
         holder.put(DIGEST, b"r" * 100)
-        name, lid_len = core.record_name(DIGEST, "layer_file")
-        key = core.name_key(name)
-        store = holder._store
-        with store.env.begin() as txn:
-            _size, refs, last_ns, check, lid_len, _name = core.unpack_header(txn.get(key, db=store.index.idx))
-        tamper(cache_dir, "idx", key, core.pack_header(1 << 39, refs, last_ns, check, lid_len, name))
+        key = core.name_key(core.record_name(DIGEST, "layer_file")[0])
+        damaged = struct.pack("<QQ", 1 << 39, core.checksum(b"r" * 100)) + b"r" * 100
+        tamper(cache_dir, "dat", key + b"\0\0\0\0", damaged)
         assert holder.get(DIGEST) is None
         assert holder.put(DIGEST, b"new") is True  # the damaged record was dropped
         assert holder.get(DIGEST) == b"new" and holder.verify() == []
