@@ -384,10 +384,6 @@ class ReaderTable:
     def leave_write(self) -> None:
         self.mm[FLAG_OFFSET] = 0
 
-    def busy_slots(self) -> int:
-        """How many slots are set now (for tests and tools)."""
-        return sum(1 for i in range(SLOTS) if self.mm[SLOTS_OFFSET + i * SLOT_SIZE])
-
     def close(self) -> None:
         self._drop_claim()
         try:
