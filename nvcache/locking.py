@@ -216,9 +216,10 @@ class FileLock:
 # the flag, then waits for every set slot to clear. Each side makes its store
 # visible before its load (a full fence), so at least one of them sees the
 # other: either the reader falls back to the shared flock and waits, or the
-# writer waits for the reader. A slot is owned through an OFD lock on its byte
-# of the file, which the kernel drops when the owner dies, so a writer can tell
-# a slot left set by a killed process (and clears it) from a slow reader.
+# writer waits for the reader. Slot i is owned through an OFD lock on byte i
+# of the file (a token: those bytes guard nothing), which the kernel drops
+# when the owner dies, so a writer can tell a slot left set by a killed
+# process (and clears it) from a slow reader.
 #
 # The table belongs to one data.mdb: it is created with it, and data.mdb
 # records the table's nonce. A table that is missing or foreign when a process

@@ -602,8 +602,13 @@ class Store:
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
+    def _refresh_if_stale(self) -> None:
+        """Reopen first if another process rebuilt the file (an fstat; not for the hot get)."""
+        if self._stale():
+            self._refresh()
+
     def _via_reader(self, method: str, *args: Any) -> Any:
-        """``reader.<method>(*args)``, retried once if another thread replaced the reader meanwhile."""
+        """``reader.<method>(*args)``, retried while other threads keep replacing the reader."""
         if not self._ok:
             self._refresh()
         for _attempt in range(8):  # each retry follows a finished reopen by another thread
@@ -623,20 +628,18 @@ class Store:
         ``fresh``: first reopen if another process rebuilt the file (a put must
         not skip its write because of a record in a file nobody uses any more).
         """
-        if fresh and self._stale():
-            self._refresh()
+        if fresh:
+            self._refresh_if_stale()
         return bool(self._via_reader("contains", key))
 
     def cache_data(self) -> Dict[str, Any]:
         """The seed's dump, after reopening if another process rebuilt the file."""
-        if self._stale():
-            self._refresh()
+        self._refresh_if_stale()
         return self._via_reader("cache_data")  # type: ignore[no-any-return]
 
     def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Like :meth:`read`, but first reopen if another process rebuilt the file."""
-        if self._stale():
-            self._refresh()
+        self._refresh_if_stale()
         return self.read(fn, *args)
 
     def write(self, fn: Optional[Callable[..., Any]], *args: Any, timeout: Optional[float] = None) -> Any:
