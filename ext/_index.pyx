@@ -322,13 +322,14 @@ cdef inline bint _header_ok(bytes hdr):
 cdef class Index:
     """The record index over the four databases of one environment (see fallback.py)."""
 
-    cdef public object idx, dat, lru, meta
+    cdef public object idx, dat, lru, meta, reserve
 
     def __init__(self, idx, dat, lru, meta):
         self.idx = idx
         self.dat = dat
         self.lru = lru
         self.meta = meta
+        self.reserve = None
 
     # -- counters ---------------------------------------------------------
     cdef tuple _pair(self, txn, bytes name):
@@ -434,6 +435,9 @@ cdef class Index:
             if not room:
                 raise CacheFull(
                     f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+        if self.reserve is not None:
+            self.reserve(len(victims), size)
+        if victims:
             for vkey, vlast, vsize in victims:
                 self._remove(txn, vkey, vlast, vsize)
                 c_count -= 1

@@ -354,7 +354,8 @@ class CacheCollector:
                     return None
                 stats = cache.stats()
                 evictions = cache.evictions() or 0
-                size = os.stat(os.path.join(self.path, DATA_FILE)).st_size
+                st = os.stat(os.path.join(self.path, DATA_FILE))
+                size = min(st.st_size, st.st_blocks * 512)  # on disk: with a write map the file is sparse
                 return stats, evictions, cache.max_bytes, size
             except (CacheError, OSError) as exc:
                 log.warning("cannot read the cache at %s: %s", self.path, exc)

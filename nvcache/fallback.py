@@ -27,7 +27,7 @@ from __future__ import annotations
 import fcntl
 import struct
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
@@ -272,6 +272,9 @@ class Index:
         self.dat = dat
         self.lru = lru
         self.meta = meta
+        # Called as reserve(victims, size) once an insert knows what it will write and before it
+        # changes anything: the store makes sure the disk has room for it (its write map).
+        self.reserve: Optional[Callable[[int, int], None]] = None
 
     # -- counters ---------------------------------------------------------
     def _pair(self, txn: Any, name: bytes) -> Tuple[int, int]:
@@ -350,6 +353,9 @@ class Index:
             else:
                 raise CacheFull(
                     f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+        if self.reserve is not None:
+            self.reserve(len(victims), size)
+        if victims:
             for vkey, vlast, vsize in victims:
                 self._remove(txn, vkey, vlast, vsize)
                 count -= 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import faulthandler
 import fcntl
 import hashlib
 import json
@@ -427,10 +428,27 @@ def populate(Cache: type, path: str) -> None:
             cache.get(lid(i))
 
 
+def lmdb_used_bytes(path: str) -> int:
+    """The bytes of an LMDB file in use (up to its last page), read from the newer meta page.
+
+    With a write map the file is as long as the whole map (sparse, 64 GiB): damage aimed at its
+    size would land in holes. Falls back to the file's size when the meta pages are unreadable.
+    """
+    with open(path, "rb") as f:
+        head = f.read(2 * PAGE)
+    try:
+        metas = [head[:PAGE], head[PAGE:]]
+        meta = max(metas, key=lambda m: struct.unpack_from("<Q", m, 144)[0])
+        used = (struct.unpack_from("<Q", meta, 136)[0] + 1) * PAGE
+    except struct.error:
+        return os.path.getsize(path)
+    return min(used, os.path.getsize(path))
+
+
 def live_pages(path: str) -> Dict[str, List[int]]:
     """The pages of data.mdb in use, by kind: walks LMDB's B-trees from the newest meta page."""
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read(lmdb_used_bytes(path))
 
     def page(n: int) -> bytes:
         return raw[n * PAGE:(n + 1) * PAGE]
@@ -474,7 +492,7 @@ def damage(path: str, fname: str, kind: str, rng: random.Random) -> str:
     if fname == "lock" and not os.path.exists(target):
         # nvcache locks the directory; a `lock` file is a stale or foreign one (the seed's layout has it)
         open(target, "wb").close()
-    size = os.path.getsize(target)
+    size = lmdb_used_bytes(target) if fname == "data.mdb" else os.path.getsize(target)
 
     def scribble(start: int, end: int, spans: int) -> str:
         done = []
@@ -1143,7 +1161,8 @@ def test_planted_symlink_inside_never_leads_a_write_out(Cache, tmp_path, name, v
         src = tmp_path / "src"
         with Cache(str(src), 1) as cache:
             cache.put(lid(2), record(2, 5000))
-        shutil.copyfile(src / "data.mdb", victim)
+        with open(src / "data.mdb", "rb") as f:  # the used part (the file may be a sparse map)
+            victim.write_bytes(f.read(lmdb_used_bytes(str(src / "data.mdb"))))
     os.chmod(victim, 0o644)
     before = victim.read_bytes()
     vst = os.stat(victim)
@@ -1414,6 +1433,50 @@ def test_disk_full(Cache, small_tmpfs, children):
             cache.close()
         except CacheError:
             pass
+
+
+def _fill_through_the_write_map(Cache: type, root: str, reserve: bool) -> Callable[[], Any]:
+    """A child that opens a cache with the write map, fills the disk, then keeps putting."""
+    def run() -> Any:
+        from nvcache import store
+        if not reserve:  # the control: the write map without the store's fallocate
+            store.Store._reserve = lambda self, pages, data=0: None
+            faulthandler.disable()  # its SIGBUS is expected: no traceback on the test's output
+        path = os.path.join(root, "caches")
+        with Cache(path, 64) as cache:
+            assert cache._store.writemap, "the write map is off on this tmpfs"
+            for i in range(10):
+                cache.put(lid(i), record(i, 20_000))
+            fill(os.path.join(root, "ballast"), 300_000)
+            errors = 0
+            for i in range(10, 200):
+                try:
+                    cache.put(lid(i), record(i, 50_000))
+                except CacheError:
+                    errors += 1
+            wrong = [i for i in range(10) if cache.get(lid(i)) != record(i, 20_000)]
+            return {"errors": errors, "wrong": wrong, "writemap_left_on": cache._store.writemap}
+    return run
+
+
+def test_a_full_disk_under_the_write_map_is_an_error_not_sigbus(Cache, small_tmpfs):
+    """LMDB's write map stores into a sparse file: on a full disk that is SIGBUS, unless the
+    store reserved the blocks first. The control run (no reservation) shows the hazard is real
+    on this file system; the store's own run must end in CacheErrors or pwrite commits."""
+    from nvcache import store
+    if not store.writemap_wanted(str(small_tmpfs), store._MIN_MAP_SIZE):
+        pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
+    control_root = small_tmpfs / "control"
+    control_root.mkdir()
+    control = run_forked(_fill_through_the_write_map(Cache, str(control_root), reserve=False))
+    shutil.rmtree(control_root)
+    mine_root = small_tmpfs / "mine"
+    mine_root.mkdir()
+    mine = run_forked(_fill_through_the_write_map(Cache, str(mine_root), reserve=True))
+    assert mine.kind == "ok", mine
+    assert mine.value["wrong"] == [] and mine.value["errors"] > 0, mine.value
+    assert mine.value["writemap_left_on"] is False  # the store fell back to pwrite commits
+    assert control.kind == "signal" and control.value == signal.SIGBUS, control
 
 
 def test_disk_full_at_creation(Cache, small_tmpfs):
