@@ -283,8 +283,9 @@ class Worker:
                "--lock-timeout", repr(args.lock_timeout)]
         if args.durable:
             cmd.append("--durable")
-        if args.core == "mixed":  # odd workers on the pure-Python twin: both cores on one cache
-            env = dict(env, NVCACHE_NO_EXTENSIONS="1" if self.slot % 2 else "")
+        if args.core == "mixed":  # both cores, with and without the write map, on one cache
+            env = dict(env, NVCACHE_NO_EXTENSIONS="1" if self.slot % 2 else "",
+                       NVCACHE_WRITEMAP="0" if self.slot // 2 % 2 else "1")
         if self.pidns:
             cmd = ["unshare", "--pid", "--fork", "--kill-child", "--"] + cmd + ["--in-pidns"]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
@@ -607,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds")
     p.add_argument("--path", default="", help="cache directory (default: a fresh temporary one)")
     p.add_argument("--core", choices=("auto", "ext", "py", "mixed"), default="auto",
-                   help="hot index: compiled, pure Python, as NVCACHE_NO_EXTENSIONS says, or mixed (odd workers on the twin)")
+                   help="hot index: compiled, pure Python, as NVCACHE_NO_EXTENSIONS says, or mixed (odd workers "
+                        "on the twin; workers 2-3 of every 4 without the write map)")
     p.add_argument("--pidns", type=int, default=-1,
                    help="workers run as PID 1 in their own PID namespace (-1: a quarter, where unshare works)")
     p.add_argument("--mix", default=DEFAULT_MIX, help="op weights")
