@@ -355,6 +355,10 @@ cdef class Index:
         hits, misses = self._pair(txn, ACCESS)
         return count, total, hits, misses, self._evictions(txn)
 
+    def records(self, txn):
+        """(record count, total bytes)."""
+        return self._pair(txn, RECORDS)
+
     def count(self, txn):
         return self._pair(txn, RECORDS)[0]
 

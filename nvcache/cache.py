@@ -16,9 +16,10 @@ A scanner that treats ``CacheError`` as a miss can never be taken down or
 fed wrong bytes by its cache.
 
 Reads take the shared lock only; the reference count, last reference and
-hit/miss counters they change are buffered in the process and written with
-the next write, by :meth:`LayerCache.flush`, or at least once a second while
-the process is active (see :mod:`nvcache.store`).
+hit/miss counters they change are buffered in the process and written before
+a put that evicts, by :meth:`LayerCache.flush` (and stats, dumps, verify,
+close), or at least once a second while the process is active (see
+:mod:`nvcache.store`).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class LayerCache:
         if store.contains(key, fresh=True):  # the first record stays: no write lock, no transaction
             return False
         evicted = store.write(core.Index.insert, key, name, lid, data, self.max_bytes, keep_ids,
-                              refs, last_ns)
+                              refs, last_ns, defer=(key, len(data), self.max_bytes))
         return evicted >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
@@ -241,7 +242,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
-        return bool(store.write(self._core.Index.remove, key))
+        return bool(store.write(self._core.Index.remove, key, defer=(key, 0, None)))
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Whether a record exists; counts no hit, miss or reference."""

@@ -299,6 +299,10 @@ class Index:
         hits, misses = self._pair(txn, ACCESS)
         return count, total, hits, misses, self._evictions(txn)
 
+    def records(self, txn: Any) -> Tuple[int, int]:
+        """(record count, total bytes)."""
+        return self._pair(txn, RECORDS)
+
     def count(self, txn: Any) -> int:
         return self._pair(txn, RECORDS)[0]
 

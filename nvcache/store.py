@@ -9,7 +9,7 @@ descriptor anyway.
 
 Every transaction runs under the lock: :meth:`Store.read` under the shared
 lock, :meth:`Store.write` under the exclusive one, which also applies the
-process's buffered accesses first. The store turns every LMDB failure into
+process's buffered accesses first (unless the write may leave them for later). The store turns every LMDB failure into
 CacheError; when the failure means the file is damaged, the next writer
 rebuilds it (never on contention, "already open" or a full disk).
 
@@ -774,8 +774,18 @@ class Store:
         self._refresh_if_stale()
         return self.read(fn, *args)
 
-    def write(self, fn: Optional[Callable[..., Any]], *args: Any, timeout: Optional[float] = None) -> Any:
+    def write(self, fn: Optional[Callable[..., Any]], *args: Any, timeout: Optional[float] = None,
+              defer: Optional[Tuple[bytes, int, Optional[int]]] = None) -> Any:
         """Apply buffered accesses, then ``fn(index, txn, *args)``, in one write transaction.
+
+        ``defer=(key, size, max_bytes)``: the buffer may stay for later unless
+        inserting ``size`` bytes under ``max_bytes`` evicts (a put applies its
+        buffer before choosing victims; ``max_bytes`` None: never, for a
+        delete). Rewriting up to hundreds of buffered headers on every delete or
+        small put would cost more than the write. If ``fn`` then removed or
+        inserted ``key`` (a result other than False or -1), the buffered
+        references to ``key`` are dropped: they belong to a record of that name
+        that is gone (their hits still count).
 
         If the transaction meets a damaged file, the file is rebuilt (we hold
         the exclusive lock) and the operation retried once on the new one: a
@@ -790,7 +800,7 @@ class Store:
             attempt = 0
             while True:
                 attempt += 1
-                taken = self.buffer.take()
+                taken = None
                 try:
                     if self._stale():
                         self._reopen_locked()
@@ -802,12 +812,16 @@ class Store:
                     try:
                         if self.writemap:
                             self._txn_used = -1
-                            self._reserve(len(taken[0]) * _PAGES_PER_KEY)  # an insert adds its own
+                            self._reserve(0)  # the applied buffer and an insert add theirs
                         txn = env.begin(write=True)
                         try:
-                            pending, hits, misses, _first = taken
-                            if pending or hits or misses:
-                                self.index.apply(txn, pending, hits, misses)
+                            if defer is None or self._evicts(txn, defer):
+                                taken = self.buffer.take()
+                                pending, hits, misses, _first = taken
+                                if pending or hits or misses:
+                                    if self.writemap:
+                                        self._reserve(len(pending) * _PAGES_PER_KEY)
+                                    self.index.apply(txn, pending, hits, misses)
                             result = fn(self.index, txn, *args) if fn is not None else None
                         except BaseException:
                             txn.abort()
@@ -816,18 +830,20 @@ class Store:
                     finally:
                         table.leave_write()
                 except DATA_ERRORS as exc:
-                    self.buffer.restore(taken)
+                    self._untake(taken)
                     failure = self._failure(exc)
                     if attempt >= 2 or not self._damaged:
                         raise failure from exc
                     continue
                 except _NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
-                    self.buffer.restore(taken)
+                    self._untake(taken)
                     self._stop_writemap(str(exc))
                     continue
                 except BaseException:
-                    self.buffer.restore(taken)
+                    self._untake(taken)
                     raise
+                if defer is not None and taken is None and result is not False and result != -1:
+                    self.buffer.pending.pop(defer[0], None)
                 if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
                     try:
                         self.env.sync(True)
@@ -836,6 +852,14 @@ class Store:
                 return result
         finally:
             lock.release()
+
+    def _evicts(self, txn: Any, defer: Tuple[bytes, int, Optional[int]]) -> bool:
+        _key, size, max_bytes = defer
+        return max_bytes is not None and self.index.records(txn)[1] + size > max_bytes
+
+    def _untake(self, taken: Optional[Tuple[Any, ...]]) -> None:
+        if taken is not None:  # what a failed transaction did not write goes back to the buffer
+            self.buffer.restore(taken)
 
     def _reopen_locked(self) -> None:
         # We hold the exclusive lock, so nobody else can rebuild meanwhile.

@@ -305,6 +305,45 @@ def test_put_applies_own_buffered_hits_before_choosing_victims(make_cache):
     assert lid(0) in cache and lid(1) not in cache
 
 
+def test_a_new_record_never_inherits_buffered_references_of_its_name(make_cache):
+    """Deletes and puts that fit leave the buffer for later; a record deleted and put again
+    by this process starts at 0 references, and the hits seen before still count."""
+    cache = make_cache()
+    cache.put(lid(1), b"old")
+    cache.put(lid(2), b"other")
+    assert cache.get(lid(1)) == b"old" and cache.get(lid(1)) == b"old"  # two buffered references
+    assert cache.get(lid(2)) == b"other"
+    assert cache.delete(lid(1))
+    assert cache.put(lid(1), b"new")
+    by_name = {r["layer_id"]: r for r in cache.cache_data()["cache_records"]}
+    assert by_name[lid(1) + "_layer_file"]["reference_count"] == 0
+    assert by_name[lid(2) + "_layer_file"]["reference_count"] == 1  # kept, then applied
+    assert cache.stats()["cache_hits"] == 3
+
+
+def test_a_put_that_fits_leaves_the_buffer_and_one_that_evicts_applies_it(make_cache, tmp_path):
+    """Seen from another process: a put that fits writes no buffered reference; an evicting
+    put writes them first (so they decide its victims)."""
+    cache = make_cache(300 / MiB)
+    cache.put(lid(0), b"x" * 100)
+    cache.put(lid(1), b"x" * 100)
+    cache.get(lid(0))
+    cache.put(lid(2), b"x" * 100)  # fits: 300 of 300 bytes
+    path = cache.path
+
+    def refs_elsewhere():
+        code = ("import json, sys, nvcache; c = nvcache.LayerCache(sys.argv[1], 300 / 1048576); "
+                "print(json.dumps({r['layer_id']: r['reference_count'] for r in c.cache_data()['cache_records']}))")
+        env = dict(os.environ, NVCACHE_NO_EXTENSIONS="" if type(cache)._core.__name__.endswith("_index") else "1")
+        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, check=True)
+        return json.loads(out.stdout)
+
+    assert refs_elsewhere()[lid(0) + "_layer_file"] == 0  # still buffered
+    cache.put(lid(3), b"x" * 100)  # evicts: lid(1), the oldest unreferenced one
+    refs = refs_elsewhere()
+    assert refs[lid(0) + "_layer_file"] == 1 and lid(1) + "_layer_file" not in refs
+
+
 # -- the dump ----------------------------------------------------------------------
 
 def test_cache_data_format(make_cache):
