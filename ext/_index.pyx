@@ -357,6 +357,8 @@ cdef class Index:
 
     def records(self, txn):
         """(record count, total bytes)."""
+        if type(txn) is Writer:
+            return _pair_w(<Writer>txn, RECORDS)
         return self._pair(txn, RECORDS)
 
     def count(self, txn):
@@ -411,6 +413,8 @@ cdef class Index:
         (nothing changes). Raises CacheFull, before changing anything, when
         only kept records could make room.
         """
+        if type(txn) is Writer:
+            return _insert_w(self, <Writer>txn, key, name, lid_len, data, max_bytes, keep, refs, last_ns)
         if txn.get(key, None, self.idx) is not None:
             return -1
         cdef uint64_t size = len(data)
@@ -486,6 +490,9 @@ cdef class Index:
 
     def apply(self, txn, dict pending, hits, misses):
         """Write buffered accesses: reference counts, last references, hit and miss counters."""
+        if type(txn) is Writer:
+            _apply_w(<Writer>txn, pending, hits, misses)
+            return
         cdef bytes key, hdr, new
         cdef list entry
         cdef const unsigned char *p
@@ -663,12 +670,19 @@ cdef extern from "lmdb.h" nogil:
     int mdb_txn_renew(MDB_txn *txn)
     int mdb_dbi_open(MDB_txn *txn, const char *name, unsigned int flags, MDB_dbi *dbi)
     int mdb_get(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data)
+    int mdb_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data, unsigned int flags)
+    int mdb_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data)
     int mdb_cursor_open(MDB_txn *txn, MDB_dbi dbi, MDB_cursor **cursor)
     void mdb_cursor_close(MDB_cursor *cursor)
     int mdb_cursor_get(MDB_cursor *cursor, MDB_val *key, MDB_val *data, MDB_cursor_op op)
     const char *mdb_strerror(int err)
     enum:
         MDB_NOLOCK
+        MDB_WRITEMAP
+        MDB_NOSYNC
+        MDB_NOMETASYNC
+        MDB_RESERVE
+        MDB_MAP_FULL
         MDB_RDONLY
         MDB_NORDAHEAD
         MDB_NOTLS
@@ -693,6 +707,7 @@ cdef dict _MDB_ERRORS = {
     MDB_BAD_VALSIZE: _lmdb.BadValsizeError, MDB_INCOMPATIBLE: _lmdb.IncompatibleError,
     MDB_PANIC: _lmdb.PanicError, MDB_BAD_TXN: _lmdb.BadTxnError, MDB_BAD_RSLOT: _lmdb.BadRslotError,
     MDB_BAD_DBI: _lmdb.BadDbiError, 22: _lmdb.InvalidParameterError,  # EINVAL
+    MDB_MAP_FULL: _lmdb.MapFullError, 28: _lmdb.DiskError,  # ENOSPC
 }
 
 
@@ -1059,3 +1074,325 @@ cdef class Reader:
         else:
             self.buffer._hit(key, _now_ns())
         return data
+
+
+# -- writes through LMDB's C API ---------------------------------------------------------------
+
+cdef class Writer:
+    """Write transactions through LMDB's C API, for the put path (see fallback.py).
+
+    Its own environment on the store's file (no lock table; the store's
+    flock and the readers table order it with every other writer and
+    reader, as they order processes). The store passes it to Index.insert,
+    Index.apply and Index.records in place of a py-lmdb transaction, and
+    those then run their C twins of the same steps: no py-lmdb object per
+    get, put or delete. Other writes (delete, clear, repairs) stay on
+    py-lmdb. ``begin()`` returns the writer itself, holding the transaction.
+    """
+
+    cdef MDB_env *_env
+    cdef MDB_txn *_txn
+    cdef MDB_dbi _idx, _dat, _lru, _meta
+
+    def __init__(self, env, bint writemap, bint durable):
+        cdef unsigned int flags = MDB_NOLOCK | MDB_NORDAHEAD | MDB_NOTLS
+        if writemap:
+            flags |= MDB_WRITEMAP
+        if not durable:
+            flags |= MDB_NOSYNC | MDB_NOMETASYNC
+        cdef bytes path = env.path().encode()
+        cdef MDB_txn *txn = NULL
+        cdef int rc = mdb_env_create(&self._env)
+        if rc == 0:
+            rc = mdb_env_set_maxdbs(self._env, 4) or mdb_env_set_mapsize(self._env, env.info()["map_size"])
+        if rc == 0:
+            rc = mdb_env_open(self._env, path, flags, 0o640)
+        if rc == 0:
+            rc = mdb_txn_begin(self._env, NULL, MDB_RDONLY, &txn)
+        if rc == 0:
+            rc = (mdb_dbi_open(txn, b"idx", 0, &self._idx) or mdb_dbi_open(txn, b"dat", 0, &self._dat)
+                  or mdb_dbi_open(txn, b"lru", 0, &self._lru) or mdb_dbi_open(txn, b"meta", 0, &self._meta))
+        if rc == 0:
+            rc = mdb_txn_commit(txn)  # the handles outlive the transaction only once it commits
+            txn = NULL
+        if rc != 0:
+            if txn != NULL:
+                mdb_txn_abort(txn)
+            self.close()
+            raise _mdb_error(rc, "opening the write environment")
+
+    def begin(self):
+        if self._env == NULL:
+            raise _lmdb.Error("the write environment is closed")
+        if self._txn != NULL:
+            raise _lmdb.BadTxnError("a write transaction is already open")
+        cdef int rc = mdb_txn_begin(self._env, NULL, 0, &self._txn)
+        if rc != 0:
+            self._txn = NULL
+            raise _mdb_error(rc, "mdb_txn_begin")
+        return self
+
+    def commit(self):
+        cdef MDB_txn *txn = self._txn
+        self._txn = NULL  # freed by LMDB whether or not the commit succeeds
+        if txn == NULL:
+            raise _lmdb.BadTxnError("no write transaction is open")
+        cdef int rc = mdb_txn_commit(txn)
+        if rc != 0:
+            raise _mdb_error(rc, "mdb_txn_commit")
+
+    def abort(self):
+        if self._txn != NULL:
+            mdb_txn_abort(self._txn)
+            self._txn = NULL
+
+    def close(self):
+        self.abort()
+        if self._env != NULL:
+            mdb_env_close(self._env)
+            self._env = NULL
+
+    def __dealloc__(self):
+        if self._txn != NULL:
+            mdb_txn_abort(self._txn)
+        if self._env != NULL:
+            mdb_env_close(self._env)
+
+    cdef inline MDB_txn *_open_txn(self) except NULL:
+        if self._txn == NULL:
+            raise _lmdb.BadTxnError("no write transaction is open")
+        return self._txn
+
+
+cdef inline int _w_check(int rc, str what) except -1:
+    if rc != 0 and rc != MDB_NOTFOUND:
+        raise _mdb_error(rc, what)
+    return rc
+
+
+cdef tuple _pair_w(Writer w, bytes name):
+    cdef MDB_val k, v
+    k.mv_size = PyBytes_GET_SIZE(name)
+    k.mv_data = PyBytes_AS_STRING(name)
+    if _w_check(mdb_get(w._open_txn(), w._meta, &k, &v), "mdb_get") == MDB_NOTFOUND:
+        return (0, 0)
+    if v.mv_size != 16:
+        raise ValueError(f"counter {name!r} is malformed")
+    return (_get_le(<const unsigned char *>v.mv_data, 8), _get_le(<const unsigned char *>v.mv_data + 8, 8))
+
+
+cdef int _put_pair_w(Writer w, bytes name, uint64_t a, uint64_t b) except -1:
+    cdef unsigned char buf[16]
+    cdef MDB_val k, v
+    _set_le(buf, a, 8)
+    _set_le(buf + 8, b, 8)
+    k.mv_size = PyBytes_GET_SIZE(name)
+    k.mv_data = PyBytes_AS_STRING(name)
+    v.mv_size = 16
+    v.mv_data = buf
+    _w_check(mdb_put(w._open_txn(), w._meta, &k, &v, 0), "mdb_put")
+    return 0
+
+
+cdef inline uint64_t _sat_add(uint64_t a, uint64_t b) noexcept:
+    return a + b if a + b >= a else 0xFFFFFFFFFFFFFFFFULL
+
+
+cdef int _put_lru_w(Writer w, uint64_t last_ns, const unsigned char *key, bint delete) except -1:
+    cdef unsigned char buf[8 + KEYLEN]
+    cdef MDB_val k, v
+    _set_be(buf, last_ns)
+    memcpy(buf + 8, key, KEYLEN)
+    k.mv_size = 8 + KEYLEN
+    k.mv_data = buf
+    if delete:
+        _w_check(mdb_del(w._txn, w._lru, &k, NULL), "mdb_del")
+    else:
+        v.mv_size = 0
+        v.mv_data = buf
+        _w_check(mdb_put(w._txn, w._lru, &k, &v, 0), "mdb_put")
+    return 0
+
+
+cdef int _remove_w(Writer w, bytes key, uint64_t last_ns, uint64_t size) except -1:
+    """Index._remove: the record's index entry, chunks and LRU entry."""
+    cdef MDB_txn *txn = w._open_txn()
+    cdef MDB_val k
+    cdef unsigned char ckey[KEYLEN + 4]
+    cdef unsigned int chunk, chunks
+    k.mv_size = KEYLEN
+    k.mv_data = <void *>PyBytes_AS_STRING(key)
+    _w_check(mdb_del(txn, w._idx, &k, NULL), "mdb_del")
+    memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
+    chunks = <unsigned int>((size + <uint64_t>_CHUNK_SIZE - 1) // <uint64_t>_CHUNK_SIZE) or 1
+    k.mv_size = KEYLEN + 4
+    k.mv_data = ckey
+    for chunk in range(chunks):
+        _set_chunk(ckey, chunk)
+        _w_check(mdb_del(txn, w._dat, &k, NULL), "mdb_del")
+    _put_lru_w(w, last_ns, <const unsigned char *>PyBytes_AS_STRING(key), True)
+    return 0
+
+
+cdef bint _take_victims(list group, list victims, frozenset keep, long long over, long long *freed) except -1:
+    """Victims from one group of equal last references, in name order; True once there is room."""
+    cdef bytes vkey, hdr
+    cdef const unsigned char *p
+    cdef uint64_t vsize, vlid
+    if len(group) > 1:
+        group.sort(key=_by_name)
+    for vkey, hdr in group:
+        p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+        vsize = _get_le(p, 8)
+        if keep:
+            vlid = _get_le(p + 32, 2)
+            if hdr[HDR:HDR + vlid] in keep:
+                continue
+        victims.append((vkey, _get_le(p + 16, 8), vsize))
+        freed[0] += vsize
+        if freed[0] >= over:
+            return True
+    return False
+
+
+cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid_len, data,
+                      uint64_t max_bytes, frozenset keep, uint64_t refs, uint64_t last_ns):
+    """Index.insert through the C API: the same steps in the same order as the twin's."""
+    cdef MDB_txn *txn = w._open_txn()
+    cdef MDB_val k, v, lk, lv, hv
+    cdef MDB_cursor *cur = NULL
+    cdef unsigned char ckey[KEYLEN + 4]
+    cdef unsigned char group_ts[8]
+    cdef const unsigned char[::1] src = data
+    cdef uint64_t size = src.shape[0]
+    cdef unsigned char *out
+    cdef uint64_t done, part, check, now_ns, c_count, c_total, evictions
+    cdef unsigned int chunk
+    cdef long long over, freed = 0
+    cdef bint room = False, grouped = False
+    cdef list victims = [], group = []
+    cdef int rc
+    k.mv_size = KEYLEN
+    k.mv_data = <void *>PyBytes_AS_STRING(key)
+    if _w_check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == 0:
+        return -1
+    c_count, c_total = _pair_w(w, RECORDS)
+    over = <long long>(c_total + size) - <long long>max_bytes
+    if over > 0:
+        _w_check(mdb_cursor_open(txn, w._lru, &cur), "mdb_cursor_open")
+        try:
+            rc = mdb_cursor_get(cur, &lk, &lv, MDB_FIRST)
+            while rc == 0:
+                if lk.mv_size < 8:
+                    raise _lmdb.BadValsizeError("an lru key shorter than its timestamp")
+                k.mv_size = lk.mv_size - 8
+                k.mv_data = <unsigned char *>lk.mv_data + 8
+                if _w_check(mdb_get(txn, w._idx, &k, &hv), "mdb_get") == 0 and hv.mv_size > HDR:
+                    if grouped and memcmp(lk.mv_data, group_ts, 8) != 0:
+                        if _take_victims(group, victims, keep, over, &freed):
+                            room = True
+                            break
+                        group = []
+                    memcpy(group_ts, lk.mv_data, 8)
+                    grouped = True
+                    group.append((PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size),
+                                  PyBytes_FromStringAndSize(<char *>hv.mv_data, hv.mv_size)))
+                # else: an lru entry without its record: verify reports it
+                rc = mdb_cursor_get(cur, &lk, &lv, MDB_NEXT)
+            if not room:
+                _w_check(rc, "mdb_cursor_get")
+                room = _take_victims(group, victims, keep, over, &freed)
+        finally:
+            mdb_cursor_close(cur)
+        if not room:
+            raise CacheFull(f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+    if index.reserve is not None:
+        index.reserve(len(victims), size)
+    if victims:
+        for vkey, vlast, vsize in victims:
+            _remove_w(w, vkey, vlast, vsize)
+            c_count -= 1
+            c_total -= <uint64_t>vsize
+        k.mv_size = PyBytes_GET_SIZE(EVICTIONS)
+        k.mv_data = PyBytes_AS_STRING(EVICTIONS)
+        evictions = 0
+        if _w_check(mdb_get(txn, w._meta, &k, &v), "mdb_get") == 0:
+            if v.mv_size != 8:
+                raise ValueError("counter b'evictions' is malformed")
+            evictions = _get_le(<const unsigned char *>v.mv_data, 8)
+        evictions = _sat_add(evictions, len(victims))
+        v.mv_size = 8
+        v.mv_data = ckey  # scratch
+        _set_le(ckey, evictions, 8)
+        _w_check(mdb_put(txn, w._meta, &k, &v, 0), "mdb_put")
+    now_ns = last_ns or _now_ns()
+    check = _xxh3_64(data)
+    hdr = _header(size, refs, now_ns, check, lid_len, <const unsigned char *>PyBytes_AS_STRING(name),
+                  PyBytes_GET_SIZE(name))
+    k.mv_size = KEYLEN
+    k.mv_data = <void *>PyBytes_AS_STRING(key)
+    v.mv_size = PyBytes_GET_SIZE(hdr)
+    v.mv_data = <void *>PyBytes_AS_STRING(hdr)
+    _w_check(mdb_put(txn, w._idx, &k, &v, 0), "mdb_put")
+    # Chunk 0: the prefix, then up to CHUNK_SIZE bytes, written in place (MDB_RESERVE).
+    memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
+    k.mv_size = KEYLEN + 4
+    k.mv_data = ckey
+    done = 0
+    chunk = 0
+    while True:
+        _set_chunk(ckey, chunk)
+        part = size - done if size - done < <uint64_t>_CHUNK_SIZE else <uint64_t>_CHUNK_SIZE
+        v.mv_size = part + (PREFIX if chunk == 0 else 0)
+        _w_check(mdb_put(txn, w._dat, &k, &v, MDB_RESERVE), "mdb_put")
+        out = <unsigned char *>v.mv_data
+        if chunk == 0:
+            _set_le(out, size, 8)
+            _set_le(out + 8, check, 8)
+            out += PREFIX
+        if part:
+            memcpy(out, &src[done], part)
+        done += part
+        chunk += 1
+        if done >= size:
+            break
+    _put_lru_w(w, now_ns, <const unsigned char *>PyBytes_AS_STRING(key), False)
+    _put_pair_w(w, RECORDS, c_count + 1, c_total + size)
+    return len(victims)
+
+
+cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
+    """Index.apply through the C API."""
+    cdef MDB_txn *txn = w._open_txn()
+    cdef MDB_val k, v
+    cdef bytes key, new
+    cdef list entry
+    cdef unsigned char *q
+    cdef uint64_t last, old_last, refs, old_refs
+    for key, entry in pending.items():
+        if PyBytes_GET_SIZE(key) != KEYLEN:
+            continue  # never (keys are xxh3-128 digests); a lookup would find nothing either
+        k.mv_size = KEYLEN
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        if _w_check(mdb_get(txn, w._idx, &k, &v), "mdb_get") != 0 or v.mv_size <= HDR:
+            continue  # deleted or evicted since: its hits still count below
+        new = PyBytes_FromStringAndSize(<const char *>v.mv_data, v.mv_size)  # before any change
+        q = <unsigned char *>PyBytes_AS_STRING(new)
+        old_last = _get_le(q + 16, 8)
+        last = entry[1]
+        if last > old_last:  # another process may have applied a later access
+            _put_lru_w(w, old_last, <const unsigned char *>PyBytes_AS_STRING(key), True)
+            _put_lru_w(w, last, <const unsigned char *>PyBytes_AS_STRING(key), False)
+        else:
+            last = old_last
+        old_refs = _get_le(q + 8, 8)
+        refs = _sat_add(old_refs, <uint64_t>entry[0])
+        _set_le(q + 8, refs, 8)
+        _set_le(q + 16, last, 8)
+        v.mv_size = PyBytes_GET_SIZE(new)
+        v.mv_data = q
+        _w_check(mdb_put(txn, w._idx, &k, &v, 0), "mdb_put")
+    if hits or misses:
+        old_hits, old_misses = _pair_w(w, ACCESS)
+        _put_pair_w(w, ACCESS, min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX))
+    return 0

@@ -533,6 +533,24 @@ class Index:
 FAST_READS = False
 
 
+class Writer:
+    """Write transactions for the put path (insert, apply, records).
+
+    Here they are py-lmdb's, on the store's environment. The compiled core's
+    Writer has its own C environment on the same file, and Index methods
+    given it run their C twins; the store uses both the same way.
+    """
+
+    def __init__(self, env: Any, writemap: bool, durable: bool) -> None:
+        self.env = env
+
+    def begin(self) -> Any:
+        return self.env.begin(write=True)
+
+    def close(self) -> None:
+        self.env = None
+
+
 class Reader:
     """The hot read in one call: lock, snapshot, look up, count, unlock.
 

@@ -286,6 +286,7 @@ class Store:
         self.env: Any = None
         self.index: Any = None
         self.reader: Any = None
+        self.writer: Any = None  # the core's Writer: inserts and applies (the put path)
         self.table: Optional[ReaderTable] = None
         self._data_fd = -1
         self._damaged = False
@@ -581,6 +582,11 @@ class Store:
         if self.core.FAST_READS:
             table.claim()  # no free slot: this process reads under the flock
         self.reader = self.core.Reader(self.lock, env, index, self.buffer, table)
+        try:
+            self.writer = self.core.Writer(env, self.writemap, self.durable)
+        except lmdb.Error as exc:  # the compiled one opens an environment: py-lmdb does it all then
+            log.debug("cache in %s: no C write environment (%s); writing through py-lmdb", self.path, exc)
+            self.writer = None
         self._meta_db = meta_db
         # Writable for fallocate (write map); otherwise only fstat'ed (see _stale).
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE),
@@ -597,6 +603,9 @@ class Store:
         self._ok = False
         if self.reader is not None:
             self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         if self.env is not None:
             try:
                 self.env.close()
@@ -813,7 +822,11 @@ class Store:
                         if self.writemap:
                             self._txn_used = -1
                             self._reserve(0)  # the applied buffer and an insert add theirs
-                        txn = env.begin(write=True)
+                        writer, core = self.writer, self.core
+                        if writer is not None and fn in (None, core.Index.insert, core.Index.apply):
+                            txn = writer.begin()  # the put path: the core's own write transactions
+                        else:
+                            txn = env.begin(write=True)
                         try:
                             if defer is None or self._evicts(txn, defer):
                                 taken = self.buffer.take()
