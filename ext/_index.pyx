@@ -11,6 +11,7 @@ twin rather than written twice.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.exc cimport PyErr_SetFromErrno
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 
@@ -31,6 +32,20 @@ cdef extern from "<sys/file.h>" nogil:
     int LOCK_SH
     int LOCK_UN
     int LOCK_NB
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct stat:
+        unsigned long st_nlink
+    int fstat(int fd, stat *buf)
+
+
+def link_count(int fd):
+    """The link count of an open file (0: unlinked); OSError as os.fstat raises it."""
+    cdef stat st
+    if fstat(fd, &st) != 0:
+        PyErr_SetFromErrno(OSError)
+    return st.st_nlink
+
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
@@ -662,6 +677,9 @@ cdef extern from "lmdb.h" nogil:
     int mdb_env_set_mapsize(MDB_env *env, size_t size)
     int mdb_env_set_maxdbs(MDB_env *env, MDB_dbi dbs)
     int mdb_env_open(MDB_env *env, const char *path, unsigned int flags, unsigned int mode)
+    ctypedef struct MDB_envinfo:
+        size_t me_last_pgno
+    int mdb_env_info(MDB_env *env, MDB_envinfo *stat)
     void mdb_env_close(MDB_env *env)
     int mdb_txn_begin(MDB_env *env, MDB_txn *parent, unsigned int flags, MDB_txn **txn)
     void mdb_txn_abort(MDB_txn *txn)
@@ -1151,6 +1169,14 @@ cdef class Writer:
         if self._env != NULL:
             mdb_env_close(self._env)
             self._env = NULL
+
+    def last_page(self):
+        """The last page in use as of the last commit (LMDB's mdb_env_info)."""
+        cdef MDB_envinfo info
+        if self._env == NULL:
+            raise _lmdb.Error("the write environment is closed")
+        mdb_env_info(self._env, &info)
+        return info.me_last_pgno
 
     def __dealloc__(self):
         if self._txn != NULL:

@@ -25,6 +25,7 @@ LMDB layout (one environment, four named databases):
 from __future__ import annotations
 
 import fcntl
+import os
 import struct
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -549,6 +550,15 @@ class Writer:
 
     def close(self) -> None:
         self.env = None
+
+    def last_page(self) -> int:
+        """The last page in use as of the last commit."""
+        return int(self.env.info()["last_pgno"])
+
+
+def link_count(fd: int) -> int:
+    """The link count of an open file (0: unlinked)."""
+    return os.fstat(fd).st_nlink
 
 
 class Reader:

@@ -542,7 +542,11 @@ class Store:
         """
         used = self._txn_used
         if used < 0:  # once per transaction: the last commit's size, which only this one changes now
-            used = self._txn_used = (self.env.info()["last_pgno"] + 1) * PAGE_SIZE
+            if self.writer is not None:
+                last = self.writer.last_page()
+            else:
+                last = self.env.info()["last_pgno"]
+            used = self._txn_used = (last + 1) * PAGE_SIZE
             self._txn_pages = self._txn_reserve = 0
         self._txn_pages += pages
         self._txn_reserve += data
@@ -698,7 +702,7 @@ class Store:
         if self._damaged or self._broken or fd < 0:
             return True
         try:
-            return os.fstat(fd).st_nlink == 0
+            return self.core.link_count(fd) == 0
         except OSError:
             return True
 
