@@ -823,10 +823,11 @@ class Store:
                     # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
                     table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
                     try:
+                        writer, core = self.writer, self.core
                         if self.writemap:
                             self._txn_used = -1
-                            self._reserve(0)  # the applied buffer and an insert add theirs
-                        writer, core = self.writer, self.core
+                            if fn is not core.Index.insert:  # an insert reserves before it writes
+                                self._reserve(0)
                         if writer is not None and fn in (None, core.Index.insert, core.Index.apply):
                             txn = writer.begin()  # the put path: the core's own write transactions
                         else:
