@@ -1609,6 +1609,36 @@ def test_lock_file_removed_while_held_still_excludes(Cache, cache_dir, children)
         assert cache.verify() == []
 
 
+@pytest.mark.parametrize("kind", ["leaf", "branch", "overflow"])
+def test_a_page_with_a_wrong_number_is_rebuilt_at_open(Cache, tmp_path, kind):
+    """Bit rot in a page's own number (found by the bit-rot campaign): reads never look at it,
+    but a write frees the page by it, and a later write to that free-list entry landed outside
+    the file (SIGBUS under the write map). The deep check compares every page's number."""
+    path = str(tmp_path / "c")
+    populate(Cache, path)
+    target = os.path.join(path, "data.mdb")
+    pages = live_pages(target)[kind]
+    assert pages, kind
+    victim = random.Random(7).choice(pages)
+    st = os.stat(target)
+    with open(target, "r+b") as f:
+        f.seek(victim * PAGE + 4)  # the high half of the page number
+        f.write(b"\x01")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # silent: the clean mark still matches
+
+    def use() -> Any:
+        with Cache(path, 1) as cache:
+            rebuilt = len(cache) == 0
+            for rnd in range(6):  # enough write transactions to reuse every freed page
+                for i in range(40):
+                    cache.put(lid(10_000 + rnd * 40 + i), record(i, 3000))
+                cache.flush()
+            return {"rebuilt": rebuilt, "verify": cache.verify()}
+    out = run_forked(use)
+    assert out.kind == "ok", out
+    assert out.value == {"rebuilt": True, "verify": []}
+
+
 BIT_ROT_ROUNDS = env_int("NVCACHE_BIT_ROT_ROUNDS", 40)
 
 
