@@ -701,6 +701,10 @@ cdef extern from "lmdb.h" nogil:
         MDB_NOMETASYNC
         MDB_RESERVE
         MDB_MAP_FULL
+        MDB_PAGE_FULL
+        MDB_TXN_FULL
+        MDB_CURSOR_FULL
+        MDB_MAP_RESIZED
         MDB_RDONLY
         MDB_NORDAHEAD
         MDB_NOTLS
@@ -725,8 +729,10 @@ cdef dict _MDB_ERRORS = {
     MDB_BAD_VALSIZE: _lmdb.BadValsizeError, MDB_INCOMPATIBLE: _lmdb.IncompatibleError,
     MDB_PANIC: _lmdb.PanicError, MDB_BAD_TXN: _lmdb.BadTxnError, MDB_BAD_RSLOT: _lmdb.BadRslotError,
     MDB_BAD_DBI: _lmdb.BadDbiError, 22: _lmdb.InvalidParameterError,  # EINVAL
-    MDB_MAP_FULL: _lmdb.MapFullError, 28: _lmdb.DiskError,  # ENOSPC
-}
+    MDB_MAP_FULL: _lmdb.MapFullError, MDB_PAGE_FULL: _lmdb.PageFullError, MDB_TXN_FULL: _lmdb.TxnFullError,
+    MDB_CURSOR_FULL: _lmdb.CursorFullError, MDB_MAP_RESIZED: _lmdb.MapResizedError,
+    28: _lmdb.DiskError, 13: _lmdb.ReadonlyError, 12: _lmdb.MemoryError, 11: _lmdb.LockError,  # ENOSPC, EACCES,
+}  # ENOMEM, EAGAIN: as py-lmdb maps them
 
 
 cdef object _mdb_error(int rc, str what):
@@ -1298,6 +1304,8 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
     cdef bint room = False, grouped = False
     cdef list victims = [], group = []
     cdef int rc
+    if PyBytes_GET_SIZE(key) != KEYLEN:
+        raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
     if _w_check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == 0:
@@ -1314,6 +1322,8 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
                 k.mv_size = lk.mv_size - 8
                 k.mv_data = <unsigned char *>lk.mv_data + 8
                 if _w_check(mdb_get(txn, w._idx, &k, &hv), "mdb_get") == 0 and hv.mv_size > HDR:
+                    if k.mv_size != KEYLEN:  # only a damaged or foreign file has other keys
+                        raise _lmdb.CorruptedError(f"an lru entry with a {k.mv_size}-byte record key")
                     if grouped and memcmp(lk.mv_data, group_ts, 8) != 0:
                         if _take_victims(group, victims, keep, over, &freed):
                             room = True

@@ -665,10 +665,6 @@ class Store:
                    + (used >> 8) + _RESERVE_SLACK, self.map_size)  # used >> 8: free-list records
         if need <= self._allocated:
             return
-        if used > os.fstat(self._data_fd).st_blocks * 512 + _RESERVE_SLACK:
-            # Every used page was written, so it has a block; a meta page that says otherwise is
-            # damaged (the caller rebuilds it), and must not make us fill the disk.
-            raise lmdb.CorruptedError(f"data.mdb claims {used} bytes, more than the file holds")
         step = min(max(used >> 3, _RESERVE_STEP_MIN), _RESERVE_STEP_MAX)
         for target in (min(need + step, self.map_size), need):  # the step is a convenience
             try:
@@ -906,10 +902,11 @@ class Store:
         inserting ``size`` bytes under ``max_bytes`` evicts (a put applies its
         buffer before choosing victims; ``max_bytes`` None: never, for a
         delete). Rewriting up to hundreds of buffered headers on every delete or
-        small put would cost more than the write. If ``fn`` then removed or
-        inserted ``key`` (a result other than False or -1), the buffered
-        references to ``key`` are dropped: they belong to a record of that name
-        that is gone (their hits still count).
+        small put would cost more than the write; a buffer that is due (1 s
+        old) is applied all the same. Unless ``fn`` found ``key`` present and
+        left it (a result of -1), the buffered references to ``key`` are then
+        dropped: they belong to a record of that name that is gone (their hits
+        still count).
 
         If the transaction meets a damaged file, the file is rebuilt (we hold
         the exclusive lock) and the operation retried once on the new one: a
@@ -944,7 +941,7 @@ class Store:
                         else:
                             txn = env.begin(write=True)
                         try:
-                            if defer is None or self._evicts(txn, defer):
+                            if defer is None or self._buffer_due() or self._evicts(txn, defer):
                                 taken = self.buffer.take()
                                 pending, hits, misses, _first = taken
                                 if pending or hits or misses:
@@ -971,7 +968,9 @@ class Store:
                 except BaseException:
                     self._untake(taken)
                     raise
-                if defer is not None and taken is None and result is not False and result != -1:
+                if defer is not None and taken is None and result != -1:
+                    # Removed, or found absent, or inserted anew (-1: it existed): what is buffered
+                    # for this name belongs to a record that is gone.
                     self.buffer.pending.pop(defer[0], None)
                 if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
                     try:
@@ -981,6 +980,11 @@ class Store:
                 return result
         finally:
             lock.release()
+
+    def _buffer_due(self) -> bool:
+        """The buffer's time has come (a process that only writes must still apply it every second)."""
+        buf = self.buffer
+        return bool(buf.due or (buf.first_ns and time.time_ns() - buf.first_ns >= buf.max_age_ns))
 
     def _evicts(self, txn: Any, defer: Tuple[bytes, int, Optional[int]]) -> bool:
         _key, size, max_bytes = defer

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -321,7 +322,21 @@ def test_a_new_record_never_inherits_buffered_references_of_its_name(make_cache)
     assert cache.stats()["cache_hits"] == 3
 
 
-def test_a_put_that_fits_leaves_the_buffer_and_one_that_evicts_applies_it(make_cache, tmp_path):
+def _elsewhere(cache, code: str):
+    """Run ``code`` in another process with ``c``, a LayerCache on the same directory and core;
+    returns the JSON it prints."""
+    env = dict(os.environ, NVCACHE_NO_EXTENSIONS="" if type(cache)._core.__name__.endswith("_index") else "1")
+    prog = (f"import json, sys, nvcache; c = nvcache.LayerCache(sys.argv[1], {cache.max_bytes} / 1048576)\n"
+            + code)
+    out = subprocess.run([sys.executable, "-c", prog, cache.path], capture_output=True, text=True, env=env,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+REFS = "print(json.dumps({r['layer_id']: r['reference_count'] for r in c.cache_data()['cache_records']}))"
+
+
+def test_a_put_that_fits_leaves_the_buffer_and_one_that_evicts_applies_it(make_cache):
     """Seen from another process: a put that fits writes no buffered reference; an evicting
     put writes them first (so they decide its victims)."""
     cache = make_cache(300 / MiB)
@@ -329,19 +344,60 @@ def test_a_put_that_fits_leaves_the_buffer_and_one_that_evicts_applies_it(make_c
     cache.put(lid(1), b"x" * 100)
     cache.get(lid(0))
     cache.put(lid(2), b"x" * 100)  # fits: 300 of 300 bytes
-    path = cache.path
-
-    def refs_elsewhere():
-        code = ("import json, sys, nvcache; c = nvcache.LayerCache(sys.argv[1], 300 / 1048576); "
-                "print(json.dumps({r['layer_id']: r['reference_count'] for r in c.cache_data()['cache_records']}))")
-        env = dict(os.environ, NVCACHE_NO_EXTENSIONS="" if type(cache)._core.__name__.endswith("_index") else "1")
-        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, check=True)
-        return json.loads(out.stdout)
-
-    assert refs_elsewhere()[lid(0) + "_layer_file"] == 0  # still buffered
+    assert _elsewhere(cache, REFS)[lid(0) + "_layer_file"] == 0  # still buffered
     cache.put(lid(3), b"x" * 100)  # evicts: lid(1), the oldest unreferenced one
-    refs = refs_elsewhere()
+    refs = _elsewhere(cache, REFS)
     assert refs[lid(0) + "_layer_file"] == 1 and lid(1) + "_layer_file" not in refs
+
+
+def test_a_delete_that_finds_nothing_still_drops_what_was_buffered(make_cache):
+    """Another process deleted the record first and then put a new one of the same name: the
+    references this process buffered for the old one must not land on the new one."""
+    cache = make_cache()
+    cache.put(lid(1), b"old")
+    assert cache.get(lid(1)) == b"old"
+    _elsewhere(cache, f"print(json.dumps(c.delete({lid(1)!r})))")
+    assert cache.delete(lid(1)) is False
+    _elsewhere(cache, f"print(json.dumps(c.put({lid(1)!r}, b'new')))")
+    cache.flush()
+    assert _elsewhere(cache, REFS)[lid(1) + "_layer_file"] == 0
+    assert cache.stats()["cache_hits"] == 1
+
+
+def test_a_process_that_only_writes_still_applies_its_buffer_every_second(make_cache):
+    cache = make_cache()
+    cache.put(lid(1), b"r")
+    assert cache.get(lid(1)) == b"r" and cache.get(lid(2)) is None
+    deadline = time.monotonic() + 1.3
+    i = 10
+    while time.monotonic() < deadline:  # puts that fit and deletes: no get to notice the age
+        cache.put(lid(i), b"w")
+        cache.delete(lid(i))
+        i += 1
+        time.sleep(0.02)
+    seen = _elsewhere(cache, "s = c.stats(); print(json.dumps([s['cache_hits'], s['cache_misses']]))")
+    assert seen == [1, 1]
+
+
+def test_holes_left_by_pwrite_commits_are_not_damage(make_cache, caplog):
+    """LMDB without the write map never writes pages it freed in the same transaction, so a
+    healthy file can have holes below its last page: a write-map process must not take them
+    for damage (it emptied the cache once)."""
+    cache = make_cache(1)
+    # Many small records, then one large one that evicts most of them in one transaction: the
+    # pages that transaction freed after dirtying them are never written.
+    fill = ("for i in range(3000): c.put('sha256:%064x' % i, b'r' * 300)\n"
+            "c.put('sha256:big', b'B' * 900_000); c.close(); print('1')")
+    env = dict(os.environ, NVCACHE_WRITEMAP="0",
+               NVCACHE_NO_EXTENSIONS="" if type(cache)._core.__name__.endswith("_index") else "1")
+    prog = "import json, sys, nvcache; c = nvcache.LayerCache(sys.argv[1], 1)\n" + fill
+    subprocess.run([sys.executable, "-c", prog, cache.path], check=True, env=env, capture_output=True)
+    before = cache.stats()["record_count"]
+    assert before > 100
+    with caplog.at_level(logging.WARNING, logger="nvcache"):
+        assert cache.put(lid(1), b"x" * 100)
+    assert cache.stats()["record_count"] in (before, before + 1)  # at most one evicted
+    assert not [r for r in caplog.records if "damaged" in r.message or "emptying" in r.message]
 
 
 # -- the dump ----------------------------------------------------------------------
