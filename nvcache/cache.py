@@ -201,7 +201,9 @@ class LayerCache:
         if len(data) > self.max_bytes:
             raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
         key = core.name_key(name)
-        if store.contains(key, fresh=True):  # the first record stays: no write lock, no transaction
+        # The first record stays: no write lock, no transaction. Only a "present" must come from a
+        # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
+        if store.contains(key) and store.contains(key, fresh=True):
             return False
         evicted = store.write(core.Index.insert, key, name, lid, data, self.max_bytes, keep_ids,
                               refs, last_ns, defer=(key, len(data), self.max_bytes))
