@@ -489,6 +489,8 @@ cdef class Index:
 
     def remove(self, txn, bytes key):
         """Delete one record; False when it is absent."""
+        if type(txn) is Writer:
+            return _delete_w(<Writer>txn, key)
         cdef bytes hdr = txn.get(key, None, self.idx)
         if hdr is None:
             return False
@@ -1103,15 +1105,16 @@ cdef class Reader:
 # -- writes through LMDB's C API ---------------------------------------------------------------
 
 cdef class Writer:
-    """Write transactions through LMDB's C API, for the put path (see fallback.py).
+    """Write transactions through LMDB's C API, for puts and deletes (see fallback.py).
 
     Its own environment on the store's file (no lock table; the store's
     flock and the readers table order it with every other writer and
     reader, as they order processes). The store passes it to Index.insert,
-    Index.apply and Index.records in place of a py-lmdb transaction, and
-    those then run their C twins of the same steps: no py-lmdb object per
-    get, put or delete. Other writes (delete, clear, repairs) stay on
-    py-lmdb. ``begin()`` returns the writer itself, holding the transaction.
+    Index.apply, Index.remove and Index.records in place of a py-lmdb
+    transaction, and those then run their C twins of the same steps: no
+    py-lmdb object per get, put or delete. Other writes (clear, repairs)
+    stay on py-lmdb. ``begin()`` returns the writer itself, holding the
+    transaction.
     """
 
     cdef MDB_env *_env
@@ -1246,8 +1249,8 @@ cdef int _put_lru_w(Writer w, uint64_t last_ns, const unsigned char *key, bint d
     return 0
 
 
-cdef int _remove_w(Writer w, bytes key, uint64_t last_ns, uint64_t size) except -1:
-    """Index._remove: the record's index entry, chunks and LRU entry."""
+cdef int _remove_w(Writer w, bytes key, uint64_t last_ns, uint64_t size, bint lru=True) except -1:
+    """Index._remove: the record's index entry, chunks and (``lru``) LRU entry."""
     cdef MDB_txn *txn = w._open_txn()
     cdef MDB_val k
     cdef unsigned char ckey[KEYLEN + 4]
@@ -1262,8 +1265,32 @@ cdef int _remove_w(Writer w, bytes key, uint64_t last_ns, uint64_t size) except 
     for chunk in range(chunks):
         _set_chunk(ckey, chunk)
         _w_check(mdb_del(txn, w._dat, &k, NULL), "mdb_del")
-    _put_lru_w(w, last_ns, <const unsigned char *>PyBytes_AS_STRING(key), True)
+    if lru:
+        _put_lru_w(w, last_ns, <const unsigned char *>PyBytes_AS_STRING(key), True)
     return 0
+
+
+cdef object _delete_w(Writer w, bytes key):
+    """Index.remove through the C API."""
+    cdef MDB_txn *txn = w._open_txn()
+    cdef MDB_val k, v
+    cdef bytes hdr
+    cdef uint64_t size = 0
+    if PyBytes_GET_SIZE(key) != KEYLEN:
+        raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
+    k.mv_size = KEYLEN
+    k.mv_data = <void *>PyBytes_AS_STRING(key)
+    if _w_check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == MDB_NOTFOUND:
+        return False
+    hdr = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)  # before any change
+    count, total = _pair_w(w, RECORDS)
+    if PyBytes_GET_SIZE(hdr) > HDR:  # a damaged header: its lru entry is found by verify, not here
+        size = _get_le(<const unsigned char *>PyBytes_AS_STRING(hdr), 8)
+        _put_lru_w(w, _get_le(<const unsigned char *>PyBytes_AS_STRING(hdr) + 16, 8),
+                   <const unsigned char *>PyBytes_AS_STRING(key), True)
+    _remove_w(w, key, 0, size, False)
+    _put_pair_w(w, RECORDS, max(count - 1, 0), max(total - size, 0))
+    return True
 
 
 cdef bint _take_victims(list group, list victims, frozenset keep, long long over, long long *freed) except -1:

@@ -535,7 +535,7 @@ FAST_READS = False
 
 
 class Writer:
-    """Write transactions for the put path (insert, apply, records).
+    """Write transactions for puts and deletes (insert, apply, remove, records).
 
     Here they are py-lmdb's, on the store's environment. The compiled core's
     Writer has its own C environment on the same file, and Index methods

@@ -936,7 +936,8 @@ class Store:
                             self._txn_used = -1
                             if fn is not core.Index.insert:  # an insert reserves before it writes
                                 self._reserve(0)
-                        if writer is not None and fn in (None, core.Index.insert, core.Index.apply):
+                        if writer is not None and fn in (None, core.Index.insert, core.Index.apply,
+                                                         core.Index.remove):
                             txn = writer.begin()  # the put path: the core's own write transactions
                         else:
                             txn = env.begin(write=True)

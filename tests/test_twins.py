@@ -100,6 +100,7 @@ ops = st.lists(st.one_of(
     # insert: record i, size, kept records, references, last reference (few distinct: ties)
     st.tuples(st.just("insert"), st.integers(0, 12), st.integers(0, 700), st.sets(st.integers(0, 12), max_size=4),
               st.integers(0, 3), st.integers(1, 3)),
+    st.tuples(st.just("remove"), st.integers(0, 14)),
     # apply: buffered references (record, count, last reference), hits, misses
     st.tuples(st.just("apply"), st.lists(st.tuples(st.integers(0, 35), st.integers(1, 3), st.integers(1, 6)),
                                          max_size=6), st.integers(0, 3), st.integers(0, 3)),
@@ -112,7 +113,7 @@ ops = st.lists(st.one_of(
 @example([("insert", i, 125, set(), 0, 1) for i in range(4)] + [("insert", 9, 125, set(), 0, 2)], 500)
 @example([("insert", i, 125, set(), 0, 1) for i in range(4)] + [("insert", 9, 125, {0}, 0, 2)], 500)
 def test_c_writes_match_py_lmdb_writes(tmp_path_factory, script, bound):
-    """The compiled Writer's inserts and applies (LMDB's C API) leave exactly the bytes that the
+    """The compiled Writer's inserts, removes and applies (LMDB's C API) leave exactly the bytes that the
     same calls through py-lmdb transactions leave, with the same results and exceptions."""
     import nvcache
 
@@ -131,6 +132,9 @@ def test_c_writes_match_py_lmdb_writes(tmp_path_factory, script, bound):
                     data = bytes([i % 251]) * size
                     got = outcome(store.index.insert, txn, compiled.name_key(name), name, lid, data, bound,
                                   frozenset(f"sha256:{k}".encode() for k in keep), refs, when * 10**9)
+                elif op[0] == "remove":
+                    key = compiled.name_key(f"sha256:{op[1]}_layer_file".encode())
+                    got = outcome(store.index.remove, txn, key)
                 else:
                     _, entries, hits, misses = op
                     pending = {compiled.name_key(f"sha256:{i}_layer_file".encode()): [count, when * 10**9]
