@@ -439,20 +439,10 @@ cdef class Index:
         cdef long long freed = 0
         cdef list victims = []
         cdef bytes vkey, hdr
-        cdef const unsigned char *p
-        cdef uint64_t vsize, vlid
         cdef bint room = False
         if over > 0:
             for vkey, hdr in self._walk(txn):
-                p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-                vsize = _get_le(p, 8)
-                if keep:
-                    vlid = _get_le(p + 32, 2)
-                    if hdr[HDR:HDR + vlid] in keep:
-                        continue
-                victims.append((vkey, _get_le(p + 16, 8), vsize))
-                freed += vsize
-                if freed >= over:
+                if _take_victim(vkey, hdr, victims, keep, over, &freed):
                     room = True
                     break
             if not room:
@@ -1293,25 +1283,26 @@ cdef object _delete_w(Writer w, bytes key):
     return True
 
 
-cdef bint _take_victims(list group, list victims, frozenset keep, long long over, long long *freed) except -1:
-    """Victims from one group of equal last references, in name order; True once there is room."""
-    cdef bytes vkey, hdr
-    cdef const unsigned char *p
-    cdef uint64_t vsize, vlid
+cdef int _take_victim(bytes vkey, bytes hdr, list victims, frozenset keep, long long over,
+                      long long *freed) except -1:
+    """The next record of the eviction walk becomes a victim unless kept; 1 once there is room."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+    cdef uint64_t vsize = _get_le(p, 8)
+    if keep and hdr[HDR:HDR + _get_le(p + 32, 2)] in keep:
+        return 0
+    victims.append((vkey, _get_le(p + 16, 8), vsize))
+    freed[0] += vsize
+    return freed[0] >= over
+
+
+cdef int _take_victims(list group, list victims, frozenset keep, long long over, long long *freed) except -1:
+    """Victims from one group of equal last references, in name order; 1 once there is room."""
     if len(group) > 1:
         group.sort(key=_by_name)
     for vkey, hdr in group:
-        p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-        vsize = _get_le(p, 8)
-        if keep:
-            vlid = _get_le(p + 32, 2)
-            if hdr[HDR:HDR + vlid] in keep:
-                continue
-        victims.append((vkey, _get_le(p + 16, 8), vsize))
-        freed[0] += vsize
-        if freed[0] >= over:
-            return True
-    return False
+        if _take_victim(vkey, hdr, victims, keep, over, freed):
+            return 1
+    return 0
 
 
 cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid_len, data,

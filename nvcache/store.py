@@ -26,6 +26,7 @@ import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import shutil
 import signal
@@ -262,7 +263,6 @@ def check_pages(path: str) -> Optional[str]:
     the newer meta page must carry its own number and a kind that fits, and
     every free-list entry must lie inside the file.
     """
-    import mmap
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 2 * PAGE_SIZE:
