@@ -723,8 +723,9 @@ cdef dict _MDB_ERRORS = {
     MDB_BAD_DBI: _lmdb.BadDbiError, 22: _lmdb.InvalidParameterError,  # EINVAL
     MDB_MAP_FULL: _lmdb.MapFullError, MDB_PAGE_FULL: _lmdb.PageFullError, MDB_TXN_FULL: _lmdb.TxnFullError,
     MDB_CURSOR_FULL: _lmdb.CursorFullError, MDB_MAP_RESIZED: _lmdb.MapResizedError,
-    28: _lmdb.DiskError, 13: _lmdb.ReadonlyError, 12: _lmdb.MemoryError, 11: _lmdb.LockError,  # ENOSPC, EACCES,
-}  # ENOMEM, EAGAIN: as py-lmdb maps them
+    # errno values, mapped as py-lmdb maps them: ENOSPC, EACCES, ENOMEM, EAGAIN
+    28: _lmdb.DiskError, 13: _lmdb.ReadonlyError, 12: _lmdb.MemoryError, 11: _lmdb.LockError,
+}
 
 
 cdef object _mdb_error(int rc, str what):
@@ -1245,6 +1246,8 @@ cdef int _remove_w(Writer w, bytes key, uint64_t last_ns, uint64_t size, bint lr
     cdef MDB_val k
     cdef unsigned char ckey[KEYLEN + 4]
     cdef unsigned int chunk, chunks
+    if size > MAX_RECORD:  # else billions of deletes for one damaged header (as delete_chunks)
+        raise ValueError(f"a stored record size of {size} bytes: a damaged header")
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
     _w_check(mdb_del(txn, w._idx, &k, NULL), "mdb_del")

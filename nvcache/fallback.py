@@ -142,6 +142,9 @@ def rfc3339nano(ns: int) -> str:
     return text + "Z"
 
 
+MAX_RECORD = 1 << 40  # the largest bound (cache.MAX_MB); a larger stored size is a damaged header
+
+
 def chunk_count(size: int) -> int:
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE or 1
 
@@ -189,6 +192,8 @@ def write_chunks(txn: Any, dat: Any, key: bytes, data: Any, check: int) -> None:
 
 
 def delete_chunks(txn: Any, dat: Any, key: bytes, size: int) -> None:
+    if size > MAX_RECORD:  # else billions of deletes for one damaged header
+        raise ValueError(f"a stored record size of {size} bytes: a damaged header")
     for i in range(chunk_count(size)):
         txn.delete(key + _CHUNK.pack(i), db=dat)
 

@@ -1639,6 +1639,35 @@ def test_a_page_with_a_wrong_number_is_rebuilt_at_open(Cache, tmp_path, kind):
     assert out.value == {"rebuilt": True, "verify": []}
 
 
+def test_an_absurd_size_in_a_victims_header_is_damage_not_a_hang(Cache, cache_dir):
+    """Evicting a record deletes its chunks by the size in its header: a rotted size of 2**50
+    bytes must be damage (the put rebuilds the cache and stores its record), not 17 billion
+    deletes."""
+    def run() -> Any:
+        import logging
+        import struct as _struct
+        warnings: List[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda rec: warnings.append(rec.getMessage())  # type: ignore[assignment]
+        logging.getLogger("nvcache").addHandler(handler)
+        with Cache(cache_dir, 0.01) as cache:
+            for i in range(5):
+                cache.put(lid(i), record(i, 2000))
+            key = cache._core.name_key(f"{lid(0)}_layer_file".encode())
+
+            def rot(index: Any, txn: Any) -> None:
+                hdr = bytearray(txn.get(key, None, index.idx))
+                _struct.pack_into("<Q", hdr, 0, 1 << 50)
+                txn.put(key, bytes(hdr), db=index.idx)
+            cache._store.write(rot)
+            put = cache.put(lid(5), record(5, 2000))  # evicts lid(0), the oldest
+            return {"put": put, "got": cache.get(lid(5)) == record(5, 2000), "verify": cache.verify(),
+                    "damaged": sum("damaged" in w for w in warnings)}
+    out = run_forked(run, timeout=60)
+    assert out.kind == "ok", out
+    assert out.value == {"put": True, "got": True, "verify": [], "damaged": 1}, out.value
+
+
 BIT_ROT_ROUNDS = env_int("NVCACHE_BIT_ROT_ROUNDS", 40)
 
 
