@@ -473,6 +473,10 @@ class Store:
             table = ReaderTable(self.path, create=False)
         except BadTable as exc:  # other CacheErrors (no descriptors, no memory) are not damage
             return f"readers table: {exc}"
+        if self.writemap and os.path.getsize(data_path) > self.map_size:
+            # A larger-bound process (pwrite commits) filled more than our map: LMDB would grow
+            # our map to match, beyond what _reserve reserves for.
+            self.writemap = False
         try:
             env = self._env(create=False)
         except lmdb.Error as exc:

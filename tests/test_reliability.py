@@ -1479,6 +1479,21 @@ def test_a_full_disk_under_the_write_map_is_an_error_not_sigbus(Cache, small_tmp
     assert control.kind == "signal" and control.value == signal.SIGBUS, control
 
 
+def test_a_file_larger_than_the_map_is_written_without_the_write_map(Cache, cache_dir):
+    """A process with a bound above 15.75 GiB uses a larger map and pwrite commits; once the
+    file outgrows the common map, a write-map process would reserve too little: it must not
+    use the write map then."""
+    from nvcache import store
+    with Cache(cache_dir, 1) as cache:
+        if not cache._store.writemap:
+            pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
+        cache.put(lid(1), b"r")
+    os.truncate(os.path.join(cache_dir, "data.mdb"), store._MIN_MAP_SIZE + (1 << 20))  # sparse
+    with Cache(cache_dir, 1) as cache:
+        assert cache._store.writemap is False
+        assert cache.get(lid(1)) == b"r" and cache.put(lid(2), b"s") and cache.verify() == []
+
+
 def test_disk_full_at_creation(Cache, small_tmpfs):
     ballast = str(small_tmpfs / "ballast")
     fill(ballast, 0)
