@@ -341,7 +341,8 @@ def check_pages(path: str) -> Optional[str]:
                     problems.append("a free-list entry beyond the file's last page")
 
             def data_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                value(pg, off, flags, dsize)
+                if flags & _F_BIGDATA:  # only overflow pages have a header to check
+                    value(pg, off, flags, dsize)
 
             def main_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
                 if flags & _F_SUBDATA and off + 48 <= PAGE_SIZE:  # a named database's record
