@@ -823,6 +823,13 @@ def reader_slots_set(path: str) -> int:
     return sum(1 for i in range(SLOTS) if table[SLOTS_OFFSET + i * SLOT_SIZE])
 
 
+def writer_flag_raised(path: str) -> bool:
+    """Whether a writer is inside its transaction (the readers table's writer flag)."""
+    with open(os.path.join(path, "readers"), "rb") as f:
+        f.seek(FLAG_OFFSET)
+        return f.read(1) == b"\1"
+
+
 def lock_state(path: str) -> str:
     """'free', 'shared' or 'exclusive': how another process holds the cache lock now.
 
@@ -939,13 +946,18 @@ def wait_stopped(pid: int, timeout: float = 10.0) -> None:
 
 
 def catch_holding(pid: int, path: str, want: str, attempts: int = 400) -> bool:
-    """SIGSTOP ``pid`` at random moments until it is stopped holding the lock as ``want``."""
+    """SIGSTOP ``pid`` at random moments until it is stopped holding the lock as ``want``.
+
+    "exclusive" means inside a write transaction: the flock held and the writer flag raised.
+    A writer holds the flock a moment before it raises the flag and after it lowers it, and
+    readers with a slot rightly go ahead then (no page is changing).
+    """
     rng = random.Random(pid)
     for _ in range(attempts):
         time.sleep(rng.uniform(0, 0.004))
         os.kill(pid, signal.SIGSTOP)
         wait_stopped(pid)
-        if lock_state(path) == want:
+        if lock_state(path) == want and (want != "exclusive" or writer_flag_raised(path)):
             return True
         os.kill(pid, signal.SIGCONT)
     return False
