@@ -46,8 +46,8 @@ from .locking import (READERS_FILE, BadTable, FileLock, ReaderTable, fork_genera
 log = logging.getLogger("nvcache")
 
 # 2: record bytes in chunks of at most 64 KiB; 3: the readers table; 4: size and checksum in front
-# of a record's first chunk (a get reads dat alone)
-FORMAT_VERSION = 4
+# of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots
+FORMAT_VERSION = 5
 FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked, size+checksum first), lru, meta; readers table"
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
@@ -370,6 +370,9 @@ class Store:
             if store is None:
                 store = cls(path, core, max_bytes, durable, lock_timeout)
                 cls._registry[ident] = store
+            elif store.core is not core:  # its index and buffer are the other core's objects
+                raise CacheError(f"{path} is already open in this process with the other core "
+                                 f"({store.core.__name__})")
             else:  # inherited through fork, the store reopens itself at first use
                 store.force_sync = store.force_sync or (durable and not store.durable)
             store.users += 1
@@ -947,7 +950,8 @@ class Store:
                         else:
                             txn = env.begin(write=True)
                         try:
-                            if defer is None or self._buffer_due() or self._evicts(txn, defer):
+                            if len(self.buffer) and (defer is None or self._buffer_due()
+                                                     or self._evicts(txn, defer)):
                                 taken = self.buffer.take()
                                 pending, hits, misses, _first = taken
                                 if pending or hits or misses:

@@ -17,7 +17,7 @@ import pytest
 
 import nvcache
 from nvcache import CacheTimeout
-from nvcache.locking import FAST_READS_SUPPORTED, SLOT_SIZE, SLOTS_OFFSET, ReaderTable
+from nvcache.locking import CLAIMED_OFFSET, FAST_READS_SUPPORTED, SLOT_SIZE, SLOTS, SLOTS_OFFSET, ReaderTable
 
 pytestmark = pytest.mark.skipif(not FAST_READS_SUPPORTED, reason="reads without the flock need x86-64 Linux")
 
@@ -109,6 +109,53 @@ def test_a_reader_killed_inside_a_read_is_not_waited_for(Cache, cache_dir):
         assert time.monotonic() - t0 < 1.0
         assert _slot_byte(cache_dir, slot) == 0
         assert other.verify() == []
+
+
+def test_writers_look_at_every_claimed_slot_and_only_those(Cache, cache_dir, core_env):
+    """Claims take the lowest free slots and mark them; a writer checks claimed slots up to the last.
+
+    The last claimed slot inside a read holds a writer of either core off; a
+    set slot that nobody ever claimed (no reader can be using it) is not
+    even looked at: it is neither waited for nor cleared.
+    """
+    owner = _compiled()(cache_dir, 1)
+    tables = []
+    try:
+        owner.put("sha256:a", b"A")
+        first = owner._store.table.slot
+        tables = [ReaderTable(cache_dir, create=False) for _ in range(3)]
+        slots = [t.claim() for t in tables]
+        assert [first] + slots == list(range(4))
+        mm = tables[0].mm
+        assert mm[CLAIMED_OFFSET:CLAIMED_OFFSET + SLOTS] == b"\1" * 4 + b"\0" * (SLOTS - 4)
+        stray = SLOTS_OFFSET + 700 * SLOT_SIZE
+        mm[stray] = 1
+        # The writer is another process (one process uses one core on a path).
+        code = ("import sys, nvcache\n"
+                "from nvcache import CacheTimeout\n"
+                "with nvcache.LayerCache(sys.argv[1], 1, lock_timeout=0.2) as other:\n"
+                "    try:\n"
+                "        done = other.put(sys.argv[2], b'x')\n"
+                "    except CacheTimeout:\n"
+                "        done = 'timeout'\n"
+                "    print(done)\n")
+
+        def put(layer_id):
+            return subprocess.run([sys.executable, "-c", code, cache_dir, layer_id], env=core_env,
+                                  check=True, timeout=60, capture_output=True, text=True).stdout.strip()
+        assert put("sha256:b") == "True"
+        assert mm[stray] == 1
+        last = SLOTS_OFFSET + slots[-1] * SLOT_SIZE
+        mm[last] = 1  # the last claimant is inside a read, and alive (we hold its claim)
+        assert put("sha256:c") == "timeout"
+        assert "sha256:c" not in owner
+        mm[last] = 0
+        assert put("sha256:c") == "True"
+        assert owner.get("sha256:c") == b"x" and owner.verify() == []
+    finally:
+        for t in tables:
+            t.close()
+        owner.close()
 
 
 def test_a_forked_child_reads_with_its_own_slot(cache_dir):

@@ -1,8 +1,10 @@
 """The compiled index and its pure-Python twin agree function by function (hypothesis)."""
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import nvcache
 from nvcache import _index as compiled  # a missing build fails here, never skips
 from nvcache import fallback
 
@@ -160,3 +162,16 @@ def test_c_writes_match_py_lmdb_writes(tmp_path_factory, script, bound):
     finally:
         for c in caches:
             c.close()
+
+
+def test_one_path_one_core_per_process(tmp_path):
+    """The store of a path is shared in a process: a cache of the other core on it is refused."""
+    ext = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
+    twin = type("LayerCache_py", (nvcache.LayerCache,), {"_core": fallback})
+    with ext(str(tmp_path), 1) as first:
+        first.put("sha256:a", b"A")
+        with pytest.raises(nvcache.CacheError, match="other core"):
+            twin(str(tmp_path), 1)
+        assert first.get("sha256:a") == b"A" and first.verify() == []
+    with twin(str(tmp_path), 1) as again:  # once closed, the path is free for either core
+        assert again.get("sha256:a") == b"A"
