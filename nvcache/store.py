@@ -397,6 +397,7 @@ class Store:
         self.index: Any = None
         self.reader: Any = None
         self.writer: Any = None  # the core's Writer: inserts and applies (the put path)
+        self._writer_fns = frozenset((None, core.Index.insert, core.Index.apply, core.Index.remove))
         self.table: Optional[ReaderTable] = None
         self._data_fd = -1
         self._damaged = False
@@ -920,7 +921,8 @@ class Store:
         the exclusive lock) and the operation retried once on the new one: a
         put then stores its record instead of failing on every later try.
         """
-        self._ensure()
+        if not self._ok:
+            self._ensure()
         lock = self.lock
         wait = lock.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
@@ -944,8 +946,7 @@ class Store:
                             self._txn_used = -1
                             if fn is not core.Index.insert:  # an insert reserves before it writes
                                 self._reserve(0)
-                        if writer is not None and fn in (None, core.Index.insert, core.Index.apply,
-                                                         core.Index.remove):
+                        if writer is not None and fn in self._writer_fns:
                             txn = writer.begin()  # the put path: the core's own write transactions
                         else:
                             txn = env.begin(write=True)
