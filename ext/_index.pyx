@@ -756,8 +756,9 @@ cdef class Reader:
     cdef MDB_env *_cenv
     cdef MDB_txn *_ctxn  # reset between reads, renewed for each
     cdef MDB_dbi _idx, _dat, _lru, _meta
+    cdef Writer _writer  # whose environment we read through (None: our own); closed after us
 
-    def __init__(self, lock, env, Index index, AccessBuffer buffer, table=None):
+    def __init__(self, lock, env, Index index, AccessBuffer buffer, table=None, Writer writer=None):
         self.lock = lock
         self.fd = lock.fd
         self.mutex = lock.mutex
@@ -771,7 +772,21 @@ cdef class Reader:
             self._view = table.mm
             self._flag = &self._view[_FLAG_OFFSET]
             self._slot = &self._view[_SLOTS_OFFSET + table.slot * _SLOT_SIZE]
-        self._open_c(env.path().encode(), env.info()["map_size"])
+        if writer is not None and writer._env != NULL:
+            self._share_c(writer)
+        else:
+            self._open_c(env.path().encode(), env.info()["map_size"])
+
+    cdef void _share_c(self, Writer writer):
+        # One mapping of the file for reads and writes: a page that a get brought in is already
+        # mapped when a put walks or changes it (each mapping of its own faults on every page).
+        cdef MDB_txn *txn = NULL
+        if mdb_txn_begin(writer._env, NULL, MDB_RDONLY, &txn) != 0:
+            return
+        mdb_txn_reset(txn)
+        self._idx, self._dat, self._lru, self._meta = writer._idx, writer._dat, writer._lru, writer._meta
+        self._writer = writer
+        self._ctxn = txn
 
     cdef void _open_c(self, bytes path, size_t map_size):
         # No lock table (the readers table and the flock guard us), read-only, no readahead;
@@ -810,8 +825,13 @@ cdef class Reader:
 
     @property
     def direct(self):
-        """Whether reads go through the reader's own LMDB environment (else py-lmdb)."""
+        """Whether reads go through LMDB's C API (the Writer's environment or our own; else py-lmdb)."""
         return self._ctxn != NULL
+
+    @property
+    def shared(self):
+        """Whether reads go through the Writer's environment (one mapping for reads and writes)."""
+        return self._ctxn != NULL and self._writer is not None
 
     def close(self):
         """Called by the store with the lock's mutex held, before it closes the environment.
@@ -832,6 +852,7 @@ cdef class Reader:
         if self._cenv != NULL:
             mdb_env_close(self._cenv)
             self._cenv = NULL
+        self._writer = None  # its environment may close now
 
     def __dealloc__(self):
         self._close_c()

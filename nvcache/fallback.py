@@ -579,9 +579,11 @@ class Reader:
 
     __slots__ = ("lock", "fd", "mutex", "env", "index", "buffer")
 
-    def __init__(self, lock: Any, env: Any, index: Index, buffer: AccessBuffer, table: Any = None) -> None:
-        # ``table``: the readers table, for the compiled twin's reads without the flock; Python
-        # has no fence of its own, so this twin always reads under the flock (FAST_READS).
+    def __init__(self, lock: Any, env: Any, index: Index, buffer: AccessBuffer, table: Any = None,
+                 writer: Any = None) -> None:
+        # ``table``, ``writer``: for the compiled twin (reads without the flock, through the
+        # Writer's environment). Python has no fence of its own, so this twin always reads under
+        # the flock (FAST_READS), through py-lmdb.
         self.lock = lock
         self.fd = lock.fd
         self.mutex = lock.mutex

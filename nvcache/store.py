@@ -701,12 +701,13 @@ class Store:
         self.table = table
         if self.core.FAST_READS:
             table.claim()  # no free slot: this process reads under the flock
-        self.reader = self.core.Reader(self.lock, env, index, self.buffer, table)
         try:
             self.writer = self.core.Writer(env, self.writemap, self.durable)
         except lmdb.Error as exc:  # the compiled one opens an environment: py-lmdb does it all then
             log.debug("cache in %s: no C write environment (%s); writing through py-lmdb", self.path, exc)
             self.writer = None
+        # The compiled Reader reads through the Writer's environment: one mapping for both.
+        self.reader = self.core.Reader(self.lock, env, index, self.buffer, table, self.writer)
         self._meta_db = meta_db
         # Writable for fallocate (write map); otherwise only fstat'ed (see _stale).
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE),

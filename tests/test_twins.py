@@ -1,5 +1,6 @@
 """The compiled index and its pure-Python twin agree function by function (hypothesis)."""
 
+import lmdb
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -175,3 +176,19 @@ def test_one_path_one_core_per_process(tmp_path):
         assert first.get("sha256:a") == b"A" and first.verify() == []
     with twin(str(tmp_path), 1) as again:  # once closed, the path is free for either core
         assert again.get("sha256:a") == b"A"
+
+
+def test_compiled_reads_share_the_write_environment(tmp_path):
+    """The compiled Reader reads through the Writer's environment (one mapping), also after a rebuild."""
+    ext = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
+    with ext(str(tmp_path), 1) as cache:
+        cache.put("sha256:a", b"A")
+        reader = cache._store.reader
+        assert reader.direct and reader.shared
+        assert cache.get("sha256:a") == b"A"
+        cache._store.suspect()
+        cache._store._failure(lmdb.CorruptedError("test: as if damage was found"))
+        assert cache.put("sha256:b", b"B") is True  # rebuilds, then stores
+        assert cache._store.reader is not reader and cache._store.reader.shared
+        assert cache.get("sha256:b") == b"B" and cache.get("sha256:a") is None
+        assert cache.verify() == []
