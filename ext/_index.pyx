@@ -9,6 +9,7 @@ dump. The cold consistency check and ``keep`` parsing are shared with the
 twin rather than written twice.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.exc cimport PyErr_SetFromErrno
@@ -736,6 +737,7 @@ cdef object _mdb_error(int rc, str what):
     return cls(f"{what}: {mdb_strerror(rc).decode('utf-8', 'replace')}")
 
 
+@cython.no_gc_clear  # the GC must not take _writer (its environment) before __dealloc__ aborts our txn
 cdef class Reader:
     """The hot read in one call: lock, snapshot, look up, count, unlock (see fallback.py).
 
@@ -777,7 +779,7 @@ cdef class Reader:
             self._slot = &self._view[_SLOTS_OFFSET + table.slot * _SLOT_SIZE]
         if writer is not None and writer._env != NULL:
             self._share_c(writer)
-        else:
+        if self._ctxn == NULL:
             self._open_c(env.path().encode(), env.info()["map_size"])
 
     cdef void _share_c(self, Writer writer):

@@ -318,9 +318,11 @@ class ReaderTable:
             except OSError:
                 continue
             self.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 0  # a dead owner may have left it set
-            # Before the slot is ever set: stores become visible in program order (x86-64), so a
-            # writer that sees the slot set also sees it claimed. Never cleared: a new owner may
-            # be claiming it again right then.
+            # Before the slot is ever set. A writer reads the claimed bytes after raising the flag
+            # and fencing; a reader stores this byte, later its slot, fences, then loads the flag.
+            # Stores become visible in program order (x86-64), so if the writer missed this byte,
+            # the reader's flag load comes after the writer's flag store and sees it (the reader
+            # then takes the flock). Never cleared: a new owner may be claiming it right then.
             self.mm[CLAIMED_OFFSET + slot] = 1
             self.slot = slot
             return slot

@@ -123,11 +123,17 @@ def test_writers_look_at_every_claimed_slot_and_only_those(Cache, cache_dir, cor
     try:
         owner.put("sha256:a", b"A")
         first = owner._store.table.slot
-        tables = [ReaderTable(cache_dir, create=False) for _ in range(3)]
+        tables = [ReaderTable(cache_dir, create=False) for _ in range(5)]
         slots = [t.claim() for t in tables]
-        assert [first] + slots == list(range(4))
+        assert [first] + slots == list(range(6))
         mm = tables[0].mm
-        assert mm[CLAIMED_OFFSET:CLAIMED_OFFSET + SLOTS] == b"\1" * 4 + b"\0" * (SLOTS - 4)
+        assert mm[CLAIMED_OFFSET:CLAIMED_OFFSET + SLOTS] == b"\1" * 6 + b"\0" * (SLOTS - 6)
+        # Give slot 4 back (it stays marked): a writer with the compiled core claims it, so the
+        # last claimed slot, 5, stays ours and is the one a reader sits in below.
+        tables.pop(3).close()
+        probe = ReaderTable(cache_dir, create=False)
+        assert probe.claim() == 4  # the lowest free one
+        probe.close()
         stray = SLOTS_OFFSET + 700 * SLOT_SIZE
         mm[stray] = 1
         # The writer is another process (one process uses one core on a path).
@@ -145,6 +151,7 @@ def test_writers_look_at_every_claimed_slot_and_only_those(Cache, cache_dir, cor
                                   check=True, timeout=60, capture_output=True, text=True).stdout.strip()
         assert put("sha256:b") == "True"
         assert mm[stray] == 1
+        assert mm.rfind(b"\1", CLAIMED_OFFSET) == CLAIMED_OFFSET + slots[-1] == CLAIMED_OFFSET + 5
         last = SLOTS_OFFSET + slots[-1] * SLOT_SIZE
         mm[last] = 1  # the last claimant is inside a read, and alive (we hold its claim)
         assert put("sha256:c") == "timeout"

@@ -1,5 +1,7 @@
 """The compiled index and its pure-Python twin agree function by function (hypothesis)."""
 
+import os
+
 import lmdb
 import pytest
 from hypothesis import example, given, settings
@@ -178,17 +180,30 @@ def test_one_path_one_core_per_process(tmp_path):
         assert again.get("sha256:a") == b"A"
 
 
+def _data_mappings(path):
+    """Start addresses of this process's mappings of ``path``/data.mdb."""
+    target = os.path.join(os.path.realpath(path), "data.mdb")
+    with open("/proc/self/maps") as f:
+        return {line.split("-", 1)[0] for line in f if line.rstrip("\n").endswith(" " + target)}
+
+
 def test_compiled_reads_share_the_write_environment(tmp_path):
-    """The compiled Reader reads through the Writer's environment (one mapping), also after a rebuild."""
+    """The compiled Reader reads through the Writer's environment, also after a rebuild.
+
+    data.mdb is then mapped twice (py-lmdb's environment, which the cold paths
+    use, and the compiled one), not three times.
+    """
     ext = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
     with ext(str(tmp_path), 1) as cache:
         cache.put("sha256:a", b"A")
         reader = cache._store.reader
         assert reader.direct and reader.shared
         assert cache.get("sha256:a") == b"A"
-        cache._store.suspect()
+        assert len(_data_mappings(str(tmp_path))) == 2
         cache._store._failure(lmdb.CorruptedError("test: as if damage was found"))
         assert cache.put("sha256:b", b"B") is True  # rebuilds, then stores
         assert cache._store.reader is not reader and cache._store.reader.shared
         assert cache.get("sha256:b") == b"B" and cache.get("sha256:a") is None
+        assert len(_data_mappings(str(tmp_path))) == 2  # the old file's mappings went with it
         assert cache.verify() == []
+    assert not _data_mappings(str(tmp_path))
