@@ -268,35 +268,28 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
     rows.append((3, "begin(write) + first victim from the LRU walk + abort", per_call_ns(walk1, loops, reps)))
     import xxhash
     rows.append((3, "xxh3-64 of the new record", per_call_ns(lambda: xxhash.xxh3_64_intdigest(data), loops, reps)))
-    ids3 = cycle(fx.new_ids(total_loops + 10))
+    def committing(begin_txn: Callable[[], Any]) -> Callable[[], None]:
+        """One insert (evicting one) committed in a transaction from ``begin_txn``: no lock, no Store."""
+        ids_ = cycle(fx.new_ids(total_loops + 10))
 
-    def ins_commit() -> None:
-        name, n = core.record_name(ids3(), KIND)
-        key = core.name_key(name)
-        txn = begin(write=True)
-        try:
-            index.insert(txn, key, name, n, data, max_bytes, empty)
-        except BaseException:
-            txn.abort()
-            raise
-        txn.commit()
-    rows.append((2, "begin(write) + Index.insert + commit (no lock, no Python layers)", per_call_ns(ins_commit, loops, reps)))
-    writer = getattr(store, "writer", None)
-    if writer is not None and type(writer).__module__ != "nvcache.fallback":
-        ids4 = cycle(fx.new_ids(total_loops + 10))
-
-        def c_commit() -> None:
-            name, n = core.record_name(ids4(), KIND)
+        def run() -> None:
+            name, n = core.record_name(ids_(), KIND)
             key = core.name_key(name)
             store._txn_used = -1  # what Store.write does before a transaction (write map)
-            txn = writer.begin()
+            txn = begin_txn()
             try:
                 index.insert(txn, key, name, n, data, max_bytes, empty)
             except BaseException:
                 txn.abort()
                 raise
             txn.commit()
-        rows.append((2, "the same through the C API (Writer; the put path)", per_call_ns(c_commit, loops, reps)))
+        return run
+    rows.append((2, "begin(write) + Index.insert + commit (no lock, no Python layers)",
+                 per_call_ns(committing(lambda: begin(write=True)), loops, reps)))
+    writer = getattr(store, "writer", None)
+    if writer is not None and type(writer).__module__ != "nvcache.fallback":
+        rows.append((2, "the same through the C API (Writer; the put path)",
+                     per_call_ns(committing(writer.begin), loops, reps)))
     lm = fx.lm
     ev = lm.evict_putter()
     lids = cycle([i.encode() for i in fx.new_ids(total_loops + 10)])
