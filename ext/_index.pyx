@@ -696,6 +696,8 @@ cdef extern from "lmdb.h" nogil:
         MDB_NOMETASYNC
         MDB_RESERVE
         MDB_CURRENT
+        MDB_APPEND
+        MDB_KEYEXIST
         MDB_MAP_FULL
         MDB_PAGE_FULL
         MDB_TXN_FULL
@@ -1350,6 +1352,7 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
     cdef long long over, freed = 0
     cdef bint room = False, grouped = False
     cdef list victims = [], group = []
+    cdef bytes lkey
     cdef int rc
     if PyBytes_GET_SIZE(key) != KEYLEN:
         raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
@@ -1439,7 +1442,17 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
         chunk += 1
         if done >= size:
             break
-    _put_lru_w(w, now_ns, <const unsigned char *>PyBytes_AS_STRING(key), False)
+    # The newest time sorts last (unless another process's clock ran ahead, or an import):
+    # append without a search from the root, else an ordinary put.
+    lkey = _lru_key(now_ns, key)
+    k.mv_size = PyBytes_GET_SIZE(lkey)
+    k.mv_data = <void *>PyBytes_AS_STRING(lkey)
+    v.mv_size = 0
+    v.mv_data = ckey
+    rc = mdb_put(txn, w._lru, &k, &v, MDB_APPEND)
+    if rc == MDB_KEYEXIST:
+        rc = mdb_put(txn, w._lru, &k, &v, 0)
+    _w_check(rc, "mdb_put")
     _put_pair_w(w, RECORDS, c_count + 1, c_total + size)
     return len(victims)
 

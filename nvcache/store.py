@@ -892,6 +892,13 @@ class Store:
         """
         if fresh:
             self._refresh_if_stale()
+        elif self._ok:  # the common case first, as in get: one core call
+            try:
+                return bool(self.reader.contains(key))
+            except StaleReader:
+                pass  # replaced meanwhile: the slow way below
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
         return bool(self._via_reader("contains", key))
 
     def cache_data(self) -> Dict[str, Any]:
