@@ -1259,12 +1259,18 @@ cdef int _put_lru_w(Writer w, uint64_t last_ns, const unsigned char *key, bint d
     memcpy(buf + 8, key, KEYLEN)
     k.mv_size = 8 + KEYLEN
     k.mv_data = buf
+    cdef int rc
     if delete:
         _w_check(mdb_del(w._txn, w._lru, &k, NULL), "mdb_del")
     else:
+        # A new time sorts last (unless another process's clock ran ahead, or an import):
+        # append without a search from the root, else an ordinary put.
         v.mv_size = 0
         v.mv_data = buf
-        _w_check(mdb_put(w._txn, w._lru, &k, &v, 0), "mdb_put")
+        rc = mdb_put(w._txn, w._lru, &k, &v, MDB_APPEND)
+        if rc == MDB_KEYEXIST:
+            rc = mdb_put(w._txn, w._lru, &k, &v, 0)
+        _w_check(rc, "mdb_put")
     return 0
 
 
@@ -1352,7 +1358,6 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
     cdef long long over, freed = 0
     cdef bint room = False, grouped = False
     cdef list victims = [], group = []
-    cdef bytes lkey
     cdef int rc
     if PyBytes_GET_SIZE(key) != KEYLEN:
         raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
@@ -1442,17 +1447,7 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
         chunk += 1
         if done >= size:
             break
-    # The newest time sorts last (unless another process's clock ran ahead, or an import):
-    # append without a search from the root, else an ordinary put.
-    lkey = _lru_key(now_ns, key)
-    k.mv_size = PyBytes_GET_SIZE(lkey)
-    k.mv_data = <void *>PyBytes_AS_STRING(lkey)
-    v.mv_size = 0
-    v.mv_data = ckey
-    rc = mdb_put(txn, w._lru, &k, &v, MDB_APPEND)
-    if rc == MDB_KEYEXIST:
-        rc = mdb_put(txn, w._lru, &k, &v, 0)
-    _w_check(rc, "mdb_put")
+    _put_lru_w(w, now_ns, <const unsigned char *>PyBytes_AS_STRING(key), False)
     _put_pair_w(w, RECORDS, c_count + 1, c_total + size)
     return len(victims)
 
