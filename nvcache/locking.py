@@ -11,8 +11,11 @@ of the flock):
   so it works across PID namespaces and is released by the kernel when a
   process dies, even by ``kill -9``. The directory, not a ``lock`` file in
   it: a /tmp cleaner may unlink an old lock file while a writer holds it,
-  and the next opener would then lock a new file and go ahead; a directory
-  that still holds the cache cannot be removed;
+  and the next opener would then lock a new file and go ahead. A directory
+  can still be removed (``rm -rf``) or renamed under live processes, and a
+  new cache then appear at the path: the lock remembers which directory it
+  locks (:meth:`FileLock.moved`), and the store moves it to the new one
+  (:meth:`FileLock.rebind`) before it touches any file there;
 * across threads, a mutex: threads share the descriptor and therefore the
   flock, so they must not take it concurrently (an exclusive request would
   silently convert another thread's shared lock);
@@ -37,7 +40,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from .errors import CacheError, CacheTimeout
 
@@ -112,6 +115,11 @@ def open_directory(path: str) -> int:
         raise CacheError(f"cannot open cache directory {path}: {exc.strerror}") from exc
 
 
+def _identity(fd: int) -> Tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
 class FileLock:
     """A reader/writer lock on one directory, safe for threads of one process."""
 
@@ -123,8 +131,63 @@ class FileLock:
         self.timeout = timeout
         self.mutex = threading.Lock()
         self.fd = open_directory(path)
+        self.ident = _identity(self.fd)
         self._generation = _fork_generation
         _locks.add(self)
+
+    def moved(self) -> bool:
+        """Whether ``path`` no longer names the directory this lock locks (removed, renamed, replaced)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.ident
+
+    def rebind(self, create: Callable[[str], None]) -> None:
+        """Lock the directory now at ``path`` instead (creating it with ``create`` when missing).
+
+        The caller holds the mutex and the exclusive flock; afterwards it holds
+        the exclusive flock of the new directory (and the mutex), and the old
+        directory's flock is released. Raises CacheError/CacheTimeout when the
+        new one cannot be opened or locked within the timeout; the lock then
+        still holds the old directory.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            create(self.path)
+            try:
+                fd = open_directory(self.path)
+            except CacheError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError) or time.monotonic() >= deadline:
+                    raise
+                continue  # removed again between creating and opening it
+            try:
+                self._flock_until(fd, deadline)
+                st = os.stat(self.path, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == _identity(fd):
+                    break
+            except FileNotFoundError:
+                pass  # removed again while we waited for it: once more
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise CacheTimeout(f"{self.path} kept being replaced for {self.timeout} s")
+        old, self.fd, self.ident = self.fd, fd, _identity(fd)
+        os.close(old)  # releases the old directory's flock
+
+    def _flock_until(self, fd: int, deadline: float) -> None:
+        pause = self._POLL_MIN
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CacheTimeout(f"{self.path} stayed locked by another process for {self.timeout} s") from None
+                time.sleep(pause)
+                pause = min(pause * 2, self._POLL_MAX)
 
     def _reopen_after_fork(self) -> None:
         # Called with the (child's own) mutex held, so only one thread does it.
@@ -132,6 +195,7 @@ class FileLock:
         # (that never releases the parent's flock) and take a fresh one.
         old = self.fd
         self.fd = open_directory(self.path)
+        self.ident = _identity(self.fd)
         self._generation = _fork_generation
         try:
             os.close(old)

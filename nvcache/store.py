@@ -406,6 +406,7 @@ class Store:
         # attribute for the hot get to check.
         self._ok = False
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
+        self._deep_result: Optional[Tuple[Dict[str, int], Optional[str]]] = None  # (file mark, problem)
         self._meta_db: Any = None
         self._users_fd = -1
         self.lock = FileLock(path, lock_timeout)
@@ -427,7 +428,8 @@ class Store:
         # update needs the exclusive one, and then everything is re-checked.
         self.lock.acquire(False)
         try:
-            problem = self._try_open(deep=self._first)
+            # The directory may have been replaced since the lock opened it (see _follow_directory).
+            problem = "moved" if self.lock.moved() else self._try_open(deep=self._first)
         finally:
             self.lock.release()
         if problem is None:
@@ -435,6 +437,8 @@ class Store:
         self._close_env()
         self.lock.acquire(True)
         try:
+            if self.lock.moved():
+                self._follow_directory()
             problem = self._try_open(deep=self._first)  # re-checked: someone may have rebuilt it
             if problem == _MARK_BOOT:
                 self._write_boot()
@@ -471,7 +475,11 @@ class Store:
             except OSError as exc:
                 log.debug("could not consume the clean mark of %s: %s", self.path, exc)
             if not trusted:
-                problem = self._deep_check()
+                # Once per file: the retry under the exclusive lock finds the mark consumed.
+                mark = _file_mark(os.stat(data_path))
+                if self._deep_result is None or self._deep_result[0] != mark:
+                    self._deep_result = (mark, self._deep_check())
+                problem = self._deep_result[1]
                 if problem is not None:
                     return f"deep check at first open: {problem}"
         try:
@@ -750,7 +758,7 @@ class Store:
         self._close_env()
         table = env = None
         try:
-            for name in (VERSION_FILE, DATA_FILE, "lock.mdb", CLEAN_FILE, READERS_FILE):
+            for name in (VERSION_FILE, DATA_FILE, CLEAN_FILE, READERS_FILE):
                 remove_entry(os.path.join(self.path, name))
             # Nobody maps the new files yet (opening them takes the lock we hold).
             table = ReaderTable(self.path, create=True)
@@ -1017,11 +1025,37 @@ class Store:
         # We hold the exclusive lock, so nobody else can rebuild meanwhile.
         damaged = self._damaged
         self._close_env()
+        if self.lock.moved():
+            self._follow_directory()
+            damaged = False  # that was the old directory's file
         problem = None if damaged else self._try_open(deep=False)
         if problem == _MARK_BOOT:
             self._write_boot()
         elif damaged or problem is not None:
             self._rebuild("damage found while in use" if damaged else problem or "")
+
+    def _follow_directory(self) -> None:
+        """Our path names another directory now (removed or renamed, then made anew): move to it.
+
+        We hold the exclusive lock of the old directory, whose files nobody
+        else uses any more. Its lock is exchanged for the new directory's
+        before any file there is touched (else two writers would share one
+        data.mdb), and this process joins the new directory's users.
+        """
+        log.warning("cache directory %s was removed or replaced under this process; "
+                    "using the cache found there now", self.path)
+        old_ident = self.lock.ident
+        self.lock.rebind(prepare_directory)
+        users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
+        old_users, self._users_fd = self._users_fd, users_fd
+        os.close(old_users)  # leaves the old directory's users
+        self._claim_users()
+        self._suspect = False
+        self._deep_result = None
+        with self._registry_lock:
+            if self._registry.get(old_ident) is self:
+                del self._registry[old_ident]
+            self._registry.setdefault(self.lock.ident, self)
 
     def _failure(self, exc: BaseException) -> CacheError:
         if isinstance(exc, CORRUPTION_ERRORS + (ValueError, struct.error)):
@@ -1047,7 +1081,18 @@ class Store:
     def flush(self) -> None:
         """Write this process's buffered accesses now."""
         if len(self.buffer):
+            self._notice_moved()
             self.write(None)
+
+    def _notice_moved(self) -> None:
+        """Reopen at the next use if our directory was renamed away (a stat; for bookkeeping paths).
+
+        A removed directory also unlinks data.mdb, which every write notices;
+        one renamed away keeps its files, and only this check moves us to the
+        cache at our path.
+        """
+        if self._ok and self.lock.moved():
+            self._broken, self._ok = True, False
 
     def apply_due(self) -> None:
         """Write the buffer if the lock is free right now; else keep it for later.
@@ -1057,23 +1102,41 @@ class Store:
         process (a failed write keeps the buffer).
         """
         try:
+            self._notice_moved()
             self.write(None, timeout=0)
         except CacheError as exc:
             log.debug("buffered accesses for %s kept for later: %s", self.path, exc)
 
     # -- lifecycle ---------------------------------------------------------------
     def release(self) -> None:
-        """One user fewer; the last one flushes and closes the environment."""
+        """One user fewer; the last one flushes and closes the environment. Never raises CacheError.
+
+        A final flush that fails (the lock stayed busy past ``lock_timeout``, a
+        full disk) keeps the store open and registered with its buffer: the
+        at-exit flush, or the next cache opened on this path by this process,
+        writes it later, so statistics stay exact once a flush succeeds. What
+        even the at-exit flush cannot write is logged there.
+        """
         with self._registry_lock:
             self.users -= 1
             if self.users > 0:
                 return
+        mine = self.generation == fork_generation()  # a forked child's buffer is its parent's
+        if mine and len(self.buffer):
+            try:
+                self.flush()
+            except CacheError as exc:
+                log.warning("closing %s: buffered accesses (%s) not written yet (%s); "
+                            "the at-exit flush tries again", self.path, self._buffer_summary(), exc)
+                return
+        with self._registry_lock:
+            if self.users > 0:
+                return  # another cache on this path took the store meanwhile
             for ident, store in list(self._registry.items()):
                 if store is self:
                     del self._registry[ident]
         try:
-            if self.generation == fork_generation() and self.env is not None:
-                self.flush()
+            if mine and self.env is not None:
                 self._leave()
         finally:
             # With the mutex (bounded): no other thread may be inside a transaction of this env.
@@ -1090,6 +1153,10 @@ class Store:
                 log.warning("closed %s while another thread still used it: its resources stay open",
                             self.path)
 
+    def _buffer_summary(self) -> str:
+        buf = self.buffer
+        return f"{len(buf.pending)} records' references, {buf.hits} hits, {buf.misses} misses"
+
     def _leave(self) -> None:
         """If this is the last process using the cache, record that it closed cleanly.
 
@@ -1105,7 +1172,7 @@ class Store:
                 fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return  # others still use it
-            if not self._stale() and not self._suspect:
+            if not self._stale() and not self._suspect and not self.lock.moved():
                 self._mark_clean()
         finally:
             self.lock.release()
@@ -1114,11 +1181,12 @@ class Store:
     def flush_all(cls) -> None:
         """At interpreter exit: write every open store's buffered accesses."""
         for store in list(cls._registry.values()):
-            if store.generation == fork_generation() and store.env is not None:
+            if store.generation == fork_generation() and len(store.buffer):
                 try:
                     store.flush()
                 except CacheError as exc:
-                    log.warning("could not write buffered accesses for %s: %s", store.path, exc)
+                    log.warning("at exit: dropped buffered accesses for %s (%s): %s", store.path,
+                                store._buffer_summary(), exc)
 
 
 def _after_fork_in_child() -> None:
