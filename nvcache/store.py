@@ -21,49 +21,28 @@ write or dump, and reopen.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import errno
-import fcntl
-import json
 import logging
-import mmap
 import os
-import shutil
-import signal
 import stat
 import struct
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import lmdb
 
+from . import deepcheck
+from .cachedir import (BOOT_KEY, CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION, MARK_BOOT, READERS_KEY, USERS_FILE,
+                       VERSION_FILE, allocated_bytes, boot_problem, boot_record, claim_users, closed_cleanly,
+                       consume_clean_mark, file_mark, last_user, mark_clean, prepare_directory, read_version,
+                       remove_entry, write_version)
 from .errors import CacheError, CacheTimeout, StaleReader
-from .locking import (READERS_FILE, BadTable, FileLock, ReaderTable, fork_generation, is_resource_error,
-                      open_lock_file, open_nofollow)
+from .locking import READERS_FILE, BadTable, FileLock, ReaderTable, fork_generation, open_lock_file, open_nofollow
+from .writemap import PAGES_PER_KEY, NoRoom, Reservation, map_size_for, writemap_wanted
 
 log = logging.getLogger("nvcache")
-
-# 2: record bytes in chunks of at most 64 KiB; 3: the readers table; 4: size and checksum in front
-# of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots
-FORMAT_VERSION = 5
-FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked, size+checksum first), lru, meta; readers table"
-DATA_FILE = "data.mdb"
-VERSION_FILE = "version"
-USERS_FILE = "users"  # every process using the cache holds a shared flock on it
-CLEAN_FILE = "clean"  # data.mdb's identity and mtime when its last user closed it
-BOOT_KEY = b"boot"
-READERS_KEY = b"readers"  # the nonce of the readers table made with this data.mdb
-# The first opener walks a data.mdb this small even after a clean close (silent bit rot keeps
-# mtime, and LMDB has no page checksums); larger files trust the clean mark to keep opens fast.
-ALWAYS_CHECK_BYTES = 64 << 20
-_MARK_BOOT = "update the boot record"
-
-# The map is address space, not disk: data.mdb grows only as pages are
-# written. Every process uses the same size unless a bound needs more.
-_MIN_MAP_SIZE = 64 << 30
-_DB_NAMES = (b"idx", b"dat", b"lru", b"meta")
 
 # Errors that mean the file's bytes are wrong. Contention, "already open",
 # a full disk or a full map are not among them: those never trigger a rebuild.
@@ -76,281 +55,9 @@ DATA_ERRORS = (lmdb.Error, ValueError, struct.error)
 # Errors after which the environment must be reopened (not rebuilt).
 REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
 
-# -- the write map ---------------------------------------------------------------
-# With LMDB's write map a commit is memory stores into the shared mapping instead of one
-# pwrite per dirty page (a put-evict at 10k records: 42 -> 20 us). LMDB then extends
-# data.mdb to the whole map as a sparse file, and a store into a hole gets its disk block at
-# that moment: on a full disk that is SIGBUS, which would kill the scanner. So before a write
-# transaction the store fallocates what the transaction can use (``Store._reserve``), and a
-# full disk becomes ENOSPC there, a CacheError before anything changed. Only on filesystems
-# where an fallocated block stays writable without new space (not copy-on-write ones).
-PAGE_SIZE = 4096  # LMDB's page size on x86-64 and aarch64 Linux with 4 KiB pages
-_SAFE_FILESYSTEMS = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x01021994: "tmpfs"}
-# Pages one key can dirty: its leaf-to-root path in idx, dat and lru (trees deeper than 5
-# levels need billions of records), plus free-list records. Pessimistic on purpose.
-_PAGES_PER_KEY = 16
-_RESERVE_SLACK = 64 * PAGE_SIZE  # meta, main and free-list pages of any transaction
-# fallocate in steps (most writes then find their room reserved): an eighth of the file, at
-# least 256 KiB (a small cache stays small on disk), at most 8 MiB.
-_RESERVE_STEP_MIN, _RESERVE_STEP_MAX = 256 << 10, 8 << 20
-
-
-class _NoRoom(Exception):
-    """The disk cannot give a write-map transaction the room it may need (see Store._reserve)."""
-
-
-def filesystem_type(path: str) -> int:
-    """statfs(2)'s f_type for ``path``, or 0 when it cannot be asked."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(512)  # struct statfs: f_type is the first word
-        if libc.statfs(os.fsencode(path), buf) != 0:
-            return 0
-        return int(struct.unpack_from("=q" if ctypes.sizeof(ctypes.c_long) == 8 else "=i", buf.raw)[0]) & 0xFFFFFFFF
-    except (OSError, AttributeError, ValueError):
-        return 0
-
-
-def writemap_wanted(path: str, map_size: int) -> bool:
-    """Whether this process writes through LMDB's write map (see ``_reserve``).
-
-    Off when ``NVCACHE_WRITEMAP=0``, on filesystems not known to keep
-    fallocated blocks writable, and for maps larger than the common size:
-    LMDB truncates the file to the opener's map size, and a larger-map
-    process's reserved pages beyond it would become holes again.
-    """
-    if os.environ.get("NVCACHE_WRITEMAP", "1").strip() == "0":
-        return False
-    if map_size != _MIN_MAP_SIZE or not hasattr(os, "posix_fallocate"):
-        return False
-    return filesystem_type(path) in _SAFE_FILESYSTEMS
-
-
 # Buffered accesses are written at least this often while a process is active.
 APPLY_AFTER_NS = 1_000_000_000
 APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a key at 1M records)
-
-
-def map_size_for(max_bytes: int) -> int:
-    return max(_MIN_MAP_SIZE, 4 * max_bytes + (1 << 30))
-
-
-def prepare_directory(path: str) -> None:
-    """Create ``path`` (0o750) or check that it is safe to use."""
-    try:
-        os.makedirs(path, mode=0o750, exist_ok=True)
-    except FileExistsError:
-        raise CacheError(f"cache path {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise CacheError(f"cannot create cache directory {path}: {exc.strerror}") from None
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise CacheError(f"cache path {path} is a symlink; refusing to follow it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise CacheError(f"cache path {path} is not a directory")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise CacheError(f"cache directory {path} is owned by uid {st.st_uid}, not by this user or root")
-
-
-def read_version(path: str) -> Optional[int]:
-    """The format version recorded in ``<path>/version``, or None if missing or unreadable.
-
-    A shortage of descriptors or memory raises CacheError instead: it says
-    nothing about the file, and None would empty the cache.
-    """
-    try:
-        fd = open_nofollow(os.path.join(path, VERSION_FILE), os.O_RDONLY)
-    except CacheError as exc:
-        if is_resource_error(exc):
-            raise
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            doc = json.loads(f.read(4096))
-        version = doc.get("version") if isinstance(doc, dict) else None
-        return version if type(version) is int else None
-    except OSError as exc:
-        if is_resource_error(exc):
-            raise CacheError(f"cannot read {path}/{VERSION_FILE}: {exc.strerror}") from exc
-        return None
-    except ValueError:
-        return None
-
-
-def write_atomically(path: str, name: str, body: bytes) -> None:
-    """Write ``<path>/<name>`` through a new temp file and rename: never through a planted symlink."""
-    tmp = os.path.join(path, f".{name}.{os.getpid()}.{threading.get_ident()}")
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        os.write(fd, body)
-    finally:
-        os.close(fd)
-    os.replace(tmp, os.path.join(path, name))
-
-
-def remove_entry(path: str) -> None:
-    """Remove a file, symlink (never its target) or planted directory; absent is fine."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        shutil.rmtree(path)  # does not follow symlinks inside
-
-
-def write_version(path: str) -> None:
-    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION}).encode()
-    write_atomically(path, VERSION_FILE, body)
-
-
-def current_boot_id() -> str:
-    """The kernel's boot id (``NVCACHE_BOOT_ID`` overrides it, for tests); "" when unknown."""
-    forced = os.environ.get("NVCACHE_BOOT_ID")
-    if forced:
-        return forced
-    try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            return f.read(64).decode("ascii", "replace").strip()
-    except OSError:
-        return ""
-
-
-def allocated_bytes(path: str) -> int:
-    """Disk space a file holds: its size, or less when sparse (with the write map, data.mdb's
-    size is the whole map and its blocks are what LMDB used plus what the store reserved)."""
-    st = os.stat(path)
-    return min(st.st_size, st.st_blocks * 512)
-
-
-def _file_mark(st: os.stat_result) -> Dict[str, int]:
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _exercise_writes(env: Any, dbs: List[Any]) -> None:
-    """Delete every key of every database in one write transaction, then abort it.
-
-    Part of the deep check (in a child process): reading every record does not
-    interpret everything a write relies on (a leaf's free-space bounds, node
-    offsets, branch pages when pages merge, the free list when pages are
-    allocated), and LMDB trusts those; bit rot there made the first *write*
-    crash (SIGBUS) in the bit-rot campaign. Aborted, and without a write map,
-    the transaction never reaches the file.
-    """
-    txn = env.begin(write=True)
-    try:
-        for db in dbs:
-            with txn.cursor(db) as cur:
-                keys = list(cur.iternext(keys=True, values=False))
-            for key in keys:
-                txn.delete(key, db=db)
-    finally:
-        txn.abort()
-
-
-_P_BRANCH, _P_LEAF, _P_OVERFLOW = 0x01, 0x02, 0x04
-_F_BIGDATA, _F_SUBDATA = 0x01, 0x02
-_NO_PAGE = (1 << 64) - 1
-
-
-def check_pages(path: str) -> Optional[str]:
-    """Walk data.mdb's B-trees page by page (LMDB 0.9's on-disk format); the first problem found.
-
-    Part of the deep check: LMDB trusts a page's own header, and bit rot there
-    can be harmless to every read but not to a write. A page's number is the
-    one LMDB frees it by when a write copies it: a wrong one goes to the free
-    list, and a later transaction writes to that page, which under the write
-    map is an address outside the file (a crash). So every page reachable from
-    the newer meta page must carry its own number and a kind that fits, and
-    every free-list entry must lie inside the file.
-    """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 2 * PAGE_SIZE:
-            return "shorter than its two meta pages"
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
-            metas = [raw[0:PAGE_SIZE], raw[PAGE_SIZE:2 * PAGE_SIZE]]
-            meta = max(metas, key=lambda m: struct.unpack_from("<Q", m, 144)[0])
-            last = struct.unpack_from("<Q", meta, 136)[0]
-            if (last + 1) * PAGE_SIZE > size:
-                return f"the meta page's last page {last} lies beyond the file"
-            seen: set = set()
-            problems: List[str] = []
-
-            def page(n: int, kind: int) -> Optional[bytes]:
-                if n < 2 or n > last or n in seen:
-                    problems.append(f"page {n} is out of range or reached twice")
-                    return None
-                seen.add(n)
-                pg = raw[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
-                number, _pad, flags = struct.unpack_from("<QHH", pg, 0)
-                if number != n or not flags & kind:
-                    problems.append(f"page {n} says it is page {number} with flags {flags:#x}")
-                    return None
-                return pg
-
-            def value(pg: bytes, off: int, flags: int, dsize: int) -> Optional[bytes]:
-                if not flags & _F_BIGDATA:
-                    return pg[off:off + dsize]
-                first = struct.unpack_from("<Q", pg, off)[0]
-                head = page(first, _P_OVERFLOW)
-                if head is None:
-                    return None
-                count = struct.unpack_from("<I", head, 12)[0]
-                if first + count - 1 > last or count * PAGE_SIZE < 16 + dsize:
-                    problems.append(f"overflow page {first} runs past the file")
-                    return None
-                seen.update(range(first + 1, first + count))
-                return raw[first * PAGE_SIZE + 16:first * PAGE_SIZE + 16 + dsize]
-
-            def walk(root: int, on_leaf: Callable[[bytes, int, int, int], None], depth: int = 0) -> None:
-                if root == _NO_PAGE or problems:
-                    return
-                if depth > 32:
-                    problems.append("a B-tree deeper than 32 levels")
-                    return
-                pg = page(root, _P_BRANCH | _P_LEAF)
-                if pg is None:
-                    return
-                flags, lower, upper = struct.unpack_from("<HHH", pg, 10)
-                if not 16 <= lower <= upper <= PAGE_SIZE:
-                    problems.append(f"page {root} has free-space bounds {lower}..{upper}")
-                    return
-                for off in struct.unpack_from(f"<{(lower - 16) >> 1}H", pg, 16):
-                    if not upper <= off <= PAGE_SIZE - 8:
-                        problems.append(f"page {root} has a node outside its bounds")
-                        return
-                    lo, hi, nflags, ksize = struct.unpack_from("<HHHH", pg, off)
-                    if off + 8 + ksize > PAGE_SIZE:
-                        problems.append(f"page {root} has a key past its end")
-                        return
-                    if flags & _P_BRANCH:
-                        walk(lo | hi << 16 | nflags << 32, on_leaf, depth + 1)
-                    else:
-                        on_leaf(pg, off + 8 + ksize, nflags, lo | hi << 16)
-                    if problems:
-                        return
-
-            def free_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                ids = value(pg, off, flags, dsize)
-                if ids is None or len(ids) < 8:
-                    return
-                n = struct.unpack_from("<Q", ids, 0)[0]
-                if (n + 1) * 8 > len(ids):
-                    problems.append("a free-list record longer than its value")
-                elif n and max(struct.unpack_from(f"<{n}Q", ids, 8)) > last:
-                    problems.append("a free-list entry beyond the file's last page")
-
-            def data_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                if flags & _F_BIGDATA:  # only overflow pages have a header to check
-                    value(pg, off, flags, dsize)
-
-            def main_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                if flags & _F_SUBDATA and off + 48 <= PAGE_SIZE:  # a named database's record
-                    walk(struct.unpack_from("<Q", pg, off + 40)[0], data_leaf, 1)
-
-            walk(struct.unpack_from("<Q", meta, 80)[0], free_leaf)
-            walk(struct.unpack_from("<Q", meta, 128)[0], main_leaf)
-            return problems[0] if problems else None
 
 
 class Store:
@@ -384,10 +91,7 @@ class Store:
         self.core = core
         self.map_size = map_size_for(max_bytes)
         self.writemap = writemap_wanted(path, self.map_size)
-        self._allocated = 0  # data.mdb has disk blocks below this offset (write map only)
-        # What the current write transaction reserved so far: bytes of data, tree pages, and
-        # data.mdb's used bytes when it began (-1: not read yet).
-        self._txn_reserve, self._txn_pages, self._txn_used = 0, 0, -1
+        self._room: Optional[Reservation] = None  # disk room for write-map transactions
         self.durable = durable
         self.force_sync = False
         self.users = 0
@@ -412,7 +116,7 @@ class Store:
         self.lock = FileLock(path, lock_timeout)
         try:
             self._users_fd = open_lock_file(os.path.join(path, USERS_FILE))
-            self._first = self._claim_users()
+            self._first = claim_users(self._users_fd, self.path, self.lock.timeout)
             self._open()
             self._first = False  # later reopens follow a rebuild or a fork: no deep check
         except BaseException:
@@ -440,7 +144,7 @@ class Store:
             if self.lock.moved():
                 self._follow_directory()
             problem = self._try_open(deep=self._first)  # re-checked: someone may have rebuilt it
-            if problem == _MARK_BOOT:
+            if problem == MARK_BOOT:
                 self._write_boot()
             elif problem is not None:
                 self._rebuild(problem)
@@ -469,14 +173,11 @@ class Store:
             # Small files are always walked (it costs less than a scanner's first layer); large
             # ones only after an unclean close. Either way the mark is consumed: if this process
             # dies before closing cleanly, the next first opener walks the file.
-            trusted = self._closed_cleanly() and allocated_bytes(data_path) > ALWAYS_CHECK_BYTES
-            try:
-                remove_entry(os.path.join(self.path, CLEAN_FILE))
-            except OSError as exc:
-                log.debug("could not consume the clean mark of %s: %s", self.path, exc)
+            trusted = closed_cleanly(self.path) and allocated_bytes(data_path) > deepcheck.ALWAYS_CHECK_BYTES
+            consume_clean_mark(self.path)
             if not trusted:
                 # Once per file: the retry under the exclusive lock finds the mark consumed.
-                mark = _file_mark(os.stat(data_path))
+                mark = file_mark(os.stat(data_path))
                 if self._deep_result is None or self._deep_result[0] != mark:
                     self._deep_result = (mark, self._deep_check())
                 problem = self._deep_result[1]
@@ -488,7 +189,7 @@ class Store:
             return f"readers table: {exc}"
         if self.writemap and os.path.getsize(data_path) > self.map_size:
             # A larger-bound process (pwrite commits) filled more than our map: LMDB would grow
-            # our map to match, beyond what _reserve reserves for.
+            # our map to match, beyond what the Reservation reserves for.
             self.writemap = False
         try:
             env = self._env(create=False)
@@ -499,7 +200,7 @@ class Store:
             raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
         try:
             # Without txn=: a handle opened inside a read transaction dies with it.
-            dbs = [env.open_db(name, create=False) for name in _DB_NAMES]
+            dbs = [env.open_db(name, create=False) for name in DB_NAMES]
             index = self.core.Index(*dbs)
             with env.begin() as txn:
                 index.counters(txn)  # fails on a damaged or foreign meta database
@@ -524,43 +225,21 @@ class Store:
             table.close()
             return f"the readers table does not belong to {DATA_FILE}"
         self._adopt(env, index, dbs[3], table)
-        return self._boot_problem(boot)
-
-    # -- reboots -----------------------------------------------------------------
-    # Without fsync a commit is safe from a process crash but not from an OS
-    # crash, which always comes with a reboot. The cache records the boot id
-    # and whether any non-durable process ever opened it ("N") or only
-    # durable ones ("D"); after a reboot an "N" cache is rebuilt.
-    def _boot_problem(self, boot: Optional[bytes]) -> Optional[str]:
-        current = current_boot_id()
-        stored, _, flag = (boot or b"").decode("ascii", "replace").partition("\0")
-        if not current:
-            return None  # no boot id to compare (not Linux): trust the file
-        if stored != current:
-            if flag == "D":
-                return _MARK_BOOT
-            return f"the machine rebooted since non-durable writes (boot id {stored or 'unknown'})"
-        if flag != "D" or self.durable:
-            return None
-        return _MARK_BOOT  # first non-durable user of a durable-only cache: record it
-
-    def _boot_record(self, previous: Optional[bytes]) -> bytes:
-        flag = "D" if self.durable and (previous is None or previous.endswith(b"\0D")) else "N"
-        return f"{current_boot_id()}\0{flag}".encode("ascii", "replace")
+        return boot_problem(boot, self.durable)
 
     def _write_boot(self) -> None:
         assert self.table is not None
         self.table.enter_write(self.lock.timeout)
         try:
-            if self.writemap:
-                self._txn_used = -1
+            if self._room is not None:
+                self._room.begin()
                 try:
-                    self._reserve(_PAGES_PER_KEY)
-                except _NoRoom as exc:  # the next use reopens without the write map
+                    self._room.reserve(PAGES_PER_KEY)
+                except NoRoom as exc:  # the next use reopens without the write map
                     self.writemap, self._broken, self._ok = False, True, False
                     raise CacheError(f"no space left for the cache in {self.path}: {exc}") from None
             with self.env.begin(write=True) as txn:
-                txn.put(BOOT_KEY, self._boot_record(txn.get(BOOT_KEY, None, self._meta_db)),
+                txn.put(BOOT_KEY, boot_record(txn.get(BOOT_KEY, None, self._meta_db), self.durable),
                         db=self._meta_db)
             if self.durable:
                 self.env.sync(True)
@@ -569,133 +248,16 @@ class Store:
         finally:
             self.table.leave_write()
 
-    # -- clean close and the deep check ---------------------------------------------
-    def _claim_users(self) -> bool:
-        """Join the users of the cache; True when no other process has it open."""
-        first = True
-        try:
-            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            first = False
-        deadline = time.monotonic() + self.lock.timeout
-        while True:  # a closing process holds the exclusive lock for a moment
-            try:
-                fcntl.flock(self._users_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return first
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise CacheTimeout(f"{self.path}/{USERS_FILE} stayed locked for {self.lock.timeout} s") from None
-                time.sleep(0.001)
-
-    def _closed_cleanly(self) -> bool:
-        """Whether data.mdb is exactly as the last process to close it left it."""
-        try:
-            fd = open_nofollow(os.path.join(self.path, CLEAN_FILE), os.O_RDONLY)
-            with os.fdopen(fd, "rb") as f:
-                mark = json.loads(f.read(4096))
-            st = os.stat(os.path.join(self.path, DATA_FILE))
-        except (OSError, ValueError, CacheError):
-            return False
-        return mark == _file_mark(st)
-
-    def _mark_clean(self) -> None:
-        """Called by the last process to close the cache, under the exclusive lock."""
-        try:
-            st = os.stat(os.path.join(self.path, DATA_FILE))
-            write_atomically(self.path, CLEAN_FILE, json.dumps(_file_mark(st)).encode())
-        except (OSError, CacheError) as exc:
-            log.debug("could not record a clean close of %s: %s", self.path, exc)
-
     def _deep_check(self) -> Optional[str]:
-        """Walk every record in a child process; a crash there only means "rebuild"."""
-        size = allocated_bytes(os.path.join(self.path, DATA_FILE))
-        limit = 30.0 + size / (50 << 20)  # generous: a cycle in damaged pages must not hang us
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, reported by exit status
-            code = 70
-            try:
-                code = 68
-                if check_pages(os.path.join(self.path, DATA_FILE)) is not None:
-                    os._exit(68)
-                code = 70
-                env = self._env(create=False, writemap=False)  # the trial write is aborted: no trace
-                dbs = [env.open_db(name, create=False) for name in _DB_NAMES]
-                with env.begin() as txn:
-                    code = 0 if not self.core.Index(*dbs).check(txn, None) else 65
-                if code == 0:
-                    code = 67
-                    _exercise_writes(env, dbs)
-                    code = 0
-            except BaseException:
-                code = code if code in (67, 68) else 66
-            os._exit(code)
-        deadline = time.monotonic() + limit
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() >= deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return f"no answer within {limit:.0f} s"
-            time.sleep(0.002)
-        if os.WIFSIGNALED(status):
-            return f"the checking process died of signal {os.WTERMSIG(status)}"
-        code = os.WEXITSTATUS(status)
-        return None if code == 0 else {65: "inconsistent index", 66: "LMDB error",
-                                        67: "LMDB error in a trial write",
-                                        68: "a damaged page"}.get(code, f"exit {code}")
+        """Walk data.mdb in a child process (see :mod:`nvcache.deepcheck`)."""
+        return deepcheck.deep_check(self.path, lambda: self._env(create=False, writemap=False), self.core.Index)
 
     def _env(self, create: bool, writemap: Optional[bool] = None) -> Any:
         return lmdb.Environment(
             self.path, map_size=self.map_size, subdir=True, readonly=False, create=create,
-            lock=False, sync=self.durable, metasync=self.durable, max_dbs=len(_DB_NAMES),
+            lock=False, sync=self.durable, metasync=self.durable, max_dbs=len(DB_NAMES),
             max_spare_txns=4, readahead=False, mode=0o640,
             writemap=self.writemap if writemap is None else writemap)
-
-    def _reserve(self, pages: int, data: int = 0) -> None:
-        """Give data.mdb disk blocks for what the current write transaction may add (write map).
-
-        ``pages``: tree pages it may dirty (a pessimistic count); ``data``:
-        record bytes it writes. LMDB writes new pages after its last used one,
-        one per dirty page at most (and a transaction cannot dirty more than
-        every page of the trees), so blocks up to ``used + min(pages, 2 * used)
-        + data`` suffice. Only growth is ever needed: no process deallocates
-        (every write-map process truncates to the same map size), and a
-        rebuilt file resets ``_allocated`` when it is adopted.
-
-        Raises _NoRoom when the disk cannot give that: the caller then commits
-        with pwrite instead, which reuses LMDB's free pages and meets a full
-        disk as ENOSPC.
-        """
-        used = self._txn_used
-        if used < 0:  # once per transaction: the last commit's size, which only this one changes now
-            if self.writer is not None:
-                last = self.writer.last_page()
-            else:
-                last = self.env.info()["last_pgno"]
-            used = self._txn_used = (last + 1) * PAGE_SIZE
-            self._txn_pages = self._txn_reserve = 0
-        self._txn_pages += pages
-        self._txn_reserve += data
-        need = min(used + min(self._txn_pages * PAGE_SIZE, 2 * used) + self._txn_reserve
-                   + (used >> 8) + _RESERVE_SLACK, self.map_size)  # used >> 8: free-list records
-        if need <= self._allocated:
-            return
-        step = min(max(used >> 3, _RESERVE_STEP_MIN), _RESERVE_STEP_MAX)
-        for target in (min(need + step, self.map_size), need):  # the step is a convenience
-            try:
-                os.posix_fallocate(self._data_fd, 0, target)
-            except OSError as exc:
-                failure = exc
-                continue
-            self._allocated = target
-            return
-        raise _NoRoom(failure.strerror)
-
-    def _reserve_insert(self, victims: int, size: int) -> None:
-        """The index's hook: an insert chose its victims and is about to write (write map only)."""
-        self._reserve((victims + 1) * _PAGES_PER_KEY, size + (size >> 9))
 
     def _stop_writemap(self, why: str) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
@@ -720,9 +282,13 @@ class Store:
         # Writable for fallocate (write map); otherwise only fstat'ed (see _stale).
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE),
                                       os.O_RDWR if self.writemap else os.O_RDONLY)
-        self._allocated = 0
         if self.writemap:
-            index.reserve = self._reserve_insert
+            writer = self.writer
+            last_page = writer.last_page if writer is not None else lambda: env.info()["last_pgno"]
+            self._room = Reservation(self._data_fd, self.map_size, last_page)
+            index.reserve = self._room.reserve_insert
+        else:
+            self._room = None
         self._damaged = self._broken = False
         self._ok = True
 
@@ -764,10 +330,10 @@ class Store:
             table = ReaderTable(self.path, create=True)
             env = self._env(create=True, writemap=False)
             with env.begin(write=True) as txn:
-                dbs = [env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
+                dbs = [env.open_db(name, txn=txn, create=True) for name in DB_NAMES]
                 index = self.core.Index(*dbs)
                 index.init_counters(txn)
-                txn.put(BOOT_KEY, self._boot_record(None), db=dbs[3])
+                txn.put(BOOT_KEY, boot_record(None, self.durable), db=dbs[3])
                 txn.put(READERS_KEY, table.nonce, db=dbs[3])
             if self.durable:
                 env.sync(True)
@@ -775,7 +341,7 @@ class Store:
                 env.close()
                 env = None
                 env = self._env(create=False)
-                dbs = [env.open_db(name, create=False) for name in _DB_NAMES]
+                dbs = [env.open_db(name, create=False) for name in DB_NAMES]
                 index = self.core.Index(*dbs)
             write_version(self.path)
         except (lmdb.Error, OSError, CacheError) as exc:
@@ -807,7 +373,7 @@ class Store:
                 users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
                 inherited, self._users_fd = self._users_fd, users_fd
                 os.close(inherited)  # closing our copy leaves the parent's flock alone
-                self._claim_users()
+                claim_users(self._users_fd, self.path, self.lock.timeout)
                 try:
                     self._reopen_locked()
                 except BaseException:
@@ -958,10 +524,11 @@ class Store:
                     table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
                     try:
                         writer, core = self.writer, self.core
-                        if self.writemap:
-                            self._txn_used = -1
+                        room = self._room
+                        if room is not None:
+                            room.begin()
                             if fn is not core.Index.insert:  # an insert reserves before it writes
-                                self._reserve(0)
+                                room.reserve(0)
                         if writer is not None and fn in self._writer_fns:
                             txn = writer.begin()  # the put path: the core's own write transactions
                         else:
@@ -972,8 +539,8 @@ class Store:
                                 taken = self.buffer.take()
                                 pending, hits, misses, _first = taken
                                 if pending or hits or misses:
-                                    if self.writemap:
-                                        self._reserve(len(pending) * _PAGES_PER_KEY)
+                                    if room is not None:
+                                        room.reserve(len(pending) * PAGES_PER_KEY)
                                     self.index.apply(txn, pending, hits, misses)
                             result = fn(self.index, txn, *args) if fn is not None else None
                         except BaseException:
@@ -988,7 +555,7 @@ class Store:
                     if attempt >= 2 or not self._damaged:
                         raise failure from exc
                     continue
-                except _NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
+                except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
                     self._untake(taken)
                     self._stop_writemap(str(exc))
                     continue
@@ -1029,7 +596,7 @@ class Store:
             self._follow_directory()
             damaged = False  # that was the old directory's file
         problem = None if damaged else self._try_open(deep=False)
-        if problem == _MARK_BOOT:
+        if problem == MARK_BOOT:
             self._write_boot()
         elif damaged or problem is not None:
             self._rebuild("damage found while in use" if damaged else problem or "")
@@ -1049,7 +616,7 @@ class Store:
         users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
         old_users, self._users_fd = self._users_fd, users_fd
         os.close(old_users)  # leaves the old directory's users
-        self._claim_users()
+        claim_users(self._users_fd, self.path, self.lock.timeout)
         self._suspect = False
         self._deep_result = None
         with self._registry_lock:
@@ -1168,12 +735,10 @@ class Store:
         except CacheTimeout:
             return
         try:
-            try:
-                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not last_user(self._users_fd):
                 return  # others still use it
             if not self._stale() and not self._suspect and not self.lock.moved():
-                self._mark_clean()
+                mark_clean(self.path)
         finally:
             self.lock.release()
 

@@ -617,7 +617,7 @@ def test_tampered_file_is_deep_checked_and_rebuilt_at_next_first_open(Cache, cac
 
 def test_deep_check_policy_at_first_open(Cache, cache_dir, monkeypatch):
     """Small files are always walked; large ones only without a matching clean mark, which is consumed."""
-    from nvcache import store
+    from nvcache import deepcheck, store
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
     calls = []
@@ -626,7 +626,7 @@ def test_deep_check_policy_at_first_open(Cache, cache_dir, monkeypatch):
     with Cache(cache_dir, 1) as cache:  # small: walked even after a clean close
         assert cache.get(DIGEST) == b"r"
     assert calls == [1]
-    monkeypatch.setattr(store, "ALWAYS_CHECK_BYTES", 0)  # as if the file were large
+    monkeypatch.setattr(deepcheck, "ALWAYS_CHECK_BYTES", 0)  # as if the file were large
     with Cache(cache_dir, 1) as cache:  # clean mark matches: trusted, and consumed at open
         assert not os.path.exists(os.path.join(cache_dir, "clean"))
         assert cache.get(DIGEST) == b"r"
@@ -670,8 +670,8 @@ def test_peek_counts_nothing(make_cache):
 
 
 def test_opener_that_dies_leaves_no_clean_mark(Cache, cache_dir, monkeypatch):
-    from nvcache import store
-    monkeypatch.setattr(store, "ALWAYS_CHECK_BYTES", 0)  # large-file policy: trust a matching mark
+    from nvcache import deepcheck, store
+    monkeypatch.setattr(deepcheck, "ALWAYS_CHECK_BYTES", 0)  # large-file policy: trust a matching mark
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
     assert os.path.exists(os.path.join(cache_dir, "clean"))

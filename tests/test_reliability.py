@@ -1450,9 +1450,9 @@ def test_disk_full(Cache, small_tmpfs, children):
 def _fill_through_the_write_map(Cache: type, root: str, reserve: bool) -> Callable[[], Any]:
     """A child that opens a cache with the write map, fills the disk, then keeps putting."""
     def run() -> Any:
-        from nvcache import store
+        from nvcache import writemap
         if not reserve:  # the control: the write map without the store's fallocate
-            store.Store._reserve = lambda self, pages, data=0: None
+            writemap.Reservation.reserve = lambda self, pages, data=0: None
             faulthandler.disable()  # its SIGBUS is expected: no traceback on the test's output
         path = os.path.join(root, "caches")
         with Cache(path, 64) as cache:
@@ -1475,8 +1475,8 @@ def test_a_full_disk_under_the_write_map_is_an_error_not_sigbus(Cache, small_tmp
     """LMDB's write map stores into a sparse file: on a full disk that is SIGBUS, unless the
     store reserved the blocks first. The control run (no reservation) shows the hazard is real
     on this file system; the store's own run must end in CacheErrors or pwrite commits."""
-    from nvcache import store
-    if not store.writemap_wanted(str(small_tmpfs), store._MIN_MAP_SIZE):
+    from nvcache import writemap
+    if not writemap.writemap_wanted(str(small_tmpfs), writemap.MIN_MAP_SIZE):
         pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
     control_root = small_tmpfs / "control"
     control_root.mkdir()
@@ -1495,12 +1495,12 @@ def test_a_file_larger_than_the_map_is_written_without_the_write_map(Cache, cach
     """A process with a bound above 15.75 GiB uses a larger map and pwrite commits; once the
     file outgrows the common map, a write-map process would reserve too little: it must not
     use the write map then."""
-    from nvcache import store
+    from nvcache import writemap
     with Cache(cache_dir, 1) as cache:
         if not cache._store.writemap:
             pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
         cache.put(lid(1), b"r")
-    os.truncate(os.path.join(cache_dir, "data.mdb"), store._MIN_MAP_SIZE + (1 << 20))  # sparse
+    os.truncate(os.path.join(cache_dir, "data.mdb"), writemap.MIN_MAP_SIZE + (1 << 20))  # sparse
     with Cache(cache_dir, 1) as cache:
         assert cache._store.writemap is False
         assert cache.get(lid(1)) == b"r" and cache.put(lid(2), b"s") and cache.verify() == []

@@ -1,0 +1,131 @@
+"""The write map: LMDB commits as memory stores, and the disk room they need reserved first.
+
+With LMDB's write map a commit is memory stores into the shared mapping instead of one
+pwrite per dirty page (a put-evict at 10k records: 42 -> 20 us). LMDB then extends
+data.mdb to the whole map as a sparse file, and a store into a hole gets its disk block at
+that moment: on a full disk that is SIGBUS, which would kill the scanner. So before a write
+transaction changes anything the store fallocates what it can use (:class:`Reservation`),
+and a full disk becomes ENOSPC there, a CacheError before anything changed. Only on
+filesystems where an fallocated block stays writable without new space (not copy-on-write
+ones), and only with the common map size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from typing import Callable
+
+# The map is address space, not disk: data.mdb grows only as pages are
+# written. Every process uses the same size unless a bound needs more.
+MIN_MAP_SIZE = 64 << 30
+
+
+def map_size_for(max_bytes: int) -> int:
+    return max(MIN_MAP_SIZE, 4 * max_bytes + (1 << 30))
+
+
+PAGE_SIZE = 4096  # LMDB's page size on x86-64 and aarch64 Linux with 4 KiB pages
+_SAFE_FILESYSTEMS = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x01021994: "tmpfs"}
+# Pages one key can dirty: its leaf-to-root path in idx, dat and lru (trees deeper than 5
+# levels need billions of records), plus free-list records. Pessimistic on purpose.
+PAGES_PER_KEY = 16
+_RESERVE_SLACK = 64 * PAGE_SIZE  # meta, main and free-list pages of any transaction
+# fallocate in steps (most writes then find their room reserved): an eighth of the file, at
+# least 256 KiB (a small cache stays small on disk), at most 8 MiB.
+_RESERVE_STEP_MIN, _RESERVE_STEP_MAX = 256 << 10, 8 << 20
+
+
+class NoRoom(Exception):
+    """The disk cannot give a write-map transaction the room it may need (see Reservation)."""
+
+
+def filesystem_type(path: str) -> int:
+    """statfs(2)'s f_type for ``path``, or 0 when it cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # struct statfs: f_type is the first word
+        if libc.statfs(os.fsencode(path), buf) != 0:
+            return 0
+        return int(struct.unpack_from("=q" if ctypes.sizeof(ctypes.c_long) == 8 else "=i", buf.raw)[0]) & 0xFFFFFFFF
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
+def writemap_wanted(path: str, map_size: int) -> bool:
+    """Whether this process writes through LMDB's write map (see :class:`Reservation`).
+
+    Off when ``NVCACHE_WRITEMAP=0``, on filesystems not known to keep
+    fallocated blocks writable, and for maps larger than the common size:
+    LMDB truncates the file to the opener's map size, and a larger-map
+    process's reserved pages beyond it would become holes again.
+    """
+    if os.environ.get("NVCACHE_WRITEMAP", "1").strip() == "0":
+        return False
+    if map_size != MIN_MAP_SIZE or not hasattr(os, "posix_fallocate"):
+        return False
+    return filesystem_type(path) in _SAFE_FILESYSTEMS
+
+
+class Reservation:
+    """Disk blocks reserved in one open data.mdb ahead of its write transactions.
+
+    ``fd`` is data.mdb opened for writing; ``last_page()`` returns LMDB's
+    last used page as of the last commit. Call :meth:`begin` before each
+    write transaction, then :meth:`reserve` before it changes anything.
+    """
+
+    def __init__(self, fd: int, map_size: int, last_page: Callable[[], int]) -> None:
+        self._fd = fd
+        self.map_size = map_size
+        self._last_page = last_page
+        self._allocated = 0  # data.mdb has disk blocks below this offset
+        # What the current transaction reserved so far: tree pages, bytes of data, and
+        # data.mdb's used bytes when it began (-1: not read yet).
+        self._pages = self._data = 0
+        self._used = -1
+
+    def begin(self) -> None:
+        """A new write transaction: the file's used size is read again at its first reserve."""
+        self._used = -1
+
+    def reserve(self, pages: int, data: int = 0) -> None:
+        """Give data.mdb disk blocks for what the current write transaction may add.
+
+        ``pages``: tree pages it may dirty (a pessimistic count); ``data``:
+        record bytes it writes. LMDB writes new pages after its last used one,
+        one per dirty page at most (and a transaction cannot dirty more than
+        every page of the trees), so blocks up to ``used + min(pages, 2 * used)
+        + data`` suffice. Only growth is ever needed: no process deallocates
+        (every write-map process truncates to the same map size), and a
+        rebuilt file gets a new Reservation.
+
+        Raises NoRoom when the disk cannot give that: the caller then commits
+        with pwrite instead, which reuses LMDB's free pages and meets a full
+        disk as ENOSPC.
+        """
+        used = self._used
+        if used < 0:  # once per transaction: the last commit's size, which only this one changes now
+            used = self._used = (self._last_page() + 1) * PAGE_SIZE
+            self._pages = self._data = 0
+        self._pages += pages
+        self._data += data
+        need = min(used + min(self._pages * PAGE_SIZE, 2 * used) + self._data
+                   + (used >> 8) + _RESERVE_SLACK, self.map_size)  # used >> 8: free-list records
+        if need <= self._allocated:
+            return
+        step = min(max(used >> 3, _RESERVE_STEP_MIN), _RESERVE_STEP_MAX)
+        for target in (min(need + step, self.map_size), need):  # the step is a convenience
+            try:
+                os.posix_fallocate(self._fd, 0, target)
+            except OSError as exc:
+                failure = exc
+                continue
+            self._allocated = target
+            return
+        raise NoRoom(failure.strerror)
+
+    def reserve_insert(self, victims: int, size: int) -> None:
+        """An insert chose its victims and is about to write a record of ``size`` bytes."""
+        self.reserve((victims + 1) * PAGES_PER_KEY, size + (size >> 9))
