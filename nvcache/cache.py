@@ -140,7 +140,7 @@ class LayerCache:
     # -- records ---------------------------------------------------------------
     def _key(self, layer_id: str, kind: str) -> bytes:
         """Validate the arguments (before anything else) and return the record's LMDB key."""
-        return self._core.name_key(self._core.record_name(layer_id, kind)[0])  # type: ignore[no-any-return]
+        return self._core.record_key(layer_id, kind)  # type: ignore[no-any-return]
 
     def get(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
         """The record put for ``layer_id`` and ``kind``, or None on a miss.
@@ -149,15 +149,16 @@ class LayerCache:
         now) and a cache hit; a miss counts a cache miss. A record whose bytes
         fail their checksum is dropped, logged and reported as a miss.
         """
+        key = self._core.record_key(layer_id, kind)  # a bad argument is an error even when disabled
         store = self._store
-        if store is None:  # disabled or closed: a bad argument is still a bad argument
-            self._core.record_name(layer_id, kind)
+        if store is None:  # disabled or closed
             self._opened()
             return None
-        data = store.get(layer_id, kind)
+        data, born = store.lookup(key)
+        store.buffer.count(key, data, born)  # counted here, above the read: a hit iff bytes
         if data is False:
             name = self._core.record_name(layer_id, kind)[0]
-            store.write(self._core.Index.drop_damaged, self._core.name_key(name))
+            store.write(self._core.Index.drop_damaged, key)
             log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))
             data = None
         if store.buffer.due:
@@ -174,7 +175,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return None
-        data = store.read(self._core.Index.lookup, key)
+        data = store.read(self._core.Index.lookup, key)[0]
         return data if data is not False else None
 
     def put(self, layer_id: str, record: Record, kind: str = "layer_file",
@@ -205,9 +206,7 @@ class LayerCache:
         # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
         if store.contains(key) and store.contains(key, fresh=True):
             return False
-        evicted = store.write(core.Index.insert, key, name, lid, data, self.max_bytes, keep_ids,
-                              refs, last_ns, defer=(key, len(data), self.max_bytes))
-        return evicted >= 0
+        return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns) >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
                 reference_count: int, last_referred_ns: int) -> bool:

@@ -39,16 +39,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lmdb
 
-from .errors import CacheError, CacheTimeout, StaleReader
+from .errors import CacheError, CacheFull, CacheTimeout, StaleReader
 from .locking import (READERS_FILE, BadTable, FileLock, ReaderTable, fork_generation, is_resource_error,
                       open_lock_file, open_nofollow)
 
 log = logging.getLogger("nvcache")
 
+_INSERT = object()  # Store.write's marker for Store.insert's steps (victims, then Index.insert)
+
 # 2: record bytes in chunks of at most 64 KiB; 3: the readers table; 4: size and checksum in front
-# of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots
-FORMAT_VERSION = 5
-FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked, size+checksum first), lru, meta; readers table"
+# of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots;
+# 6: a birth stamp (born_ns) in the idx header and in front of chunk 0, so buffered references
+# apply only to the record they were counted against
+FORMAT_VERSION = 6
+FORMAT_DESCRIPTION = ("nvcache LMDB layout: idx (with birth), dat (chunked, size+checksum+birth first), lru, "
+                      "meta; readers table")
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"  # every process using the cache holds a shared flock on it
@@ -397,7 +402,7 @@ class Store:
         self.index: Any = None
         self.reader: Any = None
         self.writer: Any = None  # the core's Writer: inserts and applies (the put path)
-        self._writer_fns = frozenset((None, core.Index.insert, core.Index.apply, core.Index.remove))
+        self._writer_fns = frozenset((None, _INSERT, core.Index.apply, core.Index.remove))
         self.table: Optional[ReaderTable] = None
         self._data_fd = -1
         self._damaged = False
@@ -685,10 +690,6 @@ class Store:
             return
         raise _NoRoom(failure.strerror)
 
-    def _reserve_insert(self, victims: int, size: int) -> None:
-        """The index's hook: an insert chose its victims and is about to write (write map only)."""
-        self._reserve((victims + 1) * _PAGES_PER_KEY, size + (size >> 9))
-
     def _stop_writemap(self, why: str) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
         log.info("cache in %s: no room to reserve on disk (%s); writing without the write map", self.path, why)
@@ -696,25 +697,25 @@ class Store:
         self._reopen_locked()
 
     def _adopt(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
+        try:  # the compiled core's opens a C environment; there is no other write path
+            writer = self.core.Writer(env, self.writemap, self.durable)
+        except lmdb.Error as exc:
+            env.close()
+            table.close()
+            raise CacheError(f"cannot open cache {self.path}: no write environment: {exc}") from exc
+        self.writer = writer
         self.env = env
         self.index = index
         self.table = table
         if self.core.FAST_READS:
             table.claim()  # no free slot: this process reads under the flock
-        try:
-            self.writer = self.core.Writer(env, self.writemap, self.durable)
-        except lmdb.Error as exc:  # the compiled one opens an environment: py-lmdb does it all then
-            log.debug("cache in %s: no C write environment (%s); writing through py-lmdb", self.path, exc)
-            self.writer = None
         # The compiled Reader reads through the Writer's environment: one mapping for both.
-        self.reader = self.core.Reader(self.lock, env, index, self.buffer, table, self.writer)
+        self.reader = self.core.Reader(self.lock, env, index, table, self.writer)
         self._meta_db = meta_db
         # Writable for fallocate (write map); otherwise only fstat'ed (see _stale).
         self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE),
                                       os.O_RDWR if self.writemap else os.O_RDONLY)
         self._allocated = 0
-        if self.writemap:
-            index.reserve = self._reserve_insert
         self._damaged = self._broken = False
         self._ok = True
 
@@ -852,15 +853,15 @@ class Store:
         finally:
             lock.release()
 
-    def get(self, layer_id: str, kind: str) -> Any:
-        """The hot read: ``Reader.get`` (validate, hash, lock, look up, count) in one core call."""
+    def lookup(self, key: bytes) -> Any:
+        """The hot read: ``Reader.lookup`` (lock, look up, unlock): (bytes/None/False, born_ns)."""
         if not self._ok:
             self._refresh()  # _ensure() in one attribute: this is every get's path
         reader = self.reader
         try:
-            return reader.get(layer_id, kind)
+            return reader.lookup(key)
         except StaleReader:
-            return self._via_reader("get", layer_id, kind)  # replaced meanwhile: the slow way
+            return self._via_reader("lookup", key)  # replaced meanwhile: the slow way
         except lmdb.Error as exc:
             raise self._failure(exc) from exc
 
@@ -939,7 +940,7 @@ class Store:
             attempt = 0
             while True:
                 attempt += 1
-                taken = None
+                held: List[Any] = []  # what _apply_buffer took from the buffer
                 try:
                     if self._stale():
                         self._reopen_locked()
@@ -952,22 +953,19 @@ class Store:
                         writer, core = self.writer, self.core
                         if self.writemap:
                             self._txn_used = -1
-                            if fn is not core.Index.insert:  # an insert reserves before it writes
+                            if fn is not _INSERT:  # an insert reserves once it knows its victims
                                 self._reserve(0)
                         if writer is not None and fn in self._writer_fns:
                             txn = writer.begin()  # the put path: the core's own write transactions
                         else:
                             txn = env.begin(write=True)
                         try:
-                            if len(self.buffer) and (defer is None or self._buffer_due()
-                                                     or self._evicts(txn, defer)):
-                                taken = self.buffer.take()
-                                pending, hits, misses, _first = taken
-                                if pending or hits or misses:
-                                    if self.writemap:
-                                        self._reserve(len(pending) * _PAGES_PER_KEY)
-                                    self.index.apply(txn, pending, hits, misses)
-                            result = fn(self.index, txn, *args) if fn is not None else None
+                            if fn is _INSERT:
+                                result = self._insert_in(txn, held, *args)
+                            else:
+                                if len(self.buffer) and (defer is None or self._buffer_due()):
+                                    self._apply_buffer(txn, held)
+                                result = fn(self.index, txn, *args) if fn is not None else None
                         except BaseException:
                             txn.abort()
                             raise
@@ -975,19 +973,19 @@ class Store:
                     finally:
                         table.leave_write()
                 except DATA_ERRORS as exc:
-                    self._untake(taken)
+                    self._untake(held)
                     failure = self._failure(exc)
                     if attempt >= 2 or not self._damaged:
                         raise failure from exc
                     continue
                 except _NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
-                    self._untake(taken)
+                    self._untake(held)
                     self._stop_writemap(str(exc))
                     continue
                 except BaseException:
-                    self._untake(taken)
+                    self._untake(held)
                     raise
-                if defer is not None and taken is None and result != -1:
+                if defer is not None and not held and result != -1:
                     # Removed, or found absent, or inserted anew (-1: it existed): what is buffered
                     # for this name belongs to a record that is gone.
                     self.buffer.pending.pop(defer[0], None)
@@ -1005,12 +1003,44 @@ class Store:
         buf = self.buffer
         return bool(buf.due or (buf.first_ns and time.time_ns() - buf.first_ns >= buf.max_age_ns))
 
-    def _evicts(self, txn: Any, defer: Tuple[bytes, int, Optional[int]]) -> bool:
-        _key, size, max_bytes = defer
-        return max_bytes is not None and self.index.records(txn)[1] + size > max_bytes
+    def insert(self, key: bytes, name: bytes, lid: int, data: Any, max_bytes: int, keep: frozenset,
+               refs: int = 0, last_ns: int = 0) -> int:
+        """Put one record (``Index.victims`` then ``Index.insert``); -1 when it exists."""
+        return int(self.write(_INSERT, key, name, lid, data, max_bytes, keep, refs, last_ns,
+                              defer=(key, len(data), max_bytes)))
 
-    def _untake(self, taken: Optional[Tuple[Any, ...]]) -> None:
-        if taken is not None:  # what a failed transaction did not write goes back to the buffer
+    def _insert_in(self, txn: Any, held: List[Any], key: bytes, name: bytes, lid: int, data: Any,
+                   max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
+        """The insert's steps in the write transaction: victims, the buffer if it evicts, insert."""
+        index = self.index
+        size = len(data)
+        try:
+            victims = index.victims(txn, size, max_bytes, keep)
+        except CacheFull:
+            if index.exists(txn, key):  # a present record is not put again: no error
+                return -1
+            raise
+        if len(self.buffer) and (victims or self._buffer_due()):
+            # Buffered references decide the victims: apply them first, then choose again.
+            if self._apply_buffer(txn, held) and victims:
+                victims = index.victims(txn, size, max_bytes, keep)
+        if self.writemap:
+            self._reserve((len(victims) + 1) * _PAGES_PER_KEY, size + (size >> 9))
+        return int(index.insert(txn, key, name, lid, data, victims, refs, last_ns))
+
+    def _apply_buffer(self, txn: Any, held: List[Any]) -> bool:
+        """Take the buffer and apply it in ``txn`` (``held`` keeps it for a failure); True if it held references."""
+        taken = self.buffer.take()
+        held.append(taken)
+        pending, hits, misses, _first = taken
+        if pending or hits or misses:
+            if self.writemap:
+                self._reserve(len(pending) * _PAGES_PER_KEY)
+            self.index.apply(txn, pending, hits, misses)
+        return bool(pending)
+
+    def _untake(self, held: List[Any]) -> None:
+        for taken in held:  # what a failed transaction did not write goes back to the buffer
             self.buffer.restore(taken)
 
     def _reopen_locked(self) -> None:

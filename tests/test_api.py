@@ -573,13 +573,20 @@ def tamper(cache_dir: str, db: str, key: bytes, value: bytes) -> None:
     subprocess.run([sys.executable, "-c", code, cache_dir, db, key.hex(), value.hex()], check=True)
 
 
+def _stored_born(cache, layer_id: str) -> bytes:
+    """The 8 bytes of born_ns in front of a record's first chunk (after its size and checksum)."""
+    key = cache._core.record_key(layer_id, "layer_file")
+    first = cache._store.read(lambda index, txn: txn.get(key + b"\0\0\0\0", None, index.dat))
+    return bytes(first[16:24])
+
+
 def test_checksum_mismatch_is_a_logged_miss(Cache, cache_dir, caplog, core):
     holder = Cache(cache_dir, 1)  # keeps the cache in use, so tampering is not an unclean close
     holder.put(DIGEST, b"the right bytes")
     holder.put(lid(1), b"other")
     # Change the stored bytes behind the cache's back (same length), keeping the index entry and
     # the size and checksum stored in front of them.
-    prefix = struct.pack("<QQ", 15, core.checksum(b"the right bytes"))
+    prefix = struct.pack("<QQ", 15, core.checksum(b"the right bytes")) + _stored_born(holder, DIGEST)
     tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()) + b"\0\0\0\0",
            prefix + b"the wrong bytes")
     with caplog.at_level(logging.WARNING, logger="nvcache"):
@@ -768,7 +775,7 @@ def test_an_absurd_stored_size_is_a_miss_not_an_allocation(Cache, cache_dir, cor
     try:
         holder.put(DIGEST, b"r" * 100)
         key = core.name_key(core.record_name(DIGEST, "layer_file")[0])
-        damaged = struct.pack("<QQ", 1 << 39, core.checksum(b"r" * 100)) + b"r" * 100
+        damaged = struct.pack("<QQ", 1 << 39, core.checksum(b"r" * 100)) + _stored_born(holder, DIGEST) + b"r" * 100
         tamper(cache_dir, "dat", key + b"\0\0\0\0", damaged)
         assert holder.get(DIGEST) is None
         assert holder.put(DIGEST, b"new") is True  # the damaged record was dropped
