@@ -364,6 +364,30 @@ def test_a_delete_that_finds_nothing_still_drops_what_was_buffered(make_cache):
     assert cache.stats()["cache_hits"] == 1
 
 
+def test_a_record_put_again_by_another_process_never_inherits_our_buffered_references(make_cache):
+    """Issue 16 part 3: A reads k five times (buffered); B deletes k and puts a new k, then closes;
+    A flushes: the new k has no references and its own last reference (the birth stamp)."""
+    cache = make_cache()
+    cache.put(lid(1), b"old")
+    cache.put(lid(2), b"other")
+    for _ in range(5):
+        assert cache.get(lid(1)) == b"old"
+    assert cache.get(lid(2)) == b"other"
+    before = {r["layer_id"]: r for r in cache.cache_data()["cache_records"]}  # applies: lid(1) has 5
+    assert before[lid(1) + "_layer_file"]["reference_count"] == 5
+    for _ in range(5):
+        assert cache.get(lid(1)) == b"old"  # five more, buffered for the old record
+    assert cache.get(lid(2)) == b"other"
+    assert _elsewhere(cache, f"print(json.dumps(c.delete({lid(1)!r}) and c.put({lid(1)!r}, b'new'))); c.close()")
+    cache.flush()
+    by_name = {r["layer_id"]: r for r in cache.cache_data()["cache_records"]}
+    assert by_name[lid(1) + "_layer_file"]["reference_count"] == 0
+    assert by_name[lid(1) + "_layer_file"]["last_referred"] != before[lid(1) + "_layer_file"]["last_referred"]
+    assert by_name[lid(2) + "_layer_file"]["reference_count"] == 2  # the other record's still count
+    assert cache.get(lid(1)) == b"new"
+    assert cache.stats()["cache_hits"] == 13
+
+
 def test_a_process_that_only_writes_still_applies_its_buffer_every_second(make_cache):
     cache = make_cache()
     cache.put(lid(1), b"r")
