@@ -112,17 +112,23 @@ def get_hit_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, fl
     get = cache.get
     rows.append((0, "LayerCache.get (cache.py)", per_call_ns(lambda: get(nxt()), loops, reps)))
     store.flush()
-    sget = getattr(store, "get", None)
-    if sget is not None:
-        rows.append((1, "Store.get (store.py)", per_call_ns(lambda: sget(nxt(), KIND), loops, reps)))
-        store.flush()
-    reader = getattr(store, "reader", None)
-    if reader is not None:
-        rget = reader.get
-        rows.append((2, "core Reader.get (one core call)", per_call_ns(lambda: rget(nxt(), KIND), loops, reps)))
-        store.flush()
     names = [core.record_name(lid, KIND)[0] for lid in hot]
     keys = [core.name_key(nm) for nm in names]
+    rk = core.record_key
+    rows.append((1, "record_key (validate id + kind, xxh3-128)", per_call_ns(lambda: rk(nxt(), KIND), loops, reps)))
+    nkey0 = cycle(keys)
+    slook = store.lookup
+    rows.append((1, "Store.lookup (store.py)", per_call_ns(lambda: slook(nkey0()), loops, reps)))
+    reader = store.reader
+    rlook = reader.lookup
+    rows.append((2, "core Reader.lookup (lock, read, unlock)", per_call_ns(lambda: rlook(nkey0()), loops, reps)))
+    count = buf.count
+    blob0 = rlook(keys[0])
+    rows.append((1, "core AccessBuffer.count (a hit)", per_call_ns(lambda: count(nkey0(), blob0[0], blob0[1]), loops, reps)))
+    buf.take()
+    batch = keys[:64]
+    rmany = reader.lookup_many
+    rows.append((2, "core Reader.lookup_many, per key (64 keys)", per_call_ns(lambda: rmany(batch), loops // 64 + 1, reps) / 64))
     rn = core.record_name
     rows.append((3, "record_name (validate id + kind)", per_call_ns(lambda: rn(nxt(), KIND), loops, reps)))
     nn = cycle(names)
@@ -156,7 +162,7 @@ def get_hit_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, fl
     txn = begin()
     try:
         look = index.lookup
-        rows.append((3, "Index.lookup: 2 gets + checksum", per_call_ns(lambda: look(txn, nkey()), loops, reps)))
+        rows.append((3, "Index.lookup (py-lmdb txn: fallback's)", per_call_ns(lambda: look(txn, nkey()), loops, reps)))
         idx, dat = index.idx, index.dat
         tget = txn.get
         rows.append((4, "txn.get idx header", per_call_ns(lambda: tget(nkey(), None, idx), loops, reps)))
@@ -171,7 +177,7 @@ def get_hit_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, fl
     tn = time.time_ns
 
     def hit() -> None:
-        buf.hit(nkey(), tn())
+        buf.hit(nkey(), tn(), 1)
     rows.append((3, "AccessBuffer.hit + time_ns", per_call_ns(hit, loops, reps)))
     buf.take()
     buf.max_age_ns, buf.max_keys = saved
@@ -223,8 +229,8 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
 
     def store_write() -> None:
         name, n = core.record_name(ids2(), KIND)
-        store.write(core.Index.insert, core.name_key(name), name, n, data, max_bytes, empty)
-    rows.append((1, "Store.write(Index.insert) incl. name+key (store.py)", per_call_ns(store_write, loops, reps)))
+        store.insert(core.name_key(name), name, n, data, max_bytes, empty)
+    rows.append((1, "Store.insert incl. name+key (store.py)", per_call_ns(store_write, loops, reps)))
     lock = store.lock
 
     def lk() -> None:
@@ -254,18 +260,18 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
         key, name, n = nxt()
         txn = begin(write=True)
         try:
-            index.insert(txn, key, name, n, data, max_bytes, empty)
+            index.insert(txn, key, name, n, data, index.victims(txn, len(data), max_bytes, empty))
         finally:
             txn.abort()
-    rows.append((2, "begin(write) + Index.insert (evicts 1) + abort", per_call_ns(ins_abort, loops, reps)))
+    rows.append((2, "begin(write) + victims + insert (evicts 1) + abort (py-lmdb)", per_call_ns(ins_abort, loops, reps)))
 
     def walk1() -> None:
         txn = begin(write=True)
         try:
-            next(iter(index._walk(txn)))
+            index.victims(txn, len(data), max_bytes, empty)
         finally:
             txn.abort()
-    rows.append((3, "begin(write) + first victim from the LRU walk + abort", per_call_ns(walk1, loops, reps)))
+    rows.append((3, "begin(write) + Index.victims (py-lmdb) + abort", per_call_ns(walk1, loops, reps)))
     import xxhash
     rows.append((3, "xxh3-64 of the new record", per_call_ns(lambda: xxhash.xxh3_64_intdigest(data), loops, reps)))
     def committing(begin_txn: Callable[[], Any]) -> Callable[[], None]:
@@ -278,7 +284,7 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
             store._txn_used = -1  # what Store.write does before a transaction (write map)
             txn = begin_txn()
             try:
-                index.insert(txn, key, name, n, data, max_bytes, empty)
+                index.insert(txn, key, name, n, data, index.victims(txn, len(data), max_bytes, empty))
             except BaseException:
                 txn.abort()
                 raise
