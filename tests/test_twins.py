@@ -352,3 +352,35 @@ def test_compiled_reads_share_the_write_environment(tmp_path):
         assert len(_data_mappings(str(tmp_path))) == 2  # the old file's mappings went with it
         assert cache.verify() == []
     assert not _data_mappings(str(tmp_path))
+
+
+class _NoEnv:
+    """A stand-in py-lmdb environment whose directory does not exist."""
+
+    def __init__(self, path):
+        self._path = path
+
+    def path(self):
+        return self._path
+
+    def info(self):
+        return {"map_size": 1 << 30}
+
+
+def test_a_writer_that_cannot_open_raises_lmdb_error_and_the_store_a_cache_error(tmp_path):
+    """No py-lmdb write path in the compiled core: its Writer raises lmdb.Error; opening fails cleanly."""
+    import types
+
+    with pytest.raises(lmdb.Error):
+        compiled.Writer(_NoEnv(str(tmp_path / "missing")), False, False)
+
+    def failing(env, writemap, durable):
+        return compiled.Writer(_NoEnv(str(tmp_path / "missing")), writemap, durable)
+    core = types.ModuleType("nvcache._index_without_writer")
+    core.__dict__.update({k: v for k, v in vars(compiled).items() if not k.startswith("__")})
+    core.Writer = failing
+    Broken = type("LayerCache_broken", (nvcache.LayerCache,), {"_core": core})
+    with pytest.raises(nvcache.CacheError, match="no write environment"):
+        Broken(str(tmp_path / "c"), 1)
+    with Ext(str(tmp_path / "c"), 1) as cache:  # nothing was left half open
+        assert cache.put("sha256:a", b"A") and cache.get("sha256:a") == b"A" and cache.verify() == []
