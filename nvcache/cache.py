@@ -84,6 +84,7 @@ class LayerCache:
         if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
             raise ValueError(f"lock_timeout must be in [0, {threading.TIMEOUT_MAX:g}] seconds, got {lock_timeout!r}")
         self.path = path
+        self._record_key = self._core.record_key  # bound once: every get calls it
         self.durable = bool(durable)
         self.enabled = self.max_bytes > 0
         self._store: Optional[Store] = None
@@ -149,19 +150,20 @@ class LayerCache:
         now) and a cache hit; a miss counts a cache miss. A record whose bytes
         fail their checksum is dropped, logged and reported as a miss.
         """
-        key = self._core.record_key(layer_id, kind)  # a bad argument is an error even when disabled
+        key = self._record_key(layer_id, kind)  # a bad argument is an error even when disabled
         store = self._store
         if store is None:  # disabled or closed
             self._opened()
             return None
         data, born = store.lookup(key)
-        store.buffer.count(key, data, born)  # counted here, above the read: a hit iff bytes
+        buffer = store.buffer
+        buffer.count(key, data, born)  # counted here, above the read: a hit iff bytes
         if data is False:
             name = self._core.record_name(layer_id, kind)[0]
             store.write(self._core.Index.drop_damaged, key)
             log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))
             data = None
-        if store.buffer.due:
+        if buffer.due:
             store.apply_due()
         return data
 
