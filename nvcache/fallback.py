@@ -41,9 +41,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import xxhash
 
 from .errors import CacheFull, StaleReader
+from .names import MAX_KIND, MAX_LAYER_ID, keep_set, record_name  # noqa: F401 (this core's names)
 
-MAX_LAYER_ID = 1024
-MAX_KIND = 32
 KEY_SIZE = 16
 
 # The idx header, defined once: size, refs, last_ns, checksum, born_ns, layer_id length.
@@ -64,63 +63,9 @@ ACCESS = b"access"
 EVICTIONS = b"evictions"
 MAX_RECORD = 1 << 40  # the largest bound (cache.MAX_MB); a larger stored size is a damaged header
 
-# Deleting every allowed byte leaves only the offending ones.
-_PRINTABLE = bytes(range(0x21, 0x7F))
-_KIND_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789_"
-_valid_kinds: Dict[str, bytes] = {}
-
-
-def _check_kind(kind: object) -> bytes:
-    if not isinstance(kind, str):
-        raise TypeError(f"kind must be str, not {type(kind).__name__}")
-    if not 1 <= len(kind) <= MAX_KIND or not kind.isascii():
-        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
-    raw = kind.encode("ascii")
-    if raw.translate(None, _KIND_CHARS):
-        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
-    if len(_valid_kinds) < 256:  # a handful of kinds exist; never grow without bound
-        _valid_kinds[kind] = raw
-    return raw
-
-
-def record_name(layer_id: object, kind: object) -> Tuple[bytes, int]:
-    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
-    if not isinstance(layer_id, str):
-        raise TypeError(f"layer_id must be str, not {type(layer_id).__name__}")
-    n = len(layer_id)
-    if not 1 <= n <= MAX_LAYER_ID:
-        raise ValueError(f"layer_id must be 1-{MAX_LAYER_ID} characters, got {n}")
-    if not layer_id.isascii():
-        raise ValueError("layer_id must be printable ASCII without whitespace")
-    raw = layer_id.encode("ascii")
-    if raw.translate(None, _PRINTABLE):
-        raise ValueError("layer_id must be printable ASCII without whitespace")
-    k = _valid_kinds.get(kind) if type(kind) is str else None  # type: ignore[arg-type]
-    if k is None:
-        k = _check_kind(kind)
-    return raw + b"_" + k, n
-
-
 def record_key(layer_id: object, kind: object) -> bytes:
     """Validate ``layer_id`` and ``kind``; return the record's LMDB key (xxh3-128 of its name)."""
     return xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
-
-
-def keep_set(keep: object) -> frozenset:
-    """The layer ids of ``keep`` as a frozenset of bytes (ids that cannot exist are dropped)."""
-    if isinstance(keep, (str, bytes, bytearray, memoryview)):
-        raise TypeError("keep must be an iterable of layer_id strings, not a single string")
-    try:
-        items = list(keep)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"keep must be an iterable of layer_id strings, not {type(keep).__name__}") from None
-    out = set()
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"keep items must be str, not {type(item).__name__}")
-        if item.isascii():  # a non-ASCII id names no record, so it protects nothing
-            out.add(item.encode("ascii"))
-    return frozenset(out)
 
 
 def name_key(name: bytes) -> bytes:
@@ -550,63 +495,10 @@ class Index:
         txn.put(ACCESS, _PAIR.pack(0, 0), db=self.meta)
         txn.put(EVICTIONS, _U64.pack(0), db=self.meta)
 
-    # -- the deep check ---------------------------------------------------------
     def check(self, txn: Any, max_bytes: Optional[int]) -> List[str]:
-        """Every inconsistency between index, records, LRU order, checksums and totals."""
-        problems: List[str] = []
-        count = total = 0
-        expected = set()
-        with txn.cursor(self.idx) as cur:
-            for key, hdr in cur:
-                if len(key) != KEY_SIZE or len(hdr) <= HEADER_SIZE:
-                    problems.append(f"index entry {key.hex()} is malformed")
-                    continue
-                size, refs, last, check, born, lid = _HDR.unpack_from(hdr)
-                name = hdr[HEADER_SIZE:]
-                label = name.decode("ascii", "replace")
-                if xxhash.xxh3_128_digest(name) != key:
-                    problems.append(f"record {label}: key does not match its name")
-                if not 1 <= lid < len(name):
-                    problems.append(f"record {label}: bad layer_id length {lid}")
-                prefix = read_prefix(txn, self.dat, key)
-                data = read_record(txn, self.dat, key)[0]
-                if data is None:
-                    problems.append(f"record {label}: bytes are missing")
-                elif prefix is None:
-                    problems.append(f"record {label}: first chunk too short for its size, checksum and birth")
-                elif prefix != (size, check, born):
-                    problems.append(f"record {label}: stored size/checksum/birth {prefix} != indexed "
-                                    f"{(size, check, born)}")
-                elif data is False:
-                    problems.append(f"record {label}: checksum mismatch (or a missing or short chunk)")
-                expected.add(_TS.pack(self.policy.rank(refs, last)) + key)
-                count += 1
-                total += size
-
-        def seen(group: List[Tuple[bytes, bytes]]) -> None:
-            for lk, _hdr in group:
-                if lk in expected:
-                    expected.discard(lk)
-                else:  # a record's entry at another rank (or a second one)
-                    problems.append(f"lru entry {lk.hex()} has no matching record")
-        self.walk(txn, seen, lambda lk: problems.append(f"lru entry {lk.hex()} has no matching record"))
-        for lk in sorted(expected):
-            problems.append(f"record key {lk[8:].hex()} is missing from the lru order")
-        with txn.cursor(self.dat) as cur:
-            for ckey in cur.iternext(keys=True, values=False):
-                hdr = txn.get(ckey[:KEY_SIZE], None, self.idx) if len(ckey) == KEY_SIZE + 4 else None
-                if hdr is None or len(hdr) <= HEADER_SIZE:
-                    problems.append(f"record bytes {ckey.hex()} have no index entry")
-                elif _CHUNK.unpack_from(ckey, KEY_SIZE)[0] >= chunk_count(_HDR.unpack_from(hdr)[0]):
-                    problems.append(f"record bytes {ckey.hex()}: a chunk beyond the record's size")
-        stored_count, stored_total = self.counters(txn)[:2]  # all three counters must parse
-        if stored_count != count:
-            problems.append(f"record_count {stored_count} != {count} records present")
-        if stored_total != total:
-            problems.append(f"record_total_size {stored_total} != {total} bytes present")
-        if max_bytes is not None and total > max_bytes:
-            problems.append(f"record_total_size {total} is above the bound {max_bytes}")
-        return problems
+        """Every inconsistency between index, records, LRU order, checksums and totals (cold)."""
+        from .checkindex import check_index
+        return check_index(self, txn, max_bytes)
 
 
 # Whether this core reads without the flock when the readers table lets it (see locking.py).
