@@ -345,7 +345,7 @@ cdef class AccessBuffer:
             PyDict_SetItem(self.pending, key, [1, now_ns, born_ns])
         else:
             entry[0] = entry[0] + 1
-            if now_ns > entry[1]:
+            if now_ns > <long long>entry[1]:  # compared in C: no int object unless it changes
                 entry[1] = now_ns
         self.hits += 1
         self._aged(now_ns)
@@ -1019,21 +1019,19 @@ cdef class Reader:
         try:
             if self.env is None:
                 raise StaleReader("the environment was replaced")
-            if self._ctxn != NULL and mdb_txn_renew(self._ctxn) == 0:
-                try:
-                    _counters_c(self._ctxn, self._meta, c, True)
-                    _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)
-                finally:
-                    mdb_txn_reset(self._ctxn)
-                return {"cache_hits": c[2], "cache_misses": c[3], "cache_records": records,
-                        "record_total_size": c[1]}
-            txn = self.env.begin()
-            try:
-                return self.index.twin.cache_data(txn)
-            finally:
-                txn.abort()
+            if self._ctxn != NULL:
+                if mdb_txn_renew(self._ctxn) == 0:
+                    try:
+                        _counters_c(self._ctxn, self._meta, c, True)
+                        _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)
+                    finally:
+                        mdb_txn_reset(self._ctxn)
+                    return {"cache_hits": c[2], "cache_misses": c[3], "cache_records": records,
+                            "record_total_size": c[1]}
+                self._close_c()  # this environment is unusable: fallback.Reader from now on
         finally:
             lock.release()
+        return self._py.cache_data()  # under its own hold of the lock
 
 
 cdef class Writer:

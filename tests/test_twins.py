@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import nvcache
 from nvcache import _index as compiled  # a missing build fails here, never skips
 from nvcache import fallback
+from nvcache.errors import StaleReader
 
 texts = st.one_of(st.text(max_size=40), st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7f),
                                                  min_size=1, max_size=40), st.integers(), st.none(), st.binary())
@@ -384,3 +385,40 @@ def test_a_writer_that_cannot_open_raises_lmdb_error_and_the_store_a_cache_error
         Broken(str(tmp_path / "c"), 1)
     with Ext(str(tmp_path / "c"), 1) as cache:  # nothing was left half open
         assert cache.put("sha256:a", b"A") and cache.get("sha256:a") == b"A" and cache.verify() == []
+
+
+class _ElsewhereEnv:
+    """The store's py-lmdb environment, but naming a directory that does not exist (for the C open)."""
+
+    def __init__(self, env, path):
+        self._env, self._path = env, path
+
+    def path(self):
+        return self._path
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def test_a_reader_whose_c_environment_cannot_open_reads_through_the_twin(tmp_path):
+    """The compiled Reader falls back to fallback.Reader for good: same results, no C path."""
+    with Ext(str(tmp_path / "c"), 1) as cache:
+        for i in range(6):
+            cache.restore(f"sha256:{i}", bytes([i]) * (i * 40), reference_count=i, last_referred_ns=(i % 2 + 1) * 10**9)
+        store = cache._store
+        c_reader = store.reader
+        py_path = compiled.Reader(store.lock, _ElsewhereEnv(store.env, str(tmp_path / "missing")), store.index)
+        try:
+            assert c_reader.direct and not py_path.direct and not py_path.shared
+            keys = [key_of(i) for i in range(8)]
+            for reader in (c_reader, py_path):
+                assert [reader.lookup(k)[0] for k in keys] == [bytes([i]) * (i * 40) for i in range(6)] + [None] * 2
+            assert [py_path.lookup(k) for k in keys] == [c_reader.lookup(k) for k in keys]
+            assert py_path.lookup_many(keys) == c_reader.lookup_many(keys)
+            assert [py_path.contains(k) for k in keys] == [c_reader.contains(k) for k in keys]
+            assert py_path.cache_data() == c_reader.cache_data()
+        finally:
+            with store.lock.mutex:
+                py_path.close()
+        with pytest.raises(StaleReader):
+            py_path.lookup(keys[0])
