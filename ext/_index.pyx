@@ -94,6 +94,7 @@ MAX_KIND = 32
 KEY_SIZE = KEYLEN
 HEADER_SIZE = HEADER
 PREFIX_SIZE = PREFIX
+RANK_SIZE = RANK
 U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
 RECORDS = b"records"
 ACCESS = b"access"

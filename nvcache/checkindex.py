@@ -10,7 +10,8 @@ from typing import Any, List, Optional, Tuple
 
 import xxhash
 
-from .fallback import _CHUNK, _HDR, _TS, HEADER_SIZE, KEY_SIZE, chunk_count, read_prefix, read_record
+from .fallback import (_CHUNK, _HDR, _TS, HEADER_SIZE, KEY_SIZE, RANK_SIZE, chunk_count, read_prefix,
+                       read_record)
 
 
 def check_index(index: Any, txn: Any, max_bytes: Optional[int]) -> List[str]:
@@ -53,7 +54,7 @@ def check_index(index: Any, txn: Any, max_bytes: Optional[int]) -> List[str]:
                 problems.append(f"lru entry {lk.hex()} has no matching record")
     index.walk(txn, seen, lambda lk: problems.append(f"lru entry {lk.hex()} has no matching record"))
     for lk in sorted(expected):
-        problems.append(f"record key {lk[8:].hex()} is missing from the lru order")
+        problems.append(f"record key {lk[RANK_SIZE:].hex()} is missing from the lru order")
     with txn.cursor(index.dat) as cur:
         for ckey in cur.iternext(keys=True, values=False):
             hdr = txn.get(ckey[:KEY_SIZE], None, index.idx) if len(ckey) == KEY_SIZE + 4 else None

@@ -49,6 +49,7 @@ KEY_SIZE = 16
 _HDR = struct.Struct("<QQQQQH")
 HEADER_SIZE = _HDR.size  # 42
 _TS = struct.Struct(">Q")  # the rank in front of an lru key
+RANK_SIZE = _TS.size
 _PAIR = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 
@@ -334,7 +335,7 @@ class Index:
         """Call ``on_group`` with each group of equal rank, next victim first, in name order.
 
         A group is a list of (lru key, idx header), the record's key being
-        ``lru key[8:]``; ``on_group`` returning true stops the walk. An lru
+        ``lru key[RANK_SIZE:]``; ``on_group`` returning true stops the walk. An lru
         entry without its record goes to ``on_orphan`` (verify reports it;
         the others skip it).
         """
@@ -345,12 +346,12 @@ class Index:
             while more:
                 lk = cur.key()
                 more = cur.next()
-                hdr = txn.get(lk[8:], None, self.idx)
+                hdr = txn.get(lk[RANK_SIZE:], None, self.idx)
                 if hdr is None or len(hdr) <= HEADER_SIZE:
                     if on_orphan is not None:
                         on_orphan(lk)
                     continue
-                if group and lk[:8] != group[0][0][:8]:
+                if group and lk[:RANK_SIZE] != group[0][0][:RANK_SIZE]:
                     if len(group) > 1:
                         group.sort(key=_by_name)
                     if on_group(group):
@@ -402,7 +403,7 @@ class Index:
                 vsize, refs, last, _check, _born, vlid = _HDR.unpack_from(hdr)
                 if keep and hdr[HEADER_SIZE:HEADER_SIZE + vlid] in keep:
                     continue
-                chosen.append((lk[8:], rank_of(refs, last), vsize))
+                chosen.append((lk[RANK_SIZE:], rank_of(refs, last), vsize))
                 freed[0] += vsize
                 if freed[0] >= over:
                     return True

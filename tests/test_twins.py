@@ -70,9 +70,24 @@ def test_time_and_keys(ns, key):
 
 
 def test_layout_constants():
-    for name in ("KEY_SIZE", "HEADER_SIZE", "PREFIX_SIZE", "CHUNK_SIZE", "MAX_RECORD", "U64_MAX"):
+    for name in ("KEY_SIZE", "HEADER_SIZE", "PREFIX_SIZE", "RANK_SIZE", "CHUNK_SIZE", "MAX_RECORD", "U64_MAX",
+                 "MAX_LAYER_ID", "MAX_KIND", "RECORDS", "ACCESS", "EVICTIONS"):
         assert getattr(compiled, name) == getattr(fallback, name), name
     assert fallback.PREFIX_SIZE + fallback.CHUNK_SIZE == 65504  # chunk 0's value: 16 pages
+    # the core's interface (DEVELOPERS.md): the same names in both twins
+    for name in ("record_name", "record_key", "name_key", "keep_set", "checksum", "pack_header", "unpack_header",
+                 "lru_key", "rfc3339nano", "link_count", "FAST_READS", "AccessBuffer", "Index", "Reader", "Writer"):
+        assert hasattr(compiled, name) and hasattr(fallback, name), name
+    for cls, names in (("Index", ("victims", "insert", "remove", "apply", "exists", "records", "counters", "count",
+                                  "lookup", "walk", "dump", "cache_data", "check", "drop_damaged", "clear",
+                                  "init_counters")),
+                       ("Reader", ("lookup", "lookup_many", "contains", "cache_data", "close", "fast", "direct",
+                                   "shared")),
+                       ("Writer", ("begin", "close", "last_page")),
+                       ("AccessBuffer", ("hit", "miss", "count", "take", "restore", "clear"))):
+        for name in names:
+            assert hasattr(getattr(compiled, cls), name) and hasattr(getattr(fallback, cls), name), (cls, name)
+    assert not hasattr(compiled.Index, "reserve") and not hasattr(fallback.Index, "reserve")
 
 
 hit_lists = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 2**62), st.integers(0, 2)), max_size=20)
