@@ -249,7 +249,7 @@ def _nv_bulk_insert(index: Any, txn: Any, batch: List[Tuple[str, bytes]], max_by
     empty: frozenset = frozenset()
     for lid, data in batch:
         name, n = core.record_name(lid, KIND)
-        index.insert(txn, core.name_key(name), name, n, data, max_bytes, empty)
+        index.insert(txn, core.name_key(name), name, n, data, index.victims(txn, len(data), max_bytes, empty))
 
 
 class LmdbPeer(Peer):

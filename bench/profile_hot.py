@@ -112,17 +112,23 @@ def get_hit_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, fl
     get = cache.get
     rows.append((0, "LayerCache.get (cache.py)", per_call_ns(lambda: get(nxt()), loops, reps)))
     store.flush()
-    sget = getattr(store, "get", None)
-    if sget is not None:
-        rows.append((1, "Store.get (store.py)", per_call_ns(lambda: sget(nxt(), KIND), loops, reps)))
-        store.flush()
-    reader = getattr(store, "reader", None)
-    if reader is not None:
-        rget = reader.get
-        rows.append((2, "core Reader.get (one core call)", per_call_ns(lambda: rget(nxt(), KIND), loops, reps)))
-        store.flush()
     names = [core.record_name(lid, KIND)[0] for lid in hot]
     keys = [core.name_key(nm) for nm in names]
+    rk = core.record_key
+    rows.append((1, "record_key (validate id + kind, xxh3-128)", per_call_ns(lambda: rk(nxt(), KIND), loops, reps)))
+    nkey0 = cycle(keys)
+    slook = store.lookup
+    rows.append((1, "Store.lookup (store.py)", per_call_ns(lambda: slook(nkey0()), loops, reps)))
+    reader = store.reader
+    rlook = reader.lookup
+    rows.append((2, "core Reader.lookup (lock, read, unlock)", per_call_ns(lambda: rlook(nkey0()), loops, reps)))
+    count = buf.count
+    blob0 = rlook(keys[0])
+    rows.append((1, "core AccessBuffer.count (a hit)", per_call_ns(lambda: count(nkey0(), blob0[0], blob0[1]), loops, reps)))
+    buf.take()
+    batch = keys[:64]
+    rmany = reader.lookup_many
+    rows.append((2, "core Reader.lookup_many, per key (64 keys)", per_call_ns(lambda: rmany(batch), loops // 64 + 1, reps) / 64))
     rn = core.record_name
     rows.append((3, "record_name (validate id + kind)", per_call_ns(lambda: rn(nxt(), KIND), loops, reps)))
     nn = cycle(names)
@@ -146,17 +152,17 @@ def get_hit_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, fl
         store.lock.acquire(False)
         store.lock.release()
     rows.append((3, "FileLock.acquire(shared)+release (locking.py)", per_call_ns(fl_full, loops, reps)))
-    begin = store.env.begin
+    begin = store.files.env.begin
 
     def txn_ba() -> None:
         begin().abort()
     rows.append((3, "env.begin() + txn.abort() (lock=False)", per_call_ns(txn_ba, loops, reps)))
-    index = store.index
+    index = store.files.index
     nkey = cycle(keys)
     txn = begin()
     try:
         look = index.lookup
-        rows.append((3, "Index.lookup: 2 gets + checksum", per_call_ns(lambda: look(txn, nkey()), loops, reps)))
+        rows.append((3, "Index.lookup (py-lmdb txn: fallback's)", per_call_ns(lambda: look(txn, nkey()), loops, reps)))
         idx, dat = index.idx, index.dat
         tget = txn.get
         rows.append((4, "txn.get idx header", per_call_ns(lambda: tget(nkey(), None, idx), loops, reps)))
@@ -171,7 +177,7 @@ def get_hit_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, fl
     tn = time.time_ns
 
     def hit() -> None:
-        buf.hit(nkey(), tn())
+        buf.hit(nkey(), tn(), 1)
     rows.append((3, "AccessBuffer.hit + time_ns", per_call_ns(hit, loops, reps)))
     buf.take()
     buf.max_age_ns, buf.max_keys = saved
@@ -209,7 +215,7 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
     cache = fx.cache
     store = cache._opened()
     core = cache._core
-    index = store.index
+    index = store.files.index
     data = fx.data[0]
     rows: List[Tuple[int, str, float]] = []
     store.flush()
@@ -223,8 +229,8 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
 
     def store_write() -> None:
         name, n = core.record_name(ids2(), KIND)
-        store.write(core.Index.insert, core.name_key(name), name, n, data, max_bytes, empty)
-    rows.append((1, "Store.write(Index.insert) incl. name+key (store.py)", per_call_ns(store_write, loops, reps)))
+        store.insert(core.name_key(name), name, n, data, max_bytes, empty)
+    rows.append((1, "Store.insert incl. name+key (store.py)", per_call_ns(store_write, loops, reps)))
     lock = store.lock
 
     def lk() -> None:
@@ -237,12 +243,10 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
     rows.append((3, "flock LOCK_EX|NB + LOCK_UN", per_call_ns(fl, loops, reps)))
-    stale = getattr(store, "_stale", None)
-    if stale is not None:
-        rows.append((2, "Store._stale() (fstat of data.mdb)", per_call_ns(stale, loops, reps)))
+    rows.append((2, "Store._replaced() (fstat of data.mdb)", per_call_ns(store._replaced, loops, reps)))
     take = store.buffer.take
     rows.append((2, "AccessBuffer.take() (empty)", per_call_ns(take, loops, reps)))
-    begin = store.env.begin
+    begin = store.files.env.begin
 
     def wb() -> None:
         begin(write=True).abort()
@@ -254,18 +258,18 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
         key, name, n = nxt()
         txn = begin(write=True)
         try:
-            index.insert(txn, key, name, n, data, max_bytes, empty)
+            index.insert(txn, key, name, n, data, index.victims(txn, len(data), max_bytes, empty))
         finally:
             txn.abort()
-    rows.append((2, "begin(write) + Index.insert (evicts 1) + abort", per_call_ns(ins_abort, loops, reps)))
+    rows.append((2, "begin(write) + victims + insert (evicts 1) + abort (py-lmdb)", per_call_ns(ins_abort, loops, reps)))
 
     def walk1() -> None:
         txn = begin(write=True)
         try:
-            next(iter(index._walk(txn)))
+            index.victims(txn, len(data), max_bytes, empty)
         finally:
             txn.abort()
-    rows.append((3, "begin(write) + first victim from the LRU walk + abort", per_call_ns(walk1, loops, reps)))
+    rows.append((3, "begin(write) + Index.victims (py-lmdb) + abort", per_call_ns(walk1, loops, reps)))
     import xxhash
     rows.append((3, "xxh3-64 of the new record", per_call_ns(lambda: xxhash.xxh3_64_intdigest(data), loops, reps)))
     def committing(begin_txn: Callable[[], Any]) -> Callable[[], None]:
@@ -275,10 +279,11 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
         def run() -> None:
             name, n = core.record_name(ids_(), KIND)
             key = core.name_key(name)
-            store._txn_used = -1  # what Store.write does before a transaction (write map)
+            if store.files.room is not None:
+                store.files.room.begin()  # what Store._write does before a transaction (write map)
             txn = begin_txn()
             try:
-                index.insert(txn, key, name, n, data, max_bytes, empty)
+                index.insert(txn, key, name, n, data, index.victims(txn, len(data), max_bytes, empty))
             except BaseException:
                 txn.abort()
                 raise
@@ -286,7 +291,7 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
         return run
     rows.append((2, "begin(write) + Index.insert + commit (no lock, no Python layers)",
                  per_call_ns(committing(lambda: begin(write=True)), loops, reps)))
-    writer = getattr(store, "writer", None)
+    writer = store.files.writer
     if writer is not None and type(writer).__module__ != "nvcache.fallback":
         rows.append((2, "the same through the C API (Writer; the put path)",
                      per_call_ns(committing(writer.begin), loops, reps)))
@@ -338,9 +343,9 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     if args.small_map:
-        from nvcache import store
+        from nvcache import writemap
 
-        store._MIN_MAP_SIZE = 1 << 30
+        writemap.MIN_MAP_SIZE = 1 << 30
         compare.LMDB_MAP = 1 << 30
     root = tempfile.mkdtemp(prefix="nvcache-prof-", dir=args.workdir)
     try:

@@ -2,11 +2,15 @@
 """The hot index, compiled: the twin of ``nvcache/fallback.py``.
 
 Same names, same behaviour, same bytes on disk; the layout is described in
-fallback.py. What is here is what every get and put runs: name validation
-and hashing, header packing, the lookup with its checksum, access
-buffering, the eviction walk, applying buffered accesses and formatting the
-dump. The cold consistency check and ``keep`` parsing are shared with the
-twin rather than written twice.
+fallback.py, which is also the specification (tests/test_twins.py compares
+the two). What is here is what every get and put runs, in C through
+LMDB's API: name validation and hashing, the lookup with its checksum,
+access buffering, choosing victims, the insert, the delete, applying
+buffered accesses and the dump. Everything else (clear, the consistency
+check, ``keep`` parsing, large records, any call handed a py-lmdb
+transaction, reads when the C environment cannot open) is fallback.py's:
+the Index holds a ``fallback.Index`` over the same databases and forwards
+to it, the Reader a ``fallback.Reader``.
 """
 
 cimport cython
@@ -64,18 +68,39 @@ cdef extern from "<time.h>" nogil:
     tm *gmtime_r(const time_t *timep, tm *result)
     int CLOCK_REALTIME
 
+# -- the layout (fallback.py's docstring), named once --------------------------------------------
+
+# The idx header <QQQQQH> (fallback._HDR): byte offsets of its fields, then the name.
+cdef enum:
+    H_SIZE = 0
+    H_REFS = 8
+    H_LAST = 16
+    H_CHECK = 24
+    H_BORN = 32
+    H_LID = 40
+    HEADER = 42
+# The prefix of chunk 0 in dat <QQQ> (fallback._PREFIX): size, checksum, born_ns.
+cdef enum:
+    P_SIZE = 0
+    P_CHECK = 8
+    P_BORN = 16
+    PREFIX = 24
+cdef enum:
+    KEYLEN = 16  # KEY_SIZE: xxh3-128 of the name
+    RANK = 8  # the big-endian rank in front of an lru key
+
 MAX_LAYER_ID = 1024
 MAX_KIND = 32
-KEY_SIZE = 16
-HEADER_SIZE = 34
+KEY_SIZE = KEYLEN
+HEADER_SIZE = HEADER
+PREFIX_SIZE = PREFIX
+RANK_SIZE = RANK
 U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
 RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
-
-DEF HDR = 34  # <QQQQH: size, refs, last_ns, checksum, layer_id length
-DEF KEYLEN = 16  # KEY_SIZE, for C arrays
-DEF MAX_RECORD = 1 << 40  # the largest bound (MAX_MB); a larger size is a damaged header
+MAX_RECORD = _twin.MAX_RECORD
+cdef uint64_t _MAX_RECORD = _twin.MAX_RECORD  # a larger size is a damaged header
 
 cdef object _xxh3_64 = xxhash.xxh3_64_intdigest
 cdef object _xxh3_128 = xxhash.xxh3_128_digest
@@ -84,12 +109,7 @@ cdef dict _valid_kinds = {}
 keep_set = _twin.keep_set
 CHUNK_SIZE = _twin.CHUNK_SIZE
 cdef Py_ssize_t _CHUNK_SIZE = _twin.CHUNK_SIZE
-cdef bytes _FIRST_CHUNK = b"\0\0\0\0"
-# Records larger than one chunk are rare and slow anyway: shared with the twin.
-cdef object _read_record = _twin.read_record
-DEF PREFIX = 16  # <QQ size, checksum in front of chunk 0
-cdef object _write_chunks = _twin.write_chunks
-cdef object _delete_chunks = _twin.delete_chunks
+assert _twin.HEADER_SIZE == HEADER and _twin.PREFIX_SIZE == PREFIX and _twin.CHUNK_SIZE + PREFIX == 65504
 
 
 cdef inline uint64_t _now_ns() noexcept:
@@ -120,47 +140,63 @@ cdef inline void _set_be(unsigned char *p, uint64_t v) noexcept:
         v >>= 8
 
 
+cdef inline uint64_t _u64_at(const unsigned char *p, int offset) noexcept:
+    """A little-endian u64 field of the idx header or the chunk-0 prefix."""
+    return _get_le(p + offset, 8)
+
+
+cdef inline void _set_u64_at(unsigned char *p, int offset, uint64_t v) noexcept:
+    _set_le(p + offset, v, 8)
+
+
 cdef inline void _set_chunk(unsigned char *ckey, unsigned int chunk) noexcept:
     # The chunk number after a 16-byte key, big-endian (dat's keys sort by record, then chunk).
-    ckey[16] = (chunk >> 24) & 0xFF
-    ckey[17] = (chunk >> 16) & 0xFF
-    ckey[18] = (chunk >> 8) & 0xFF
-    ckey[19] = chunk & 0xFF
+    ckey[KEYLEN] = (chunk >> 24) & 0xFF
+    ckey[KEYLEN + 1] = (chunk >> 16) & 0xFF
+    ckey[KEYLEN + 2] = (chunk >> 8) & 0xFF
+    ckey[KEYLEN + 3] = chunk & 0xFF
 
 
-cdef bytes _pair(uint64_t a, uint64_t b):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16)
+cdef inline uint64_t _sat_add(uint64_t a, uint64_t b) noexcept:
+    return a + b if a + b >= a else 0xFFFFFFFFFFFFFFFFULL
+
+
+# -- the policy (fallback.LRU): the eviction order and what an access changes --------------------
+
+cdef inline uint64_t _policy_rank(uint64_t refs, uint64_t last_ns) noexcept:
+    """The u64 that orders the lru table: LRU ranks by the last reference."""
+    return last_ns
+
+
+cdef inline void _policy_access(uint64_t *refs, uint64_t *last_ns, uint64_t n, uint64_t when) noexcept:
+    """``n`` buffered references, the last at ``when``: refs += n (saturating), last = max."""
+    refs[0] = _sat_add(refs[0], n)
+    if when > last_ns[0]:  # else another process applied a later access
+        last_ns[0] = when
+
+
+# -- names, headers, times ---------------------------------------------------------------------
+
+cdef bytes _header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t born_ns,
+                   uint64_t lid, const unsigned char *name, Py_ssize_t name_len):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, HEADER + name_len)
     cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
-    _set_le(p, a, 8)
-    _set_le(p + 8, b, 8)
+    _set_u64_at(p, H_SIZE, size)
+    _set_u64_at(p, H_REFS, refs)
+    _set_u64_at(p, H_LAST, last_ns)
+    _set_u64_at(p, H_CHECK, check)
+    _set_u64_at(p, H_BORN, born_ns)
+    _set_le(p + H_LID, lid, 2)
+    memcpy(p + HEADER, name, name_len)
     return out
 
 
-cdef bytes _u64(uint64_t a):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8)
-    _set_le(<unsigned char *>PyBytes_AS_STRING(out), a, 8)
-    return out
-
-
-cdef bytes _header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t lid,
-                   const unsigned char *name, Py_ssize_t name_len):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, HDR + name_len)
-    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
-    _set_le(p, size, 8)
-    _set_le(p + 8, refs, 8)
-    _set_le(p + 16, last_ns, 8)
-    _set_le(p + 24, check, 8)
-    _set_le(p + 32, lid, 2)
-    memcpy(p + HDR, name, name_len)
-    return out
-
-
-cdef bytes _lru_key(uint64_t last_ns, bytes key):
+cdef bytes _lru_key(uint64_t rank, bytes key):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 + n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, RANK + n)
     cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
-    _set_be(p, last_ns)
-    memcpy(p + 8, PyBytes_AS_STRING(key), n)
+    _set_be(p, rank)
+    memcpy(p + RANK, PyBytes_AS_STRING(key), n)
     return out
 
 
@@ -218,6 +254,12 @@ def record_name(object layer_id, object kind):
     return name, n
 
 
+def record_key(object layer_id, object kind):
+    """Validate ``layer_id`` and ``kind``; return the record's LMDB key (xxh3-128 of its name)."""
+    cdef Py_ssize_t n = 0
+    return _xxh3_128(_record_name(layer_id, kind, &n))
+
+
 def name_key(bytes name):
     """The LMDB key of a record name: its 16-byte xxh3-128 digest."""
     return _xxh3_128(name)
@@ -227,24 +269,26 @@ def checksum(data):
     return _xxh3_64(data)
 
 
-def pack_header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t lid_len,
-                bytes name):
-    return _header(size, refs, last_ns, check, lid_len,
+def pack_header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t born_ns,
+                uint64_t lid_len, bytes name):
+    if lid_len > 0xFFFF:
+        raise OverflowError("layer_id length out of range")
+    return _header(size, refs, last_ns, check, born_ns, lid_len,
                    <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
 
 
 def unpack_header(hdr):
-    """(size, refs, last_ns, checksum, layer_id length, name) of an ``idx`` value."""
+    """(size, refs, last_ns, checksum, born_ns, layer_id length, name) of an ``idx`` value."""
     cdef bytes b = bytes(hdr)
-    if PyBytes_GET_SIZE(b) <= HDR:
+    if PyBytes_GET_SIZE(b) <= HEADER:
         raise ValueError("index header too short")
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
-    return (_get_le(p, 8), _get_le(p + 8, 8), _get_le(p + 16, 8), _get_le(p + 24, 8),
-            _get_le(p + 32, 2), b[HDR:])
+    return (_u64_at(p, H_SIZE), _u64_at(p, H_REFS), _u64_at(p, H_LAST), _u64_at(p, H_CHECK),
+            _u64_at(p, H_BORN), _get_le(p + H_LID, 2), b[HEADER:])
 
 
-def lru_key(uint64_t last_ns, bytes key):
-    return _lru_key(last_ns, key)
+def lru_key(uint64_t rank, bytes key):
+    return _lru_key(rank, key)
 
 
 cdef str _rfc3339nano(uint64_t ns):
@@ -291,25 +335,37 @@ cdef class AccessBuffer:
         elif now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys:
             self.due = True
 
-    cdef void _hit(self, bytes key, long long now_ns):
+    cdef int _hit(self, bytes key, long long now_ns, uint64_t born_ns) except -1:
         cdef PyObject *found = PyDict_GetItem(self.pending, key)
         cdef list entry
-        if found is NULL:
-            PyDict_SetItem(self.pending, key, [1, now_ns])
-        else:
+        if found is not NULL:
             entry = <list>found
+            if <uint64_t>entry[2] != born_ns:  # another record of that name: start over
+                found = NULL
+        if found is NULL:
+            PyDict_SetItem(self.pending, key, [1, now_ns, born_ns])
+        else:
             entry[0] = entry[0] + 1
-            if now_ns > entry[1]:
+            if now_ns > <long long>entry[1]:  # compared in C: no int object unless it changes
                 entry[1] = now_ns
         self.hits += 1
         self._aged(now_ns)
+        return 0
 
-    def hit(self, bytes key, long long now_ns):
-        self._hit(key, now_ns)
+    def hit(self, bytes key, long long now_ns, uint64_t born_ns):
+        self._hit(key, now_ns, born_ns)
 
     def miss(self, long long now_ns):
         self.misses += 1
         self._aged(now_ns)
+
+    def count(self, bytes key, data, uint64_t born_ns):
+        """Count what a lookup of ``key`` returned: a hit when ``data`` is bytes, else a miss."""
+        if type(data) is bytes:
+            self._hit(key, _now_ns(), born_ns)
+        else:
+            self.misses += 1
+            self._aged(_now_ns())
 
     def take(self):
         """Empty the buffer and return what it held (to apply, or to restore on failure)."""
@@ -320,7 +376,7 @@ cdef class AccessBuffer:
         return out
 
     def restore(self, taken):
-        """Merge back what :meth:`take` returned, after a failed apply (cold: shared with the twin)."""
+        """Merge back what :meth:`take` returned, after a failed apply (cold: fallback.py's code)."""
         _twin.AccessBuffer.restore(self, taken)
 
     def clear(self):
@@ -329,302 +385,6 @@ cdef class AccessBuffer:
     def __len__(self):
         """Pending keys, plus one when only counters are pending (so ``bool`` means "non-empty")."""
         return len(self.pending) or (1 if self.hits or self.misses else 0)
-
-
-cdef inline bint _header_ok(bytes hdr):
-    return hdr is not None and PyBytes_GET_SIZE(hdr) > HDR
-
-
-cdef class Index:
-    """The record index over the four databases of one environment (see fallback.py)."""
-
-    cdef public object idx, dat, lru, meta, reserve
-
-    def __init__(self, idx, dat, lru, meta):
-        self.idx = idx
-        self.dat = dat
-        self.lru = lru
-        self.meta = meta
-        self.reserve = None
-
-    # -- counters ---------------------------------------------------------
-    cdef tuple _pair(self, txn, bytes name):
-        cdef bytes raw = txn.get(name, None, self.meta)
-        if raw is None:
-            return (0, 0)
-        if PyBytes_GET_SIZE(raw) != 16:
-            raise ValueError(f"counter {name!r} is malformed")
-        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(raw)
-        return (_get_le(p, 8), _get_le(p + 8, 8))
-
-    cdef uint64_t _evictions(self, txn) except? 0:
-        cdef bytes raw = txn.get(EVICTIONS, None, self.meta)
-        if raw is None:
-            return 0
-        if PyBytes_GET_SIZE(raw) != 8:
-            raise ValueError("counter b'evictions' is malformed")
-        return _get_le(<const unsigned char *>PyBytes_AS_STRING(raw), 8)
-
-    def counters(self, txn):
-        """(record count, total bytes, hits, misses, evictions)."""
-        count, total = self._pair(txn, RECORDS)
-        hits, misses = self._pair(txn, ACCESS)
-        return count, total, hits, misses, self._evictions(txn)
-
-    def records(self, txn):
-        """(record count, total bytes)."""
-        if type(txn) is Writer:
-            return _pair_w(<Writer>txn, RECORDS)
-        return self._pair(txn, RECORDS)
-
-    def count(self, txn):
-        return self._pair(txn, RECORDS)[0]
-
-    # -- reads --------------------------------------------------------------
-    def contains(self, txn, bytes key):
-        return txn.get(key, None, self.idx) is not None
-
-    cdef object _lookup(self, txn, bytes key):
-        # dat alone for a hit (see fallback.py); idx only when there are no bytes.
-        cdef bytes first = txn.get(key + _FIRST_CHUNK, None, self.dat)
-        cdef const unsigned char *p
-        cdef uint64_t size
-        cdef bytes data
-        if first is None:
-            return False if txn.get(key, None, self.idx) is not None else None
-        if PyBytes_GET_SIZE(first) < PREFIX:
-            return False
-        p = <const unsigned char *>PyBytes_AS_STRING(first)
-        size = _get_le(p, 8)
-        if size > <uint64_t>_CHUNK_SIZE:
-            return _read_record(txn, self.dat, key)  # rare and slow anyway: shared with the twin
-        if <uint64_t>PyBytes_GET_SIZE(first) != PREFIX + size:
-            return False
-        data = PyBytes_FromStringAndSize(<const char *>p + PREFIX, <Py_ssize_t>size)
-        if <uint64_t>_xxh3_64(data) != _get_le(p + 8, 8):
-            return False
-        return data
-
-    def lookup(self, txn, bytes key):
-        """The record's bytes; None when absent; False when its bytes fail the checksum."""
-        return self._lookup(txn, key)
-
-    # -- writes -------------------------------------------------------------
-    cdef void _remove(self, txn, bytes key, uint64_t last_ns, uint64_t size) except *:
-        txn.delete(key, b"", self.idx)
-        if size <= <uint64_t>_CHUNK_SIZE:
-            txn.delete(key + _FIRST_CHUNK, b"", self.dat)
-        else:
-            _delete_chunks(txn, self.dat, key, size)
-        txn.delete(_lru_key(last_ns, key), b"", self.lru)
-
-    def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, uint64_t max_bytes,
-               frozenset keep, uint64_t refs=0, uint64_t last_ns=0):
-        """Add a record, evicting the least recently referred ones to stay within ``max_bytes``.
-
-        The record starts with ``refs`` references, last referred at
-        ``last_ns`` (0: now; imports restore both).
-
-        Returns the number of records evicted, or -1 when the name exists
-        (nothing changes). Raises CacheFull, before changing anything, when
-        only kept records could make room.
-        """
-        if type(txn) is Writer:
-            return _insert_w(self, <Writer>txn, key, name, lid_len, data, max_bytes, keep, refs, last_ns)
-        if txn.get(key, None, self.idx) is not None:
-            return -1
-        cdef uint64_t size = len(data)
-        count, total = self._pair(txn, RECORDS)
-        cdef uint64_t c_count = count, c_total = total
-        cdef long long over = <long long>(c_total + size) - <long long>max_bytes
-        cdef long long freed = 0
-        cdef list victims = []
-        cdef bytes vkey, hdr
-        cdef bint room = False
-        if over > 0:
-            for vkey, hdr in self._walk(txn):
-                if _take_victim(vkey, hdr, victims, keep, over, &freed):
-                    room = True
-                    break
-            if not room:
-                raise CacheFull(
-                    f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
-        if self.reserve is not None:
-            self.reserve(len(victims), size)
-        if victims:
-            for vkey, vlast, vsize in victims:
-                self._remove(txn, vkey, vlast, vsize)
-                c_count -= 1
-                c_total -= vsize
-            txn.put(EVICTIONS, _u64(min(self._evictions(txn) + len(victims), U64_MAX)), True, True, False, self.meta)
-        cdef uint64_t now_ns = last_ns or _now_ns()
-        cdef uint64_t check = _xxh3_64(data)
-        cdef bytes first
-        txn.put(key, _header(size, refs, now_ns, check, lid_len,
-                             <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)),
-                True, True, False, self.idx)
-        if size <= <uint64_t>_CHUNK_SIZE:
-            first = _pair(size, check) + data  # the prefix, then the bytes: chunk 0
-            txn.put(key + _FIRST_CHUNK, first, True, True, False, self.dat)
-        else:
-            _write_chunks(txn, self.dat, key, data, check)
-        txn.put(_lru_key(now_ns, key), b"", True, True, False, self.lru)
-        txn.put(RECORDS, _pair(c_count + 1, c_total + size), True, True, False, self.meta)
-        return len(victims)
-
-    def drop_damaged(self, txn, bytes key):
-        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
-        if self._lookup(txn, key) is False:
-            return self.remove(txn, key)
-        return False
-
-    def remove(self, txn, bytes key):
-        """Delete one record; False when it is absent."""
-        if type(txn) is Writer:
-            return _delete_w(<Writer>txn, key)
-        cdef bytes hdr = txn.get(key, None, self.idx)
-        if hdr is None:
-            return False
-        count, total = self._pair(txn, RECORDS)
-        cdef uint64_t size = 0
-        if PyBytes_GET_SIZE(hdr) > HDR:
-            size = _get_le(<const unsigned char *>PyBytes_AS_STRING(hdr), 8)
-            txn.delete(_lru_key(_get_le(<const unsigned char *>PyBytes_AS_STRING(hdr) + 16, 8), key),
-                       b"", self.lru)
-        txn.delete(key, b"", self.idx)
-        _delete_chunks(txn, self.dat, key, size)
-        txn.put(RECORDS, _pair(max(count - 1, 0), max(total - size, 0)), True, True, False, self.meta)
-        return True
-
-    def apply(self, txn, dict pending, hits, misses):
-        """Write buffered accesses: reference counts, last references, hit and miss counters."""
-        if type(txn) is Writer:
-            _apply_w(<Writer>txn, pending, hits, misses)
-            return
-        cdef bytes key, hdr, new
-        cdef list entry
-        cdef const unsigned char *p
-        cdef unsigned char *q
-        cdef uint64_t last, old_last, refs
-        for key, entry in pending.items():
-            hdr = txn.get(key, None, self.idx)
-            if not _header_ok(hdr):
-                continue  # deleted or evicted since: its hits still count below
-            p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-            old_last = _get_le(p + 16, 8)
-            last = entry[1]
-            if last > old_last:  # another process may have applied a later access
-                txn.delete(_lru_key(old_last, key), b"", self.lru)
-                txn.put(_lru_key(last, key), b"", True, True, False, self.lru)
-            else:
-                last = old_last
-            new = PyBytes_FromStringAndSize(<const char *>p, PyBytes_GET_SIZE(hdr))
-            q = <unsigned char *>PyBytes_AS_STRING(new)
-            refs = _get_le(p + 8, 8) + <uint64_t>entry[0]
-            if refs < _get_le(p + 8, 8):  # saturate rather than wrap, like the twin
-                refs = 0xFFFFFFFFFFFFFFFFULL
-            _set_le(q + 8, refs, 8)
-            _set_le(q + 16, last, 8)
-            txn.put(key, new, True, True, False, self.idx)
-        if hits or misses:
-            old_hits, old_misses = self._pair(txn, ACCESS)
-            txn.put(ACCESS, _pair(min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX)),
-                    True, True, False, self.meta)
-
-    def clear(self, txn):
-        """Remove every record; hit, miss and eviction counters are kept."""
-        for db in (self.idx, self.dat, self.lru):
-            txn.drop(db, False)
-        txn.put(RECORDS, _pair(0, 0), True, True, False, self.meta)
-
-    def init_counters(self, txn):
-        txn.put(RECORDS, _pair(0, 0), True, True, False, self.meta)
-        txn.put(ACCESS, _pair(0, 0), True, True, False, self.meta)
-        txn.put(EVICTIONS, _u64(0), True, True, False, self.meta)
-
-    # -- walks --------------------------------------------------------------
-    def _walk(self, txn):
-        """(key, idx header) from the next victim on: oldest reference first, ties by name."""
-        cur = txn.cursor(self.lru)
-        cdef list group = []
-        cdef bytes lk, key, hdr
-        cdef bytes group_ts = b""
-        cdef bint more
-        try:
-            if not cur.first():
-                return
-            more = True
-            while more:
-                lk = cur.key()
-                more = cur.next()
-                key = lk[8:]
-                hdr = txn.get(key, None, self.idx)
-                if not _header_ok(hdr):
-                    continue  # an lru entry without its record: verify reports it
-                if group and memcmp(PyBytes_AS_STRING(lk), PyBytes_AS_STRING(group_ts), 8) != 0:
-                    if len(group) > 1:
-                        group.sort(key=_by_name)
-                    yield from group
-                    group = []
-                group_ts = lk
-                group.append((key, hdr))
-            if len(group) > 1:
-                group.sort(key=_by_name)
-            yield from group
-        finally:
-            cur.close()
-
-    def dump(self, txn):
-        """The ``cache_records`` of the seed's dump, next victim first."""
-        cdef list out = []
-        cdef bytes hdr
-        cdef const unsigned char *p
-        for _key, hdr in self._walk(txn):
-            p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-            out.append({
-                "last_referred": _rfc3339nano(_get_le(p + 16, 8)),
-                "layer_id": hdr[HDR:].decode("ascii"),
-                "reference_count": _get_le(p + 8, 8),
-                "size": _get_le(p, 8),
-            })
-        return out
-
-    def cache_data(self, txn):
-        """The seed's ``cache-data`` dump."""
-        _count, total, hits, misses, _evictions = self.counters(txn)
-        return {"cache_hits": hits, "cache_misses": misses,
-                "cache_records": self.dump(txn), "record_total_size": total}
-
-    def check(self, txn, max_bytes):
-        """Every inconsistency between index, records, LRU order, checksums and totals."""
-        return _twin.Index.check(self, txn, max_bytes)
-
-
-cdef inline object _dump_record(bytes hdr):
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-    return {
-        "last_referred": _rfc3339nano(_get_le(p + 16, 8)),
-        "layer_id": hdr[HDR:].decode("ascii"),
-        "reference_count": _get_le(p + 8, 8),
-        "size": _get_le(p, 8),
-    }
-
-
-cdef void _flush_group(list group, list out) except *:
-    # Headers that share one last_referred, in name order (the name follows the header).
-    if len(group) > 1:
-        group.sort(key=_name_of)
-    for hdr in group:
-        out.append(_dump_record(hdr))
-    del group[:]
-
-
-def _name_of(bytes hdr):
-    return hdr[HDR:]
-
-
-def _by_name(entry):
-    return (<bytes>entry[1])[HDR:]
 
 
 cdef extern from *:
@@ -739,24 +499,265 @@ cdef object _mdb_error(int rc, str what):
     return cls(f"{what}: {mdb_strerror(rc).decode('utf-8', 'replace')}")
 
 
+
+
+cdef inline int _check(int rc, str what) except -1:
+    """LMDB's return code: MDB_NOTFOUND passes (the caller tests it), other errors raise."""
+    if rc != 0 and rc != MDB_NOTFOUND:
+        raise _mdb_error(rc, what)
+    return rc
+
+
+# -- the counter reader (fallback.Index.counters): one for reads and writes ----------------------
+
+cdef int _read_u64s(MDB_txn *txn, MDB_dbi meta, bytes name, int n, uint64_t *out) except -1:
+    """``meta[name]`` as ``n`` little-endian u64 into ``out`` (zeros when absent)."""
+    cdef MDB_val k, v
+    cdef int i
+    k.mv_size = PyBytes_GET_SIZE(name)
+    k.mv_data = PyBytes_AS_STRING(name)
+    if _check(mdb_get(txn, meta, &k, &v), "mdb_get") == MDB_NOTFOUND:
+        for i in range(n):
+            out[i] = 0
+        return 0
+    if v.mv_size != <size_t>(8 * n):
+        raise ValueError(f"counter {name!r} is malformed")
+    for i in range(n):
+        out[i] = _get_le(<const unsigned char *>v.mv_data + 8 * i, 8)
+    return 0
+
+
+cdef int _counters_c(MDB_txn *txn, MDB_dbi meta, uint64_t *out, bint all) except -1:
+    """(count, total) into out[0:2]; with ``all`` also hits, misses, evictions into out[2:5]."""
+    _read_u64s(txn, meta, RECORDS, 2, out)
+    if all:
+        _read_u64s(txn, meta, ACCESS, 2, out + 2)
+        _read_u64s(txn, meta, EVICTIONS, 1, out + 4)
+    return 0
+
+
+cdef tuple _counters_tuple(MDB_txn *txn, MDB_dbi meta, bint all):
+    cdef uint64_t c[5]
+    _counters_c(txn, meta, c, all)
+    if not all:
+        return (c[0], c[1])
+    return (c[0], c[1], c[2], c[3], c[4])
+
+
+# -- the walk (fallback.Index.walk): the eviction order, for the dump and for victims ------------
+
+ctypedef int (*_group_fn)(object ctx, list group) except -1
+
+
+def _by_name(entry):
+    return (<bytes>entry[1])[HEADER:]
+
+
+cdef int _walk_c(MDB_txn *txn, MDB_dbi lru, MDB_dbi idx, _group_fn on_group, object ctx) except -1:
+    """Call ``on_group(ctx, group)`` for each group of equal rank, next victim first, in name order.
+
+    A group is a list of (key, idx header) as bytes; ``on_group`` returning 1
+    stops the walk. An lru entry without its record is skipped (verify
+    reports it).
+    """
+    cdef MDB_cursor *cur = NULL
+    cdef MDB_val lk, lv, k, hv
+    cdef unsigned char group_rank[RANK]
+    cdef list group = []
+    cdef int rc
+    _check(mdb_cursor_open(txn, lru, &cur), "mdb_cursor_open")
+    try:
+        rc = mdb_cursor_get(cur, &lk, &lv, MDB_FIRST)
+        while rc == 0:
+            if lk.mv_size < RANK:
+                raise _lmdb.BadValsizeError("an lru key shorter than its rank")
+            k.mv_size = lk.mv_size - RANK
+            k.mv_data = <unsigned char *>lk.mv_data + RANK
+            if _check(mdb_get(txn, idx, &k, &hv), "mdb_get") == 0 and hv.mv_size > HEADER:
+                if k.mv_size != KEYLEN:  # only a damaged or foreign file has other keys
+                    raise _lmdb.CorruptedError(f"an lru entry with a {k.mv_size}-byte record key")
+                if group and memcmp(lk.mv_data, group_rank, RANK) != 0:
+                    if len(group) > 1:
+                        group.sort(key=_by_name)
+                    if on_group(ctx, group):
+                        return 0
+                    group = []
+                memcpy(group_rank, lk.mv_data, RANK)
+                group.append((PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size),
+                              PyBytes_FromStringAndSize(<char *>hv.mv_data, hv.mv_size)))
+            rc = mdb_cursor_get(cur, &lk, &lv, MDB_NEXT)
+        _check(rc, "mdb_cursor_get")
+        if group:
+            if len(group) > 1:
+                group.sort(key=_by_name)
+            on_group(ctx, group)
+    finally:
+        mdb_cursor_close(cur)
+    return 0
+
+
+cdef int _dump_group(object ctx, list group) except -1:
+    """The walk's callback for the dump: one ``cache_records`` entry per record."""
+    cdef bytes hdr
+    cdef const unsigned char *p
+    for _key, hdr in group:
+        p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+        (<list>ctx).append({
+            "last_referred": _rfc3339nano(_u64_at(p, H_LAST)),
+            "layer_id": hdr[HEADER:].decode("ascii"),
+            "reference_count": _u64_at(p, H_REFS),
+            "size": _u64_at(p, H_SIZE),
+        })
+    return 0
+
+
+cdef class _Victims:
+    """What the victims walk collects: (key, rank, size) until ``freed >= over``."""
+    cdef list chosen
+    cdef frozenset keep
+    cdef long long over, freed
+
+
+cdef int _take_victims(object ctx, list group) except -1:
+    """The walk's callback for eviction: every record of the group not kept, until there is room."""
+    cdef _Victims vs = <_Victims>ctx
+    cdef bytes vkey, hdr
+    cdef const unsigned char *p
+    cdef uint64_t vsize
+    for vkey, hdr in group:
+        p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+        if vs.keep and hdr[HEADER:HEADER + _get_le(p + H_LID, 2)] in vs.keep:
+            continue
+        vsize = _u64_at(p, H_SIZE)
+        vs.chosen.append((vkey, _policy_rank(_u64_at(p, H_REFS), _u64_at(p, H_LAST)), vsize))
+        vs.freed += vsize
+        if vs.freed >= vs.over:
+            return 1
+    return 0
+
+
+# -- the Index --------------------------------------------------------------------------------
+
+cdef class Index:
+    """The record index over the four databases of one environment (see fallback.py).
+
+    Handed the compiled :class:`Writer` as ``txn`` (the store's put path), a
+    method runs its C path; handed a py-lmdb transaction, it forwards to
+    ``fallback.Index`` over the same databases (``twin``).
+    """
+
+    cdef public object idx, dat, lru, meta, twin
+
+    def __init__(self, idx, dat, lru, meta):
+        self.idx = idx
+        self.dat = dat
+        self.lru = lru
+        self.meta = meta
+        self.twin = _twin.Index(idx, dat, lru, meta)
+
+    # -- counters ---------------------------------------------------------
+    def counters(self, txn):
+        """(record count, total bytes, hits, misses, evictions)."""
+        if type(txn) is Writer:
+            return _counters_tuple((<Writer>txn)._open_txn(), (<Writer>txn)._meta, True)
+        return self.twin.counters(txn)
+
+    def records(self, txn):
+        """(record count, total bytes): the first two counters."""
+        if type(txn) is Writer:
+            return _counters_tuple((<Writer>txn)._open_txn(), (<Writer>txn)._meta, False)
+        return self.twin.records(txn)
+
+    def count(self, txn):
+        return self.records(txn)[0]
+
+    # -- reads --------------------------------------------------------------
+    def exists(self, txn, bytes key):
+        """Whether ``idx`` has an entry for ``key``."""
+        if type(txn) is Writer:
+            return _exists_w(<Writer>txn, key)
+        return self.twin.exists(txn, key)
+
+    contains = exists
+
+    def lookup(self, txn, bytes key):
+        """(bytes, born_ns); (None, 0) when absent; (False, 0) when damaged (see fallback.py)."""
+        return self.twin.lookup(txn, key)
+
+    def walk(self, txn, on_group, on_orphan=None):
+        """fallback.Index.walk (the C walk serves the dump and the victims)."""
+        return self.twin.walk(txn, on_group, on_orphan)
+
+    def dump(self, txn):
+        """The ``cache_records`` of the seed's dump, next victim first."""
+        return self.twin.dump(txn)
+
+    def cache_data(self, txn):
+        """The seed's ``cache-data`` dump."""
+        return self.twin.cache_data(txn)
+
+    def check(self, txn, max_bytes):
+        """Every inconsistency between index, records, LRU order, checksums and totals."""
+        return self.twin.check(txn, max_bytes)
+
+    # -- writes -------------------------------------------------------------
+    def victims(self, txn, uint64_t size, uint64_t max_bytes, frozenset keep):
+        """The records (key, rank, size) to evict so that ``size`` more bytes fit (see fallback.py)."""
+        if type(txn) is Writer:
+            return _victims_w(<Writer>txn, size, max_bytes, keep)
+        return self.twin.victims(txn, size, max_bytes, keep)
+
+    def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, victims, uint64_t refs=0,
+               uint64_t last_ns=0):
+        """Evict ``victims``, then add the record born now; -1 (no change) when the key exists."""
+        if type(txn) is Writer:
+            return _insert_w(<Writer>txn, key, name, lid_len, data, victims, refs, last_ns)
+        return self.twin.insert(txn, key, name, lid_len, data, victims, refs, last_ns)
+
+    def remove(self, txn, bytes key):
+        """Delete one record; False when it is absent."""
+        if type(txn) is Writer:
+            return _delete_w(<Writer>txn, key)
+        return self.twin.remove(txn, key)
+
+    def apply(self, txn, dict pending, hits, misses):
+        """Write buffered accesses: references of records still born as counted, hits and misses."""
+        if type(txn) is Writer:
+            _apply_w(<Writer>txn, pending, hits, misses)
+            return
+        self.twin.apply(txn, pending, hits, misses)
+
+    def drop_damaged(self, txn, bytes key):
+        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
+        return self.twin.drop_damaged(txn, key)
+
+    def clear(self, txn):
+        """Remove every record; hit, miss and eviction counters are kept."""
+        self.twin.clear(txn)
+
+    def init_counters(self, txn):
+        self.twin.init_counters(txn)
+
+
 @cython.no_gc_clear  # the GC must not take _writer (its environment) before __dealloc__ aborts our txn
 cdef class Reader:
-    """The hot read in one call: lock, snapshot, look up, count, unlock (see fallback.py).
+    """The hot read in one call: lock, snapshot, look up, unlock; it counts nothing (see fallback.py).
 
     Two things make it cheaper than its twin. With a slot in the readers
     table, the common read takes no flock at all: the thread mutex, then the
-    slot handshake (two atomic stores and a load). And it reads through its
-    own read-only LMDB environment on the same file, with LMDB's C API: one
-    reusable transaction, the header and the record bytes straight from the
-    map, one copy into the returned ``bytes``. If that environment cannot be
-    opened, reads go through py-lmdb as in the twin.
+    slot handshake (two atomic stores and a load). And it reads through the
+    Writer's LMDB environment (its own read-only one when there is no
+    Writer) with LMDB's C API: one reusable transaction, the record bytes
+    straight from the map, one copy into the returned ``bytes``. If that
+    environment cannot be opened, or a renew fails, reads go through
+    ``fallback.Reader`` (py-lmdb), under this Reader's lock, for good.
     """
 
     cdef public object lock, mutex, env
     cdef object _try_acquire, _release  # the mutex's bound methods, looked up once
     cdef public Index index
-    cdef public AccessBuffer buffer
     cdef public int fd
+    cdef object _py  # fallback.Reader over the same environment: reads when ours is unusable
     cdef unsigned char[::1] _view  # keeps the table's mapping alive while we point into it
     cdef unsigned char *_slot
     cdef unsigned char *_flag
@@ -765,7 +766,7 @@ cdef class Reader:
     cdef MDB_dbi _idx, _dat, _lru, _meta
     cdef Writer _writer  # whose environment we read through (None: our own); closed after us
 
-    def __init__(self, lock, env, Index index, AccessBuffer buffer, table=None, Writer writer=None):
+    def __init__(self, lock, env, Index index, table=None, Writer writer=None):
         self.lock = lock
         self.fd = lock.fd
         self.mutex = lock.mutex
@@ -773,7 +774,7 @@ cdef class Reader:
         self._release = self.mutex.release
         self.env = env
         self.index = index
-        self.buffer = buffer
+        self._py = _twin.Reader(lock, env, index.twin)
         self._slot = self._flag = NULL
         if table is not None and table.slot >= 0:
             self._view = table.mm
@@ -832,7 +833,7 @@ cdef class Reader:
 
     @property
     def direct(self):
-        """Whether reads go through LMDB's C API (the Writer's environment or our own; else py-lmdb)."""
+        """Whether reads go through LMDB's C API (the Writer's environment or our own; else fallback.Reader)."""
         return self._ctxn != NULL
 
     @property
@@ -851,6 +852,7 @@ cdef class Reader:
         self._slot = self._flag = NULL
         self._view = None
         self._close_c()
+        self._py.close()
 
     cdef void _close_c(self):
         if self._ctxn != NULL:
@@ -864,276 +866,188 @@ cdef class Reader:
     def __dealloc__(self):
         self._close_c()
 
-    cdef object _lookup_c(self, bytes key):
-        """``Index.lookup`` through the C API: None when absent, False when damaged.
+    cdef object _lookup_in(self, object key, uint64_t *born):
+        """fallback.Index.lookup in the renewed transaction: the bytes, None (absent) or False (damaged).
 
-        One B-tree lookup for a hit: chunk 0 of ``dat`` starts with the size
-        and checksum; ``idx`` is read only when there are no bytes.
+        One B-tree lookup for a hit: chunk 0 of ``dat`` starts with the size,
+        checksum and birth; ``idx`` is read only when there are no bytes. One
+        function for the whole read (no calls per chunk): every get runs it.
         """
         cdef MDB_val k, v, ik
         cdef unsigned char ckey[KEYLEN + 4]
         cdef const unsigned char *h
-        cdef uint64_t size, done, part, last
-        cdef uint64_t check
+        cdef uint64_t size, done, part, last, check
         cdef unsigned int chunk
         cdef bytes data
         cdef char *out
-        cdef int rc = mdb_txn_renew(self._ctxn)
-        if rc != 0:
-            self._close_c()  # this environment is unusable: py-lmdb from now on
-            return self._lookup_py(key)
-        try:
-            memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
-            _set_chunk(ckey, 0)
-            k.mv_size = KEYLEN + 4
-            k.mv_data = ckey
-            rc = mdb_get(self._ctxn, self._dat, &k, &v)
-            if rc == MDB_NOTFOUND:  # no bytes: absent, or an index entry without them (damage)
-                ik.mv_size = KEYLEN
-                ik.mv_data = <void *>PyBytes_AS_STRING(key)
-                rc = mdb_get(self._ctxn, self._idx, &ik, &v)
-                if rc == MDB_NOTFOUND:
-                    return None
-                if rc != 0:
-                    raise _mdb_error(rc, "mdb_get")
+        cdef int rc
+        if type(key) is not bytes or PyBytes_GET_SIZE(key) != KEYLEN:
+            raise TypeError(f"a record key is {KEYLEN} bytes")
+        born[0] = 0
+        memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
+        _set_chunk(ckey, 0)
+        k.mv_size = KEYLEN + 4
+        k.mv_data = ckey
+        if _check(mdb_get(self._ctxn, self._dat, &k, &v), "mdb_get") == MDB_NOTFOUND:
+            # no bytes: absent, or an index entry without them (damage)
+            ik.mv_size = KEYLEN
+            ik.mv_data = <void *>PyBytes_AS_STRING(key)
+            if _check(mdb_get(self._ctxn, self._idx, &ik, &v), "mdb_get") == MDB_NOTFOUND:
+                return None
+            return False
+        if v.mv_size < PREFIX:
+            return False
+        h = <const unsigned char *>v.mv_data
+        size = _u64_at(h, P_SIZE)
+        check = _u64_at(h, P_CHECK)
+        if size <= <uint64_t>_CHUNK_SIZE:
+            if v.mv_size != PREFIX + size:
                 return False
-            if rc != 0:
-                raise _mdb_error(rc, "mdb_get")
-            if v.mv_size < PREFIX:
+            data = PyBytes_FromStringAndSize(<const char *>h + PREFIX, <Py_ssize_t>size)
+        else:
+            if size > _MAX_RECORD or v.mv_size != PREFIX + <uint64_t>_CHUNK_SIZE:
                 return False
-            h = <const unsigned char *>v.mv_data
-            size = _get_le(h, 8)
-            check = _get_le(h + 8, 8)
-            if size <= <uint64_t>_CHUNK_SIZE:
-                if v.mv_size != PREFIX + size:
+            # Before allocating what a (possibly damaged) prefix claims: the last chunk must
+            # exist with the length that size implies (as the twin finds out chunk by chunk).
+            last = (size - 1) // <uint64_t>_CHUNK_SIZE
+            _set_chunk(ckey, <unsigned int>last)
+            if _check(mdb_get(self._ctxn, self._dat, &k, &v), "mdb_get") == MDB_NOTFOUND:
+                return False
+            if v.mv_size != size - last * <uint64_t>_CHUNK_SIZE:
+                return False
+            data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
+            out = PyBytes_AS_STRING(data)
+            memcpy(out, h + PREFIX, _CHUNK_SIZE)  # h stays valid until the transaction resets
+            done = _CHUNK_SIZE
+            chunk = 1
+            while done < size:  # chunk i: key + big-endian u32 i, CHUNK_SIZE bytes but the last
+                _set_chunk(ckey, chunk)
+                part = size - done if size - done < <uint64_t>_CHUNK_SIZE else <uint64_t>_CHUNK_SIZE
+                if _check(mdb_get(self._ctxn, self._dat, &k, &v), "mdb_get") == MDB_NOTFOUND:
                     return False
-                data = PyBytes_FromStringAndSize(<const char *>h + PREFIX, <Py_ssize_t>size)
-            else:
-                if size > MAX_RECORD or v.mv_size != PREFIX + <uint64_t>_CHUNK_SIZE:
+                if v.mv_size != part:
                     return False
-                # Before allocating what a (possibly damaged) prefix claims: the last chunk must
-                # exist with the length that size implies (as the twin finds out chunk by chunk).
-                last = (size - 1) // <uint64_t>_CHUNK_SIZE
-                _set_chunk(ckey, <unsigned int>last)
-                rc = mdb_get(self._ctxn, self._dat, &k, &v)
-                if rc == MDB_NOTFOUND:
-                    return False
-                if rc != 0:
-                    raise _mdb_error(rc, "mdb_get")
-                if v.mv_size != size - last * <uint64_t>_CHUNK_SIZE:
-                    return False
-                data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
-                out = PyBytes_AS_STRING(data)
-                memcpy(out, h + PREFIX, _CHUNK_SIZE)  # h stays valid until the reset below
-                done = _CHUNK_SIZE
-                chunk = 1
-                while done < size:  # chunk i: key + big-endian u32 i, CHUNK_SIZE bytes but the last
-                    _set_chunk(ckey, chunk)
-                    part = size - done if size - done < <uint64_t>_CHUNK_SIZE else <uint64_t>_CHUNK_SIZE
-                    rc = mdb_get(self._ctxn, self._dat, &k, &v)
-                    if rc == MDB_NOTFOUND:
-                        return False
-                    if rc != 0:
-                        raise _mdb_error(rc, "mdb_get")
-                    if v.mv_size != part:
-                        return False
-                    memcpy(out + done, v.mv_data, part)
-                    done += part
-                    chunk += 1
-        finally:
-            if self._ctxn != NULL:
-                mdb_txn_reset(self._ctxn)
+                memcpy(out + done, v.mv_data, part)
+                done += part
+                chunk += 1
         if <uint64_t>_xxh3_64(data) != check:
             return False
+        born[0] = _u64_at(h, P_BORN)  # h (chunk 0 in the map) is valid until the reset
         return data
 
-    cdef bint _contains_c(self, bytes key) except -1:
-        cdef MDB_val k, v
-        cdef int rc = mdb_txn_renew(self._ctxn)
-        if rc != 0:
-            self._close_c()
-            return self._contains_py(key)
-        k.mv_size = KEYLEN
-        k.mv_data = <void *>PyBytes_AS_STRING(key)
-        rc = mdb_get(self._ctxn, self._idx, &k, &v)
-        mdb_txn_reset(self._ctxn)
-        if rc != 0 and rc != MDB_NOTFOUND:
-            raise _mdb_error(rc, "mdb_get")
-        return rc == 0
-
-    cdef bint _contains_py(self, bytes key) except -1:
-        txn = self.env.begin()
-        try:
-            return self.index.contains(txn, key)
-        finally:
-            txn.abort()
-
-    cdef object _lookup_py(self, bytes key):
-        txn = self.env.begin()
-        try:
-            return self.index._lookup(txn, key)
-        finally:
-            txn.abort()
-
-    cdef object _read(self, bytes key, bint lookup):
-        """The record (``lookup``) or whether it exists; the caller holds the read lock."""
+    cdef object _read(self, int what, object arg):
+        """0: exists, 1: lookup, 2: lookup_many (fallback.Reader._read); the caller holds the read lock."""
+        cdef uint64_t born = 0
+        cdef list out
         if self.env is None:
             raise StaleReader("the environment was replaced")
         if self._ctxn != NULL:
-            return self._lookup_c(key) if lookup else self._contains_c(key)
-        return self._lookup_py(key) if lookup else self._contains_py(key)
+            if mdb_txn_renew(self._ctxn) == 0:
+                try:
+                    if what == 1:
+                        data = self._lookup_in(arg, &born)
+                        return (data, born)
+                    if what == 2:
+                        out = []
+                        for key in arg:
+                            data = self._lookup_in(key, &born)
+                            out.append((data, born))
+                        return out
+                    return self._exists_in(arg)
+                finally:
+                    mdb_txn_reset(self._ctxn)
+            self._close_c()  # this environment is unusable: fallback.Reader from now on
+        return self._py._read(what, arg)
 
-    cdef object _read_waiting(self, bytes key, bint lookup):
+    cdef bint _exists_in(self, bytes key) except -1:
+        cdef MDB_val k, v
+        if PyBytes_GET_SIZE(key) != KEYLEN:
+            raise TypeError(f"a record key is {KEYLEN} bytes")
+        k.mv_size = KEYLEN
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        return _check(mdb_get(self._ctxn, self._idx, &k, &v), "mdb_get") == 0
+
+    cdef object _read_waiting(self, int what, object arg):
         lock = self.lock
         lock.acquire(False)
         try:
-            return self._read(key, lookup)
+            return self._read(what, arg)
         finally:
             lock.release()
 
-    cdef object _guarded(self, bytes key, bint lookup):
+    cdef object _guarded(self, int what, object arg):
         """``_read`` under the thread mutex and the slot handshake, else the shared flock."""
         release = self._release
         if not self._try_acquire(False):
-            return self._read_waiting(key, lookup)
+            return self._read_waiting(what, arg)
         if self.env is None:
             release()
             raise StaleReader("the environment was replaced")
         cdef unsigned char *slot = self._slot  # ours until we leave, even if close() runs meanwhile
         if slot != NULL and nvc_enter_read(slot, self._flag):
             try:
-                return self._read(key, lookup)
+                return self._read(what, arg)
             finally:
                 nvc_leave_read(slot)
                 release()
         if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
             release()
-            return self._read_waiting(key, lookup)
+            return self._read_waiting(what, arg)
         try:
-            return self._read(key, lookup)
+            return self._read(what, arg)
         finally:
             flock(self.fd, LOCK_UN)
             release()
 
+    def lookup(self, bytes key):
+        """(bytes, born_ns) of the record of ``key``; (None, 0) when absent, (False, 0) when damaged."""
+        return self._guarded(1, key)
+
+    def lookup_many(self, keys):
+        """:meth:`lookup` of each key, under one lock acquisition and one read transaction."""
+        return self._guarded(2, list(keys))
+
     def contains(self, bytes key):
         """Whether the record of ``key`` exists; counts nothing."""
-        return self._guarded(key, False)
+        return self._guarded(0, key)
 
     def cache_data(self):
         """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
+        cdef list records = []
+        cdef uint64_t c[5]
         lock = self.lock
         lock.acquire(False)
         try:
             if self.env is None:
                 raise StaleReader("the environment was replaced")
-            if self._ctxn != NULL and mdb_txn_renew(self._ctxn) == 0:
-                try:
-                    return self._cache_data_c()
-                finally:
-                    mdb_txn_reset(self._ctxn)
-            txn = self.env.begin()
-            try:
-                return self.index.cache_data(txn)
-            finally:
-                txn.abort()
+            if self._ctxn != NULL:
+                if mdb_txn_renew(self._ctxn) == 0:
+                    try:
+                        _counters_c(self._ctxn, self._meta, c, True)
+                        _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)
+                    finally:
+                        mdb_txn_reset(self._ctxn)
+                    return {"cache_hits": c[2], "cache_misses": c[3], "cache_records": records,
+                            "record_total_size": c[1]}
+                self._close_c()  # this environment is unusable: fallback.Reader from now on
         finally:
             lock.release()
+        return self._py.cache_data()  # under its own hold of the lock
 
-    cdef tuple _pair_c(self, bytes name):
-        cdef MDB_val k, v
-        k.mv_size = PyBytes_GET_SIZE(name)
-        k.mv_data = PyBytes_AS_STRING(name)
-        cdef int rc = mdb_get(self._ctxn, self._meta, &k, &v)
-        if rc == MDB_NOTFOUND:
-            return (0, 0)
-        if rc != 0:
-            raise _mdb_error(rc, "mdb_get")
-        if v.mv_size != 16:
-            raise ValueError(f"counter {name!r} is malformed")
-        return (_get_le(<const unsigned char *>v.mv_data, 8), _get_le(<const unsigned char *>v.mv_data + 8, 8))
-
-    cdef int _check_evictions_c(self) except -1:
-        # Index.counters also reads (and so validates) the evictions counter.
-        cdef MDB_val k, v
-        k.mv_size = PyBytes_GET_SIZE(EVICTIONS)
-        k.mv_data = PyBytes_AS_STRING(EVICTIONS)
-        cdef int rc = mdb_get(self._ctxn, self._meta, &k, &v)
-        if rc == 0 and v.mv_size != 8:
-            raise ValueError("counter b'evictions' is malformed")
-        if rc != 0 and rc != MDB_NOTFOUND:
-            raise _mdb_error(rc, "mdb_get")
-        return 0
-
-    cdef dict _cache_data_c(self):
-        """Index.cache_data through the C API: the same walk (LRU order, ties by name), no py-lmdb calls."""
-        _count, total = self._pair_c(RECORDS)
-        hits, misses = self._pair_c(ACCESS)
-        self._check_evictions_c()
-        cdef list out = [], group = []
-        cdef MDB_cursor *cur = NULL
-        cdef MDB_val k, v, ik, hv
-        cdef unsigned char group_ts[8]
-        cdef bint grouped = False
-        cdef bytes hdr
-        cdef tuple entry
-        cdef int rc = mdb_cursor_open(self._ctxn, self._lru, &cur)
-        if rc != 0:
-            raise _mdb_error(rc, "mdb_cursor_open")
-        try:
-            rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)
-            while rc == 0:
-                if k.mv_size < 8:
-                    raise _lmdb.BadValsizeError("an lru key shorter than its timestamp")
-                ik.mv_size = k.mv_size - 8
-                ik.mv_data = <unsigned char *>k.mv_data + 8
-                rc = mdb_get(self._ctxn, self._idx, &ik, &hv)
-                if rc == 0 and hv.mv_size > HDR:
-                    if grouped and memcmp(k.mv_data, group_ts, 8) != 0:
-                        _flush_group(group, out)
-                    memcpy(group_ts, k.mv_data, 8)
-                    grouped = True
-                    group.append(PyBytes_FromStringAndSize(<char *>hv.mv_data, hv.mv_size))
-                elif rc != 0 and rc != MDB_NOTFOUND:
-                    raise _mdb_error(rc, "mdb_get")
-                # else: an lru entry without its record: verify reports it
-                rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
-            if rc != MDB_NOTFOUND:
-                raise _mdb_error(rc, "mdb_cursor_get")
-            _flush_group(group, out)
-        finally:
-            mdb_cursor_close(cur)
-        return {"cache_hits": hits, "cache_misses": misses, "cache_records": out, "record_total_size": total}
-
-    def get(self, layer_id, kind):
-        """The record of ``layer_id`` and ``kind`` (validated), looked up without a writer.
-
-        Returns its bytes, None when absent, False when they fail their
-        checksum; counts the hit or miss in the buffer.
-        """
-        cdef Py_ssize_t n = 0
-        cdef bytes key = _xxh3_128(_record_name(layer_id, kind, &n))
-        data = self._guarded(key, True)
-        if data is None or data is False:  # absent, or failed its checksum: a miss
-            self.buffer.misses += 1
-            self.buffer._aged(_now_ns())
-        else:
-            self.buffer._hit(key, _now_ns())
-        return data
-
-
-# -- writes through LMDB's C API ---------------------------------------------------------------
 
 cdef class Writer:
     """Write transactions through LMDB's C API, for puts and deletes (see fallback.py).
 
     Its own environment on the store's file (no lock table; the store's
     flock and the readers table order it with every other writer and
-    reader, as they order processes). The store passes it to Index.insert,
-    Index.apply, Index.remove and Index.records in place of a py-lmdb
-    transaction, and those then run their C twins of the same steps: no
-    py-lmdb object per get, put or delete. Other writes (clear, repairs)
-    stay on py-lmdb. ``begin()`` returns the writer itself, holding the
-    transaction.
+    reader, as they order processes). ``begin()`` returns the writer
+    itself, holding the transaction; the store hands it to the Index's
+    write verbs (victims, insert, remove, apply, exists, records, counters)
+    in place of a py-lmdb transaction, and those run their C paths: no
+    py-lmdb object per get, put or delete. If the environment cannot be
+    opened the constructor raises lmdb.Error (there is no py-lmdb write
+    path in this core). Other writes (clear, repairs) use py-lmdb
+    transactions, which the Index forwards to fallback.py.
     """
 
     cdef MDB_env *_env
@@ -1218,213 +1132,168 @@ cdef class Writer:
         return self._txn
 
 
-cdef inline int _w_check(int rc, str what) except -1:
-    if rc != 0 and rc != MDB_NOTFOUND:
-        raise _mdb_error(rc, what)
-    return rc
 
 
-cdef tuple _pair_w(Writer w, bytes name):
+# -- the write paths through LMDB's C API: fallback.Index's steps, in the same order --------------
+
+cdef bint _exists_w(Writer w, bytes key) except -1:
     cdef MDB_val k, v
-    k.mv_size = PyBytes_GET_SIZE(name)
-    k.mv_data = PyBytes_AS_STRING(name)
-    if _w_check(mdb_get(w._open_txn(), w._meta, &k, &v), "mdb_get") == MDB_NOTFOUND:
-        return (0, 0)
-    if v.mv_size != 16:
-        raise ValueError(f"counter {name!r} is malformed")
-    return (_get_le(<const unsigned char *>v.mv_data, 8), _get_le(<const unsigned char *>v.mv_data + 8, 8))
+    if PyBytes_GET_SIZE(key) != KEYLEN:
+        raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
+    k.mv_size = KEYLEN
+    k.mv_data = <void *>PyBytes_AS_STRING(key)
+    return _check(mdb_get(w._open_txn(), w._idx, &k, &v), "mdb_get") == 0
 
 
-cdef int _put_pair_w(Writer w, bytes name, uint64_t a, uint64_t b) except -1:
+cdef int _put_u64s_w(Writer w, bytes name, uint64_t *vals, int n) except -1:
     cdef unsigned char buf[16]
     cdef MDB_val k, v
-    _set_le(buf, a, 8)
-    _set_le(buf + 8, b, 8)
+    cdef int i
+    for i in range(n):
+        _set_le(buf + 8 * i, vals[i], 8)
     k.mv_size = PyBytes_GET_SIZE(name)
     k.mv_data = PyBytes_AS_STRING(name)
-    v.mv_size = 16
+    v.mv_size = 8 * n
     v.mv_data = buf
-    _w_check(mdb_put(w._open_txn(), w._meta, &k, &v, 0), "mdb_put")
+    _check(mdb_put(w._open_txn(), w._meta, &k, &v, 0), "mdb_put")
     return 0
 
 
-cdef inline uint64_t _sat_add(uint64_t a, uint64_t b) noexcept:
-    return a + b if a + b >= a else 0xFFFFFFFFFFFFFFFFULL
-
-
-cdef int _put_lru_w(Writer w, uint64_t last_ns, const unsigned char *key, bint delete) except -1:
-    cdef unsigned char buf[8 + KEYLEN]
+cdef int _put_lru_w(Writer w, uint64_t rank, const unsigned char *key, bint delete) except -1:
+    cdef unsigned char buf[RANK + KEYLEN]
     cdef MDB_val k, v
-    _set_be(buf, last_ns)
-    memcpy(buf + 8, key, KEYLEN)
-    k.mv_size = 8 + KEYLEN
+    _set_be(buf, rank)
+    memcpy(buf + RANK, key, KEYLEN)
+    k.mv_size = RANK + KEYLEN
     k.mv_data = buf
     cdef int rc
     if delete:
-        _w_check(mdb_del(w._txn, w._lru, &k, NULL), "mdb_del")
+        _check(mdb_del(w._txn, w._lru, &k, NULL), "mdb_del")
     else:
-        # A new time sorts last (unless another process's clock ran ahead, or an import):
+        # A new rank sorts last (unless another process's clock ran ahead, or an import):
         # append without a search from the root, else an ordinary put.
         v.mv_size = 0
         v.mv_data = buf
         rc = mdb_put(w._txn, w._lru, &k, &v, MDB_APPEND)
         if rc == MDB_KEYEXIST:
             rc = mdb_put(w._txn, w._lru, &k, &v, 0)
-        _w_check(rc, "mdb_put")
+        _check(rc, "mdb_put")
     return 0
 
 
-cdef int _remove_w(Writer w, bytes key, uint64_t last_ns, uint64_t size, bint lru=True) except -1:
-    """Index._remove: the record's index entry, chunks and (``lru``) LRU entry."""
+cdef int _remove_w(Writer w, bytes key, uint64_t size) except -1:
+    """A record's index entry and chunks (fallback.delete_chunks); the caller deletes its lru entry."""
     cdef MDB_txn *txn = w._open_txn()
     cdef MDB_val k
     cdef unsigned char ckey[KEYLEN + 4]
     cdef unsigned int chunk, chunks
-    if size > MAX_RECORD:  # else billions of deletes for one damaged header (as delete_chunks)
+    if PyBytes_GET_SIZE(key) != KEYLEN:
+        raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
+    if size > _MAX_RECORD:  # else billions of deletes for one damaged header (as delete_chunks)
         raise ValueError(f"a stored record size of {size} bytes: a damaged header")
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
-    _w_check(mdb_del(txn, w._idx, &k, NULL), "mdb_del")
+    _check(mdb_del(txn, w._idx, &k, NULL), "mdb_del")
     memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
     chunks = <unsigned int>((size + <uint64_t>_CHUNK_SIZE - 1) // <uint64_t>_CHUNK_SIZE) or 1
     k.mv_size = KEYLEN + 4
     k.mv_data = ckey
     for chunk in range(chunks):
         _set_chunk(ckey, chunk)
-        _w_check(mdb_del(txn, w._dat, &k, NULL), "mdb_del")
-    if lru:
-        _put_lru_w(w, last_ns, <const unsigned char *>PyBytes_AS_STRING(key), True)
+        _check(mdb_del(txn, w._dat, &k, NULL), "mdb_del")
     return 0
 
 
 cdef object _delete_w(Writer w, bytes key):
-    """Index.remove through the C API."""
+    """Index.remove."""
     cdef MDB_txn *txn = w._open_txn()
     cdef MDB_val k, v
     cdef bytes hdr
+    cdef const unsigned char *p
     cdef uint64_t size = 0
+    cdef uint64_t c[2]
     if PyBytes_GET_SIZE(key) != KEYLEN:
         raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
-    if _w_check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == MDB_NOTFOUND:
+    if _check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == MDB_NOTFOUND:
         return False
     hdr = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)  # before any change
-    count, total = _pair_w(w, RECORDS)
-    if PyBytes_GET_SIZE(hdr) > HDR:  # a damaged header: its lru entry is found by verify, not here
-        size = _get_le(<const unsigned char *>PyBytes_AS_STRING(hdr), 8)
-        _put_lru_w(w, _get_le(<const unsigned char *>PyBytes_AS_STRING(hdr) + 16, 8),
+    _counters_c(txn, w._meta, c, False)
+    if PyBytes_GET_SIZE(hdr) > HEADER:  # else a damaged header: its lru entry is found by verify
+        p = <const unsigned char *>PyBytes_AS_STRING(hdr)
+        size = _u64_at(p, H_SIZE)
+        _put_lru_w(w, _policy_rank(_u64_at(p, H_REFS), _u64_at(p, H_LAST)),
                    <const unsigned char *>PyBytes_AS_STRING(key), True)
-    _remove_w(w, key, 0, size, False)
-    _put_pair_w(w, RECORDS, max(count - 1, 0), max(total - size, 0))
+    _remove_w(w, key, size)
+    c[0] = c[0] - 1 if c[0] > 0 else 0
+    c[1] = c[1] - size if c[1] > size else 0
+    _put_u64s_w(w, RECORDS, c, 2)
     return True
 
 
-cdef int _take_victim(bytes vkey, bytes hdr, list victims, frozenset keep, long long over,
-                      long long *freed) except -1:
-    """The next record of the eviction walk becomes a victim unless kept; 1 once there is room."""
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(hdr)
-    cdef uint64_t vsize = _get_le(p, 8)
-    if keep and hdr[HDR:HDR + _get_le(p + 32, 2)] in keep:
-        return 0
-    victims.append((vkey, _get_le(p + 16, 8), vsize))
-    freed[0] += vsize
-    return freed[0] >= over
-
-
-cdef int _take_victims(list group, list victims, frozenset keep, long long over, long long *freed) except -1:
-    """Victims from one group of equal last references, in name order; 1 once there is room."""
-    if len(group) > 1:
-        group.sort(key=_by_name)
-    for vkey, hdr in group:
-        if _take_victim(vkey, hdr, victims, keep, over, freed):
-            return 1
-    return 0
-
-
-cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid_len, data,
-                      uint64_t max_bytes, frozenset keep, uint64_t refs, uint64_t last_ns):
-    """Index.insert through the C API: the same steps in the same order as the twin's."""
+cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep):
+    """Index.victims: the C walk with the eviction callback."""
     cdef MDB_txn *txn = w._open_txn()
-    cdef MDB_val k, v, lk, lv, hv
-    cdef MDB_cursor *cur = NULL
+    cdef uint64_t c[2]
+    _counters_c(txn, w._meta, c, False)
+    cdef _Victims vs = _Victims.__new__(_Victims)
+    vs.chosen = []
+    vs.over = <long long>(c[1] + size) - <long long>max_bytes
+    if vs.over <= 0:
+        return vs.chosen
+    vs.keep = keep
+    vs.freed = 0
+    _walk_c(txn, w._lru, w._idx, _take_victims, vs)
+    if vs.freed < vs.over:
+        raise CacheFull(f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+    return vs.chosen
+
+
+cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, victims,
+                      uint64_t refs, uint64_t last_ns):
+    """Index.insert: evict the victims, then the header, the chunks (chunk 0 in place), lru, counters.
+
+    One function: every put runs it, and calls per step cost measurable time.
+    """
+    cdef MDB_txn *txn = w._open_txn()
+    cdef MDB_val k, v
     cdef unsigned char ckey[KEYLEN + 4]
-    cdef unsigned char group_ts[8]
     cdef const unsigned char[::1] src = data
     cdef uint64_t size = src.shape[0]
     cdef unsigned char *out
-    cdef uint64_t done, part, check, now_ns, c_count, c_total, evictions
+    cdef uint64_t done, part, check, born, last, vsize
+    cdef uint64_t c[2]
+    cdef uint64_t evictions
     cdef unsigned int chunk
-    cdef long long over, freed = 0
-    cdef bint room = False, grouped = False
-    cdef list victims = [], group = []
-    cdef int rc
+    cdef Py_ssize_t n_victims = len(victims)
+    cdef bytes vkey
     if PyBytes_GET_SIZE(key) != KEYLEN:
         raise TypeError(f"a record key has {KEYLEN} bytes, not {PyBytes_GET_SIZE(key)}")
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
-    if _w_check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == 0:
+    if _check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == 0:
         return -1
-    c_count, c_total = _pair_w(w, RECORDS)
-    over = <long long>(c_total + size) - <long long>max_bytes
-    if over > 0:
-        _w_check(mdb_cursor_open(txn, w._lru, &cur), "mdb_cursor_open")
-        try:
-            rc = mdb_cursor_get(cur, &lk, &lv, MDB_FIRST)
-            while rc == 0:
-                if lk.mv_size < 8:
-                    raise _lmdb.BadValsizeError("an lru key shorter than its timestamp")
-                k.mv_size = lk.mv_size - 8
-                k.mv_data = <unsigned char *>lk.mv_data + 8
-                if _w_check(mdb_get(txn, w._idx, &k, &hv), "mdb_get") == 0 and hv.mv_size > HDR:
-                    if k.mv_size != KEYLEN:  # only a damaged or foreign file has other keys
-                        raise _lmdb.CorruptedError(f"an lru entry with a {k.mv_size}-byte record key")
-                    if grouped and memcmp(lk.mv_data, group_ts, 8) != 0:
-                        if _take_victims(group, victims, keep, over, &freed):
-                            room = True
-                            break
-                        group = []
-                    memcpy(group_ts, lk.mv_data, 8)
-                    grouped = True
-                    group.append((PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size),
-                                  PyBytes_FromStringAndSize(<char *>hv.mv_data, hv.mv_size)))
-                # else: an lru entry without its record: verify reports it
-                rc = mdb_cursor_get(cur, &lk, &lv, MDB_NEXT)
-            if not room:
-                _w_check(rc, "mdb_cursor_get")
-                room = _take_victims(group, victims, keep, over, &freed)
-        finally:
-            mdb_cursor_close(cur)
-        if not room:
-            raise CacheFull(f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
-    if index.reserve is not None:
-        index.reserve(len(victims), size)
-    if victims:
-        for vkey, vlast, vsize in victims:
-            _remove_w(w, vkey, vlast, vsize)
-            c_count -= 1
-            c_total -= <uint64_t>vsize
-        k.mv_size = PyBytes_GET_SIZE(EVICTIONS)
-        k.mv_data = PyBytes_AS_STRING(EVICTIONS)
-        evictions = 0
-        if _w_check(mdb_get(txn, w._meta, &k, &v), "mdb_get") == 0:
-            if v.mv_size != 8:
-                raise ValueError("counter b'evictions' is malformed")
-            evictions = _get_le(<const unsigned char *>v.mv_data, 8)
-        evictions = _sat_add(evictions, len(victims))
-        v.mv_size = 8
-        v.mv_data = ckey  # scratch
-        _set_le(ckey, evictions, 8)
-        _w_check(mdb_put(txn, w._meta, &k, &v, 0), "mdb_put")
-    now_ns = last_ns or _now_ns()
+    _counters_c(txn, w._meta, c, False)
+    if n_victims:
+        for vkey, vrank, vsize in victims:
+            _remove_w(w, vkey, vsize)
+            _put_lru_w(w, vrank, <const unsigned char *>PyBytes_AS_STRING(vkey), True)
+            c[0] -= 1
+            c[1] -= vsize
+        _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
+        evictions = _sat_add(evictions, n_victims)
+        _put_u64s_w(w, EVICTIONS, &evictions, 1)
+    born = _now_ns()
+    last = last_ns or born
     check = _xxh3_64(data)
-    hdr = _header(size, refs, now_ns, check, lid_len, <const unsigned char *>PyBytes_AS_STRING(name),
+    hdr = _header(size, refs, last, check, born, lid_len, <const unsigned char *>PyBytes_AS_STRING(name),
                   PyBytes_GET_SIZE(name))
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
     v.mv_size = PyBytes_GET_SIZE(hdr)
     v.mv_data = <void *>PyBytes_AS_STRING(hdr)
-    _w_check(mdb_put(txn, w._idx, &k, &v, 0), "mdb_put")
+    _check(mdb_put(txn, w._idx, &k, &v, 0), "mdb_put")
     # Chunk 0: the prefix, then up to CHUNK_SIZE bytes, written in place (MDB_RESERVE).
     memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
     k.mv_size = KEYLEN + 4
@@ -1435,11 +1304,12 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
         _set_chunk(ckey, chunk)
         part = size - done if size - done < <uint64_t>_CHUNK_SIZE else <uint64_t>_CHUNK_SIZE
         v.mv_size = part + (PREFIX if chunk == 0 else 0)
-        _w_check(mdb_put(txn, w._dat, &k, &v, MDB_RESERVE), "mdb_put")
+        _check(mdb_put(txn, w._dat, &k, &v, MDB_RESERVE), "mdb_put")
         out = <unsigned char *>v.mv_data
         if chunk == 0:
-            _set_le(out, size, 8)
-            _set_le(out + 8, check, 8)
+            _set_u64_at(out, P_SIZE, size)
+            _set_u64_at(out, P_CHECK, check)
+            _set_u64_at(out, P_BORN, born)
             out += PREFIX
         if part:
             memcpy(out, &src[done], part)
@@ -1447,20 +1317,22 @@ cdef object _insert_w(Index index, Writer w, bytes key, bytes name, uint64_t lid
         chunk += 1
         if done >= size:
             break
-    _put_lru_w(w, now_ns, <const unsigned char *>PyBytes_AS_STRING(key), False)
-    _put_pair_w(w, RECORDS, c_count + 1, c_total + size)
-    return len(victims)
+    _put_lru_w(w, _policy_rank(refs, last), <const unsigned char *>PyBytes_AS_STRING(key), False)
+    c[0] += 1
+    c[1] += size
+    _put_u64s_w(w, RECORDS, c, 2)
+    return n_victims
 
 
 cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
-    """Index.apply through the C API: the twin's steps, the headers in key order.
+    """Index.apply: the twin's steps, the headers in key order.
 
     One cursor over ``idx`` visits the keys in order, so LMDB mostly finds the
     next one on the cursor's page without a descent from the root, and
     rewrites each header in place. (Deleting every moved ``lru`` entry first
     and then adding them all measured a little faster still, but needs more
     free pages at once: in a full map a flush that fits one key at a time
-    then failed.)
+    then failed.) One loop, no calls per key but LMDB's: every flush runs it.
     """
     cdef MDB_txn *txn = w._open_txn()
     cdef MDB_cursor *cur = NULL
@@ -1468,8 +1340,9 @@ cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
     cdef bytes key, new
     cdef list entry
     cdef unsigned char *q
-    cdef uint64_t last, old_last, refs, old_refs
-    _w_check(mdb_cursor_open(txn, w._idx, &cur), "mdb_cursor_open")
+    cdef uint64_t last, refs, old_rank, new_rank
+    cdef uint64_t counts[2]
+    _check(mdb_cursor_open(txn, w._idx, &cur), "mdb_cursor_open")
     try:
         for key in sorted(pending):  # equal-length keys: bytes order is LMDB's memcmp order
             if PyBytes_GET_SIZE(key) != KEYLEN:
@@ -1477,27 +1350,30 @@ cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
             entry = pending[key]
             k.mv_size = KEYLEN
             k.mv_data = <void *>PyBytes_AS_STRING(key)
-            if _w_check(mdb_cursor_get(cur, &k, &v, MDB_SET_KEY), "mdb_cursor_get") != 0 or v.mv_size <= HDR:
+            if _check(mdb_cursor_get(cur, &k, &v, MDB_SET_KEY), "mdb_cursor_get") != 0 or v.mv_size <= HEADER:
                 continue  # deleted or evicted since: its hits still count below
+            if _get_le(<const unsigned char *>v.mv_data + H_BORN, 8) != <uint64_t>entry[2]:
+                continue  # another record of that name now: the references were not its own
             new = PyBytes_FromStringAndSize(<const char *>v.mv_data, v.mv_size)  # before any change
             q = <unsigned char *>PyBytes_AS_STRING(new)
-            old_last = _get_le(q + 16, 8)
-            last = entry[1]
-            if last > old_last:  # another process may have applied a later access
-                _put_lru_w(w, old_last, <const unsigned char *>PyBytes_AS_STRING(key), True)
-                _put_lru_w(w, last, <const unsigned char *>PyBytes_AS_STRING(key), False)
-            else:
-                last = old_last
-            old_refs = _get_le(q + 8, 8)
-            refs = _sat_add(old_refs, <uint64_t>entry[0])
-            _set_le(q + 8, refs, 8)
-            _set_le(q + 16, last, 8)
+            refs = _u64_at(q, H_REFS)
+            last = _u64_at(q, H_LAST)
+            old_rank = _policy_rank(refs, last)
+            _policy_access(&refs, &last, <uint64_t>entry[0], <uint64_t>entry[1])
+            new_rank = _policy_rank(refs, last)
+            if new_rank != old_rank:
+                _put_lru_w(w, old_rank, <const unsigned char *>PyBytes_AS_STRING(key), True)
+                _put_lru_w(w, new_rank, <const unsigned char *>PyBytes_AS_STRING(key), False)
+            _set_u64_at(q, H_REFS, refs)
+            _set_u64_at(q, H_LAST, last)
             v.mv_size = PyBytes_GET_SIZE(new)
             v.mv_data = q
-            _w_check(mdb_cursor_put(cur, &k, &v, MDB_CURRENT), "mdb_cursor_put")  # same size: in place
+            _check(mdb_cursor_put(cur, &k, &v, MDB_CURRENT), "mdb_cursor_put")  # same size: in place
     finally:
         mdb_cursor_close(cur)
     if hits or misses:
-        old_hits, old_misses = _pair_w(w, ACCESS)
-        _put_pair_w(w, ACCESS, min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX))
+        _read_u64s(txn, w._meta, ACCESS, 2, counts)
+        counts[0] = min(counts[0] + hits, U64_MAX)
+        counts[1] = min(counts[1] + misses, U64_MAX)
+        _put_u64s_w(w, ACCESS, counts, 2)
     return 0

@@ -31,8 +31,9 @@ import threading
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Type, Union
 
+from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
 from .errors import CacheError, RecordTooLarge
-from .store import DATA_FILE, FORMAT_VERSION, Store, log, read_version
+from .store import Store, log
 
 DEFAULT_PATH = "/tmp/images/caches"
 _EMPTY: frozenset = frozenset()
@@ -84,6 +85,8 @@ class LayerCache:
         if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
             raise ValueError(f"lock_timeout must be in [0, {threading.TIMEOUT_MAX:g}] seconds, got {lock_timeout!r}")
         self.path = path
+        self.lock_timeout = float(lock_timeout)
+        self._record_key = self._core.record_key  # bound once: every get calls it
         self.durable = bool(durable)
         self.enabled = self.max_bytes > 0
         self._store: Optional[Store] = None
@@ -111,7 +114,13 @@ class LayerCache:
         return self._store
 
     def close(self) -> None:
-        """Write buffered accesses and release the cache; calling it again does nothing."""
+        """Write buffered accesses and release the cache; calling it again does nothing.
+
+        Never raises CacheError: if the buffered accesses cannot be written
+        now (the lock stays busy past ``lock_timeout``), they are kept for the
+        at-exit flush (or the next cache this process opens on the path), and
+        a warning is logged.
+        """
         if self._closed:
             return
         self._closed = True
@@ -140,7 +149,20 @@ class LayerCache:
     # -- records ---------------------------------------------------------------
     def _key(self, layer_id: str, kind: str) -> bytes:
         """Validate the arguments (before anything else) and return the record's LMDB key."""
-        return self._core.name_key(self._core.record_name(layer_id, kind)[0])  # type: ignore[no-any-return]
+        return self._core.record_key(layer_id, kind)  # type: ignore[no-any-return]
+
+    def _counted(self, store: Store, key: bytes, data: Any, born: int, layer_id: str, kind: str) -> Optional[bytes]:
+        """Count one read's outcome: the one place hits, misses and references are counted.
+
+        A damaged record (``data`` False) is dropped and counts as a miss.
+        """
+        if data is False:
+            store.drop_damaged(key, self.lock_timeout)
+            log.warning("record %s_%s failed its checksum; dropped it", layer_id, kind)
+            data = None
+        buffer = store.buffer
+        buffer.count(key, data, born)
+        return data  # type: ignore[no-any-return]
 
     def get(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
         """The record put for ``layer_id`` and ``kind``, or None on a miss.
@@ -149,20 +171,43 @@ class LayerCache:
         now) and a cache hit; a miss counts a cache miss. A record whose bytes
         fail their checksum is dropped, logged and reported as a miss.
         """
+        key = self._record_key(layer_id, kind)  # a bad argument is an error even when disabled
         store = self._store
-        if store is None:  # disabled or closed: a bad argument is still a bad argument
-            self._core.record_name(layer_id, kind)
+        if store is None:  # disabled or closed
             self._opened()
             return None
-        data = store.get(layer_id, kind)
+        data, born = store.lookup(key)
+        buffer = store.buffer
         if data is False:
-            name = self._core.record_name(layer_id, kind)[0]
-            store.write(self._core.Index.drop_damaged, self._core.name_key(name))
-            log.warning("record %s failed its checksum; dropped it", name.decode("ascii"))
-            data = None
-        if store.buffer.due:
+            data = self._counted(store, key, data, born, layer_id, kind)
+        else:
+            buffer.count(key, data, born)  # what _counted does, inlined: this is every get's path
+        if buffer.due:
             store.apply_due()
         return data
+
+    def get_many(self, layer_ids: Iterable[str], kind: str = "layer_file") -> Dict[str, bytes]:
+        """The records of ``layer_ids`` found in the cache, by layer id: an image's layers in one read.
+
+        One lock and one read transaction for all of them; each is counted like
+        :meth:`get` (a hit or a miss). Ids missing from the result were misses.
+        """
+        if isinstance(layer_ids, (str, bytes)):
+            raise TypeError("layer_ids must be an iterable of layer_id strings, not a single string")
+        ids = list(layer_ids)
+        record_key = self._record_key
+        keys = [record_key(layer_id, kind) for layer_id in ids]
+        store = self._opened()
+        if store is None:
+            return {}
+        found: Dict[str, bytes] = {}
+        for layer_id, key, (data, born) in zip(ids, keys, store.lookup_many(keys)):
+            data = self._counted(store, key, data, born, layer_id, kind)
+            if data is not None:
+                found[layer_id] = data
+        if store.buffer.due:
+            store.apply_due()
+        return found
 
     def peek(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
         """The record, like :meth:`get`, but counting nothing: for operators' exports and tools.
@@ -174,7 +219,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return None
-        data = store.read(self._core.Index.lookup, key)
+        data = store.lookup(key)[0]
         return data if data is not False else None
 
     def put(self, layer_id: str, record: Record, kind: str = "layer_file",
@@ -205,9 +250,7 @@ class LayerCache:
         # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
         if store.contains(key) and store.contains(key, fresh=True):
             return False
-        evicted = store.write(core.Index.insert, key, name, lid, data, self.max_bytes, keep_ids,
-                              refs, last_ns, defer=(key, len(data), self.max_bytes))
-        return evicted >= 0
+        return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout) >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
                 reference_count: int, last_referred_ns: int) -> bool:
@@ -236,7 +279,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return
-        store.write(self._core.Index.apply, {}, hits, misses)
+        store.add_counters(hits, misses, self.lock_timeout)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Remove a record; False if there was none."""
@@ -244,7 +287,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
-        return bool(store.write(self._core.Index.remove, key, defer=(key, 0, None)))
+        return store.remove(key, self.lock_timeout)
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Whether a record exists; counts no hit, miss or reference."""
@@ -261,7 +304,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return 0
-        return int(store.read_fresh(self._core.Index.count))
+        return store.counters(self.lock_timeout)[0]
 
     # -- statistics and dumps ----------------------------------------------------
     def stats(self) -> Dict[str, Optional[int]]:
@@ -270,8 +313,8 @@ class LayerCache:
         if store is None:
             return {"cache_hits": None, "cache_misses": None, "record_count": None,
                     "record_total_size": None}
-        store.flush()
-        count, total, hits, misses, _evictions = store.read_fresh(self._core.Index.counters)
+        store.flush(self.lock_timeout)
+        count, total, hits, misses, _evictions = store.counters(self.lock_timeout)
         return {"cache_hits": hits, "cache_misses": misses, "record_count": count,
                 "record_total_size": total}
 
@@ -280,7 +323,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return None
-        return int(store.read_fresh(self._core.Index.counters)[4])
+        return store.counters(self.lock_timeout)[4]
 
     def cache_data(self) -> Dict[str, Any]:
         """The seed's ``cache-data`` dump: counters and records, next victim first."""
@@ -288,7 +331,7 @@ class LayerCache:
         if store is None:
             return {"cache_hits": None, "cache_misses": None, "cache_records": [],
                     "record_total_size": None}
-        store.flush()
+        store.flush(self.lock_timeout)
         return store.cache_data()
 
     def cache_data_json(self) -> str:
@@ -301,22 +344,22 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return
-        store.flush()
+        store.flush(self.lock_timeout)
 
     def clear(self) -> None:
         """Remove every record. Hit, miss and eviction counters are kept."""
         store = self._opened()
         if store is None:
             return
-        store.write(self._core.Index.clear)
+        store.clear(self.lock_timeout)
 
     def verify(self) -> List[str]:
         """Every problem found in the cache (index, records, totals, LRU order, checksums); [] when healthy."""
         store = self._opened()
         if store is None:
             return []
-        store.flush()
-        problems: List[str] = list(store.read_fresh(self._core.Index.check, self.max_bytes))
+        store.flush(self.lock_timeout)
+        problems = store.check(self.max_bytes, self.lock_timeout)
         version = read_version(store.path)
         if version != FORMAT_VERSION:
             problems.append(f"version file says {version!r}, expected {FORMAT_VERSION}")

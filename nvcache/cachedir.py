@@ -26,9 +26,12 @@ from .locking import is_resource_error, open_nofollow
 log = logging.getLogger("nvcache")
 
 # 2: record bytes in chunks of at most 64 KiB; 3: the readers table; 4: size and checksum in front
-# of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots
-FORMAT_VERSION = 5
-FORMAT_DESCRIPTION = "nvcache LMDB layout: idx, dat (chunked, size+checksum first), lru, meta; readers table"
+# of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots;
+# 6: a birth stamp (born_ns) in the idx header and in front of chunk 0, so buffered references
+# apply only to the record they were counted against
+FORMAT_VERSION = 6
+FORMAT_DESCRIPTION = ("nvcache LMDB layout: idx (with birth), dat (chunked, size+checksum+birth first), lru, "
+                      "meta; readers table")
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"

@@ -16,14 +16,42 @@ import os
 import signal
 import struct
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .cachedir import DATA_FILE, DB_NAMES, allocated_bytes
+from .cachedir import DATA_FILE, DB_NAMES, allocated_bytes, closed_cleanly, consume_clean_mark, file_mark
 from .writemap import PAGE_SIZE
 
 # The first opener walks a data.mdb this small even after a clean close (silent bit rot keeps
 # mtime, and LMDB has no page checksums); larger files trust the clean mark to keep opens fast.
 ALWAYS_CHECK_BYTES = 64 << 20
+
+
+class FirstOpenCheck:
+    """When the first opener of a cache walks it, and the walk's verdict for one file.
+
+    Small files are always walked (it costs less than a scanner's first
+    layer); large ones only without a clean mark that matches the file.
+    Either way the mark is consumed: if this process dies before closing
+    cleanly, the next first opener walks the file. The verdict is kept per
+    file identity, so an open retried under the exclusive lock (which finds
+    the mark consumed) does not walk the same file again.
+    """
+
+    def __init__(self, path: str, walk: Callable[[], Optional[str]]) -> None:
+        self.path = path
+        self.walk = walk
+        self._verdict: Optional[Tuple[Dict[str, int], Optional[str]]] = None  # (file mark, problem)
+
+    def __call__(self) -> Optional[str]:
+        data_path = os.path.join(self.path, DATA_FILE)
+        trusted = closed_cleanly(self.path) and allocated_bytes(data_path) > ALWAYS_CHECK_BYTES
+        consume_clean_mark(self.path)
+        if trusted:
+            return None
+        mark = file_mark(os.stat(data_path))
+        if self._verdict is None or self._verdict[0] != mark:
+            self._verdict = (mark, self.walk())
+        return self._verdict[1]
 
 
 def deep_check(path: str, open_env: Callable[[], Any], index_class: Any) -> Optional[str]:

@@ -1,23 +1,31 @@
-"""The hot index, in pure Python: the twin of ``ext/_index.pyx``.
+"""The hot index, in pure Python: the twin of ``ext/_index.pyx``, and its specification.
 
-Both modules define the same names with the same behaviour; the package's
-``__init__`` picks one (``NVCACHE_NO_EXTENSIONS=1`` forces this one) and the
-test suite runs over both. Everything here works inside a transaction that
-the store opened and locked: this module never locks, opens or commits.
+Both modules define the same names with the same behaviour and write the
+same bytes; the package's ``__init__`` picks one (``NVCACHE_NO_EXTENSIONS=1``
+forces this one) and the test suite runs over both. ``tests/test_twins.py``
+compares the compiled core's C paths with this module. The Index works
+inside transactions the store opened and locked (it never locks, opens or
+commits); the Reader takes the read lock itself (the flock, or the compiled
+twin's readers-table slot) because a get is one call.
 
-LMDB layout (one environment, four named databases):
+LMDB layout (format 6; one environment, four named databases):
 
-``idx``  key -> header ``<QQQQH`` (size, refs, last_ns, checksum, layer_id
-         length) followed by the record's full name. The key is the 16-byte
-         xxh3-128 of the name, since LMDB keys stop at 511 bytes.
+``idx``  key -> header ``<QQQQQH`` (size, refs, last_ns, checksum, born_ns,
+         layer_id length) followed by the record's full name. The key is the
+         16-byte xxh3-128 of the name, since LMDB keys stop at 511 bytes.
+         ``born_ns``: CLOCK_REALTIME ns when this record was inserted (also
+         for imports, which set last_ns): buffered references apply only to
+         the record they were counted against.
 ``dat``  key + big-endian u32 chunk number -> the record's bytes, in chunks of
-         at most ``CHUNK_SIZE``; chunk 0 starts with ``<QQ`` (size, checksum),
-         so a get reads ``dat`` alone (one B-tree lookup for most records).
-         A chunk value is at most 65,504 bytes (16 pages with LMDB's node
-         header): a large record never needs a long run of free pages, which
-         would fragment the file under churn of mixed sizes.
-``lru``  big-endian last_ns + key -> b"": a cursor walk from the first entry
-         meets the least recently referred record first.
+         at most ``CHUNK_SIZE``; chunk 0 starts with ``<QQQ`` (size,
+         checksum, born_ns), so a get reads ``dat`` alone (one B-tree lookup
+         for most records) and knows which record it counted. A chunk value
+         is at most 65,504 bytes (16 pages with LMDB's node header): a large
+         record never needs a long run of free pages, which would fragment
+         the file under churn of mixed sizes.
+``lru``  big-endian rank + key -> b"": the eviction order of the policy (LRU:
+         the rank is last_ns), so a cursor walk from the first entry meets
+         the next victim first; equal ranks are ordered by name.
 ``meta`` ``records`` -> ``<QQ`` (count, total bytes), ``access`` -> ``<QQ``
          (hits, misses), ``evictions`` -> ``<Q``.
 """
@@ -28,84 +36,37 @@ import fcntl
 import os
 import struct
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import xxhash
 
 from .errors import CacheFull, StaleReader
+from .names import MAX_KIND, MAX_LAYER_ID, keep_set, record_name  # noqa: F401 (this core's names)
 
-MAX_LAYER_ID = 1024
-MAX_KIND = 32
 KEY_SIZE = 16
 
-_HDR = struct.Struct("<QQQQH")
-HEADER_SIZE = _HDR.size
-_TS = struct.Struct(">Q")
+# The idx header, defined once: size, refs, last_ns, checksum, born_ns, layer_id length.
+_HDR = struct.Struct("<QQQQQH")
+HEADER_SIZE = _HDR.size  # 42
+_TS = struct.Struct(">Q")  # the rank in front of an lru key
+RANK_SIZE = _TS.size
 _PAIR = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 
 U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
-CHUNK_SIZE = 65536 - 32 - 16  # record bytes per chunk; chunk 0 also holds the 16-byte prefix
-_PREFIX = _PAIR  # size, checksum: in front of chunk 0
-PREFIX_SIZE = _PREFIX.size
+_PREFIX = struct.Struct("<QQQ")  # size, checksum, born_ns: in front of chunk 0
+PREFIX_SIZE = _PREFIX.size  # 24
+CHUNK_SIZE = 65536 - 32 - PREFIX_SIZE  # record bytes per chunk: chunk 0's value stays <= 65,504 bytes
 _CHUNK = struct.Struct(">I")
 _FIRST_CHUNK = _CHUNK.pack(0)
 RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
+MAX_RECORD = 1 << 40  # the largest bound (cache.MAX_MB); a larger stored size is a damaged header
 
-# Deleting every allowed byte leaves only the offending ones.
-_PRINTABLE = bytes(range(0x21, 0x7F))
-_KIND_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789_"
-_valid_kinds: Dict[str, bytes] = {}
-
-
-def _check_kind(kind: object) -> bytes:
-    if not isinstance(kind, str):
-        raise TypeError(f"kind must be str, not {type(kind).__name__}")
-    if not 1 <= len(kind) <= MAX_KIND or not kind.isascii():
-        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
-    raw = kind.encode("ascii")
-    if raw.translate(None, _KIND_CHARS):
-        raise ValueError(f"kind must be 1-{MAX_KIND} characters of [a-z0-9_], got {kind!r}")
-    if len(_valid_kinds) < 256:  # a handful of kinds exist; never grow without bound
-        _valid_kinds[kind] = raw
-    return raw
-
-
-def record_name(layer_id: object, kind: object) -> Tuple[bytes, int]:
-    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
-    if not isinstance(layer_id, str):
-        raise TypeError(f"layer_id must be str, not {type(layer_id).__name__}")
-    n = len(layer_id)
-    if not 1 <= n <= MAX_LAYER_ID:
-        raise ValueError(f"layer_id must be 1-{MAX_LAYER_ID} characters, got {n}")
-    if not layer_id.isascii():
-        raise ValueError("layer_id must be printable ASCII without whitespace")
-    raw = layer_id.encode("ascii")
-    if raw.translate(None, _PRINTABLE):
-        raise ValueError("layer_id must be printable ASCII without whitespace")
-    k = _valid_kinds.get(kind) if type(kind) is str else None  # type: ignore[arg-type]
-    if k is None:
-        k = _check_kind(kind)
-    return raw + b"_" + k, n
-
-
-def keep_set(keep: object) -> frozenset:
-    """The layer ids of ``keep`` as a frozenset of bytes (ids that cannot exist are dropped)."""
-    if isinstance(keep, (str, bytes, bytearray, memoryview)):
-        raise TypeError("keep must be an iterable of layer_id strings, not a single string")
-    try:
-        items = list(keep)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"keep must be an iterable of layer_id strings, not {type(keep).__name__}") from None
-    out = set()
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"keep items must be str, not {type(item).__name__}")
-        if item.isascii():  # a non-ASCII id names no record, so it protects nothing
-            out.add(item.encode("ascii"))
-    return frozenset(out)
+def record_key(layer_id: object, kind: object) -> bytes:
+    """Validate ``layer_id`` and ``kind``; return the record's LMDB key (xxh3-128 of its name)."""
+    return xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
 
 
 def name_key(name: bytes) -> bytes:
@@ -117,19 +78,20 @@ def checksum(data: Any) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def pack_header(size: int, refs: int, last_ns: int, check: int, lid_len: int, name: bytes) -> bytes:
-    return _HDR.pack(size, refs, last_ns, check, lid_len) + name
+def pack_header(size: int, refs: int, last_ns: int, check: int, born_ns: int, lid_len: int,
+                name: bytes) -> bytes:
+    return _HDR.pack(size, refs, last_ns, check, born_ns, lid_len) + name
 
 
-def unpack_header(hdr: bytes) -> Tuple[int, int, int, int, int, bytes]:
-    """(size, refs, last_ns, checksum, layer_id length, name) of an ``idx`` value."""
+def unpack_header(hdr: bytes) -> Tuple[int, int, int, int, int, int, bytes]:
+    """(size, refs, last_ns, checksum, born_ns, layer_id length, name) of an ``idx`` value."""
     if len(hdr) <= HEADER_SIZE:
         raise ValueError("index header too short")
     return _HDR.unpack_from(hdr) + (bytes(hdr[HEADER_SIZE:]),)
 
 
-def lru_key(last_ns: int, key: bytes) -> bytes:
-    return _TS.pack(last_ns) + key
+def lru_key(rank: int, key: bytes) -> bytes:
+    return _TS.pack(rank) + key
 
 
 def rfc3339nano(ns: int) -> str:
@@ -142,51 +104,74 @@ def rfc3339nano(ns: int) -> str:
     return text + "Z"
 
 
-MAX_RECORD = 1 << 40  # the largest bound (cache.MAX_MB); a larger stored size is a damaged header
+class LRU:
+    """The eviction policy: least recently referred first (the only one so far).
+
+    A policy says two things, and nothing else in the index knows them:
+    ``rank`` is the u64 that orders the ``lru`` table (the walk meets the
+    lowest rank first; equal ranks go by name), and ``access`` is what a
+    batch of ``n`` buffered references, the last at ``when``, does to a
+    record's (refs, last_ns). The compiled twin's ``_policy_rank`` and
+    ``_policy_access`` are the same functions.
+    """
+
+    @staticmethod
+    def rank(refs: int, last_ns: int) -> int:
+        return last_ns
+
+    @staticmethod
+    def access(refs: int, last_ns: int, n: int, when: int) -> Tuple[int, int]:
+        # ``when`` may be older: another process may have applied a later access
+        return min(refs + n, U64_MAX), max(last_ns, when)
+
+
+POLICY = LRU
 
 
 def chunk_count(size: int) -> int:
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE or 1
 
 
-def read_record(txn: Any, dat: Any, key: bytes) -> Any:
-    """A record's bytes from ``dat`` alone: None when it has no chunk 0, False when damaged.
+def read_record(txn: Any, dat: Any, key: bytes) -> Tuple[Any, int]:
+    """(bytes, born_ns) from ``dat`` alone: (None, 0) without chunk 0, (False, 0) when damaged.
 
     Damaged: a short prefix, a missing or wrongly sized chunk, or bytes that
     fail the checksum in the prefix.
     """
     first = txn.get(key + _FIRST_CHUNK, None, dat)
     if first is None:
-        return None
+        return None, 0
     if len(first) < PREFIX_SIZE:
-        return False
-    size, check = _PREFIX.unpack_from(first)
+        return False, 0
+    size, check, born = _PREFIX.unpack_from(first)
     if size <= CHUNK_SIZE:
         data = first[PREFIX_SIZE:]
+    elif size > MAX_RECORD:
+        return False, 0
     else:
         parts = [first[PREFIX_SIZE:]]
         for i in range(1, chunk_count(size)):
             part = txn.get(key + _CHUNK.pack(i), None, dat)
             if part is None:
-                return False
+                return False, 0
             parts.append(part)
         data = b"".join(parts)
     if len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
-        return False
-    return data
+        return False, 0
+    return data, born
 
 
-def read_prefix(txn: Any, dat: Any, key: bytes) -> Optional[Tuple[int, int]]:
-    """(size, checksum) from the front of chunk 0; None when missing or short."""
+def read_prefix(txn: Any, dat: Any, key: bytes) -> Optional[Tuple[int, int, int]]:
+    """(size, checksum, born_ns) from the front of chunk 0; None when missing or short."""
     first = txn.get(key + _FIRST_CHUNK, None, dat)
     if first is None or len(first) < PREFIX_SIZE:
         return None
     return _PREFIX.unpack_from(first)  # type: ignore[return-value]
 
 
-def write_chunks(txn: Any, dat: Any, key: bytes, data: Any, check: int) -> None:
+def write_chunks(txn: Any, dat: Any, key: bytes, data: Any, check: int, born_ns: int) -> None:
     view = memoryview(data)
-    txn.put(key + _FIRST_CHUNK, _PREFIX.pack(len(data), check) + view[:CHUNK_SIZE], db=dat)
+    txn.put(key + _FIRST_CHUNK, _PREFIX.pack(len(data), check, born_ns) + view[:CHUNK_SIZE], db=dat)
     for i in range(1, chunk_count(len(data))):
         txn.put(key + _CHUNK.pack(i), view[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE], db=dat)
 
@@ -201,10 +186,12 @@ def delete_chunks(txn: Any, dat: Any, key: bytes, size: int) -> None:
 class AccessBuffer:
     """Hits and misses seen by this process and not yet written to the index.
 
-    ``pending`` maps a record key to ``[references, last_ns]``. ``due``
-    turns true once the oldest unapplied access is ``max_age_ns`` old or
-    ``max_keys`` records are pending: the front then applies the buffer, so
-    it is written at least once a second while the process is active.
+    ``pending`` maps a record key to ``[references, last_ns, born_ns]``: the
+    references were counted against the record born at ``born_ns`` and
+    apply to it only. ``due`` turns true once the oldest unapplied access is
+    ``max_age_ns`` old or ``max_keys`` records are pending: the front then
+    applies the buffer, so it is written at least once a second while the
+    process is active.
     """
 
     __slots__ = ("pending", "hits", "misses", "first_ns", "due", "max_age_ns", "max_keys")
@@ -218,10 +205,11 @@ class AccessBuffer:
         self.first_ns = 0
         self.due = False
 
-    def hit(self, key: bytes, now_ns: int) -> None:
+    def hit(self, key: bytes, now_ns: int, born_ns: int) -> None:
+        """One reference to the record of ``key`` born at ``born_ns`` (another record restarts the entry)."""
         entry = self.pending.get(key)
-        if entry is None:
-            self.pending[key] = [1, now_ns]
+        if entry is None or entry[2] != born_ns:
+            self.pending[key] = [1, now_ns, born_ns]
         else:
             entry[0] += 1
             if now_ns > entry[1]:
@@ -232,6 +220,13 @@ class AccessBuffer:
     def miss(self, now_ns: int) -> None:
         self.misses += 1
         self._aged(now_ns)
+
+    def count(self, key: bytes, data: Any, born_ns: int) -> None:
+        """Count what a lookup of ``key`` returned: a hit when ``data`` is bytes, else a miss."""
+        if type(data) is bytes:
+            self.hit(key, time.time_ns(), born_ns)
+        else:
+            self.miss(time.time_ns())
 
     def _aged(self, now_ns: int) -> None:
         if not self.first_ns:
@@ -248,13 +243,17 @@ class AccessBuffer:
         return out
 
     def restore(self, taken: Tuple[Dict[bytes, List[int]], int, int, int]) -> None:
-        """Merge back what :meth:`take` returned, after a failed apply."""
+        """Merge back what :meth:`take` returned, after a failed apply.
+
+        Entries of the same record (equal born_ns) merge; of different
+        records, the newer record's entry (larger born_ns) stays.
+        """
         pending, hits, misses, first_ns = taken
-        for key, (refs, last) in pending.items():
+        for key, (refs, last, born) in pending.items():
             entry = self.pending.get(key)
-            if entry is None:
-                self.pending[key] = [refs, last]
-            else:
+            if entry is None or born > entry[2]:
+                self.pending[key] = [refs, last, born]
+            elif born == entry[2]:
                 entry[0] += refs
                 entry[1] = max(entry[1], last)
         self.hits += hits
@@ -270,6 +269,10 @@ class AccessBuffer:
         return len(self.pending) or (1 if self.hits or self.misses else 0)
 
 
+def _by_name(entry: Tuple[bytes, bytes]) -> bytes:
+    return entry[1][HEADER_SIZE:]
+
+
 class Index:
     """The record index over the four databases of one environment."""
 
@@ -278,18 +281,16 @@ class Index:
         self.dat = dat
         self.lru = lru
         self.meta = meta
-        # Called as reserve(victims, size) once an insert knows what it will write and before it
-        # changes anything: the store makes sure the disk has room for it (its write map).
-        self.reserve: Optional[Callable[[int, int], None]] = None
+        self.policy = POLICY
 
-    # -- counters ---------------------------------------------------------
+    # -- counters: the one reader ---------------------------------------------
     def _pair(self, txn: Any, name: bytes) -> Tuple[int, int]:
         raw = txn.get(name, None, self.meta)
         if raw is None:
-            return (0, 0)
+            return 0, 0
         if len(raw) != _PAIR.size:
             raise ValueError(f"counter {name!r} is malformed")
-        return _PAIR.unpack(raw)  # type: ignore[no-any-return]
+        return _PAIR.unpack(raw)  # type: ignore[return-value]
 
     def _evictions(self, txn: Any) -> int:
         raw = txn.get(EVICTIONS, None, self.meta)
@@ -297,91 +298,153 @@ class Index:
             return 0
         if len(raw) != _U64.size:
             raise ValueError("counter b'evictions' is malformed")
-        return _U64.unpack(raw)[0]  # type: ignore[no-any-return]
+        return int(_U64.unpack(raw)[0])
 
     def counters(self, txn: Any) -> Tuple[int, int, int, int, int]:
         """(record count, total bytes, hits, misses, evictions)."""
-        count, total = self._pair(txn, RECORDS)
-        hits, misses = self._pair(txn, ACCESS)
-        return count, total, hits, misses, self._evictions(txn)
+        return self._pair(txn, RECORDS) + self._pair(txn, ACCESS) + (self._evictions(txn),)  # type: ignore
 
     def records(self, txn: Any) -> Tuple[int, int]:
-        """(record count, total bytes)."""
+        """(record count, total bytes): the first two counters."""
         return self._pair(txn, RECORDS)
 
     def count(self, txn: Any) -> int:
-        return self._pair(txn, RECORDS)[0]
+        return self.records(txn)[0]
 
     # -- reads --------------------------------------------------------------
-    def contains(self, txn: Any, key: bytes) -> bool:
+    def exists(self, txn: Any, key: bytes) -> bool:
+        """Whether ``idx`` has an entry for ``key``."""
         return txn.get(key, None, self.idx) is not None
 
-    def lookup(self, txn: Any, key: bytes) -> Any:
-        """The record's bytes; None when absent; False when its bytes fail the checksum.
+    contains = exists
 
-        One lookup in ``dat`` for a hit; ``idx`` only when there are no bytes
-        (an index entry without them is damage, not a miss).
+    def lookup(self, txn: Any, key: bytes) -> Tuple[Any, int]:
+        """(bytes, born_ns); (None, 0) when absent; (False, 0) when damaged.
+
+        Damaged: bytes that fail their checksum, a missing chunk, or an index
+        entry without bytes (``idx`` is read only when ``dat`` has none).
         """
-        data = read_record(txn, self.dat, key)
+        data, born = read_record(txn, self.dat, key)
         if data is None and txn.get(key, None, self.idx) is not None:
-            return False
-        return data
+            return False, 0
+        return data, born
+
+    # -- the walk: the one home of the eviction order ----------------------------
+    def walk(self, txn: Any, on_group: Callable[[List[Tuple[bytes, bytes]]], Any],
+             on_orphan: Optional[Callable[[bytes], None]] = None) -> None:
+        """Call ``on_group`` with each group of equal rank, next victim first, in name order.
+
+        A group is a list of (lru key, idx header), the record's key being
+        ``lru key[RANK_SIZE:]``; ``on_group`` returning true stops the walk. An lru
+        entry without its record goes to ``on_orphan`` (verify reports it;
+        the others skip it).
+        """
+        cur = txn.cursor(self.lru)
+        try:
+            more = cur.first()
+            group: List[Tuple[bytes, bytes]] = []
+            while more:
+                lk = cur.key()
+                more = cur.next()
+                hdr = txn.get(lk[RANK_SIZE:], None, self.idx)
+                if hdr is None or len(hdr) <= HEADER_SIZE:
+                    if on_orphan is not None:
+                        on_orphan(lk)
+                    continue
+                if group and lk[:RANK_SIZE] != group[0][0][:RANK_SIZE]:
+                    if len(group) > 1:
+                        group.sort(key=_by_name)
+                    if on_group(group):
+                        return
+                    group = []
+                group.append((lk, hdr))
+            if group:
+                if len(group) > 1:
+                    group.sort(key=_by_name)
+                on_group(group)
+        finally:
+            cur.close()
+
+    def dump(self, txn: Any) -> List[Dict[str, Any]]:
+        """The ``cache_records`` of the seed's dump, next victim first."""
+        out: List[Dict[str, Any]] = []
+
+        def add(group: List[Tuple[bytes, bytes]]) -> None:
+            for _key, hdr in group:
+                size, refs, last, _check, _born, _lid = _HDR.unpack_from(hdr)
+                out.append({"last_referred": rfc3339nano(last), "layer_id": hdr[HEADER_SIZE:].decode("ascii"),
+                            "reference_count": refs, "size": size})
+        self.walk(txn, add)
+        return out
+
+    def cache_data(self, txn: Any) -> Dict[str, Any]:
+        """The seed's ``cache-data`` dump."""
+        _count, total, hits, misses, _evictions = self.counters(txn)
+        return {"cache_hits": hits, "cache_misses": misses,
+                "cache_records": self.dump(txn), "record_total_size": total}
 
     # -- writes -------------------------------------------------------------
-    def _remove(self, txn: Any, key: bytes, last_ns: int, size: int) -> None:
-        txn.delete(key, db=self.idx)
-        delete_chunks(txn, self.dat, key, size)
-        txn.delete(_TS.pack(last_ns) + key, db=self.lru)
+    def victims(self, txn: Any, size: int, max_bytes: int, keep: frozenset) -> List[Tuple[bytes, int, int]]:
+        """The records (key, rank, size) to evict so that ``size`` more bytes fit ``max_bytes``.
+
+        [] when they fit. Walks the policy's order, skipping records of
+        layers in ``keep``; raises CacheFull (nothing changes) when only kept
+        records could make room.
+        """
+        over = self.records(txn)[1] + size - max_bytes
+        chosen: List[Tuple[bytes, int, int]] = []
+        if over <= 0:
+            return chosen
+        freed = [0]
+        rank_of = self.policy.rank  # == the lru key's rank (else verify reports the entry)
+
+        def take(group: List[Tuple[bytes, bytes]]) -> bool:
+            for lk, hdr in group:
+                vsize, refs, last, _check, _born, vlid = _HDR.unpack_from(hdr)
+                if keep and hdr[HEADER_SIZE:HEADER_SIZE + vlid] in keep:
+                    continue
+                chosen.append((lk[RANK_SIZE:], rank_of(refs, last), vsize))
+                freed[0] += vsize
+                if freed[0] >= over:
+                    return True
+            return False
+        self.walk(txn, take)
+        if freed[0] < over:
+            raise CacheFull(f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
+        return chosen
 
     def insert(self, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
-               max_bytes: int, keep: frozenset, refs: int = 0, last_ns: int = 0) -> int:
-        """Add a record, evicting the least recently referred ones to stay within ``max_bytes``.
+               victims: Sequence[Tuple[bytes, int, int]], refs: int = 0, last_ns: int = 0) -> int:
+        """Evict ``victims`` (from :meth:`victims`, same transaction), then add the record.
 
-        The record starts with ``refs`` references, last referred at
-        ``last_ns`` (0: now; imports restore both).
-
-        Returns the number of records evicted, or -1 when the name exists
-        (nothing changes). Raises CacheFull, before changing anything, when
-        only kept records could make room.
+        The record is born now and starts with ``refs`` references, last
+        referred at ``last_ns`` (0: now; imports restore both). Returns the
+        number evicted, or -1 when the key exists (nothing changes).
         """
         if txn.get(key, None, self.idx) is not None:
             return -1
         size = len(data)
-        count, total = self._pair(txn, RECORDS)
-        over = total + size - max_bytes
-        victims: List[Tuple[bytes, int, int]] = []
-        if over > 0:
-            freed = 0
-            for vkey, hdr in self._walk(txn):
-                vsize, _refs, vlast, _check, vlid = _HDR.unpack_from(hdr)
-                if keep and hdr[HEADER_SIZE:HEADER_SIZE + vlid] in keep:
-                    continue
-                victims.append((vkey, vlast, vsize))
-                freed += vsize
-                if freed >= over:
-                    break
-            else:
-                raise CacheFull(
-                    f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
-        if self.reserve is not None:
-            self.reserve(len(victims), size)
+        count, total = self.records(txn)
         if victims:
-            for vkey, vlast, vsize in victims:
-                self._remove(txn, vkey, vlast, vsize)
+            for vkey, vrank, vsize in victims:
+                txn.delete(vkey, db=self.idx)
+                delete_chunks(txn, self.dat, vkey, vsize)
+                txn.delete(_TS.pack(vrank) + vkey, db=self.lru)
                 count -= 1
                 total -= vsize
             txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)
-        now_ns = last_ns or time.time_ns()
+        born = time.time_ns()
+        last = last_ns or born
         check = xxhash.xxh3_64_intdigest(data)
-        txn.put(key, _HDR.pack(size, refs, now_ns, check, lid_len) + name, db=self.idx)
-        write_chunks(txn, self.dat, key, data, check)
-        txn.put(_TS.pack(now_ns) + key, b"", db=self.lru)
+        txn.put(key, _HDR.pack(size, refs, last, check, born, lid_len) + name, db=self.idx)
+        write_chunks(txn, self.dat, key, data, check, born)
+        txn.put(_TS.pack(self.policy.rank(refs, last)) + key, b"", db=self.lru)
         txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
         return len(victims)
 
     def drop_damaged(self, txn: Any, key: bytes) -> bool:
         """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
-        if self.lookup(txn, key) is False:
+        if self.lookup(txn, key)[0] is False:
             return self.remove(txn, key)
         return False
 
@@ -390,30 +453,32 @@ class Index:
         hdr = txn.get(key, None, self.idx)
         if hdr is None:
             return False
-        count, total = self._pair(txn, RECORDS)
-        if len(hdr) > HEADER_SIZE:
-            size, _refs, last, _check, _lid = _HDR.unpack_from(hdr)
-            txn.delete(_TS.pack(last) + key, db=self.lru)
-        else:  # a damaged header: its lru entry is found by verify, not here
-            size = 0
+        count, total = self.records(txn)
+        size = 0
+        if len(hdr) > HEADER_SIZE:  # else a damaged header: its lru entry is found by verify, not here
+            size, refs, last, _check, _born, _lid = _HDR.unpack_from(hdr)
+            txn.delete(_TS.pack(self.policy.rank(refs, last)) + key, db=self.lru)
         txn.delete(key, db=self.idx)
         delete_chunks(txn, self.dat, key, size)
         txn.put(RECORDS, _PAIR.pack(max(count - 1, 0), max(total - size, 0)), db=self.meta)
         return True
 
     def apply(self, txn: Any, pending: Dict[bytes, List[int]], hits: int, misses: int) -> None:
-        """Write buffered accesses: reference counts, last references, hit and miss counters."""
-        for key, (refs, last) in pending.items():
+        """Write buffered accesses: references of records still born as counted, hits and misses."""
+        policy = self.policy
+        for key, (n, when, born) in pending.items():
             hdr = txn.get(key, None, self.idx)
             if hdr is None or len(hdr) <= HEADER_SIZE:
                 continue  # deleted or evicted since: its hits still count below
-            size, old_refs, old_last, check, lid = _HDR.unpack_from(hdr)
-            if last > old_last:  # another process may have applied a later access
-                txn.delete(_TS.pack(old_last) + key, db=self.lru)
-                txn.put(_TS.pack(last) + key, b"", db=self.lru)
-            else:
-                last = old_last
-            txn.put(key, _HDR.pack(size, min(old_refs + refs, U64_MAX), last, check, lid) + hdr[HEADER_SIZE:],
+            size, refs, last, check, hborn, lid = _HDR.unpack_from(hdr)
+            if hborn != born:
+                continue  # another record of that name now: the references were not its own
+            new_refs, new_last = policy.access(refs, last, n, when)
+            old_rank, new_rank = policy.rank(refs, last), policy.rank(new_refs, new_last)
+            if new_rank != old_rank:
+                txn.delete(_TS.pack(old_rank) + key, db=self.lru)
+                txn.put(_TS.pack(new_rank) + key, b"", db=self.lru)
+            txn.put(key, _HDR.pack(size, new_refs, new_last, check, hborn, lid) + hdr[HEADER_SIZE:],
                     db=self.idx)
         if hits or misses:
             old_hits, old_misses = self._pair(txn, ACCESS)
@@ -431,108 +496,10 @@ class Index:
         txn.put(ACCESS, _PAIR.pack(0, 0), db=self.meta)
         txn.put(EVICTIONS, _U64.pack(0), db=self.meta)
 
-    # -- walks --------------------------------------------------------------
-    def _walk(self, txn: Any) -> Iterator[Tuple[bytes, bytes]]:
-        """(key, idx header) from the next victim on: oldest reference first, ties by name."""
-        cur = txn.cursor(self.lru)
-        try:
-            if not cur.first():
-                return
-            group: List[Tuple[bytes, bytes]] = []
-            group_ts = b""
-            more = True
-            while more:
-                lk = cur.key()
-                more = cur.next()
-                ts, key = lk[:8], lk[8:]
-                hdr = txn.get(key, None, self.idx)
-                if hdr is None or len(hdr) <= HEADER_SIZE:
-                    continue  # an lru entry without its record: verify reports it
-                if ts != group_ts and group:
-                    if len(group) > 1:
-                        group.sort(key=lambda e: e[1][HEADER_SIZE:])
-                    yield from group
-                    group = []
-                group_ts = ts
-                group.append((key, hdr))
-            if len(group) > 1:
-                group.sort(key=lambda e: e[1][HEADER_SIZE:])
-            yield from group
-        finally:
-            cur.close()
-
-    def dump(self, txn: Any) -> List[Dict[str, Any]]:
-        """The ``cache_records`` of the seed's dump, next victim first."""
-        out = []
-        for _key, hdr in self._walk(txn):
-            size, refs, last, _check, _lid = _HDR.unpack_from(hdr)
-            out.append({
-                "last_referred": rfc3339nano(last),
-                "layer_id": hdr[HEADER_SIZE:].decode("ascii"),
-                "reference_count": refs,
-                "size": size,
-            })
-        return out
-
-    def cache_data(self, txn: Any) -> Dict[str, Any]:
-        """The seed's ``cache-data`` dump."""
-        _count, total, hits, misses, _evictions = self.counters(txn)
-        return {"cache_hits": hits, "cache_misses": misses,
-                "cache_records": self.dump(txn), "record_total_size": total}
-
     def check(self, txn: Any, max_bytes: Optional[int]) -> List[str]:
-        """Every inconsistency between index, records, LRU order, checksums and totals."""
-        problems: List[str] = []
-        count = total = 0
-        expected_lru = set()
-        with txn.cursor(self.idx) as cur:
-            for key, hdr in cur:
-                if len(key) != KEY_SIZE or len(hdr) <= HEADER_SIZE:
-                    problems.append(f"index entry {key.hex()} is malformed")
-                    continue
-                size, _refs, last, check, lid = _HDR.unpack_from(hdr)
-                name = hdr[HEADER_SIZE:]
-                label = name.decode("ascii", "replace")
-                if xxhash.xxh3_128_digest(name) != key:
-                    problems.append(f"record {label}: key does not match its name")
-                if not 1 <= lid < len(name):
-                    problems.append(f"record {label}: bad layer_id length {lid}")
-                prefix = read_prefix(txn, self.dat, key)
-                data = read_record(txn, self.dat, key)
-                if data is None:
-                    problems.append(f"record {label}: bytes are missing")
-                elif prefix is None:
-                    problems.append(f"record {label}: first chunk too short for its size and checksum")
-                elif prefix != (size, check):
-                    problems.append(f"record {label}: stored size/checksum {prefix} != indexed {(size, check)}")
-                elif data is False:
-                    problems.append(f"record {label}: checksum mismatch (or a missing or short chunk)")
-                expected_lru.add(_TS.pack(last) + key)
-                count += 1
-                total += size
-        with txn.cursor(self.lru) as cur:
-            for lk in cur.iternext(keys=True, values=False):
-                if lk in expected_lru:
-                    expected_lru.discard(lk)
-                else:
-                    problems.append(f"lru entry {lk.hex()} has no matching record")
-        for lk in sorted(expected_lru):
-            problems.append(f"record key {lk[8:].hex()} is missing from the lru order")
-        with txn.cursor(self.dat) as cur:
-            for ckey in cur.iternext(keys=True, values=False):
-                hdr = txn.get(ckey[:KEY_SIZE], None, self.idx) if len(ckey) == KEY_SIZE + 4 else None
-                if hdr is None or len(hdr) <= HEADER_SIZE:
-                    problems.append(f"record bytes {ckey.hex()} have no index entry")
-                elif _CHUNK.unpack_from(ckey, KEY_SIZE)[0] >= chunk_count(_HDR.unpack_from(hdr)[0]):
-                    problems.append(f"record bytes {ckey.hex()}: a chunk beyond the record's size")
-        stored_count, stored_total = self.counters(txn)[:2]
-        if stored_count != count:
-            problems.append(f"record_count {stored_count} != {count} records present")
-        if stored_total != total:
-            problems.append(f"record_total_size {stored_total} != {total} bytes present")
-        if max_bytes is not None and total > max_bytes:
-            problems.append(f"record_total_size {total} is above the bound {max_bytes}")
-        return problems
+        """Every inconsistency between index, records, LRU order, checksums and totals (cold)."""
+        from .checkindex import check_index
+        return check_index(self, txn, max_bytes)
 
 
 # Whether this core reads without the flock when the readers table lets it (see locking.py).
@@ -540,11 +507,11 @@ FAST_READS = False
 
 
 class Writer:
-    """Write transactions for puts and deletes (insert, apply, remove, records).
+    """Write transactions for puts and deletes: here py-lmdb's, on the store's environment.
 
-    Here they are py-lmdb's, on the store's environment. The compiled core's
-    Writer has its own C environment on the same file, and Index methods
-    given it run their C twins; the store uses both the same way.
+    The compiled core's Writer has its own C environment on the same file and
+    its ``begin()`` returns itself; Index methods handed it run their C
+    paths. The store uses both the same way.
     """
 
     def __init__(self, env: Any, writemap: bool, durable: bool) -> None:
@@ -567,7 +534,7 @@ def link_count(fd: int) -> int:
 
 
 class Reader:
-    """The hot read in one call: lock, snapshot, look up, count, unlock.
+    """The hot read in one call: lock, snapshot, look up, unlock. It counts nothing.
 
     Bound to one open environment and its :class:`~nvcache.locking.FileLock`
     (the store makes a new Reader whenever either changes, and closes the
@@ -577,10 +544,9 @@ class Reader:
     under the mutex before its descriptor is touched.
     """
 
-    __slots__ = ("lock", "fd", "mutex", "env", "index", "buffer")
+    __slots__ = ("lock", "fd", "mutex", "env", "index")
 
-    def __init__(self, lock: Any, env: Any, index: Index, buffer: AccessBuffer, table: Any = None,
-                 writer: Any = None) -> None:
+    def __init__(self, lock: Any, env: Any, index: Index, table: Any = None, writer: Any = None) -> None:
         # ``table``, ``writer``: for the compiled twin (reads without the flock, through the
         # Writer's environment). Python has no fence of its own, so this twin always reads under
         # the flock (FAST_READS), through py-lmdb.
@@ -589,35 +555,44 @@ class Reader:
         self.mutex = lock.mutex
         self.env = env
         self.index = index
-        self.buffer = buffer
+
+    fast = direct = shared = False  # the compiled twin's properties: never, here
 
     def close(self) -> None:
         """Called by the store with the lock's mutex held, before it closes the environment."""
         self.env = None
 
-    def _read(self, key: bytes, lookup: bool) -> Any:
-        """The record (``lookup``) or whether it exists; the caller holds the read lock."""
+    def _read(self, what: int, arg: Any) -> Any:
+        """What ``what`` asks (0 exists, 1 lookup, 2 lookup_many); the caller holds the read lock.
+
+        The compiled twin calls this too, when its C environment is unusable.
+        """
         if self.env is None:
             raise StaleReader("the environment was replaced")
         txn = self.env.begin()
         try:
-            return self.index.lookup(txn, key) if lookup else self.index.contains(txn, key)
+            if what == 1:
+                return self.index.lookup(txn, arg)
+            if what == 2:
+                lookup = self.index.lookup
+                return [lookup(txn, key) for key in arg]
+            return self.index.exists(txn, arg)
         finally:
             txn.abort()
 
-    def _read_waiting(self, key: bytes, lookup: bool) -> Any:
+    def _read_waiting(self, what: int, arg: Any) -> Any:
         lock = self.lock
         lock.acquire(False)
         try:
-            return self._read(key, lookup)
+            return self._read(what, arg)
         finally:
             lock.release()
 
-    def _guarded(self, key: bytes, lookup: bool) -> Any:
+    def _guarded(self, what: int, arg: Any) -> Any:
         """``_read`` under the thread mutex and the shared flock (waiting only when contended)."""
         mutex = self.mutex
         if not mutex.acquire(False):
-            return self._read_waiting(key, lookup)
+            return self._read_waiting(what, arg)
         if self.env is None:
             mutex.release()
             raise StaleReader("the environment was replaced")
@@ -625,16 +600,24 @@ class Reader:
             fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             mutex.release()
-            return self._read_waiting(key, lookup)
+            return self._read_waiting(what, arg)
         try:
-            return self._read(key, lookup)
+            return self._read(what, arg)
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             mutex.release()
 
+    def lookup(self, key: bytes) -> Tuple[Any, int]:
+        """(bytes, born_ns) of the record of ``key``; (None, 0) when absent, (False, 0) when damaged."""
+        return self._guarded(1, key)  # type: ignore[no-any-return]
+
+    def lookup_many(self, keys: Sequence[bytes]) -> List[Tuple[Any, int]]:
+        """:meth:`lookup` of each key, under one lock acquisition and one read transaction."""
+        return self._guarded(2, list(keys))  # type: ignore[no-any-return]
+
     def contains(self, key: bytes) -> bool:
         """Whether the record of ``key`` exists; counts nothing."""
-        return bool(self._guarded(key, False))
+        return bool(self._guarded(0, key))
 
     def cache_data(self) -> Dict[str, Any]:
         """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
@@ -650,17 +633,3 @@ class Reader:
                 txn.abort()
         finally:
             lock.release()
-
-    def get(self, layer_id: str, kind: str) -> Any:
-        """The record of ``layer_id`` and ``kind`` (validated), looked up under the shared lock.
-
-        Returns its bytes, None when absent, False when they fail their
-        checksum; counts the hit or miss in the buffer.
-        """
-        key = xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
-        data = self._guarded(key, True)
-        if data is None or data is False:  # absent, or failed its checksum: a miss
-            self.buffer.miss(time.time_ns())
-        else:
-            self.buffer.hit(key, time.time_ns())
-        return data

@@ -1,21 +1,30 @@
-"""The store: one cache directory's LMDB environment, its files and transactions.
+"""The store: one cache directory in this process, and every transaction on it.
 
-A directory holds ``data.mdb`` (LMDB, opened with ``lock=False``), ``version``,
-``users`` and ``clean``; the directory itself is the flock target (see
-:mod:`nvcache.locking`). Each process opens a directory once: every
-:class:`~nvcache.LayerCache` on it shares one :class:`Store`, because LMDB
-refuses a second open of the same files and threads must share one flock
-descriptor anyway.
+Each process opens a directory once: every :class:`~nvcache.LayerCache` on
+it shares one :class:`Store` (LMDB must not map the same file twice for one
+purpose, and threads must share one flock descriptor and one access buffer).
 
-Every transaction runs under the lock: :meth:`Store.read` under the shared
-lock, :meth:`Store.write` under the exclusive one, which also applies the
-process's buffered accesses first (unless the write may leave them for later). The store turns every LMDB failure into
-CacheError; when the failure means the file is damaged, the next writer
-rebuilds it (never on contention, "already open" or a full disk).
+The store offers named verbs: reads (:meth:`Store.lookup`,
+:meth:`~Store.lookup_many`, :meth:`~Store.contains`, :meth:`~Store.counters`,
+:meth:`~Store.cache_data`, :meth:`~Store.check`) that count nothing, and
+writes (:meth:`~Store.insert`, :meth:`~Store.remove`,
+:meth:`~Store.drop_damaged`, :meth:`~Store.add_counters`,
+:meth:`~Store.clear`, :meth:`~Store.flush`). Every write is one transaction
+under the exclusive lock (:meth:`Store._write`); a write applies the
+process's buffered accesses first when it must (a put that evicts, a buffer
+that is due, a flush), so hits never cost a write of their own.
 
-Rebuilding unlinks ``data.mdb`` and creates a new one. Processes that still
-map the old file notice (its link count drops to zero) before their next
-write or dump, and reopen.
+Staleness has one state (:attr:`Store.state`: OPEN, REOPEN or REBUILD) and
+one gate (:meth:`Store._current`): whatever makes the open files unusable (a
+fork, an LMDB failure, damage, a directory removed or renamed) sets the
+state, and the next use reopens under the exclusive lock. A rebuild by
+another process unlinks data.mdb: a use that must see the newest file
+(``fresh``) notices its link count of 0 and reopens; gets from the old
+mapping in between still return correct bytes.
+
+The store turns every LMDB failure into CacheError; when it means the file
+is damaged, the next writer rebuilds it (never on contention, "already
+open" or a full disk).
 """
 
 from __future__ import annotations
@@ -24,34 +33,24 @@ import atexit
 import errno
 import logging
 import os
-import stat
-import struct
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lmdb
 
 from . import deepcheck
-from .cachedir import (BOOT_KEY, CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION, MARK_BOOT, READERS_KEY, USERS_FILE,
-                       VERSION_FILE, allocated_bytes, boot_problem, boot_record, claim_users, closed_cleanly,
-                       consume_clean_mark, file_mark, last_user, mark_clean, prepare_directory, read_version,
-                       remove_entry, write_version)
+from .cachedir import MARK_BOOT, USERS_FILE, claim_users, last_user, mark_clean, prepare_directory
 from .errors import CacheError, CacheTimeout, StaleReader
-from .locking import READERS_FILE, BadTable, FileLock, ReaderTable, fork_generation, open_lock_file, open_nofollow
-from .writemap import PAGES_PER_KEY, NoRoom, Reservation, map_size_for, writemap_wanted
+from .locking import FileLock, fork_generation, open_lock_file
+from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
+from .writemap import PAGES_PER_KEY, NoRoom, map_size_for, writemap_wanted
 
 log = logging.getLogger("nvcache")
 
-# Errors that mean the file's bytes are wrong. Contention, "already open",
-# a full disk or a full map are not among them: those never trigger a rebuild.
-CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
-                     lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError,
-                     lmdb.InvalidParameterError,  # EINVAL from a get of a valid key: a bad page
-                     lmdb.PageFullError)  # MDB_PAGE_FULL: a page's free-space bookkeeping is wrong
 # What an index operation raises on bad stored bytes (arguments were checked by the front).
-DATA_ERRORS = (lmdb.Error, ValueError, struct.error)
+DATA_ERRORS = (lmdb.Error,) + CORRUPTION_ERRORS
 # Errors after which the environment must be reopened (not rebuilt).
 REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
 
@@ -59,9 +58,14 @@ REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.Bad
 APPLY_AFTER_NS = 1_000_000_000
 APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a key at 1M records)
 
+# Store.state: OPEN (falsy: the hot paths test it alone), else what the next use must do first.
+OPEN, REOPEN, REBUILD = 0, 1, 2
+
+_Op = Callable[..., Any]
+
 
 class Store:
-    """The open environment of one directory in this process (shared, reference counted)."""
+    """One directory's cache in this process (shared by its LayerCaches, reference counted)."""
 
     _registry: Dict[Tuple[int, int], "Store"] = {}
     _registry_lock = threading.Lock()
@@ -82,6 +86,8 @@ class Store:
                                  f"({store.core.__name__})")
             else:  # inherited through fork, the store reopens itself at first use
                 store.force_sync = store.force_sync or (durable and not store.durable)
+                if map_size_for(max_bytes) > store.map_size:
+                    store._grow_map(map_size_for(max_bytes), lock_timeout)
             store.users += 1
             return store
 
@@ -91,229 +97,76 @@ class Store:
         self.core = core
         self.map_size = map_size_for(max_bytes)
         self.writemap = writemap_wanted(path, self.map_size)
-        self._room: Optional[Reservation] = None  # disk room for write-map transactions
         self.durable = durable
         self.force_sync = False
         self.users = 0
         self.buffer = core.AccessBuffer(APPLY_AFTER_NS, APPLY_AFTER_KEYS)
         self.generation = fork_generation()
-        self.env: Any = None
-        self.index: Any = None
-        self.reader: Any = None
-        self.writer: Any = None  # the core's Writer: inserts and applies (the put path)
-        self._writer_fns = frozenset((None, core.Index.insert, core.Index.apply, core.Index.remove))
-        self.table: Optional[ReaderTable] = None
-        self._data_fd = -1
-        self._damaged = False
-        self._broken = False
-        # False whenever _needs_refresh() may be true (closed, damaged, broken, forked): one
-        # attribute for the hot get to check.
-        self._ok = False
+        self.state = REOPEN
+        self.files: Optional[Files] = None
+        self.reader: Any = None  # files.reader, kept after a close: it then raises StaleReader
+        self._taken: Optional[Tuple[Any, ...]] = None  # what the running write took from the buffer
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
-        self._deep_result: Optional[Tuple[Dict[str, int], Optional[str]]] = None  # (file mark, problem)
-        self._meta_db: Any = None
         self._users_fd = -1
         self.lock = FileLock(path, lock_timeout)
         try:
             self._users_fd = open_lock_file(os.path.join(path, USERS_FILE))
-            self._first = claim_users(self._users_fd, self.path, self.lock.timeout)
-            self._open()
-            self._first = False  # later reopens follow a rebuild or a fork: no deep check
+            first = claim_users(self._users_fd, path, lock_timeout)
+            self._first_open(deepcheck.FirstOpenCheck(path, self._deep_check) if first else None)
         except BaseException:
-            self._close_env()
+            self._close_files()
             self.lock.close()
             if self._users_fd >= 0:
                 os.close(self._users_fd)
             raise
 
-    # -- opening and rebuilding ------------------------------------------------
-    def _open(self) -> None:
-        # Usually a shared lock suffices; only a rebuild or a boot-record
-        # update needs the exclusive one, and then everything is re-checked.
+    # -- opening -------------------------------------------------------------------
+    def _first_open(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
+        # Usually the shared lock suffices; a rebuild or a boot-record update needs the
+        # exclusive one, and then everything is checked again.
         self.lock.acquire(False)
         try:
             # The directory may have been replaced since the lock opened it (see _follow_directory).
-            problem = "moved" if self.lock.moved() else self._try_open(deep=self._first)
+            problem = "moved" if self.lock.moved() else self._open(check)
         finally:
             self.lock.release()
         if problem is None:
             return
-        self._close_env()
+        self._close_files()
         self.lock.acquire(True)
         try:
-            if self.lock.moved():
-                self._follow_directory()
-            problem = self._try_open(deep=self._first)  # re-checked: someone may have rebuilt it
-            if problem == MARK_BOOT:
-                self._write_boot()
-            elif problem is not None:
-                self._rebuild(problem)
+            self._open_locked(check)
         finally:
             self.lock.release()
 
-    def _try_open(self, deep: bool) -> Optional[str]:
-        """Open the environment; return why it must be rebuilt, or None when it is usable.
+    def _open(self, check: Optional[deepcheck.FirstOpenCheck]) -> Optional[str]:
+        files, problem = open_files(self.path, self.core, self.lock, self.map_size, self.writemap,
+                                    self.durable, check)
+        if files is not None:
+            self._use(files)
+        return problem
 
-        ``deep``: this is the only process using the cache, so if it was not
-        closed cleanly, walk the whole file first (in a child process: LMDB
-        has no page checksums and may crash on a damaged page).
-        """
-        version = read_version(self.path)
-        data_path = os.path.join(self.path, DATA_FILE)
-        if version is None:
-            return "new" if not os.path.exists(data_path) else "version file missing or unreadable"
-        if version != FORMAT_VERSION:
-            return f"format version {version} is not {FORMAT_VERSION}"
-        try:
-            if not stat.S_ISREG(os.lstat(data_path).st_mode):  # LMDB would follow a planted symlink
-                return f"{DATA_FILE} is not a regular file"
-        except FileNotFoundError:
-            return f"{DATA_FILE} is missing"
-        if deep:
-            # Small files are always walked (it costs less than a scanner's first layer); large
-            # ones only after an unclean close. Either way the mark is consumed: if this process
-            # dies before closing cleanly, the next first opener walks the file.
-            trusted = closed_cleanly(self.path) and allocated_bytes(data_path) > deepcheck.ALWAYS_CHECK_BYTES
-            consume_clean_mark(self.path)
-            if not trusted:
-                # Once per file: the retry under the exclusive lock finds the mark consumed.
-                mark = file_mark(os.stat(data_path))
-                if self._deep_result is None or self._deep_result[0] != mark:
-                    self._deep_result = (mark, self._deep_check())
-                problem = self._deep_result[1]
-                if problem is not None:
-                    return f"deep check at first open: {problem}"
-        try:
-            table = ReaderTable(self.path, create=False)
-        except BadTable as exc:  # other CacheErrors (no descriptors, no memory) are not damage
-            return f"readers table: {exc}"
-        if self.writemap and os.path.getsize(data_path) > self.map_size:
-            # A larger-bound process (pwrite commits) filled more than our map: LMDB would grow
-            # our map to match, beyond what the Reservation reserves for.
-            self.writemap = False
-        try:
-            env = self._env(create=False)
-        except lmdb.Error as exc:
-            table.close()
-            if isinstance(exc, CORRUPTION_ERRORS) or not os.path.exists(data_path):
-                return f"cannot open {DATA_FILE}: {exc}"
-            raise CacheError(f"cannot open cache {self.path}: {exc}") from exc
-        try:
-            # Without txn=: a handle opened inside a read transaction dies with it.
-            dbs = [env.open_db(name, create=False) for name in DB_NAMES]
-            index = self.core.Index(*dbs)
-            with env.begin() as txn:
-                index.counters(txn)  # fails on a damaged or foreign meta database
-                boot = txn.get(BOOT_KEY, None, dbs[3])
-                nonce = txn.get(READERS_KEY, None, dbs[3])
-        except (lmdb.NotFoundError, lmdb.ReadonlyError):
-            env.close()
-            table.close()
-            return f"{DATA_FILE} lacks nvcache's databases"
-        except (CORRUPTION_ERRORS + (ValueError, TypeError)) as exc:
-            env.close()
-            table.close()
-            return f"{DATA_FILE} is damaged: {exc}"
-        except BaseException:
-            env.close()
-            table.close()
-            raise
-        if nonce != table.nonce:
-            # A table made for another data.mdb (or remade after ours was deleted): processes
-            # may still read through the old one, so only a new data.mdb is safe to write.
-            env.close()
-            table.close()
-            return f"the readers table does not belong to {DATA_FILE}"
-        self._adopt(env, index, dbs[3], table)
-        return boot_problem(boot, self.durable)
-
-    def _write_boot(self) -> None:
-        assert self.table is not None
-        self.table.enter_write(self.lock.timeout)
-        try:
-            if self._room is not None:
-                self._room.begin()
-                try:
-                    self._room.reserve(PAGES_PER_KEY)
-                except NoRoom as exc:  # the next use reopens without the write map
-                    self.writemap, self._broken, self._ok = False, True, False
-                    raise CacheError(f"no space left for the cache in {self.path}: {exc}") from None
-            with self.env.begin(write=True) as txn:
-                txn.put(BOOT_KEY, boot_record(txn.get(BOOT_KEY, None, self._meta_db), self.durable),
-                        db=self._meta_db)
-            if self.durable:
-                self.env.sync(True)
-        except lmdb.Error as exc:
-            raise self._failure(exc) from exc
-        finally:
-            self.table.leave_write()
+    def _open_locked(self, check: Optional[deepcheck.FirstOpenCheck] = None) -> None:
+        """Open, rebuild, or update the boot record, as the files require; under the exclusive lock."""
+        if self.lock.moved():
+            self._follow_directory()
+        problem = self._open(check)
+        if problem == MARK_BOOT:
+            assert self.files is not None
+            try:
+                write_boot(self.files, self.durable, self.lock.timeout)
+            except NoRoom as exc:  # the next use reopens without the write map
+                self.writemap, self.state = False, REOPEN
+                raise CacheError(f"no space left for the cache in {self.path}: {exc}") from None
+            except lmdb.Error as exc:
+                raise self._failure(exc) from exc
+        elif problem is not None:
+            self._rebuild(problem)
 
     def _deep_check(self) -> Optional[str]:
         """Walk data.mdb in a child process (see :mod:`nvcache.deepcheck`)."""
-        return deepcheck.deep_check(self.path, lambda: self._env(create=False, writemap=False), self.core.Index)
-
-    def _env(self, create: bool, writemap: Optional[bool] = None) -> Any:
-        return lmdb.Environment(
-            self.path, map_size=self.map_size, subdir=True, readonly=False, create=create,
-            lock=False, sync=self.durable, metasync=self.durable, max_dbs=len(DB_NAMES),
-            max_spare_txns=4, readahead=False, mode=0o640,
-            writemap=self.writemap if writemap is None else writemap)
-
-    def _stop_writemap(self, why: str) -> None:
-        """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
-        log.info("cache in %s: no room to reserve on disk (%s); writing without the write map", self.path, why)
-        self.writemap = False
-        self._reopen_locked()
-
-    def _adopt(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
-        self.env = env
-        self.index = index
-        self.table = table
-        if self.core.FAST_READS:
-            table.claim()  # no free slot: this process reads under the flock
-        try:
-            self.writer = self.core.Writer(env, self.writemap, self.durable)
-        except lmdb.Error as exc:  # the compiled one opens an environment: py-lmdb does it all then
-            log.debug("cache in %s: no C write environment (%s); writing through py-lmdb", self.path, exc)
-            self.writer = None
-        # The compiled Reader reads through the Writer's environment: one mapping for both.
-        self.reader = self.core.Reader(self.lock, env, index, self.buffer, table, self.writer)
-        self._meta_db = meta_db
-        # Writable for fallocate (write map); otherwise only fstat'ed (see _stale).
-        self._data_fd = open_nofollow(os.path.join(self.path, DATA_FILE),
-                                      os.O_RDWR if self.writemap else os.O_RDONLY)
-        if self.writemap:
-            writer = self.writer
-            last_page = writer.last_page if writer is not None else lambda: env.info()["last_pgno"]
-            self._room = Reservation(self._data_fd, self.map_size, last_page)
-            index.reserve = self._room.reserve_insert
-        else:
-            self._room = None
-        self._damaged = self._broken = False
-        self._ok = True
-
-    def _close_env(self) -> None:
-        # The Reader object stays (closed): a thread that fetched it just before
-        # gets StaleReader from it, never an AttributeError on None.
-        self._ok = False
-        if self.reader is not None:
-            self.reader.close()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.env is not None:
-            try:
-                self.env.close()
-            except lmdb.Error:
-                pass
-            self.env = None
-            self.index = None
-        if self.table is not None:
-            self.table.close()
-            self.table = None
-        if self._data_fd >= 0:
-            fd, self._data_fd = self._data_fd, -1  # unpublished before it is closed
-            os.close(fd)
+        return deepcheck.deep_check(
+            self.path, lambda: environment(self.path, self.map_size, self.durable, False, False), self.core.Index)
 
     def _rebuild(self, reason: str) -> None:
         """Empty and recreate the cache; the caller holds the exclusive lock."""
@@ -321,285 +174,82 @@ class Store:
             log.info("creating cache in %s", self.path)
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
-        self._close_env()
-        table = env = None
-        try:
-            for name in (VERSION_FILE, DATA_FILE, CLEAN_FILE, READERS_FILE):
-                remove_entry(os.path.join(self.path, name))
-            # Nobody maps the new files yet (opening them takes the lock we hold).
-            table = ReaderTable(self.path, create=True)
-            env = self._env(create=True, writemap=False)
-            with env.begin(write=True) as txn:
-                dbs = [env.open_db(name, txn=txn, create=True) for name in DB_NAMES]
-                index = self.core.Index(*dbs)
-                index.init_counters(txn)
-                txn.put(BOOT_KEY, boot_record(None, self.durable), db=dbs[3])
-                txn.put(READERS_KEY, table.nonce, db=dbs[3])
-            if self.durable:
-                env.sync(True)
-            if self.writemap:  # created with pwrite (a full disk is an error); reopened with the map
-                env.close()
-                env = None
-                env = self._env(create=False)
-                dbs = [env.open_db(name, create=False) for name in DB_NAMES]
-                index = self.core.Index(*dbs)
-            write_version(self.path)
-        except (lmdb.Error, OSError, CacheError) as exc:
-            if env is not None:
-                env.close()
-            if table is not None:
-                table.close()
-            raise CacheError(f"cannot create cache in {self.path}: {exc}") from exc
-        self._adopt(env, index, dbs[3], table)
+        self._close_files()
+        self._use(create_files(self.path, self.core, self.lock, self.map_size, self.writemap, self.durable))
 
-    def _needs_refresh(self) -> bool:
-        return self.generation != fork_generation() or self.env is None or self._damaged or self._broken
+    def _use(self, files: Files) -> None:
+        self.files = files
+        self.reader = files.reader
+        self.writemap = files.writemap
+        self.state = OPEN
+
+    def _close_files(self) -> None:
+        if self.state == OPEN:
+            self.state = REOPEN
+        files, self.files = self.files, None
+        if files is not None:
+            files.close()
+
+    # -- the one "current?" gate -----------------------------------------------------------
+    def _current(self, fresh: bool = False) -> None:
+        """Reopen first when the state says so, or (``fresh``) when another process rebuilt the file."""
+        if self.state or (fresh and self._replaced()):
+            self._refresh()
+
+    def _replaced(self) -> bool:
+        """Whether data.mdb was unlinked (rebuilt or its directory removed); an fstat, no lock.
+
+        Another thread may close the descriptor under us: a closed one means
+        "reopen" as well.
+        """
+        files = self.files
+        if files is None:
+            return True
+        try:
+            return self.core.link_count(files.data_fd) == 0
+        except OSError:
+            return True
 
     def _refresh(self) -> None:
-        """Reopen after a fork, after another process rebuilt the file, or after damage.
+        """Reopen after a fork, a failure, damage, a moved directory or a rebuild elsewhere.
 
         Under the exclusive lock: its mutex keeps every other thread of this
-        process out of a transaction while the environment is replaced, and
-        several threads that found the store stale at once reopen it once
-        (the condition is checked again inside).
+        process out of a transaction while the files are replaced, and several
+        threads that found the store stale at once reopen it once (the
+        condition is checked again inside).
         """
         self.lock.acquire(True)  # in a forked child, its own fresh mutex and descriptor
         try:
             if self.generation != fork_generation():
-                # The mapping and buffer are the parent's: drop them, never use them again. Until
-                # the generation is updated below, every call comes here first.
-                self._close_env()
-                self.buffer.clear()
-                users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
-                inherited, self._users_fd = self._users_fd, users_fd
-                os.close(inherited)  # closing our copy leaves the parent's flock alone
-                claim_users(self._users_fd, self.path, self.lock.timeout)
-                try:
-                    self._reopen_locked()
-                except BaseException:
-                    self._ok = False  # the generation is still the parent's: the next call retries
-                    raise
-                # Only now, with the child's own environment adopted: a failure above retries.
-                self.generation = fork_generation()
-            elif self.env is None or self._damaged or self._broken or self._stale():
-                self._reopen_locked()  # (stale: another process rebuilt data.mdb)
+                self._after_fork_locked()
+            elif self.state or self._replaced():
+                self._reopen_locked()
         finally:
             self.lock.release()
 
-    def _stale(self) -> bool:
-        # Also called without the lock (before a dump, a put's existence check): another thread
-        # may close the descriptor under us, and a closed one means "reopen" as well.
-        fd = self._data_fd
-        if self._damaged or self._broken or fd < 0:
-            return True
-        try:
-            return self.core.link_count(fd) == 0
-        except OSError:
-            return True
-
-    # -- transactions ----------------------------------------------------------
-    def _ensure(self) -> None:
-        """Reopen first when forked, closed by a failure, or found damaged."""
-        if self._needs_refresh():
-            self._refresh()
-
-    def _env_locked(self) -> Any:
-        """The environment, checked again under the lock: another thread's failed reopen may have closed it."""
-        env = self.env
-        if env is None:
-            raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
-        return env
-
-    def read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(index, txn, *args)`` in a read transaction under the shared lock."""
-        self._ensure()
-        lock = self.lock
-        lock.acquire(False)
-        try:
-            txn = self._env_locked().begin()
-            try:
-                return fn(self.index, txn, *args)
-            finally:
-                txn.abort()
-        except DATA_ERRORS as exc:
-            raise self._failure(exc) from exc
-        finally:
-            lock.release()
-
-    def get(self, layer_id: str, kind: str) -> Any:
-        """The hot read: ``Reader.get`` (validate, hash, lock, look up, count) in one core call."""
-        if not self._ok:
-            self._refresh()  # _ensure() in one attribute: this is every get's path
-        reader = self.reader
-        try:
-            return reader.get(layer_id, kind)
-        except StaleReader:
-            return self._via_reader("get", layer_id, kind)  # replaced meanwhile: the slow way
-        except lmdb.Error as exc:
-            raise self._failure(exc) from exc
-
-    def _refresh_if_stale(self) -> None:
-        """Reopen first if another process rebuilt the file (an fstat; not for the hot get)."""
-        if self._stale():
-            self._refresh()
-
-    def _via_reader(self, method: str, *args: Any) -> Any:
-        """``reader.<method>(*args)``, retried while other threads keep replacing the reader."""
-        if not self._ok:
-            self._refresh()
-        for _attempt in range(8):  # each retry follows a finished reopen by another thread
-            reader = self.reader
-            try:
-                return getattr(reader, method)(*args)
-            except StaleReader:
-                if self.reader is reader or self.reader is None:
-                    break  # closed and not replaced: that reopen failed
-            except DATA_ERRORS as exc:
-                raise self._failure(exc) from exc
-        raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
-
-    def contains(self, key: bytes, fresh: bool = False) -> bool:
-        """Whether a record exists, read like :meth:`get` (the cheap path); counts nothing.
-
-        ``fresh``: first reopen if another process rebuilt the file (a put must
-        not skip its write because of a record in a file nobody uses any more).
-        """
-        if fresh:
-            self._refresh_if_stale()
-        elif self._ok:  # the common case first, as in get: one core call
-            try:
-                return bool(self.reader.contains(key))
-            except StaleReader:
-                pass  # replaced meanwhile: the slow way below
-            except DATA_ERRORS as exc:
-                raise self._failure(exc) from exc
-        return bool(self._via_reader("contains", key))
-
-    def cache_data(self) -> Dict[str, Any]:
-        """The seed's dump, after reopening if another process rebuilt the file."""
-        self._refresh_if_stale()
-        return self._via_reader("cache_data")  # type: ignore[no-any-return]
-
-    def read_fresh(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Like :meth:`read`, but first reopen if another process rebuilt the file."""
-        self._refresh_if_stale()
-        return self.read(fn, *args)
-
-    def write(self, fn: Optional[Callable[..., Any]], *args: Any, timeout: Optional[float] = None,
-              defer: Optional[Tuple[bytes, int, Optional[int]]] = None) -> Any:
-        """Apply buffered accesses, then ``fn(index, txn, *args)``, in one write transaction.
-
-        ``defer=(key, size, max_bytes)``: the buffer may stay for later unless
-        inserting ``size`` bytes under ``max_bytes`` evicts (a put applies its
-        buffer before choosing victims; ``max_bytes`` None: never, for a
-        delete). Rewriting up to hundreds of buffered headers on every delete or
-        small put would cost more than the write; a buffer that is due (1 s
-        old) is applied all the same. Unless ``fn`` found ``key`` present and
-        left it (a result of -1), the buffered references to ``key`` are then
-        dropped: they belong to a record of that name that is gone (their hits
-        still count).
-
-        If the transaction meets a damaged file, the file is rebuilt (we hold
-        the exclusive lock) and the operation retried once on the new one: a
-        put then stores its record instead of failing on every later try.
-        """
-        if not self._ok:
-            self._ensure()
-        lock = self.lock
-        wait = lock.timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
-        lock.acquire(True, timeout)
-        try:
-            attempt = 0
-            while True:
-                attempt += 1
-                taken = None
-                try:
-                    if self._stale():
-                        self._reopen_locked()
-                    env, table = self._env_locked(), self.table
-                    assert table is not None
-                    # Readers without the flock must be out before any page changes.
-                    # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
-                    table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
-                    try:
-                        writer, core = self.writer, self.core
-                        room = self._room
-                        if room is not None:
-                            room.begin()
-                            if fn is not core.Index.insert:  # an insert reserves before it writes
-                                room.reserve(0)
-                        if writer is not None and fn in self._writer_fns:
-                            txn = writer.begin()  # the put path: the core's own write transactions
-                        else:
-                            txn = env.begin(write=True)
-                        try:
-                            if len(self.buffer) and (defer is None or self._buffer_due()
-                                                     or self._evicts(txn, defer)):
-                                taken = self.buffer.take()
-                                pending, hits, misses, _first = taken
-                                if pending or hits or misses:
-                                    if room is not None:
-                                        room.reserve(len(pending) * PAGES_PER_KEY)
-                                    self.index.apply(txn, pending, hits, misses)
-                            result = fn(self.index, txn, *args) if fn is not None else None
-                        except BaseException:
-                            txn.abort()
-                            raise
-                        txn.commit()
-                    finally:
-                        table.leave_write()
-                except DATA_ERRORS as exc:
-                    self._untake(taken)
-                    failure = self._failure(exc)
-                    if attempt >= 2 or not self._damaged:
-                        raise failure from exc
-                    continue
-                except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
-                    self._untake(taken)
-                    self._stop_writemap(str(exc))
-                    continue
-                except BaseException:
-                    self._untake(taken)
-                    raise
-                if defer is not None and taken is None and result != -1:
-                    # Removed, or found absent, or inserted anew (-1: it existed): what is buffered
-                    # for this name belongs to a record that is gone.
-                    self.buffer.pending.pop(defer[0], None)
-                if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
-                    try:
-                        self.env.sync(True)
-                    except lmdb.Error as exc:
-                        raise self._failure(exc) from exc
-                return result
-        finally:
-            lock.release()
-
-    def _buffer_due(self) -> bool:
-        """The buffer's time has come (a process that only writes must still apply it every second)."""
-        buf = self.buffer
-        return bool(buf.due or (buf.first_ns and time.time_ns() - buf.first_ns >= buf.max_age_ns))
-
-    def _evicts(self, txn: Any, defer: Tuple[bytes, int, Optional[int]]) -> bool:
-        _key, size, max_bytes = defer
-        return max_bytes is not None and self.index.records(txn)[1] + size > max_bytes
-
-    def _untake(self, taken: Optional[Tuple[Any, ...]]) -> None:
-        if taken is not None:  # what a failed transaction did not write goes back to the buffer
-            self.buffer.restore(taken)
+    def _after_fork_locked(self) -> None:
+        # The mapping and buffer are the parent's: drop them, never use them again. Until the
+        # generation is updated below, every call comes here first.
+        self._close_files()
+        self.buffer.clear()
+        users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
+        inherited, self._users_fd = self._users_fd, users_fd
+        os.close(inherited)  # closing our copy leaves the parent's flock alone
+        claim_users(self._users_fd, self.path, self.lock.timeout)
+        self._reopen_locked()
+        self.generation = fork_generation()  # only now: a failure above retries at the next call
 
     def _reopen_locked(self) -> None:
         # We hold the exclusive lock, so nobody else can rebuild meanwhile.
-        damaged = self._damaged
-        self._close_env()
+        damaged = self.state == REBUILD
+        self._close_files()
         if self.lock.moved():
             self._follow_directory()
             damaged = False  # that was the old directory's file
-        problem = None if damaged else self._try_open(deep=False)
-        if problem == MARK_BOOT:
-            self._write_boot()
-        elif damaged or problem is not None:
-            self._rebuild("damage found while in use" if damaged else problem or "")
+        if damaged:
+            self._rebuild("damage found while in use")
+        else:
+            self._open_locked()
 
     def _follow_directory(self) -> None:
         """Our path names another directory now (removed or renamed, then made anew): move to it.
@@ -618,38 +268,10 @@ class Store:
         os.close(old_users)  # leaves the old directory's users
         claim_users(self._users_fd, self.path, self.lock.timeout)
         self._suspect = False
-        self._deep_result = None
         with self._registry_lock:
             if self._registry.get(old_ident) is self:
                 del self._registry[old_ident]
             self._registry.setdefault(self.lock.ident, self)
-
-    def _failure(self, exc: BaseException) -> CacheError:
-        if isinstance(exc, CORRUPTION_ERRORS + (ValueError, struct.error)):
-            self._damaged, self._ok = True, False
-            log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
-            return CacheError(f"cache in {self.path} is damaged: {exc}")
-        if isinstance(exc, REOPEN_ERRORS):
-            self._broken, self._ok = True, False
-        if isinstance(exc, lmdb.MapFullError):
-            return CacheError(f"cache file in {self.path} reached its map size")
-        if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
-            return CacheError(f"no space left for the cache in {self.path}")
-        return CacheError(f"cache operation failed in {self.path}: {exc}")
-
-    def suspect(self) -> None:
-        """verify() found problems: never mark this file as closed cleanly.
-
-        The next process to open the cache alone then walks it in the deep
-        check, which rebuilds it (a live cache is not emptied under others).
-        """
-        self._suspect = True
-
-    def flush(self) -> None:
-        """Write this process's buffered accesses now."""
-        if len(self.buffer):
-            self._notice_moved()
-            self.write(None)
 
     def _notice_moved(self) -> None:
         """Reopen at the next use if our directory was renamed away (a stat; for bookkeeping paths).
@@ -658,8 +280,190 @@ class Store:
         one renamed away keeps its files, and only this check moves us to the
         cache at our path.
         """
-        if self._ok and self.lock.moved():
-            self._broken, self._ok = True, False
+        if not self.state and self.lock.moved():
+            self.state = REOPEN
+
+    def _grow_map(self, map_size: int, timeout: float) -> None:
+        """Another cache on this path has a larger bound: reopen with a map that holds it."""
+        self.lock.acquire(True, timeout)
+        try:
+            self.map_size = max(self.map_size, map_size)
+            self.writemap = writemap_wanted(self.path, self.map_size)
+            self._close_files()
+        finally:
+            self.lock.release()
+
+    def _stop_writemap(self, why: str) -> None:
+        """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
+        log.info("cache in %s: no room to reserve on disk (%s); writing without the write map", self.path, why)
+        self.writemap = False
+        self._reopen_locked()
+
+    def _failure(self, exc: BaseException) -> CacheError:
+        """The CacheError for an LMDB or index failure, after setting the state it calls for."""
+        if isinstance(exc, CORRUPTION_ERRORS):
+            self.state = REBUILD
+            log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
+            return CacheError(f"cache in {self.path} is damaged: {exc}")
+        if isinstance(exc, REOPEN_ERRORS):
+            self.state = max(self.state, REOPEN)
+        if isinstance(exc, lmdb.MapFullError):
+            return CacheError(f"cache file in {self.path} reached its map size")
+        if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
+            return CacheError(f"no space left for the cache in {self.path}")
+        return CacheError(f"cache operation failed in {self.path}: {exc}")
+
+    def _files_locked(self) -> Files:
+        """The files, checked again under the lock: another thread's failed reopen may have closed them."""
+        files = self.files
+        if files is None:
+            raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+        return files
+
+    # -- reads (count nothing: the front counts) -------------------------------------------
+    def lookup(self, key: bytes) -> Tuple[Any, int]:
+        """(bytes, born) of a record; (None, 0) when absent; (False, 0) when damaged. The hot read."""
+        if self.state:
+            self._refresh()
+        try:
+            return self.reader.lookup(key)  # type: ignore[no-any-return]
+        except StaleReader:
+            return self._via_reader(lambda reader: reader.lookup(key))  # replaced meanwhile
+        except DATA_ERRORS as exc:
+            raise self._failure(exc) from exc
+
+    def lookup_many(self, keys: List[bytes]) -> List[Tuple[Any, int]]:
+        """:meth:`lookup` of every key under one lock and in one read transaction."""
+        return self._via_reader(lambda reader: reader.lookup_many(keys))  # type: ignore[no-any-return]
+
+    def contains(self, key: bytes, fresh: bool = False) -> bool:
+        """Whether a record exists, read like :meth:`lookup`; counts nothing.
+
+        ``fresh``: first reopen if another process rebuilt the file (a put must
+        not skip its write because of a record in a file nobody uses any more).
+        """
+        if fresh:
+            self._current(fresh=True)
+        elif not self.state:  # the common case first, as in lookup: one core call
+            try:
+                return bool(self.reader.contains(key))
+            except StaleReader:
+                pass  # replaced meanwhile: the slow way below
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
+        return bool(self._via_reader(lambda reader: reader.contains(key)))
+
+    def _via_reader(self, read: Callable[[Any], Any]) -> Any:
+        """``read(reader)``, retried while other threads keep replacing the reader."""
+        for _attempt in range(8):  # each retry follows a reopen (a failed one raises)
+            self._current()
+            try:
+                return read(self.reader)
+            except StaleReader:
+                continue  # another thread closed it meanwhile: its reopen is due or done
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
+        raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+
+    def cache_data(self) -> Dict[str, Any]:
+        """The seed's dump (counters and records, next victim first) from the newest file."""
+        self._current(fresh=True)
+        return self._via_reader(lambda reader: reader.cache_data())  # type: ignore[no-any-return]
+
+    def counters(self, timeout: Optional[float] = None) -> Tuple[int, int, int, int, int]:
+        """(record count, total bytes, hits, misses, evictions) from the newest file."""
+        return self._read(lambda index, txn: index.counters(txn), timeout)  # type: ignore[no-any-return]
+
+    def check(self, max_bytes: Optional[int], timeout: Optional[float] = None) -> List[str]:
+        """Every problem the index finds in the newest file (see ``Index.check``)."""
+        return list(self._read(lambda index, txn: index.check(txn, max_bytes), timeout))
+
+    def _read(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
+        """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
+        self._current(fresh=True)
+        lock = self.lock
+        lock.acquire(False, timeout)
+        try:
+            files = self._files_locked()
+            txn = files.env.begin()
+            try:
+                return read(files.index, txn)
+            finally:
+                txn.abort()
+        except DATA_ERRORS as exc:
+            raise self._failure(exc) from exc
+        finally:
+            lock.release()
+
+    # -- writes -------------------------------------------------------------------------
+    def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, max_bytes: int, keep: frozenset,
+               refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None) -> int:
+        """Add a record, evicting by the policy to stay within ``max_bytes``: the number evicted, or
+        -1 (and no change) when the name exists. Raises CacheFull, changing nothing, when only kept
+        records could make room."""
+        return self._write(self._insert, key, name, lid_len, data, max_bytes, keep, refs, last_ns,
+                           timeout=timeout)  # type: ignore[no-any-return]
+
+    def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
+                max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
+        index = files.index
+        if index.exists(txn, key):
+            return -1
+        size = len(data)
+        # Before the victims are chosen (the buffer changes their order), and only when this insert
+        # evicts or the buffer is due: rewriting hundreds of buffered headers on every put that
+        # fits would cost more than the put.
+        if len(self.buffer) and (self._buffer_due() or index.records(txn)[1] + size > max_bytes):
+            self._apply_buffer(files, txn)
+        victims = index.victims(txn, size, max_bytes, keep)
+        if files.room is not None:
+            files.room.reserve_insert(len(victims), size)
+        return index.insert(txn, key, name, lid_len, data, victims, refs, last_ns)  # type: ignore[no-any-return]
+
+    def remove(self, key: bytes, timeout: Optional[float] = None) -> bool:
+        """Delete a record; False when there was none."""
+        return bool(self._write(self._remove, key, timeout=timeout))
+
+    def _remove(self, files: Files, txn: Any, key: bytes) -> bool:
+        self._reserve(files, 0)
+        if len(self.buffer) and self._buffer_due():
+            self._apply_buffer(files, txn)
+        return bool(files.index.remove(txn, key))
+
+    def drop_damaged(self, key: bytes, timeout: Optional[float] = None) -> bool:
+        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
+        return bool(self._write(self._drop_damaged, key, timeout=timeout, native=False))
+
+    def _drop_damaged(self, files: Files, txn: Any, key: bytes) -> bool:
+        self._flush(files, txn)
+        return bool(files.index.drop_damaged(txn, key))
+
+    def add_counters(self, hits: int, misses: int, timeout: Optional[float] = None) -> None:
+        """Add to the hit and miss counters (imports)."""
+        self._write(self._add_counters, hits, misses, timeout=timeout)
+
+    def _add_counters(self, files: Files, txn: Any, hits: int, misses: int) -> None:
+        self._flush(files, txn)
+        files.index.apply(txn, {}, hits, misses)
+
+    def clear(self, timeout: Optional[float] = None) -> None:
+        """Remove every record (counters stay)."""
+        self._write(self._clear, timeout=timeout, native=False)
+
+    def _clear(self, files: Files, txn: Any) -> None:
+        self._flush(files, txn)
+        files.index.clear(txn)
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Write this process's buffered accesses now."""
+        if len(self.buffer):
+            self._notice_moved()
+            self._write(self._flush, timeout=timeout)
+
+    def _flush(self, files: Files, txn: Any) -> None:
+        self._reserve(files, 0)
+        if len(self.buffer):
+            self._apply_buffer(files, txn)
 
     def apply_due(self) -> None:
         """Write the buffer if the lock is free right now; else keep it for later.
@@ -670,13 +474,105 @@ class Store:
         """
         try:
             self._notice_moved()
-            self.write(None, timeout=0)
+            self._write(self._flush, timeout=0)
         except CacheError as exc:
             log.debug("buffered accesses for %s kept for later: %s", self.path, exc)
 
-    # -- lifecycle ---------------------------------------------------------------
+    def _apply_buffer(self, files: Files, txn: Any) -> None:
+        """Inside a write: apply the buffered accesses (restored by _write if the write fails)."""
+        self._taken = taken = self.buffer.take()
+        pending, hits, misses, _first = taken
+        if pending or hits or misses:
+            self._reserve(files, len(pending) * PAGES_PER_KEY)
+            files.index.apply(txn, pending, hits, misses)
+
+    def _buffer_due(self) -> bool:
+        """The buffer's time has come (a process that only writes must still apply it every second)."""
+        buf = self.buffer
+        return bool(buf.due or (buf.first_ns and time.time_ns() - buf.first_ns >= buf.max_age_ns))
+
+    @staticmethod
+    def _reserve(files: Files, pages: int) -> None:
+        if files.room is not None:
+            files.room.reserve(pages)
+
+    def _write(self, op: _Op, *args: Any, timeout: Optional[float] = None, native: bool = True) -> Any:
+        """``op(files, txn, *args)`` in one write transaction under the exclusive lock: every write.
+
+        ``native``: the core's own write transaction (the compiled core's C
+        path) rather than py-lmdb's (for the cold writes the C path does not
+        do). Readers without the flock are waited out before any page changes.
+        If the transaction meets a damaged file, the file is rebuilt (we hold
+        the exclusive lock) and the operation retried once on the new one: a
+        put then stores its record instead of failing on every later try.
+        """
+        if self.state:
+            self._refresh()
+        lock = self.lock
+        wait = lock.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        lock.acquire(True, timeout)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                self._taken = None
+                try:
+                    if self.state or self._replaced():
+                        self._reopen_locked()
+                    files = self._files_locked()
+                    # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
+                    files.table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
+                    try:
+                        if files.room is not None:
+                            files.room.begin()
+                        txn = files.writer.begin() if native else files.env.begin(write=True)
+                        try:
+                            result = op(files, txn, *args)
+                        except BaseException:
+                            txn.abort()
+                            raise
+                        txn.commit()
+                    finally:
+                        files.table.leave_write()
+                except DATA_ERRORS as exc:
+                    self._untake()
+                    failure = self._failure(exc)
+                    if attempt >= 2 or self.state != REBUILD:
+                        raise failure from exc
+                    continue
+                except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
+                    self._untake()
+                    self._stop_writemap(str(exc))
+                    continue
+                except BaseException:
+                    self._untake()
+                    raise
+                if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
+                    try:
+                        files.env.sync(True)
+                    except lmdb.Error as exc:
+                        raise self._failure(exc) from exc
+                return result
+        finally:
+            lock.release()
+
+    def _untake(self) -> None:
+        taken, self._taken = self._taken, None
+        if taken is not None:  # what a failed transaction did not write goes back to the buffer
+            self.buffer.restore(taken)
+
+    def suspect(self) -> None:
+        """verify() found problems: never mark this file as closed cleanly.
+
+        The next process to open the cache alone then walks it in the deep
+        check, which rebuilds it (a live cache is not emptied under others).
+        """
+        self._suspect = True
+
+    # -- lifecycle -------------------------------------------------------------------------
     def release(self) -> None:
-        """One user fewer; the last one flushes and closes the environment. Never raises CacheError.
+        """One user fewer; the last one flushes and closes the files. Never raises CacheError.
 
         A final flush that fails (the lock stayed busy past ``lock_timeout``, a
         full disk) keeps the store open and registered with its buffer: the
@@ -703,15 +599,15 @@ class Store:
                 if store is self:
                     del self._registry[ident]
         try:
-            if mine and self.env is not None:
+            if mine and self.files is not None:
                 self._leave()
         finally:
-            # With the mutex (bounded): no other thread may be inside a transaction of this env.
-            # A thread that kept it past the timeout may be inside one: then leave the
-            # environment and descriptors to the garbage collector rather than pull them away.
+            # With the mutex (bounded): no other thread may be inside a transaction of these files.
+            # A thread that kept it past the timeout may be inside one: then leave the files and
+            # descriptors to the garbage collector rather than pull them away.
             if self.lock.mutex.acquire(True, self.lock.timeout):
                 try:
-                    self._close_env()
+                    self._close_files()
                 finally:
                     self.lock.mutex.release()
                 self.lock.close()
@@ -737,7 +633,7 @@ class Store:
         try:
             if not last_user(self._users_fd):
                 return  # others still use it
-            if not self._stale() and not self._suspect and not self.lock.moved():
+            if not self._replaced() and not self._suspect and not self.lock.moved():
                 mark_clean(self.path)
         finally:
             self.lock.release()
@@ -758,8 +654,9 @@ def _after_fork_in_child() -> None:
     # The registry's lock may have been held by a parent thread that does not exist here.
     Store._registry_lock = threading.Lock()
     for store in Store._registry.values():
-        store._ok = False  # the environment is the parent's: the first use refreshes
+        store.state = max(store.state, REOPEN)  # the files are the parent's: the first use refreshes
 
 
 atexit.register(Store.flush_all)
 os.register_at_fork(after_in_child=_after_fork_in_child)
+

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import nvcache
-import nvcache.store
+import nvcache.cachedir
 from nvcache import CacheError, CacheFull, RecordTooLarge
 
 MiB = 1024 * 1024
@@ -364,6 +364,30 @@ def test_a_delete_that_finds_nothing_still_drops_what_was_buffered(make_cache):
     assert cache.stats()["cache_hits"] == 1
 
 
+def test_a_record_put_again_by_another_process_never_inherits_our_buffered_references(make_cache):
+    """Issue 16 part 3: A reads k five times (buffered); B deletes k and puts a new k, then closes;
+    A flushes: the new k has no references and its own last reference (the birth stamp)."""
+    cache = make_cache()
+    cache.put(lid(1), b"old")
+    cache.put(lid(2), b"other")
+    for _ in range(5):
+        assert cache.get(lid(1)) == b"old"
+    assert cache.get(lid(2)) == b"other"
+    before = {r["layer_id"]: r for r in cache.cache_data()["cache_records"]}  # applies: lid(1) has 5
+    assert before[lid(1) + "_layer_file"]["reference_count"] == 5
+    for _ in range(5):
+        assert cache.get(lid(1)) == b"old"  # five more, buffered for the old record
+    assert cache.get(lid(2)) == b"other"
+    assert _elsewhere(cache, f"print(json.dumps(c.delete({lid(1)!r}) and c.put({lid(1)!r}, b'new'))); c.close()")
+    cache.flush()
+    by_name = {r["layer_id"]: r for r in cache.cache_data()["cache_records"]}
+    assert by_name[lid(1) + "_layer_file"]["reference_count"] == 0
+    assert by_name[lid(1) + "_layer_file"]["last_referred"] != before[lid(1) + "_layer_file"]["last_referred"]
+    assert by_name[lid(2) + "_layer_file"]["reference_count"] == 2  # the other record's still count
+    assert cache.get(lid(1)) == b"new"
+    assert cache.stats()["cache_hits"] == 13
+
+
 def test_a_process_that_only_writes_still_applies_its_buffer_every_second(make_cache):
     cache = make_cache()
     cache.put(lid(1), b"r")
@@ -522,7 +546,7 @@ def test_bad_version_empties_with_warning(Cache, cache_dir, caplog):
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
     vfile = os.path.join(cache_dir, "version")
-    assert json.load(open(vfile))["version"] == nvcache.store.FORMAT_VERSION
+    assert json.load(open(vfile))["version"] == nvcache.cachedir.FORMAT_VERSION
     for content in ('{"version": 0, "description": "initial implementation"}', "garbage", None):
         if content is None:
             os.unlink(vfile)
@@ -535,7 +559,7 @@ def test_bad_version_empties_with_warning(Cache, cache_dir, caplog):
                 cache.put(DIGEST, b"r")
         assert any("emptying cache" in r.message for r in caplog.records)
         caplog.clear()
-    assert json.load(open(vfile))["version"] == nvcache.store.FORMAT_VERSION
+    assert json.load(open(vfile))["version"] == nvcache.cachedir.FORMAT_VERSION
 
 
 def test_foreign_files_are_left_alone(Cache, cache_dir):
@@ -573,13 +597,20 @@ def tamper(cache_dir: str, db: str, key: bytes, value: bytes) -> None:
     subprocess.run([sys.executable, "-c", code, cache_dir, db, key.hex(), value.hex()], check=True)
 
 
+def _stored_born(cache, layer_id: str) -> bytes:
+    """The 8 bytes of born_ns in front of a record's first chunk (after its size and checksum)."""
+    key = cache._core.record_key(layer_id, "layer_file")
+    first = cache._store._read(lambda index, txn: txn.get(key + b"\0\0\0\0", None, index.dat), None)
+    return bytes(first[16:24])
+
+
 def test_checksum_mismatch_is_a_logged_miss(Cache, cache_dir, caplog, core):
     holder = Cache(cache_dir, 1)  # keeps the cache in use, so tampering is not an unclean close
     holder.put(DIGEST, b"the right bytes")
     holder.put(lid(1), b"other")
     # Change the stored bytes behind the cache's back (same length), keeping the index entry and
     # the size and checksum stored in front of them.
-    prefix = struct.pack("<QQ", 15, core.checksum(b"the right bytes"))
+    prefix = struct.pack("<QQ", 15, core.checksum(b"the right bytes")) + _stored_born(holder, DIGEST)
     tamper(cache_dir, "dat", core.name_key((DIGEST + "_layer_file").encode()) + b"\0\0\0\0",
            prefix + b"the wrong bytes")
     with caplog.at_level(logging.WARNING, logger="nvcache"):
@@ -768,7 +799,7 @@ def test_an_absurd_stored_size_is_a_miss_not_an_allocation(Cache, cache_dir, cor
     try:
         holder.put(DIGEST, b"r" * 100)
         key = core.name_key(core.record_name(DIGEST, "layer_file")[0])
-        damaged = struct.pack("<QQ", 1 << 39, core.checksum(b"r" * 100)) + b"r" * 100
+        damaged = struct.pack("<QQ", 1 << 39, core.checksum(b"r" * 100)) + _stored_born(holder, DIGEST) + b"r" * 100
         tamper(cache_dir, "dat", key + b"\0\0\0\0", damaged)
         assert holder.get(DIGEST) is None
         assert holder.put(DIGEST, b"new") is True  # the damaged record was dropped

@@ -45,11 +45,11 @@ def _reader_child(path, then):
             cache = _compiled()(path, 1)
             store = cache._store
             assert store.reader.fast
-            slot = store.table.slot
-            store.table.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 1  # as if inside a read
+            slot = store.files.table.slot
+            store.files.table.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 1  # as if inside a read
             os.write(w, str(slot).encode())
             os.kill(os.getpid(), signal.SIGSTOP if then == "stop" else signal.SIGKILL)
-            store.table.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 0  # resumed: the read ends
+            store.files.table.mm[SLOTS_OFFSET + slot * SLOT_SIZE] = 0  # resumed: the read ends
             cache.close()
             os._exit(0)
         except BaseException:
@@ -122,7 +122,7 @@ def test_writers_look_at_every_claimed_slot_and_only_those(Cache, cache_dir, cor
     tables = []
     try:
         owner.put("sha256:a", b"A")
-        first = owner._store.table.slot
+        first = owner._store.files.table.slot
         tables = [ReaderTable(cache_dir, create=False) for _ in range(5)]
         slots = [t.claim() for t in tables]
         assert [first] + slots == list(range(6))
@@ -171,14 +171,14 @@ def test_a_forked_child_reads_with_its_own_slot(cache_dir):
     try:
         cache.put("sha256:a", b"A")
         assert cache.get("sha256:a") == b"A"
-        parent_slot = cache._store.table.slot
+        parent_slot = cache._store.files.table.slot
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             code = 1
             try:
                 ok = cache.get("sha256:a") == b"A" and cache._store.reader.fast
-                os.write(w, str(cache._store.table.slot if ok else -1).encode())
+                os.write(w, str(cache._store.files.table.slot if ok else -1).encode())
                 code = 0
             finally:
                 os._exit(code)

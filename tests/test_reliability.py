@@ -1686,7 +1686,7 @@ def test_an_absurd_size_in_a_victims_header_is_damage_not_a_hang(Cache, cache_di
                 hdr = bytearray(txn.get(key, None, index.idx))
                 _struct.pack_into("<Q", hdr, 0, 1 << 50)
                 txn.put(key, bytes(hdr), db=index.idx)
-            cache._store.write(rot)
+            cache._store._write(lambda files, txn: rot(files.index, txn), native=False)  # py-lmdb's txn
             put = cache.put(lid(5), record(5, 2000))  # evicts lid(0), the oldest
             return {"put": put, "got": cache.get(lid(5)) == record(5, 2000), "verify": cache.verify(),
                     "damaged": sum("damaged" in w for w in warnings)}

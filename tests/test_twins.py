@@ -1,6 +1,18 @@
-"""The compiled index and its pure-Python twin agree function by function (hypothesis)."""
+"""The compiled core's C paths agree with fallback.py, the specification (hypothesis).
+
+Writes: the same scripts run through the compiled Writer (C paths) on one
+cache file and through fallback.py (py-lmdb transactions) on another; the
+databases, results and exceptions must be identical. Birth stamps are the
+one thing that differs by design (each insert stamps its own clock time):
+the comparison zeroes them after checking that each file agrees with
+itself, and every last reference is given explicitly (``last_ns``), so
+the eviction order never depends on the clock. Applies are driven with
+each file's own birth stamps (matching) or one off (stale).
+Reads: the compiled Reader and fallback's Reader on one file.
+"""
 
 import os
+import struct
 
 import lmdb
 import pytest
@@ -10,9 +22,12 @@ from hypothesis import strategies as st
 import nvcache
 from nvcache import _index as compiled  # a missing build fails here, never skips
 from nvcache import fallback
+from nvcache.errors import StaleReader
 
 texts = st.one_of(st.text(max_size=40), st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7f),
                                                  min_size=1, max_size=40), st.integers(), st.none(), st.binary())
+Ext = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
+Py = type("LayerCache_py", (nvcache.LayerCache,), {"_core": fallback})
 
 
 def outcome(fn, *args):
@@ -22,19 +37,27 @@ def outcome(fn, *args):
         return ("raises", type(exc))
 
 
+def key_of(i):
+    return fallback.record_key(f"sha256:{i}", "layer_file")
+
+
 @settings(max_examples=400, deadline=None)
 @given(texts, texts)
-def test_record_name(layer_id, kind):
+def test_record_name_and_key(layer_id, kind):
     assert outcome(compiled.record_name, layer_id, kind) == outcome(fallback.record_name, layer_id, kind)
+    assert outcome(compiled.record_key, layer_id, kind) == outcome(fallback.record_key, layer_id, kind)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
-       st.integers(0, 2**64 - 1), st.integers(0, 2**16 - 1), st.binary(min_size=1, max_size=60))
-def test_header_round_trip(size, refs, last, check, lid, name):
-    packed = compiled.pack_header(size, refs, last, check, lid, name)
-    assert packed == fallback.pack_header(size, refs, last, check, lid, name)
-    assert compiled.unpack_header(packed) == fallback.unpack_header(packed) == (size, refs, last, check, lid, name)
+       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**16 - 1),
+       st.binary(min_size=1, max_size=60))
+def test_header_round_trip(size, refs, last, check, born, lid, name):
+    packed = compiled.pack_header(size, refs, last, check, born, lid, name)
+    assert packed == fallback.pack_header(size, refs, last, check, born, lid, name)
+    assert len(packed) == compiled.HEADER_SIZE + len(name) == fallback.HEADER_SIZE + len(name)
+    assert (compiled.unpack_header(packed) == fallback.unpack_header(packed)
+            == (size, refs, last, check, born, lid, name))
 
 
 @settings(max_examples=300, deadline=None)
@@ -46,59 +69,157 @@ def test_time_and_keys(ns, key):
     assert compiled.checksum(key) == fallback.checksum(key)
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.integers(1, 2**62)), max_size=20),
-       st.integers(0, 5))
-def test_access_buffer(hits, misses):
+def test_layout_constants():
+    for name in ("KEY_SIZE", "HEADER_SIZE", "PREFIX_SIZE", "RANK_SIZE", "CHUNK_SIZE", "MAX_RECORD", "U64_MAX",
+                 "MAX_LAYER_ID", "MAX_KIND", "RECORDS", "ACCESS", "EVICTIONS"):
+        assert getattr(compiled, name) == getattr(fallback, name), name
+    assert fallback.PREFIX_SIZE + fallback.CHUNK_SIZE == 65504  # chunk 0's value: 16 pages
+    # the core's interface (DEVELOPERS.md): the same names in both twins
+    for name in ("record_name", "record_key", "name_key", "keep_set", "checksum", "pack_header", "unpack_header",
+                 "lru_key", "rfc3339nano", "link_count", "FAST_READS", "AccessBuffer", "Index", "Reader", "Writer"):
+        assert hasattr(compiled, name) and hasattr(fallback, name), name
+    for cls, names in (("Index", ("victims", "insert", "remove", "apply", "exists", "records", "counters", "count",
+                                  "lookup", "walk", "dump", "cache_data", "check", "drop_damaged", "clear",
+                                  "init_counters")),
+                       ("Reader", ("lookup", "lookup_many", "contains", "cache_data", "close", "fast", "direct",
+                                   "shared")),
+                       ("Writer", ("begin", "close", "last_page")),
+                       ("AccessBuffer", ("hit", "miss", "count", "take", "restore", "clear"))):
+        for name in names:
+            assert hasattr(getattr(compiled, cls), name) and hasattr(getattr(fallback, cls), name), (cls, name)
+    assert not hasattr(compiled.Index, "reserve") and not hasattr(fallback.Index, "reserve")
+
+
+hit_lists = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 2**62), st.integers(0, 2)), max_size=20)
+
+
+def _model_hits(pending, hits):
+    """The rule, spelled out: a hit of another record (birth) restarts the key's entry."""
+    for i, ns, born in hits:
+        entry = pending.get(key_of(i))
+        if entry is None or entry[2] != born:
+            pending[key_of(i)] = [1, ns, born]
+        else:
+            entry[0] += 1
+            entry[1] = max(entry[1], ns)
+    return pending
+
+
+def _model_restore(pending, taken):
+    """Same birth: merged; different births: the newer record's entry stays."""
+    for key, (refs, last, born) in taken.items():
+        entry = pending.get(key)
+        if entry is None or born > entry[2]:
+            pending[key] = [refs, last, born]
+        elif born == entry[2]:
+            entry[0] += refs
+            entry[1] = max(entry[1], last)
+    return pending
+
+
+@settings(max_examples=200, deadline=None)
+@given(hit_lists, hit_lists, st.integers(0, 5))
+def test_access_buffer(first, second, misses):
     bufs = [core.AccessBuffer(10**9, 8) for core in (compiled, fallback)]
     for buf in bufs:
-        for key, ns in hits:
-            buf.hit(key, ns)
+        for i, ns, born in first:
+            buf.hit(key_of(i), ns, born)
         for _ in range(misses):
             buf.miss(7)
-    assert [len(b) for b in bufs][0] == [len(b) for b in bufs][1]
-    assert bufs[0].due == bufs[1].due
+    assert len(bufs[0]) == len(bufs[1]) and bufs[0].due == bufs[1].due
     taken = [b.take() for b in bufs]
     assert taken[0] == taken[1]
+    assert taken[1][:3] == (_model_hits({}, first), len(first), misses)
     for buf, t in zip(bufs, taken):
-        buf.hit(b"k" * 16, 3)
+        for i, ns, born in second:
+            buf.hit(key_of(i), ns, born)
         buf.restore(t)
-    assert bufs[0].take() == bufs[1].take()
+    after = [b.take() for b in bufs]
+    assert after[0] == after[1]
+    assert after[1][0] == _model_restore(_model_hits({}, second), _model_hits({}, first))
+    assert after[1][1:3] == (len(first) + len(second), misses)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([b"x", None, False]), st.integers(0, 2)),
+                max_size=20))
+def test_access_buffer_count(lookups):
+    """count(): a hit when the lookup returned bytes, else a miss; the time is the clock's."""
+    for core in (compiled, fallback):
+        buf = core.AccessBuffer(10**12, 1000)
+        for i, data, born in lookups:
+            buf.count(key_of(i), data, born)
+        pending, hits, misses, first_ns = buf.take()
+        expected = _model_hits({}, [(i, 0, born) for i, data, born in lookups if data is not None and data is not False])
+        assert {k: (e[0], e[2]) for k, e in pending.items()} == {k: (e[0], e[2]) for k, e in expected.items()}
+        assert (hits, misses) == (sum(1 for _i, d, _b in lookups if d == b"x"), sum(1 for _i, d, _b in lookups if d != b"x"))
+        assert all(e[1] > 10**18 for e in pending.values()) and (first_ns > 10**18 or not lookups)
 
 
 def test_keep_set_is_shared():
     assert compiled.keep_set is fallback.keep_set
 
 
+def test_the_compiled_core_forwards_cold_calls_to_the_twin(tmp_path):
+    """Handed a py-lmdb transaction, the compiled Index is fallback.Index over the same databases."""
+    with Ext(str(tmp_path), 1) as cache:
+        cache.put("sha256:a", b"A")
+        index = cache._store.files.index
+        assert isinstance(index.twin, fallback.Index)
+        assert (index.idx, index.dat, index.lru, index.meta) == (index.twin.idx, index.twin.dat,
+                                                                 index.twin.lru, index.twin.meta)
+        with cache._store.files.env.begin() as txn:
+            assert index.lookup(txn, key_of("a"))[0] == b"A"
+            assert index.counters(txn) == index.twin.counters(txn)
+            assert index.dump(txn) == index.twin.dump(txn)
+        writer = cache._store.files.writer
+        assert type(writer) is compiled.Writer and writer.begin() is writer
+        try:
+            assert index.exists(writer, key_of("a")) and not index.exists(writer, key_of("b"))
+            assert index.records(writer) == (1, 1)
+        finally:
+            writer.abort()
+
+
+def _read_both(store, key_sets):
+    """Each read of the compiled Reader and of fallback's Reader on the same file."""
+    twin = fallback.Reader(store.lock, store.files.env, fallback.Index(*[getattr(store.files.index, n)
+                                                                  for n in ("idx", "dat", "lru", "meta")]))
+    out = []
+    for reader in (store.reader, twin):
+        out.append(([reader.lookup(k) for k in key_sets[0]], reader.lookup_many(key_sets[0]),
+                    reader.lookup_many(key_sets[1]), [reader.contains(k) for k in key_sets[0]],
+                    reader.cache_data()))
+    return out
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 4), st.binary(max_size=300)), max_size=40),
-       st.lists(st.integers(0, 40), max_size=5))
-def test_c_reads_match_py_lmdb_reads(tmp_path_factory, records, dangling):
-    """The compiled Reader's own LMDB path (get, contains, the dump) agrees with py-lmdb's on one file."""
-    import os
-
-    import lmdb
-    import nvcache
-
-    Cache = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
-    with Cache(str(tmp_path_factory.mktemp("c")), 1) as cache:
+       st.lists(st.integers(0, 40), max_size=5), st.sets(st.integers(0, 40), max_size=4),
+       st.sets(st.integers(0, 40), max_size=4), st.lists(st.integers(0, 42), max_size=8))
+@example([(i, 1, b"x" * 10) for i in range(5)], [], set(), set(), [])
+def test_c_reads_match_the_twin(tmp_path_factory, records, dangling, no_bytes, bad_bytes, batch):
+    """The compiled Reader's C path (lookup, lookup_many, contains, the dump) agrees with fallback.Reader."""
+    with Ext(str(tmp_path_factory.mktemp("c")), 1) as cache:
         for i, when, data in records:  # few distinct times: many ties, broken by name
             cache.restore(f"sha256:{i}", data, reference_count=i, last_referred_ns=when * 10**9)
         store = cache._store
-        reader = store.reader
-        assert reader.direct and reader.fast
-        txn = store.env.begin(write=True)  # lru entries without a record: both walks skip them
-        for i in dangling:
-            txn.put(b"\0" * 8 + os.urandom(16), b"", db=store.index.lru)
+        assert store.reader.direct and store.reader.fast
+        txn = store.files.env.begin(write=True)  # damage that every read must report alike
+        for i in dangling:  # lru entries without a record: both walks skip them
+            txn.put(b"\0" * 8 + os.urandom(16), b"", db=store.files.index.lru)
+        for i in no_bytes:  # an index entry without bytes: damaged (False), not absent
+            txn.delete(key_of(i) + b"\0\0\0\0", db=store.files.index.dat)
+        for i in bad_bytes - no_bytes:  # bytes that fail their checksum
+            first = txn.get(key_of(i) + b"\0\0\0\0", None, store.files.index.dat)
+            if first is not None and len(first) > fallback.PREFIX_SIZE:
+                txn.put(key_of(i) + b"\0\0\0\0", first[:-1] + bytes([first[-1] ^ 1]), db=store.files.index.dat)
         txn.commit()
-        with store.env.begin() as t:
-            expected = store.index.cache_data(t)
-            for i in range(42):
-                key = compiled.name_key(f"sha256:{i}_layer_file".encode())
-                assert reader.contains(key) == store.index.contains(t, key)
-                assert reader.get(f"sha256:{i}", "layer_file") == store.index.lookup(t, key)
-        assert reader.cache_data() == expected
-        assert isinstance(store.env, lmdb.Environment)
+        keys = [key_of(i) for i in range(42)]
+        ext, twin = _read_both(store, (keys, [key_of(i) for i in batch]))
+        assert ext == twin
+        assert all(born > 0 if type(data) is bytes else born == 0 for data, born in ext[0])
+        assert isinstance(store.files.env, lmdb.Environment)
 
 
 ops = st.lists(st.one_of(
@@ -106,10 +227,70 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("insert"), st.integers(0, 12), st.integers(0, 700), st.sets(st.integers(0, 12), max_size=4),
               st.integers(0, 3), st.integers(1, 3)),
     st.tuples(st.just("remove"), st.integers(0, 14)),
-    # apply: buffered references (record, count, last reference), hits, misses
-    st.tuples(st.just("apply"), st.lists(st.tuples(st.integers(0, 35), st.integers(1, 3), st.integers(1, 6)),
-                                         max_size=6), st.integers(0, 3), st.integers(0, 3)),
+    # apply: buffered references (record, count, last reference, its birth or a stale one), hits, misses
+    st.tuples(st.just("apply"), st.lists(st.tuples(st.integers(0, 14), st.integers(1, 3), st.integers(1, 6),
+                                                   st.booleans()), max_size=6),
+              st.integers(0, 3), st.integers(0, 3)),
+    # restore: hits buffered, taken, more hits, restored, then applied (record, last reference, birth or stale)
+    st.tuples(st.just("restore"), st.lists(st.tuples(st.integers(0, 14), st.integers(1, 6), st.booleans()),
+                                           max_size=6),
+              st.lists(st.tuples(st.integers(0, 14), st.integers(1, 6), st.booleans()), max_size=6)),
 ), max_size=40)
+
+
+def _born(store, key):
+    """The birth stamp in a record's idx header (0 when absent)."""
+    with store.files.env.begin() as t:
+        hdr = t.get(key, None, store.files.index.idx)
+    return struct.unpack_from("<Q", hdr, 32)[0] if hdr is not None and len(hdr) > fallback.HEADER_SIZE else 0
+
+
+def _stamp(store, i, fresh):
+    born = _born(store, key_of(i))
+    return born if fresh else born + 1  # one off: a pending entry of another record of that name
+
+
+def _step(core, store, txn, op, bound):
+    """One script step through ``core``'s Index (the compiled one is handed the Writer: its C paths)."""
+    index = store.files.index
+    if op[0] == "insert":
+        _, i, size, keep, refs, when = op
+        name, lid = core.record_name(f"sha256:{i}", "layer_file")
+        got = outcome(index.victims, txn, size, bound, frozenset(f"sha256:{k}".encode() for k in keep))
+        if got[0] != "ok":
+            return [got]
+        return [got, outcome(index.insert, txn, key_of(i), name, lid, bytes([i % 251]) * size, got[1], refs,
+                             when * 10**9)]
+    if op[0] == "remove":
+        return [outcome(index.remove, txn, key_of(op[1]))]
+    if op[0] == "apply":
+        _, entries, hits, misses = op
+        pending = {key_of(i): [count, when * 10**9, _stamp(store, i, fresh)] for i, count, when, fresh in entries}
+        return [outcome(index.apply, txn, pending, hits, misses)]
+    _, first, second = op
+    buf = core.AccessBuffer(1 << 62, 1 << 30)
+    for i, when, fresh in first:
+        buf.hit(key_of(i), when * 10**9, _stamp(store, i, fresh))
+    taken = buf.take()
+    for i, when, fresh in second:
+        buf.hit(key_of(i), when * 10**9 + 1, _stamp(store, i, not fresh))
+    buf.restore(taken)
+    pending, hits, misses, _first = buf.take()
+    return [outcome(index.apply, txn, pending, hits, misses)]
+
+
+def _contents(store):
+    """All four tables, birth stamps zeroed (after checking each record's two copies agree)."""
+    index = store.files.index
+    with store.files.env.begin() as t:
+        tables = [list(t.cursor(db)) for db in (index.idx, index.dat, index.lru, index.meta)]
+    idx, dat = dict(tables[0]), dict(tables[1])
+    for key, hdr in idx.items():
+        assert dat[key + b"\0\0\0\0"][16:24] == hdr[32:40]
+    tables[0] = [(k, v[:32] + bytes(8) + v[40:]) for k, v in tables[0]]
+    tables[1] = [(k, v[:16] + bytes(8) + v[24:] if k.endswith(b"\0\0\0\0") else v) for k, v in tables[1]]
+    tables[3] = [(k, v) for k, v in tables[3] if k not in (b"boot", b"readers")]
+    return tables
 
 
 @settings(max_examples=100, deadline=None)
@@ -117,50 +298,33 @@ ops = st.lists(st.one_of(
 # Ties broken by name, not by key: sha256:3's key sorts before sha256:0's.
 @example([("insert", i, 125, set(), 0, 1) for i in range(4)] + [("insert", 9, 125, set(), 0, 2)], 500)
 @example([("insert", i, 125, set(), 0, 1) for i in range(4)] + [("insert", 9, 125, {0}, 0, 2)], 500)
-def test_c_writes_match_py_lmdb_writes(tmp_path_factory, script, bound):
-    """The compiled Writer's inserts, removes and applies (LMDB's C API) leave exactly the bytes that the
-    same calls through py-lmdb transactions leave, with the same results and exceptions."""
-    import nvcache
-
-    Cache = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
-    caches = [Cache(str(tmp_path_factory.mktemp("w")), bound / 1048576) for _ in range(2)]
+# A re-put record: buffered references of the old one (stale birth) are dropped, its own applied.
+@example([("insert", 1, 100, set(), 0, 1), ("remove", 1), ("insert", 1, 100, set(), 0, 2),
+          ("apply", [(1, 3, 5, False)], 1, 0), ("apply", [(1, 2, 4, True)], 0, 1),
+          ("restore", [(1, 3, True)], [(1, 6, True)])], 3000)
+def test_c_writes_match_the_twin(tmp_path_factory, script, bound):
+    """The compiled Writer's victims, inserts, removes and applies (LMDB's C API) leave the same
+    databases as fallback.py's on py-lmdb transactions, with the same results and exceptions."""
+    caches = [Ext(str(tmp_path_factory.mktemp("w")), bound / 1048576),
+              Py(str(tmp_path_factory.mktemp("w")), bound / 1048576)]
     try:
         stores = [c._store for c in caches]
-        assert stores[0].writer is not None and type(stores[0].writer) is compiled.Writer
+        assert type(stores[0].files.writer) is compiled.Writer and type(stores[0].files.index) is compiled.Index
+        assert type(stores[1].files.index) is fallback.Index
         results = [[], []]
         for op in script:
-            for n, store in enumerate(stores):
-                txn = store.writer.begin() if n == 0 else store.env.begin(write=True)
-                if op[0] == "insert":
-                    _, i, size, keep, refs, when = op
-                    name, lid = compiled.record_name(f"sha256:{i}", "layer_file")
-                    data = bytes([i % 251]) * size
-                    got = outcome(store.index.insert, txn, compiled.name_key(name), name, lid, data, bound,
-                                  frozenset(f"sha256:{k}".encode() for k in keep), refs, when * 10**9)
-                elif op[0] == "remove":
-                    key = compiled.name_key(f"sha256:{op[1]}_layer_file".encode())
-                    got = outcome(store.index.remove, txn, key)
-                else:
-                    _, entries, hits, misses = op
-                    pending = {compiled.name_key(f"sha256:{i}_layer_file".encode()): [count, when * 10**9]
-                               for i, count, when in entries}
-                    got = outcome(store.index.apply, txn, pending, hits, misses)
+            for n, (core, store) in enumerate(zip((compiled, fallback), stores)):
+                txn = store.files.writer.begin()
+                got = _step(core, store, txn, op, bound)
                 results[n].append(got)
-                if got[0] == "ok":
+                if got[-1][0] == "ok":
                     txn.commit()
                 else:
                     txn.abort()
         assert results[0] == results[1]
-        contents = []
-        for store in stores:
-            with store.env.begin() as t:
-                contents.append([list(t.cursor(db)) for db in (store.index.idx, store.index.dat,
-                                                                store.index.lru, store.index.meta)
-                                 ] + [store.index.counters(t)])
-        assert contents[0][:3] == contents[1][:3]
-        assert contents[0][4] == contents[1][4]
-        meta = [[(k, v) for k, v in c[3] if k not in (b"boot", b"readers")] for c in contents]
-        assert meta[0] == meta[1]
+        assert _contents(stores[0]) == _contents(stores[1])
+        with stores[0].files.env.begin() as t0, stores[1].files.env.begin() as t1:
+            assert stores[0].files.index.counters(t0) == stores[1].files.index.counters(t1)
         assert caches[0].verify() == [] and caches[1].verify() == []
     finally:
         for c in caches:
@@ -169,14 +333,12 @@ def test_c_writes_match_py_lmdb_writes(tmp_path_factory, script, bound):
 
 def test_one_path_one_core_per_process(tmp_path):
     """The store of a path is shared in a process: a cache of the other core on it is refused."""
-    ext = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
-    twin = type("LayerCache_py", (nvcache.LayerCache,), {"_core": fallback})
-    with ext(str(tmp_path), 1) as first:
+    with Ext(str(tmp_path), 1) as first:
         first.put("sha256:a", b"A")
         with pytest.raises(nvcache.CacheError, match="other core"):
-            twin(str(tmp_path), 1)
+            Py(str(tmp_path), 1)
         assert first.get("sha256:a") == b"A" and first.verify() == []
-    with twin(str(tmp_path), 1) as again:  # once closed, the path is free for either core
+    with Py(str(tmp_path), 1) as again:  # once closed, the path is free for either core
         assert again.get("sha256:a") == b"A"
 
 
@@ -193,8 +355,7 @@ def test_compiled_reads_share_the_write_environment(tmp_path):
     data.mdb is then mapped twice (py-lmdb's environment, which the cold paths
     use, and the compiled one), not three times.
     """
-    ext = type("LayerCache_ext", (nvcache.LayerCache,), {"_core": compiled})
-    with ext(str(tmp_path), 1) as cache:
+    with Ext(str(tmp_path), 1) as cache:
         cache.put("sha256:a", b"A")
         reader = cache._store.reader
         assert reader.direct and reader.shared
@@ -207,3 +368,72 @@ def test_compiled_reads_share_the_write_environment(tmp_path):
         assert len(_data_mappings(str(tmp_path))) == 2  # the old file's mappings went with it
         assert cache.verify() == []
     assert not _data_mappings(str(tmp_path))
+
+
+class _NoEnv:
+    """A stand-in py-lmdb environment whose directory does not exist."""
+
+    def __init__(self, path):
+        self._path = path
+
+    def path(self):
+        return self._path
+
+    def info(self):
+        return {"map_size": 1 << 30}
+
+
+def test_a_writer_that_cannot_open_raises_lmdb_error_and_the_store_a_cache_error(tmp_path):
+    """No py-lmdb write path in the compiled core: its Writer raises lmdb.Error; opening fails cleanly."""
+    import types
+
+    with pytest.raises(lmdb.Error):
+        compiled.Writer(_NoEnv(str(tmp_path / "missing")), False, False)
+
+    def failing(env, writemap, durable):
+        return compiled.Writer(_NoEnv(str(tmp_path / "missing")), writemap, durable)
+    core = types.ModuleType("nvcache._index_without_writer")
+    core.__dict__.update({k: v for k, v in vars(compiled).items() if not k.startswith("__")})
+    core.Writer = failing
+    Broken = type("LayerCache_broken", (nvcache.LayerCache,), {"_core": core})
+    with pytest.raises(nvcache.CacheError, match="no write environment"):
+        Broken(str(tmp_path / "c"), 1)
+    with Ext(str(tmp_path / "c"), 1) as cache:  # nothing was left half open
+        assert cache.put("sha256:a", b"A") and cache.get("sha256:a") == b"A" and cache.verify() == []
+
+
+class _ElsewhereEnv:
+    """The store's py-lmdb environment, but naming a directory that does not exist (for the C open)."""
+
+    def __init__(self, env, path):
+        self._env, self._path = env, path
+
+    def path(self):
+        return self._path
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def test_a_reader_whose_c_environment_cannot_open_reads_through_the_twin(tmp_path):
+    """The compiled Reader falls back to fallback.Reader for good: same results, no C path."""
+    with Ext(str(tmp_path / "c"), 1) as cache:
+        for i in range(6):
+            cache.restore(f"sha256:{i}", bytes([i]) * (i * 40), reference_count=i, last_referred_ns=(i % 2 + 1) * 10**9)
+        store = cache._store
+        c_reader = store.reader
+        py_path = compiled.Reader(store.lock, _ElsewhereEnv(store.files.env, str(tmp_path / "missing")), store.files.index)
+        try:
+            assert c_reader.direct and not py_path.direct and not py_path.shared
+            keys = [key_of(i) for i in range(8)]
+            for reader in (c_reader, py_path):
+                assert [reader.lookup(k)[0] for k in keys] == [bytes([i]) * (i * 40) for i in range(6)] + [None] * 2
+            assert [py_path.lookup(k) for k in keys] == [c_reader.lookup(k) for k in keys]
+            assert py_path.lookup_many(keys) == c_reader.lookup_many(keys)
+            assert [py_path.contains(k) for k in keys] == [c_reader.contains(k) for k in keys]
+            assert py_path.cache_data() == c_reader.cache_data()
+        finally:
+            with store.lock.mutex:
+                py_path.close()
+        with pytest.raises(StaleReader):
+            py_path.lookup(keys[0])
