@@ -401,6 +401,14 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+# The signals that stop ``metrics --listen``. SIGINT is handled here too rather than left
+# to Python's default handler: Python installs that handler only when SIGINT was not
+# ignored at exec, and a process started with SIGINT ignored (a background job of a
+# shell without job control, a supervisor that ignores it) kept serving after Ctrl-C or
+# ``kill -INT`` (seen as test_metrics_listen_serves_until_interrupted timing out).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @cli.command()
 @_max_mb_option
 @click.option("--listen", metavar="HOST:PORT", default=None,
@@ -422,15 +430,22 @@ def metrics(settings: Settings, max_mb: float, listen: Optional[str]) -> None:
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         bound_host, bound_port = server.server_address[:2]
-        click.echo(f"serving http://{bound_host}:{bound_port}/metrics for {settings.path} (Ctrl-C stops)", err=True)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = {}
         try:
+            for signum in STOP_SIGNALS:
+                previous[signum] = signal.signal(signum, _interrupt)
+            # Announced only once a stop signal lands in this try: one that arrives right
+            # after the line is a clean stop (exit 0), not an exception escaping the command.
+            click.echo(f"serving http://{bound_host}:{bound_port}/metrics for {settings.path} (Ctrl-C stops)",
+                       err=True)
             while thread.is_alive():
                 thread.join(3600)
         except KeyboardInterrupt:
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                if handler is not None:  # None: a handler not set from Python, cannot be put back
+                    signal.signal(signum, handler)
             server.shutdown()
             server.server_close()
     finally:

@@ -1,9 +1,10 @@
 """The public API, rule by rule, over both cores (the ``core`` fixture)."""
 
+import calendar
 import json
 import logging
-import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -21,6 +22,30 @@ DIGEST = "sha256:" + "ab" * 32
 
 def lid(i: int) -> str:
     return f"sha256:{i:064x}"
+
+
+_RFC3339_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z")
+
+
+def rfc3339_ns(text: str) -> int:
+    """Nanoseconds since the epoch of a dump's ``last_referred`` (UTC, Go's trimmed fraction).
+
+    Compare these, never the strings: the fraction's trailing zeros are trimmed, so
+    "...20.1Z" (100 ms) sorts after "...20.12Z" (120 ms) as text.
+    """
+    match = _RFC3339_UTC.fullmatch(text)
+    assert match, text
+    seconds = calendar.timegm(time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S"))
+    return seconds * 10**9 + int((match.group(2) or "").ljust(9, "0"))
+
+
+def test_rfc3339_ns_helper():
+    assert rfc3339_ns("2024-09-27T10:57:20.1Z") == 1727434640_100000000
+    assert rfc3339_ns("2024-09-27T10:57:20.12Z") == 1727434640_120000000
+    assert rfc3339_ns("2024-09-27T10:57:20Z") == 1727434640_000000000
+    assert rfc3339_ns("2024-09-27T10:57:20.000000001Z") == 1727434640_000000001
+    assert rfc3339_ns("1970-01-01T00:00:00Z") == 0
+    assert "2024-09-27T10:57:20.1Z" > "2024-09-27T10:57:20.12Z"  # why the helper exists
 
 
 # -- construction ---------------------------------------------------------------
@@ -234,7 +259,7 @@ def test_hit_counts_a_reference(make_cache):
     data = cache.cache_data()
     (rec2,) = data["cache_records"]
     assert rec2["reference_count"] == 3
-    assert rec2["last_referred"] > rec["last_referred"]
+    assert rfc3339_ns(rec2["last_referred"]) > rfc3339_ns(rec["last_referred"])
     assert (data["cache_hits"], data["cache_misses"]) == (3, 1)
 
 
@@ -451,6 +476,8 @@ def test_rfc3339nano_matches_go(core):
     assert f(1727434640_000000001) == "2024-09-27T10:57:20.000000001Z"
     assert f(0) == "1970-01-01T00:00:00Z"
     assert f(951782400_000000005) == "2000-02-29T00:00:00.000000005Z"
+    for ns in (1727434640_232903070, 1727434640_100000000, 1727434640_120000000, 0, 951782400_000000005):
+        assert rfc3339_ns(f(ns)) == ns
 
 
 def test_dump_orders_ties_by_name(make_cache, core):
@@ -669,11 +696,33 @@ def test_deep_check_policy_at_first_open(Cache, cache_dir, monkeypatch):
     assert calls == [1]
 
 
-def test_map_is_sized_for_the_bound(core):
-    from nvcache.store import map_size_for
-    assert map_size_for(1000 * MiB) >= 2 * 1000 * MiB + 64 * MiB
-    assert map_size_for(100_000 * MiB) >= 2 * 100_000 * MiB + 64 * MiB
-    assert math.isfinite(map_size_for(0))
+def _committed_map_size(data_path: str) -> int:
+    """``mm_mapsize`` of the newer of data.mdb's two meta pages (LMDB 0.9's on-disk format).
+
+    LMDB writes its opener's map size there when it creates the file and at every commit
+    keeps the larger of the stored and the open map size, so for a cache created by one
+    instance it is the map that instance opened with.
+    """
+    with open(data_path, "rb") as f:
+        first = f.read(4096)
+        page_size = struct.unpack_from("<I", first, 40)[0]  # mm_dbs[FREE_DBI].md_pad holds it
+        f.seek(page_size)
+        second = f.read(page_size)
+    for meta in (first, second):  # page header (16 bytes), then mm_magic, mm_version
+        assert struct.unpack_from("<II", meta, 16) == (0xBEEFC0DE, 1)
+    newer = max((first, second), key=lambda meta: struct.unpack_from("<Q", meta, 144)[0])  # mm_txnid
+    return struct.unpack_from("<Q", newer, 32)[0]
+
+
+# The map must hold the bound with room for churn (measured at 3.4 x the bound): 4 x the
+# bound + 1 GiB, and never less than the common 64 GiB (which the write map needs).
+@pytest.mark.parametrize("max_mb", [1, 16 * 1024, 100_000, 1 << 20])  # 1 << 20 MB: the largest bound
+def test_map_is_sized_for_the_bound(Cache, cache_dir, max_mb):
+    with Cache(cache_dir, max_mb) as cache:
+        assert cache.put(DIGEST, b"r")  # a commit, which rewrites a meta page
+        bound = cache.max_bytes
+    assert bound == int(max_mb * MiB)
+    assert _committed_map_size(os.path.join(cache_dir, "data.mdb")) == max(64 << 30, 4 * bound + (1 << 30))
 
 
 def test_planted_data_symlink_is_replaced_not_followed(Cache, cache_dir, tmp_path):
