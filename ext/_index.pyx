@@ -335,15 +335,16 @@ cdef class AccessBuffer:
         elif now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys:
             self.due = True
 
-    cdef int _hit(self, bytes key, long long now_ns, uint64_t born_ns) except -1:
+    cdef int _hit(self, bytes key, long long now_ns, object born) except -1:
+        # ``born`` stays the int object the read made: compared as objects, stored as is.
         cdef PyObject *found = PyDict_GetItem(self.pending, key)
         cdef list entry
         if found is not NULL:
             entry = <list>found
-            if <uint64_t>entry[2] != born_ns:  # another record of that name: start over
+            if entry[2] != born:  # another record of that name: start over
                 found = NULL
         if found is NULL:
-            PyDict_SetItem(self.pending, key, [1, now_ns, born_ns])
+            PyDict_SetItem(self.pending, key, [1, now_ns, born])
         else:
             entry[0] = entry[0] + 1
             if now_ns > <long long>entry[1]:  # compared in C: no int object unless it changes
@@ -359,13 +360,15 @@ cdef class AccessBuffer:
         self.misses += 1
         self._aged(now_ns)
 
-    def count(self, bytes key, data, uint64_t born_ns):
-        """Count what a lookup of ``key`` returned: a hit when ``data`` is bytes, else a miss."""
+    def count(self, bytes key, data, born_ns):
+        """Count what a lookup of ``key`` returned (a hit when ``data`` is bytes, else a miss);
+        returns ``due`` (whether the buffer should now be applied)."""
         if type(data) is bytes:
             self._hit(key, _now_ns(), born_ns)
         else:
             self.misses += 1
             self._aged(_now_ns())
+        return self.due
 
     def take(self):
         """Empty the buffer and return what it held (to apply, or to restore on failure)."""
@@ -936,7 +939,7 @@ cdef class Reader:
         return data
 
     cdef object _read(self, int what, object arg):
-        """0: exists, 1: lookup, 2: lookup_many (fallback.Reader._read); the caller holds the read lock."""
+        """0: exists, 1: lookup, 2: lookup_many, 3: find (fallback.Reader._read); the caller holds the read lock."""
         cdef uint64_t born = 0
         cdef list out
         if self.env is None:
@@ -947,6 +950,9 @@ cdef class Reader:
                     if what == 1:
                         data = self._lookup_in(arg, &born)
                         return (data, born)
+                    if what == 3:
+                        data = self._lookup_in(arg, &born)
+                        return (arg, data, born)
                     if what == 2:
                         out = []
                         for key in arg:
@@ -967,19 +973,19 @@ cdef class Reader:
         k.mv_data = <void *>PyBytes_AS_STRING(key)
         return _check(mdb_get(self._ctxn, self._idx, &k, &v), "mdb_get") == 0
 
-    cdef object _read_waiting(self, int what, object arg):
+    cdef object _read_waiting(self, int what, object arg, object timeout):
         lock = self.lock
-        lock.acquire(False)
+        lock.acquire(False, timeout)
         try:
             return self._read(what, arg)
         finally:
             lock.release()
 
-    cdef object _guarded(self, int what, object arg):
+    cdef object _guarded(self, int what, object arg, object timeout):
         """``_read`` under the thread mutex and the slot handshake, else the shared flock."""
         release = self._release
         if not self._try_acquire(False):
-            return self._read_waiting(what, arg)
+            return self._read_waiting(what, arg, timeout)
         if self.env is None:
             release()
             raise StaleReader("the environment was replaced")
@@ -992,31 +998,36 @@ cdef class Reader:
                 release()
         if flock(self.fd, LOCK_SH | LOCK_NB) != 0:
             release()
-            return self._read_waiting(what, arg)
+            return self._read_waiting(what, arg, timeout)
         try:
             return self._read(what, arg)
         finally:
             flock(self.fd, LOCK_UN)
             release()
 
-    def lookup(self, bytes key):
+    def lookup(self, bytes key, timeout=None):
         """(bytes, born_ns) of the record of ``key``; (None, 0) when absent, (False, 0) when damaged."""
-        return self._guarded(1, key)
+        return self._guarded(1, key, timeout)
 
-    def lookup_many(self, keys):
+    def find(self, layer_id, kind, timeout=None):
+        """(key, data, born_ns) of the record of ``layer_id`` and ``kind`` (validated): a lookup by name."""
+        cdef Py_ssize_t n = 0
+        return self._guarded(3, _xxh3_128(_record_name(layer_id, kind, &n)), timeout)
+
+    def lookup_many(self, keys, timeout=None):
         """:meth:`lookup` of each key, under one lock acquisition and one read transaction."""
-        return self._guarded(2, list(keys))
+        return self._guarded(2, list(keys), timeout)
 
-    def contains(self, bytes key):
+    def contains(self, bytes key, timeout=None):
         """Whether the record of ``key`` exists; counts nothing."""
-        return self._guarded(0, key)
+        return self._guarded(0, key, timeout)
 
-    def cache_data(self):
+    def cache_data(self, timeout=None):
         """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
         cdef list records = []
         cdef uint64_t c[5]
         lock = self.lock
-        lock.acquire(False)
+        lock.acquire(False, timeout)
         try:
             if self.env is None:
                 raise StaleReader("the environment was replaced")
@@ -1032,7 +1043,7 @@ cdef class Reader:
                 self._close_c()  # this environment is unusable: fallback.Reader from now on
         finally:
             lock.release()
-        return self._py.cache_data()  # under its own hold of the lock
+        return self._py.cache_data(timeout)  # under its own hold of the lock
 
 
 cdef class Writer:

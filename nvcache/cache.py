@@ -160,8 +160,7 @@ class LayerCache:
             store.drop_damaged(key, self.lock_timeout)
             log.warning("record %s_%s failed its checksum; dropped it", layer_id, kind)
             data = None
-        buffer = store.buffer
-        buffer.count(key, data, born)
+        store.buffer.count(key, data, born)
         return data  # type: ignore[no-any-return]
 
     def get(self, layer_id: str, kind: str = "layer_file") -> Optional[bytes]:
@@ -171,18 +170,17 @@ class LayerCache:
         now) and a cache hit; a miss counts a cache miss. A record whose bytes
         fail their checksum is dropped, logged and reported as a miss.
         """
-        key = self._record_key(layer_id, kind)  # a bad argument is an error even when disabled
         store = self._store
-        if store is None:  # disabled or closed
+        if store is None:  # disabled or closed: a bad argument is still a bad argument
+            self._record_key(layer_id, kind)
             self._opened()
             return None
-        data, born = store.lookup(key)
-        buffer = store.buffer
+        key, data, born = store.find(layer_id, kind, self.lock_timeout)  # validated, hashed and read
         if data is False:
             data = self._counted(store, key, data, born, layer_id, kind)
-        else:
-            buffer.count(key, data, born)  # what _counted does, inlined: this is every get's path
-        if buffer.due:
+            if store.buffer.due:
+                store.apply_due()
+        elif store.buffer.count(key, data, born):  # what _counted does, inlined: every get's path
             store.apply_due()
         return data
 
@@ -201,7 +199,7 @@ class LayerCache:
         if store is None:
             return {}
         found: Dict[str, bytes] = {}
-        for layer_id, key, (data, born) in zip(ids, keys, store.lookup_many(keys)):
+        for layer_id, key, (data, born) in zip(ids, keys, store.lookup_many(keys, self.lock_timeout)):
             data = self._counted(store, key, data, born, layer_id, kind)
             if data is not None:
                 found[layer_id] = data
@@ -219,7 +217,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return None
-        data = store.lookup(key)[0]
+        data = store.lookup(key, self.lock_timeout)[0]
         return data if data is not False else None
 
     def put(self, layer_id: str, record: Record, kind: str = "layer_file",
@@ -248,7 +246,7 @@ class LayerCache:
         key = core.name_key(name)
         # The first record stays: no write lock, no transaction. Only a "present" must come from a
         # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
-        if store.contains(key) and store.contains(key, fresh=True):
+        if store.contains(key, timeout=self.lock_timeout) and store.contains(key, True, self.lock_timeout):
             return False
         return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout) >= 0
 
@@ -295,7 +293,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
-        return store.contains(key)
+        return store.contains(key, timeout=self.lock_timeout)
 
     def __contains__(self, layer_id: object) -> bool:
         return self.contains(layer_id)  # type: ignore[arg-type]
@@ -332,7 +330,7 @@ class LayerCache:
             return {"cache_hits": None, "cache_misses": None, "cache_records": [],
                     "record_total_size": None}
         store.flush(self.lock_timeout)
-        return store.cache_data()
+        return store.cache_data(self.lock_timeout)
 
     def cache_data_json(self) -> str:
         """:meth:`cache_data` as the controller prints it: sorted keys, 2-space indent."""

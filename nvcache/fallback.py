@@ -221,12 +221,14 @@ class AccessBuffer:
         self.misses += 1
         self._aged(now_ns)
 
-    def count(self, key: bytes, data: Any, born_ns: int) -> None:
-        """Count what a lookup of ``key`` returned: a hit when ``data`` is bytes, else a miss."""
+    def count(self, key: bytes, data: Any, born_ns: int) -> bool:
+        """Count what a lookup of ``key`` returned (a hit when ``data`` is bytes, else a miss);
+        returns ``due`` (whether the buffer should now be applied)."""
         if type(data) is bytes:
             self.hit(key, time.time_ns(), born_ns)
         else:
             self.miss(time.time_ns())
+        return self.due
 
     def _aged(self, now_ns: int) -> None:
         if not self.first_ns:
@@ -563,7 +565,7 @@ class Reader:
         self.env = None
 
     def _read(self, what: int, arg: Any) -> Any:
-        """What ``what`` asks (0 exists, 1 lookup, 2 lookup_many); the caller holds the read lock.
+        """What ``what`` asks (0 exists, 1 lookup, 2 lookup_many, 3 find); the caller holds the read lock.
 
         The compiled twin calls this too, when its C environment is unusable.
         """
@@ -573,6 +575,9 @@ class Reader:
         try:
             if what == 1:
                 return self.index.lookup(txn, arg)
+            if what == 3:
+                data, born = self.index.lookup(txn, arg)
+                return arg, data, born
             if what == 2:
                 lookup = self.index.lookup
                 return [lookup(txn, key) for key in arg]
@@ -580,19 +585,19 @@ class Reader:
         finally:
             txn.abort()
 
-    def _read_waiting(self, what: int, arg: Any) -> Any:
+    def _read_waiting(self, what: int, arg: Any, timeout: Optional[float]) -> Any:
         lock = self.lock
-        lock.acquire(False)
+        lock.acquire(False, timeout)
         try:
             return self._read(what, arg)
         finally:
             lock.release()
 
-    def _guarded(self, what: int, arg: Any) -> Any:
+    def _guarded(self, what: int, arg: Any, timeout: Optional[float] = None) -> Any:
         """``_read`` under the thread mutex and the shared flock (waiting only when contended)."""
         mutex = self.mutex
         if not mutex.acquire(False):
-            return self._read_waiting(what, arg)
+            return self._read_waiting(what, arg, timeout)
         if self.env is None:
             mutex.release()
             raise StaleReader("the environment was replaced")
@@ -600,29 +605,36 @@ class Reader:
             fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             mutex.release()
-            return self._read_waiting(what, arg)
+            return self._read_waiting(what, arg, timeout)
         try:
             return self._read(what, arg)
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             mutex.release()
 
-    def lookup(self, key: bytes) -> Tuple[Any, int]:
+    def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int]:
         """(bytes, born_ns) of the record of ``key``; (None, 0) when absent, (False, 0) when damaged."""
-        return self._guarded(1, key)  # type: ignore[no-any-return]
+        return self._guarded(1, key, timeout)  # type: ignore[no-any-return]
 
-    def lookup_many(self, keys: Sequence[bytes]) -> List[Tuple[Any, int]]:
+    def find(self, layer_id: str, kind: str, timeout: Optional[float] = None) -> Tuple[bytes, Any, int]:
+        """(key, data, born_ns) of the record of ``layer_id`` and ``kind`` (validated): a lookup by name.
+
+        One core call for the get path; the key comes back for the front to count with.
+        """
+        return self._guarded(3, record_key(layer_id, kind), timeout)  # type: ignore[no-any-return]
+
+    def lookup_many(self, keys: Sequence[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int]]:
         """:meth:`lookup` of each key, under one lock acquisition and one read transaction."""
-        return self._guarded(2, list(keys))  # type: ignore[no-any-return]
+        return self._guarded(2, list(keys), timeout)  # type: ignore[no-any-return]
 
-    def contains(self, key: bytes) -> bool:
+    def contains(self, key: bytes, timeout: Optional[float] = None) -> bool:
         """Whether the record of ``key`` exists; counts nothing."""
-        return bool(self._guarded(0, key))
+        return bool(self._guarded(0, key, timeout))
 
-    def cache_data(self) -> Dict[str, Any]:
+    def cache_data(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
         lock = self.lock
-        lock.acquire(False)
+        lock.acquire(False, timeout)
         try:
             if self.env is None:
                 raise StaleReader("the environment was replaced")

@@ -321,22 +321,37 @@ class Store:
         return files
 
     # -- reads (count nothing: the front counts) -------------------------------------------
-    def lookup(self, key: bytes) -> Tuple[Any, int]:
-        """(bytes, born) of a record; (None, 0) when absent; (False, 0) when damaged. The hot read."""
+    # Each takes the caller's lock timeout (None: the lock's own): caches that share this store
+    # may each have their own.
+    def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int]:
+        """(bytes, born) of a record; (None, 0) when absent; (False, 0) when damaged."""
         if self.state:
             self._refresh()
         try:
-            return self.reader.lookup(key)  # type: ignore[no-any-return]
+            return self.reader.lookup(key, timeout)  # type: ignore[no-any-return]
         except StaleReader:
-            return self._via_reader(lambda reader: reader.lookup(key))  # replaced meanwhile
+            return self._via_reader(lambda reader: reader.lookup(key, timeout))  # replaced meanwhile
         except DATA_ERRORS as exc:
             raise self._failure(exc) from exc
 
-    def lookup_many(self, keys: List[bytes]) -> List[Tuple[Any, int]]:
-        """:meth:`lookup` of every key under one lock and in one read transaction."""
-        return self._via_reader(lambda reader: reader.lookup_many(keys))  # type: ignore[no-any-return]
+    def find(self, layer_id: str, kind: str, timeout: Optional[float] = None) -> Tuple[bytes, Any, int]:
+        """(key, data, born) of a record by name (validated): :meth:`lookup` in one core call, the hot read."""
+        if self.state:
+            self._refresh()
+        try:
+            return self.reader.find(layer_id, kind, timeout)  # type: ignore[no-any-return]
+        except StaleReader:
+            return self._via_reader(lambda reader: reader.find(layer_id, kind, timeout))  # replaced meanwhile
+        except DATA_ERRORS as exc:
+            if isinstance(exc, ValueError):
+                self.core.record_key(layer_id, kind)  # raises again for a bad argument: not damage
+            raise self._failure(exc) from exc
 
-    def contains(self, key: bytes, fresh: bool = False) -> bool:
+    def lookup_many(self, keys: List[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int]]:
+        """:meth:`lookup` of every key under one lock and in one read transaction."""
+        return self._via_reader(lambda reader: reader.lookup_many(keys, timeout))  # type: ignore[no-any-return]
+
+    def contains(self, key: bytes, fresh: bool = False, timeout: Optional[float] = None) -> bool:
         """Whether a record exists, read like :meth:`lookup`; counts nothing.
 
         ``fresh``: first reopen if another process rebuilt the file (a put must
@@ -346,12 +361,12 @@ class Store:
             self._current(fresh=True)
         elif not self.state:  # the common case first, as in lookup: one core call
             try:
-                return bool(self.reader.contains(key))
+                return bool(self.reader.contains(key, timeout))
             except StaleReader:
                 pass  # replaced meanwhile: the slow way below
             except DATA_ERRORS as exc:
                 raise self._failure(exc) from exc
-        return bool(self._via_reader(lambda reader: reader.contains(key)))
+        return bool(self._via_reader(lambda reader: reader.contains(key, timeout)))
 
     def _via_reader(self, read: Callable[[Any], Any]) -> Any:
         """``read(reader)``, retried while other threads keep replacing the reader."""
@@ -365,10 +380,10 @@ class Store:
                 raise self._failure(exc) from exc
         raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
 
-    def cache_data(self) -> Dict[str, Any]:
+    def cache_data(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The seed's dump (counters and records, next victim first) from the newest file."""
         self._current(fresh=True)
-        return self._via_reader(lambda reader: reader.cache_data())  # type: ignore[no-any-return]
+        return self._via_reader(lambda reader: reader.cache_data(timeout))  # type: ignore[no-any-return]
 
     def counters(self, timeout: Optional[float] = None) -> Tuple[int, int, int, int, int]:
         """(record count, total bytes, hits, misses, evictions) from the newest file."""
