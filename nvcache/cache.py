@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterable, List, Optional, Type, Union
 
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
 from .errors import CacheError, RecordTooLarge
+from . import registry
 from .store import Store, log
 
 DEFAULT_PATH = "/tmp/images/caches"
@@ -92,8 +93,8 @@ class LayerCache:
         self._store: Optional[Store] = None
         self._closed = False
         if self.enabled:  # a disabled cache creates nothing on disk, like the seed's
-            self._store = Store.acquire(os.path.abspath(path), self._core, self.max_bytes,
-                                        self.durable, float(lock_timeout))
+            self._store = registry.acquire(os.path.abspath(path), self._core, self.max_bytes,
+                                           self.durable, float(lock_timeout))
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "LayerCache":
@@ -126,7 +127,7 @@ class LayerCache:
         self._closed = True
         store, self._store = self._store, None
         if store is not None:
-            store.release()
+            registry.release(store)
 
     def __enter__(self) -> "LayerCache":
         self._opened()

@@ -1,39 +1,21 @@
 """The store: one cache directory in this process, and every transaction on it.
 
-Each process opens a directory once: every :class:`~nvcache.LayerCache` on
-it shares one :class:`Store` (LMDB must not map the same file twice for one
-purpose, and threads must share one flock descriptor and one access buffer).
-
-The store offers named verbs: reads (:meth:`Store.lookup`,
-:meth:`~Store.lookup_many`, :meth:`~Store.contains`, :meth:`~Store.counters`,
-:meth:`~Store.cache_data`, :meth:`~Store.check`) that count nothing, and
-writes (:meth:`~Store.insert`, :meth:`~Store.remove`,
-:meth:`~Store.drop_damaged`, :meth:`~Store.add_counters`,
-:meth:`~Store.clear`, :meth:`~Store.flush`). Every write is one transaction
-under the exclusive lock (:meth:`Store._write`); a write applies the
-process's buffered accesses first when it must (a put that evicts, a buffer
-that is due, a flush), so hits never cost a write of their own.
-
-Staleness has one state (:attr:`Store.state`: OPEN, REOPEN or REBUILD) and
-one gate (:meth:`Store._current`): whatever makes the open files unusable (a
-fork, an LMDB failure, damage, a directory removed or renamed) sets the
-state, and the next use reopens under the exclusive lock. A rebuild by
-another process unlinks data.mdb: a use that must see the newest file
-(``fresh``) notices its link count of 0 and reopens; gets from the old
-mapping in between still return correct bytes.
-
-The store turns every LMDB failure into CacheError; when it means the file
-is damaged, the next writer rebuilds it (never on contention, "already
-open" or a full disk).
+Every :class:`~nvcache.LayerCache` of a directory in a process shares one
+:class:`Store` (one mapping, one flock descriptor, one access buffer). It
+offers named verbs: reads that count nothing (lookup, find, lookup_many,
+contains, counters, cache_data, check) and writes (insert, remove,
+drop_damaged, add_counters, clear, flush), each write one transaction under
+the exclusive lock (:meth:`Store._write`) that applies the buffered accesses
+first when it must. Staleness is one state (``Store.state``) behind one gate
+(:meth:`Store._current`); LMDB failures become CacheError, and damage is
+rebuilt by the next writer. DEVELOPERS.md has the reasons.
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
 import logging
 import os
-import threading
 import time
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -66,30 +48,6 @@ _Op = Callable[..., Any]
 
 class Store:
     """One directory's cache in this process (shared by its LayerCaches, reference counted)."""
-
-    _registry: Dict[Tuple[int, int], "Store"] = {}
-    _registry_lock = threading.Lock()
-
-    @classmethod
-    def acquire(cls, path: str, core: ModuleType, max_bytes: int, durable: bool,
-                lock_timeout: float) -> "Store":
-        prepare_directory(path)
-        st = os.stat(path)
-        ident = (st.st_dev, st.st_ino)
-        with cls._registry_lock:
-            store = cls._registry.get(ident)
-            if store is None:
-                store = cls(path, core, max_bytes, durable, lock_timeout)
-                cls._registry[ident] = store
-            elif store.core is not core:  # its index and buffer are the other core's objects
-                raise CacheError(f"{path} is already open in this process with the other core "
-                                 f"({store.core.__name__})")
-            else:  # inherited through fork, the store reopens itself at first use
-                store.force_sync = store.force_sync or (durable and not store.durable)
-                if map_size_for(max_bytes) > store.map_size:
-                    store._grow_map(map_size_for(max_bytes), lock_timeout)
-            store.users += 1
-            return store
 
     def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
                  lock_timeout: float) -> None:
@@ -261,17 +219,12 @@ class Store:
         """
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)
-        old_ident = self.lock.ident
         self.lock.rebind(prepare_directory)
         users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
         old_users, self._users_fd = self._users_fd, users_fd
         os.close(old_users)  # leaves the old directory's users
         claim_users(self._users_fd, self.path, self.lock.timeout)
         self._suspect = False
-        with self._registry_lock:
-            if self._registry.get(old_ident) is self:
-                del self._registry[old_ident]
-            self._registry.setdefault(self.lock.ident, self)
 
     def _notice_moved(self) -> None:
         """Reopen at the next use if our directory was renamed away (a stat; for bookkeeping paths).
@@ -282,16 +235,6 @@ class Store:
         """
         if not self.state and self.lock.moved():
             self.state = REOPEN
-
-    def _grow_map(self, map_size: int, timeout: float) -> None:
-        """Another cache on this path has a larger bound: reopen with a map that holds it."""
-        self.lock.acquire(True, timeout)
-        try:
-            self.map_size = max(self.map_size, map_size)
-            self.writemap = writemap_wanted(self.path, self.map_size)
-            self._close_files()
-        finally:
-            self.lock.release()
 
     def _stop_writemap(self, why: str) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
@@ -586,35 +529,39 @@ class Store:
         self._suspect = True
 
     # -- lifecycle -------------------------------------------------------------------------
-    def release(self) -> None:
-        """One user fewer; the last one flushes and closes the files. Never raises CacheError.
+    @property
+    def ident(self) -> Tuple[int, int]:
+        """(st_dev, st_ino) of the directory this store locks now (it follows a replaced one)."""
+        return self.lock.ident
 
-        A final flush that fails (the lock stayed busy past ``lock_timeout``, a
-        full disk) keeps the store open and registered with its buffer: the
-        at-exit flush, or the next cache opened on this path by this process,
-        writes it later, so statistics stay exact once a flush succeeds. What
-        even the at-exit flush cannot write is logged there.
-        """
-        with self._registry_lock:
-            self.users -= 1
-            if self.users > 0:
-                return
-        mine = self.generation == fork_generation()  # a forked child's buffer is its parent's
-        if mine and len(self.buffer):
+    def grow(self, max_bytes: int, durable: bool, timeout: float) -> None:
+        """Another cache on this path joins: its bound may need a larger map, its durability a sync."""
+        self.force_sync = self.force_sync or (durable and not self.durable)
+        if map_size_for(max_bytes) > self.map_size:
+            self.lock.acquire(True, timeout)
             try:
-                self.flush()
-            except CacheError as exc:
-                log.warning("closing %s: buffered accesses (%s) not written yet (%s); "
-                            "the at-exit flush tries again", self.path, self._buffer_summary(), exc)
-                return
-        with self._registry_lock:
-            if self.users > 0:
-                return  # another cache on this path took the store meanwhile
-            for ident, store in list(self._registry.items()):
-                if store is self:
-                    del self._registry[ident]
+                self.map_size = map_size_for(max_bytes)
+                self.writemap = writemap_wanted(self.path, self.map_size)
+                self._close_files()  # the next use reopens with the larger map
+            finally:
+                self.lock.release()
+
+    def final_flush(self) -> bool:
+        """The last user's flush: False (logged) when the buffer could not be written yet."""
+        if self.generation != fork_generation() or not len(self.buffer):
+            return True  # a forked child's buffer is its parent's
         try:
-            if mine and self.files is not None:
+            self.flush()
+            return True
+        except CacheError as exc:
+            log.warning("closing %s: buffered accesses (%s) not written yet (%s); "
+                        "the at-exit flush tries again", self.path, self.buffer_summary(), exc)
+            return False
+
+    def close(self) -> None:
+        """Record a clean close if this process is the cache's last user, and close every resource."""
+        try:
+            if self.generation == fork_generation() and self.files is not None:
                 self._leave()
         finally:
             # With the mutex (bounded): no other thread may be inside a transaction of these files.
@@ -631,7 +578,7 @@ class Store:
                 log.warning("closed %s while another thread still used it: its resources stay open",
                             self.path)
 
-    def _buffer_summary(self) -> str:
+    def buffer_summary(self) -> str:
         buf = self.buffer
         return f"{len(buf.pending)} records' references, {buf.hits} hits, {buf.misses} misses"
 
@@ -652,26 +599,3 @@ class Store:
                 mark_clean(self.path)
         finally:
             self.lock.release()
-
-    @classmethod
-    def flush_all(cls) -> None:
-        """At interpreter exit: write every open store's buffered accesses."""
-        for store in list(cls._registry.values()):
-            if store.generation == fork_generation() and len(store.buffer):
-                try:
-                    store.flush()
-                except CacheError as exc:
-                    log.warning("at exit: dropped buffered accesses for %s (%s): %s", store.path,
-                                store._buffer_summary(), exc)
-
-
-def _after_fork_in_child() -> None:
-    # The registry's lock may have been held by a parent thread that does not exist here.
-    Store._registry_lock = threading.Lock()
-    for store in Store._registry.values():
-        store.state = max(store.state, REOPEN)  # the files are the parent's: the first use refreshes
-
-
-atexit.register(Store.flush_all)
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
