@@ -359,10 +359,10 @@ class LayerCache:
             return []
         store.flush(self.lock_timeout)
         problems = store.check(self.max_bytes, self.lock_timeout)
-        version = read_version(store.path)
+        version = read_version(store.lock.dir)
         if version != FORMAT_VERSION:
             problems.append(f"version file says {version!r}, expected {FORMAT_VERSION}")
-        if not os.path.exists(os.path.join(store.path, DATA_FILE)):
+        if not os.path.exists(os.path.join(store.lock.dir, DATA_FILE)):
             problems.append(f"{DATA_FILE} is missing")
         if problems:
             store.suspect()

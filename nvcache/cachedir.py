@@ -50,7 +50,10 @@ def prepare_directory(path: str) -> None:
         raise CacheError(f"cache path {path} exists and is not a directory") from None
     except OSError as exc:
         raise CacheError(f"cannot create cache directory {path}: {exc.strerror}") from None
-    st = os.lstat(path)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:  # removed again right after it was made (a cleaner at work)
+        raise CacheError(f"cannot use cache directory {path}: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
         raise CacheError(f"cache path {path} is a symlink; refusing to follow it")
     if not stat.S_ISDIR(st.st_mode):

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .cachedir import DATA_FILE, DB_NAMES, allocated_bytes, closed_cleanly, consume_clean_mark, file_mark
+from .errors import CacheError
 from .writemap import PAGE_SIZE
 
 # The first opener walks a data.mdb this small even after a clean close (silent bit rot keeps
@@ -44,12 +45,15 @@ class FirstOpenCheck:
 
     def __call__(self) -> Optional[str]:
         data_path = os.path.join(self.path, DATA_FILE)
-        trusted = closed_cleanly(self.path) and allocated_bytes(data_path) > ALWAYS_CHECK_BYTES
+        try:
+            trusted = closed_cleanly(self.path) and allocated_bytes(data_path) > ALWAYS_CHECK_BYTES
+            mark = file_mark(os.stat(data_path))
+        except FileNotFoundError:  # removed meanwhile (its directory too, maybe): the caller looks again
+            return f"{DATA_FILE} vanished"
         consume_clean_mark(self.path)
         if trusted:
-            return None
-        mark = file_mark(os.stat(data_path))
-        if self._verdict is None or self._verdict[0] != mark:
+            self._verdict = (mark, None)
+        elif self._verdict is None or self._verdict[0] != mark:
             self._verdict = (mark, self.walk())
         return self._verdict[1]
 
@@ -61,9 +65,15 @@ def deep_check(path: str, open_env: Callable[[], Any], index_class: Any) -> Opti
     aborted and must leave no trace); ``index_class(*dbs).check(txn, None)``
     is the index's consistency check.
     """
-    size = allocated_bytes(os.path.join(path, DATA_FILE))
+    try:
+        size = allocated_bytes(os.path.join(path, DATA_FILE))
+    except FileNotFoundError:
+        return f"{DATA_FILE} vanished"
     limit = 30.0 + size / (50 << 20)  # generous: a cycle in damaged pages must not hang us
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # a shortage of processes or memory says nothing about the file
+        raise CacheError(f"cannot start the deep check of {path}: {exc.strerror}") from exc
     if pid == 0:  # pragma: no cover - runs in the child, reported by exit status
         code = 70
         try:

@@ -115,6 +115,38 @@ def open_directory(path: str) -> int:
         raise CacheError(f"cannot open cache directory {path}: {exc.strerror}") from exc
 
 
+_PROC_FD = "/proc/self/fd"
+
+
+def files_dir(fd: int, path: str) -> str:
+    """The path through which to open the files of the directory open as ``fd`` (locked).
+
+    ``/proc/self/fd/<fd>`` names the directory the descriptor holds, so files
+    opened through it are that directory's even if ``path`` was removed or
+    renamed and another directory made there meanwhile: a process never opens,
+    creates or deletes a file of a cache whose lock it does not hold. Without
+    /proc, ``path`` itself (and the store checks ``moved()`` after opening).
+    """
+    proc = f"{_PROC_FD}/{fd}"
+    return proc if _PROC_WORKS else path
+
+
+def _proc_works() -> bool:
+    try:
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.path.samefile(f"{_PROC_FD}/{fd}", "/")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_PROC_WORKS = _proc_works()
+
+
 def _identity(fd: int) -> Tuple[int, int]:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino)
@@ -136,14 +168,25 @@ class FileLock:
         _locks.add(self)
 
     def moved(self) -> bool:
-        """Whether ``path`` no longer names the directory this lock locks (removed, renamed, replaced)."""
+        """Whether ``path`` no longer names the directory this lock locks (removed, renamed, replaced).
+
+        Only a path that is gone or names something else counts: a stat that
+        fails for another reason (a shortage) says nothing, and is False.
+        """
         try:
             st = os.stat(self.path, follow_symlinks=False)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return True
+        except OSError:
+            return False
         return (st.st_dev, st.st_ino) != self.ident
 
-    def rebind(self, create: Callable[[str], None]) -> None:
+    @property
+    def dir(self) -> str:
+        """A path to the locked directory itself, whatever ``path`` names now (see files_dir)."""
+        return files_dir(self.fd, self.path)
+
+    def rebind(self, create: Callable[[str], None], timeout: Optional[float] = None) -> None:
         """Lock the directory now at ``path`` instead (creating it with ``create`` when missing).
 
         The caller holds the mutex and the exclusive flock; afterwards it holds
@@ -152,8 +195,11 @@ class FileLock:
         new one cannot be opened or locked within the timeout; the lock then
         still holds the old directory.
         """
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while True:
+            if not self.moved():
+                return  # still (or again) the directory we lock
             create(self.path)
             try:
                 fd = open_directory(self.path)
@@ -166,14 +212,17 @@ class FileLock:
                 st = os.stat(self.path, follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == _identity(fd):
                     break
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass  # removed again while we waited for it: once more
+            except OSError as exc:
+                os.close(fd)
+                raise CacheError(f"cannot lock cache directory {self.path}: {exc.strerror}") from exc
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise CacheTimeout(f"{self.path} kept being replaced for {self.timeout} s")
+                raise CacheTimeout(f"{self.path} kept being replaced for {timeout} s")
         old, self.fd, self.ident = self.fd, fd, _identity(fd)
         os.close(old)  # releases the old directory's flock
 
@@ -185,7 +234,7 @@ class FileLock:
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise CacheTimeout(f"{self.path} stayed locked by another process for {self.timeout} s") from None
+                    raise CacheTimeout(f"{self.path} stayed locked by another process") from None
                 time.sleep(pause)
                 pause = min(pause * 2, self._POLL_MAX)
 

@@ -87,7 +87,7 @@ def environment(path: str, map_size: int, durable: bool, create: bool, writemap:
 
 
 def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
-           durable: bool) -> Files:
+           durable: bool, label: str) -> Files:
     """Give freshly opened files their reader, writer, data.mdb descriptor and reservation."""
     env, table = files.env, files.table
     try:
@@ -96,7 +96,7 @@ def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: 
         try:
             files.writer = core.Writer(env, writemap, durable)
         except lmdb.Error as exc:
-            raise CacheError(f"cannot open cache {path}: no write environment ({exc})") from exc
+            raise CacheError(f"cannot open cache {label}: no write environment ({exc})") from exc
         # The compiled Reader reads through the Writer's environment: one mapping for both.
         files.reader = core.Reader(lock, env, files.index, table, files.writer)
         # Writable for fallocate (write map); otherwise only fstat'ed (the store's staleness check).
@@ -111,9 +111,11 @@ def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: 
 
 
 def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool, durable: bool,
-               first_open_check: Optional[Callable[[], Optional[str]]]) -> Tuple[Optional[Files], Optional[str]]:
+               first_open_check: Optional[Callable[[], Optional[str]]],
+               label: str) -> Tuple[Optional[Files], Optional[str]]:
     """Open the cache in ``path``: (files, None) when usable, (files, MARK_BOOT) when only its boot
-    record must be updated, (None, why it must be rebuilt) otherwise.
+    record must be updated, (None, why it must be rebuilt) otherwise. ``path``
+    is the locked directory (``FileLock.dir``); ``label`` names it in messages.
 
     ``first_open_check``: this is the only process using the cache; the
     check (see :class:`nvcache.deepcheck.FirstOpenCheck`) says whether the
@@ -149,7 +151,7 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         table.close()
         if isinstance(exc, CORRUPTION_ERRORS) or not os.path.exists(data_path):
             return None, f"cannot open {DATA_FILE}: {exc}"
-        raise CacheError(f"cannot open cache {path}: {exc}") from exc
+        raise CacheError(f"cannot open cache {label}: {exc}") from exc
     try:
         # Without txn=: a handle opened inside a read transaction dies with it.
         dbs = [env.open_db(name, create=False) for name in DB_NAMES]
@@ -175,12 +177,12 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         env.close()
         table.close()
         return None, problem
-    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable)
+    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable, label)
     return files, boot_problem(boot, durable)
 
 
 def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
-                 durable: bool) -> Files:
+                 durable: bool, label: str) -> Files:
     """Empty ``path`` and create a new cache in it; the caller holds the exclusive lock."""
     table = env = None
     try:
@@ -209,8 +211,8 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             env.close()
         if table is not None:
             table.close()
-        raise CacheError(f"cannot create cache in {path}: {exc}") from exc
-    return _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable)
+        raise CacheError(f"cannot create cache in {label}: {exc}") from exc
+    return _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable, label)
 
 
 def write_boot(files: Files, durable: bool, timeout: float) -> None:

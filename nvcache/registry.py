@@ -34,9 +34,13 @@ _stores: List[Store] = []
 _lock = threading.Lock()
 
 
-def _find(ident: Tuple[int, int]) -> Optional[Store]:
+def _find(path: str, ident: Tuple[int, int]) -> Optional[Store]:
     for store in _stores:
         if store.ident == ident:
+            return store
+    for store in _stores:  # one whose directory was replaced at this path: it follows at its next use
+        if store.path == path and store.lock.moved():
+            store.state = max(store.state, REOPEN)
             return store
     return None
 
@@ -46,7 +50,7 @@ def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_tim
     prepare_directory(path)
     st = os.stat(path)
     with _lock:
-        store = _find((st.st_dev, st.st_ino))
+        store = _find(path, (st.st_dev, st.st_ino))
         if store is None:
             store = Store(path, core, max_bytes, durable, lock_timeout)
             _stores.append(store)
@@ -68,10 +72,9 @@ def release(store: Store) -> None:
     if not store.final_flush():
         return  # stays registered with its buffer (see the module docstring)
     with _lock:
-        if store.users > 0:
-            return  # another cache on this path took the store meanwhile
-        if store in _stores:
-            _stores.remove(store)
+        if store.users > 0 or store not in _stores:
+            return  # another cache on this path took the store meanwhile (and may have closed it)
+        _stores.remove(store)
     store.close()
 
 

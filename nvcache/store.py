@@ -64,18 +64,21 @@ class Store:
         self.files: Optional[Files] = None
         self.reader: Any = None  # files.reader, kept after a close: it then raises StaleReader
         self._taken: Optional[Tuple[Any, ...]] = None  # what the running write took from the buffer
+        self._moved_check_at = 0.0  # monotonic time of the next write's look at the directory
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._users_fd = -1
         self.lock = FileLock(path, lock_timeout)
         try:
-            self._users_fd = open_lock_file(os.path.join(path, USERS_FILE))
+            self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
-            self._first_open(deepcheck.FirstOpenCheck(path, self._deep_check) if first else None)
-        except BaseException:
+            self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None)
+        except BaseException as exc:
             self._close_files()
             self.lock.close()
             if self._users_fd >= 0:
                 os.close(self._users_fd)
+            if isinstance(exc, OSError):  # a file vanished while we opened it, or a shortage
+                raise CacheError(f"cannot open cache {path}: {exc}") from exc
             raise
 
     # -- opening -------------------------------------------------------------------
@@ -98,17 +101,25 @@ class Store:
             self.lock.release()
 
     def _open(self, check: Optional[deepcheck.FirstOpenCheck]) -> Optional[str]:
-        files, problem = open_files(self.path, self.core, self.lock, self.map_size, self.writemap,
-                                    self.durable, check)
+        files, problem = open_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap,
+                                    self.durable, check, self.path)
         if files is not None:
+            if self.lock.moved():  # replaced while we opened it (only possible without /proc)
+                files.close()
+                return "moved"
             self._use(files)
         return problem
 
     def _open_locked(self, check: Optional[deepcheck.FirstOpenCheck] = None) -> None:
         """Open, rebuild, or update the boot record, as the files require; under the exclusive lock."""
-        if self.lock.moved():
-            self._follow_directory()
-        problem = self._open(check)
+        for _attempt in range(3):
+            if self.lock.moved():
+                check = self._follow_directory(None)
+            problem = self._open(check)
+            if problem != "moved":
+                break
+        else:
+            raise CacheError(f"cache directory {self.path} kept being replaced")
         if problem == MARK_BOOT:
             assert self.files is not None
             try:
@@ -124,7 +135,8 @@ class Store:
     def _deep_check(self) -> Optional[str]:
         """Walk data.mdb in a child process (see :mod:`nvcache.deepcheck`)."""
         return deepcheck.deep_check(
-            self.path, lambda: environment(self.path, self.map_size, self.durable, False, False), self.core.Index)
+            self.lock.dir, lambda: environment(self.lock.dir, self.map_size, self.durable, False, False),
+            self.core.Index)
 
     def _rebuild(self, reason: str) -> None:
         """Empty and recreate the cache; the caller holds the exclusive lock."""
@@ -133,7 +145,8 @@ class Store:
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
         self._close_files()
-        self._use(create_files(self.path, self.core, self.lock, self.map_size, self.writemap, self.durable))
+        self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,
+                               self.path))
 
     def _use(self, files: Files) -> None:
         self.files = files
@@ -149,10 +162,10 @@ class Store:
             files.close()
 
     # -- the one "current?" gate -----------------------------------------------------------
-    def _current(self, fresh: bool = False) -> None:
+    def _current(self, fresh: bool = False, timeout: Optional[float] = None) -> None:
         """Reopen first when the state says so, or (``fresh``) when another process rebuilt the file."""
         if self.state or (fresh and self._replaced()):
-            self._refresh()
+            self._refresh(timeout)
 
     def _replaced(self) -> bool:
         """Whether data.mdb was unlinked (rebuilt or its directory removed); an fstat, no lock.
@@ -168,7 +181,7 @@ class Store:
         except OSError:
             return True
 
-    def _refresh(self) -> None:
+    def _refresh(self, timeout: Optional[float] = None) -> None:
         """Reopen after a fork, a failure, damage, a moved directory or a rebuild elsewhere.
 
         Under the exclusive lock: its mutex keeps every other thread of this
@@ -176,55 +189,73 @@ class Store:
         threads that found the store stale at once reopen it once (the
         condition is checked again inside).
         """
-        self.lock.acquire(True)  # in a forked child, its own fresh mutex and descriptor
+        self.lock.acquire(True, timeout)  # in a forked child, its own fresh mutex and descriptor
         try:
             if self.generation != fork_generation():
-                self._after_fork_locked()
+                self._after_fork_locked(timeout)
             elif self.state or self._replaced():
-                self._reopen_locked()
+                self._reopen_locked(timeout)
+        except OSError as exc:  # a file vanished or the machine is short of something: not ours to raise
+            self.state = max(self.state, REOPEN)
+            raise CacheError(f"cannot reopen the cache in {self.path}: {exc}") from exc
+        except BaseException:
+            self.state = max(self.state, REOPEN)  # whatever failed is retried by the next call
+            raise
         finally:
             self.lock.release()
 
-    def _after_fork_locked(self) -> None:
+    def _after_fork_locked(self, timeout: Optional[float]) -> None:
         # The mapping and buffer are the parent's: drop them, never use them again. Until the
-        # generation is updated below, every call comes here first.
+        # generation is updated below, every call comes here first (the state stays REOPEN).
         self._close_files()
         self.buffer.clear()
-        users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
-        inherited, self._users_fd = self._users_fd, users_fd
-        os.close(inherited)  # closing our copy leaves the parent's flock alone
-        claim_users(self._users_fd, self.path, self.lock.timeout)
-        self._reopen_locked()
-        self.generation = fork_generation()  # only now: a failure above retries at the next call
+        self._join_users(timeout)  # closing our copy of the parent's descriptor leaves its flock alone
+        self._reopen_locked(timeout)
+        self.generation = fork_generation()
 
-    def _reopen_locked(self) -> None:
-        # We hold the exclusive lock, so nobody else can rebuild meanwhile.
-        damaged = self.state == REBUILD
+    def _reopen_locked(self, timeout: Optional[float] = None) -> None:
+        # We hold the exclusive lock, so nobody else can rebuild meanwhile. Damage found in a file
+        # that another process has since replaced (or in a directory we leave) is not rebuilt.
+        damaged = self.state == REBUILD and not self._replaced()
         self._close_files()
+        check = None
         if self.lock.moved():
-            self._follow_directory()
-            damaged = False  # that was the old directory's file
+            check = self._follow_directory(timeout)
+            damaged = False
         if damaged:
             self._rebuild("damage found while in use")
         else:
-            self._open_locked()
+            self._open_locked(check)
 
-    def _follow_directory(self) -> None:
+    def _join_users(self, timeout: Optional[float]) -> bool:
+        """Hold ``users`` of the directory we lock (a fresh descriptor); True when no other process has it."""
+        users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
+        try:
+            first = claim_users(users_fd, self.path, self.lock.timeout if timeout is None else timeout)
+        except BaseException:
+            os.close(users_fd)
+            raise
+        old, self._users_fd = self._users_fd, users_fd
+        if old >= 0:
+            os.close(old)
+        return first
+
+    def _follow_directory(self, timeout: Optional[float]) -> Optional[deepcheck.FirstOpenCheck]:
         """Our path names another directory now (removed or renamed, then made anew): move to it.
 
         We hold the exclusive lock of the old directory, whose files nobody
         else uses any more. Its lock is exchanged for the new directory's
         before any file there is touched (else two writers would share one
-        data.mdb), and this process joins the new directory's users.
+        data.mdb), and this process joins the new directory's users; if it is
+        their first, the new cache gets the first opener's check.
         """
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)
-        self.lock.rebind(prepare_directory)
-        users_fd = open_lock_file(os.path.join(self.path, USERS_FILE))
-        old_users, self._users_fd = self._users_fd, users_fd
-        os.close(old_users)  # leaves the old directory's users
-        claim_users(self._users_fd, self.path, self.lock.timeout)
+        self.lock.rebind(prepare_directory, timeout)
+        self.state = REOPEN  # what was found in the old directory's file does not carry over
         self._suspect = False
+        first = self._join_users(timeout)
+        return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None
 
     def _notice_moved(self) -> None:
         """Reopen at the next use if our directory was renamed away (a stat; for bookkeeping paths).
@@ -242,8 +273,14 @@ class Store:
         self.writemap = False
         self._reopen_locked()
 
-    def _failure(self, exc: BaseException) -> CacheError:
-        """The CacheError for an LMDB or index failure, after setting the state it calls for."""
+    def _failure(self, exc: BaseException, reader: Any = None) -> CacheError:
+        """The CacheError for an LMDB or index failure, after setting the state it calls for.
+
+        ``reader``: the one a read failed in; if another thread has replaced it
+        since, the failure belongs to files no longer used and changes no state.
+        """
+        if reader is not None and reader is not self.reader:
+            return CacheError(f"cache operation failed in {self.path}: {exc}")
         if isinstance(exc, CORRUPTION_ERRORS):
             self.state = REBUILD
             log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
@@ -269,30 +306,32 @@ class Store:
     def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int]:
         """(bytes, born) of a record; (None, 0) when absent; (False, 0) when damaged."""
         if self.state:
-            self._refresh()
+            self._refresh(timeout)
+        reader = self.reader
         try:
-            return self.reader.lookup(key, timeout)  # type: ignore[no-any-return]
+            return reader.lookup(key, timeout)  # type: ignore[no-any-return]
         except StaleReader:
-            return self._via_reader(lambda reader: reader.lookup(key, timeout))  # replaced meanwhile
+            return self._via_reader(lambda reader: reader.lookup(key, timeout), timeout)  # replaced meanwhile
         except DATA_ERRORS as exc:
-            raise self._failure(exc) from exc
+            raise self._failure(exc, reader) from exc
 
     def find(self, layer_id: str, kind: str, timeout: Optional[float] = None) -> Tuple[bytes, Any, int]:
         """(key, data, born) of a record by name (validated): :meth:`lookup` in one core call, the hot read."""
         if self.state:
-            self._refresh()
+            self._refresh(timeout)
+        reader = self.reader
         try:
-            return self.reader.find(layer_id, kind, timeout)  # type: ignore[no-any-return]
+            return reader.find(layer_id, kind, timeout)  # type: ignore[no-any-return]
         except StaleReader:
-            return self._via_reader(lambda reader: reader.find(layer_id, kind, timeout))  # replaced meanwhile
+            return self._via_reader(lambda reader: reader.find(layer_id, kind, timeout), timeout)
         except DATA_ERRORS as exc:
             if isinstance(exc, ValueError):
                 self.core.record_key(layer_id, kind)  # raises again for a bad argument: not damage
-            raise self._failure(exc) from exc
+            raise self._failure(exc, reader) from exc
 
     def lookup_many(self, keys: List[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int]]:
         """:meth:`lookup` of every key under one lock and in one read transaction."""
-        return self._via_reader(lambda reader: reader.lookup_many(keys, timeout))  # type: ignore[no-any-return]
+        return self._via_reader(lambda reader: reader.lookup_many(keys, timeout), timeout)  # type: ignore[no-any-return]
 
     def contains(self, key: bytes, fresh: bool = False, timeout: Optional[float] = None) -> bool:
         """Whether a record exists, read like :meth:`lookup`; counts nothing.
@@ -301,32 +340,34 @@ class Store:
         not skip its write because of a record in a file nobody uses any more).
         """
         if fresh:
-            self._current(fresh=True)
+            self._current(True, timeout)
         elif not self.state:  # the common case first, as in lookup: one core call
+            reader = self.reader
             try:
-                return bool(self.reader.contains(key, timeout))
+                return bool(reader.contains(key, timeout))
             except StaleReader:
                 pass  # replaced meanwhile: the slow way below
             except DATA_ERRORS as exc:
-                raise self._failure(exc) from exc
-        return bool(self._via_reader(lambda reader: reader.contains(key, timeout)))
+                raise self._failure(exc, reader) from exc
+        return bool(self._via_reader(lambda reader: reader.contains(key, timeout), timeout))
 
-    def _via_reader(self, read: Callable[[Any], Any]) -> Any:
+    def _via_reader(self, read: Callable[[Any], Any], timeout: Optional[float]) -> Any:
         """``read(reader)``, retried while other threads keep replacing the reader."""
         for _attempt in range(8):  # each retry follows a reopen (a failed one raises)
-            self._current()
+            self._current(False, timeout)
+            reader = self.reader
             try:
-                return read(self.reader)
+                return read(reader)
             except StaleReader:
                 continue  # another thread closed it meanwhile: its reopen is due or done
             except DATA_ERRORS as exc:
-                raise self._failure(exc) from exc
+                raise self._failure(exc, reader) from exc
         raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
 
     def cache_data(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The seed's dump (counters and records, next victim first) from the newest file."""
-        self._current(fresh=True)
-        return self._via_reader(lambda reader: reader.cache_data(timeout))  # type: ignore[no-any-return]
+        self._current(True, timeout)
+        return self._via_reader(lambda reader: reader.cache_data(timeout), timeout)  # type: ignore[no-any-return]
 
     def counters(self, timeout: Optional[float] = None) -> Tuple[int, int, int, int, int]:
         """(record count, total bytes, hits, misses, evictions) from the newest file."""
@@ -338,7 +379,7 @@ class Store:
 
     def _read(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
         """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
-        self._current(fresh=True)
+        self._current(True, timeout)
         lock = self.lock
         lock.acquire(False, timeout)
         try:
@@ -465,19 +506,23 @@ class Store:
         put then stores its record instead of failing on every later try.
         """
         if self.state:
-            self._refresh()
+            self._refresh(timeout)
         lock = self.lock
         wait = lock.timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        now = time.monotonic()
+        deadline = now + wait
         lock.acquire(True, timeout)
         try:
+            if now >= self._moved_check_at:  # a directory renamed away keeps its files: look once a second
+                self._moved_check_at = now + 1.0
+                self._notice_moved()
             attempt = 0
             while True:
                 attempt += 1
                 self._taken = None
                 try:
                     if self.state or self._replaced():
-                        self._reopen_locked()
+                        self._reopen_locked(timeout)
                     files = self._files_locked()
                     # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
                     files.table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
@@ -503,6 +548,9 @@ class Store:
                     self._untake()
                     self._stop_writemap(str(exc))
                     continue
+                except OSError as exc:  # a file vanished under a reopen, or a shortage
+                    self._untake()
+                    raise CacheError(f"cache operation failed in {self.path}: {exc}") from exc
                 except BaseException:
                     self._untake()
                     raise
@@ -559,7 +607,12 @@ class Store:
             return False
 
     def close(self) -> None:
-        """Record a clean close if this process is the cache's last user, and close every resource."""
+        """Record a clean close if this process is the cache's last user, and close every resource.
+
+        Once only: a second call does nothing (its descriptors may belong to other files by then).
+        """
+        if self._users_fd < 0:
+            return
         try:
             if self.generation == fork_generation() and self.files is not None:
                 self._leave()
@@ -573,7 +626,8 @@ class Store:
                 finally:
                     self.lock.mutex.release()
                 self.lock.close()
-                os.close(self._users_fd)
+                fd, self._users_fd = self._users_fd, -1
+                os.close(fd)
             else:
                 log.warning("closed %s while another thread still used it: its resources stay open",
                             self.path)
@@ -596,6 +650,6 @@ class Store:
             if not last_user(self._users_fd):
                 return  # others still use it
             if not self._replaced() and not self._suspect and not self.lock.moved():
-                mark_clean(self.path)
+                mark_clean(self.lock.dir)
         finally:
             self.lock.release()
