@@ -1290,6 +1290,8 @@ cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, v
         for vkey, vrank, vsize in victims:
             _remove_w(w, vkey, vsize)
             _put_lru_w(w, vrank, <const unsigned char *>PyBytes_AS_STRING(vkey), True)
+            if c[0] < 1 or c[1] < <uint64_t>vsize:  # a damaged counter: never store a wrapped one
+                raise ValueError("the record counters are smaller than the records they count")
             c[0] -= 1
             c[1] -= vsize
         _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)

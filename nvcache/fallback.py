@@ -432,6 +432,8 @@ class Index:
                 txn.delete(vkey, db=self.idx)
                 delete_chunks(txn, self.dat, vkey, vsize)
                 txn.delete(_TS.pack(vrank) + vkey, db=self.lru)
+                if count < 1 or total < vsize:  # a damaged counter: never store a wrapped one
+                    raise ValueError("the record counters are smaller than the records they count")
                 count -= 1
                 total -= vsize
             txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)

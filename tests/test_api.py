@@ -855,3 +855,21 @@ def test_an_absurd_stored_size_is_a_miss_not_an_allocation(Cache, cache_dir, cor
         assert holder.get(DIGEST) == b"new" and holder.verify() == []
     finally:
         holder.close()
+
+
+def test_a_total_below_the_records_it_counts_is_damage_in_both_cores(Cache, cache_dir, caplog):
+    """Bit rot leaves record_total_size smaller than the records an evicting put removes: both cores
+    call that damage (the put rebuilds and stores its record) instead of storing a wrapped total,
+    which would let the cache grow past its bound."""
+    import struct
+    holder = Cache(cache_dir, 1)  # in use: the tampering below is not an unclean close
+    for i in range(3):
+        holder.put(lid(i), b"x" * 400_000)
+    tamper(cache_dir, "meta", b"records", struct.pack("<QQ", 3, 1000))  # 1,000 bytes for 1.2 MB
+    with caplog.at_level(logging.WARNING, logger="nvcache"):
+        # 1,000 + 1,048,000 > 1 MiB: evicts lid(0) (400,000 bytes), more than the total says there is
+        assert holder.put(lid(9), b"y" * 1_048_000)
+    assert any("damaged" in r.message for r in caplog.records)
+    assert holder.get(lid(9)) == b"y" * 1_048_000
+    assert holder.verify() == [] and holder.stats()["record_total_size"] == 1_048_000
+    holder.close()
