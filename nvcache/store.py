@@ -6,299 +6,34 @@ offers named verbs: reads that count nothing (lookup, find, lookup_many,
 contains, counters, cache_data, check) and writes (insert, remove,
 drop_damaged, add_counters, clear, flush), each write one transaction under
 the exclusive lock (:meth:`Store._write`) that applies the buffered accesses
-first when it must. Staleness is one state (``Store.state``) behind one gate
-(:meth:`Store._current`); LMDB failures become CacheError, and damage is
-rebuilt by the next writer. DEVELOPERS.md has the reasons.
+first when it must. LMDB failures become CacheError, and damage is rebuilt by
+the next writer. How the files are opened, found stale and reopened is the
+base class's job (:mod:`nvcache.lifecycle`). DEVELOPERS.md has the reasons.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import time
-from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lmdb
 
-from . import deepcheck
-from .cachedir import MARK_BOOT, USERS_FILE, claim_users, last_user, mark_clean, prepare_directory
-from .errors import CacheError, CacheTimeout, StaleReader
-from .locking import FileLock, fork_generation, open_lock_file
-from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
-from .writemap import PAGES_PER_KEY, NoRoom, map_size_for, writemap_wanted
+from .errors import CacheError, StaleReader
+from .lifecycle import OPEN, REBUILD, REOPEN, Lifecycle  # noqa: F401 (REOPEN: the states, for the registry)
+from .opening import CORRUPTION_ERRORS, Files
+from .writemap import PAGES_PER_KEY, NoRoom
 
 log = logging.getLogger("nvcache")
 
 # What an index operation raises on bad stored bytes (arguments were checked by the front).
 DATA_ERRORS = (lmdb.Error,) + CORRUPTION_ERRORS
-# Errors after which the environment must be reopened (not rebuilt).
-REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
-
-# Buffered accesses are written at least this often while a process is active.
-APPLY_AFTER_NS = 1_000_000_000
-APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a key at 1M records)
-
-# Store.state: OPEN (falsy: the hot paths test it alone), else what the next use must do first.
-OPEN, REOPEN, REBUILD = 0, 1, 2
 
 _Op = Callable[..., Any]
 
 
-class Store:
+class Store(Lifecycle):
     """One directory's cache in this process (shared by its LayerCaches, reference counted)."""
-
-    def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
-                 lock_timeout: float) -> None:
-        self.path = path
-        self.core = core
-        self.map_size = map_size_for(max_bytes)
-        self.writemap = writemap_wanted(path, self.map_size)
-        self.durable = durable
-        self.force_sync = False
-        self.users = 0
-        self.buffer = core.AccessBuffer(APPLY_AFTER_NS, APPLY_AFTER_KEYS)
-        self.generation = fork_generation()
-        self.state = REOPEN
-        self.files: Optional[Files] = None
-        self.reader: Any = None  # files.reader, kept after a close: it then raises StaleReader
-        self._taken: Optional[Tuple[Any, ...]] = None  # what the running write took from the buffer
-        self._moved_check_at = 0.0  # monotonic time of the next write's look at the directory
-        self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
-        self._users_fd = -1
-        self.lock = FileLock(path, lock_timeout)
-        try:
-            self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
-            first = claim_users(self._users_fd, path, lock_timeout)
-            self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None)
-        except BaseException as exc:
-            self._close_files()
-            self.lock.close()
-            if self._users_fd >= 0:
-                os.close(self._users_fd)
-            if isinstance(exc, OSError):  # a file vanished while we opened it, or a shortage
-                raise CacheError(f"cannot open cache {path}: {exc}") from exc
-            raise
-
-    # -- opening -------------------------------------------------------------------
-    def _first_open(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
-        # Usually the shared lock suffices; a rebuild or a boot-record update needs the
-        # exclusive one, and then everything is checked again.
-        self.lock.acquire(False)
-        try:
-            # The directory may have been replaced since the lock opened it (see _follow_directory).
-            problem = "moved" if self.lock.moved() else self._open(check)
-        finally:
-            self.lock.release()
-        if problem is None:
-            return
-        self._close_files()
-        self.lock.acquire(True)
-        try:
-            self._open_locked(check)
-        finally:
-            self.lock.release()
-
-    def _open(self, check: Optional[deepcheck.FirstOpenCheck]) -> Optional[str]:
-        files, problem = open_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap,
-                                    self.durable, check, self.path)
-        if files is not None:
-            if self.lock.moved():  # replaced while we opened it (only possible without /proc)
-                files.close()
-                return "moved"
-            self._use(files)
-        return problem
-
-    def _open_locked(self, check: Optional[deepcheck.FirstOpenCheck] = None) -> None:
-        """Open, rebuild, or update the boot record, as the files require; under the exclusive lock."""
-        for _attempt in range(3):
-            if self.lock.moved():
-                check = self._follow_directory(None)
-            problem = self._open(check)
-            if problem != "moved":
-                break
-        else:
-            raise CacheError(f"cache directory {self.path} kept being replaced")
-        if problem == MARK_BOOT:
-            assert self.files is not None
-            try:
-                write_boot(self.files, self.durable, self.lock.timeout)
-            except NoRoom as exc:  # the next use reopens without the write map
-                self.writemap, self.state = False, REOPEN
-                raise CacheError(f"no space left for the cache in {self.path}: {exc}") from None
-            except lmdb.Error as exc:
-                raise self._failure(exc) from exc
-        elif problem is not None:
-            self._rebuild(problem)
-
-    def _deep_check(self) -> Optional[str]:
-        """Walk data.mdb in a child process (see :mod:`nvcache.deepcheck`)."""
-        return deepcheck.deep_check(
-            self.lock.dir, lambda: environment(self.lock.dir, self.map_size, self.durable, False, False),
-            self.core.Index)
-
-    def _rebuild(self, reason: str) -> None:
-        """Empty and recreate the cache; the caller holds the exclusive lock."""
-        if reason == "new":
-            log.info("creating cache in %s", self.path)
-        else:
-            log.warning("emptying cache in %s: %s", self.path, reason)
-        self._close_files()
-        self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,
-                               self.path))
-
-    def _use(self, files: Files) -> None:
-        self.files = files
-        self.reader = files.reader
-        self.writemap = files.writemap
-        self.state = OPEN
-
-    def _close_files(self) -> None:
-        if self.state == OPEN:
-            self.state = REOPEN
-        files, self.files = self.files, None
-        if files is not None:
-            files.close()
-
-    # -- the one "current?" gate -----------------------------------------------------------
-    def _current(self, fresh: bool = False, timeout: Optional[float] = None) -> None:
-        """Reopen first when the state says so, or (``fresh``) when another process rebuilt the file."""
-        if self.state or (fresh and self._replaced()):
-            self._refresh(timeout)
-
-    def _replaced(self) -> bool:
-        """Whether data.mdb was unlinked (rebuilt or its directory removed); an fstat, no lock.
-
-        Another thread may close the descriptor under us: a closed one means
-        "reopen" as well.
-        """
-        files = self.files
-        if files is None:
-            return True
-        try:
-            return self.core.link_count(files.data_fd) == 0
-        except OSError:
-            return True
-
-    def _refresh(self, timeout: Optional[float] = None) -> None:
-        """Reopen after a fork, a failure, damage, a moved directory or a rebuild elsewhere.
-
-        Under the exclusive lock: its mutex keeps every other thread of this
-        process out of a transaction while the files are replaced, and several
-        threads that found the store stale at once reopen it once (the
-        condition is checked again inside).
-        """
-        self.lock.acquire(True, timeout)  # in a forked child, its own fresh mutex and descriptor
-        try:
-            if self.generation != fork_generation():
-                self._after_fork_locked(timeout)
-            elif self.state or self._replaced():
-                self._reopen_locked(timeout)
-        except OSError as exc:  # a file vanished or the machine is short of something: not ours to raise
-            self.state = max(self.state, REOPEN)
-            raise CacheError(f"cannot reopen the cache in {self.path}: {exc}") from exc
-        except BaseException:
-            self.state = max(self.state, REOPEN)  # whatever failed is retried by the next call
-            raise
-        finally:
-            self.lock.release()
-
-    def _after_fork_locked(self, timeout: Optional[float]) -> None:
-        # The mapping and buffer are the parent's: drop them, never use them again. Until the
-        # generation is updated below, every call comes here first (the state stays REOPEN).
-        self._close_files()
-        self.buffer.clear()
-        self._join_users(timeout)  # closing our copy of the parent's descriptor leaves its flock alone
-        self._reopen_locked(timeout)
-        self.generation = fork_generation()
-
-    def _reopen_locked(self, timeout: Optional[float] = None) -> None:
-        # We hold the exclusive lock, so nobody else can rebuild meanwhile. Damage found in a file
-        # that another process has since replaced (or in a directory we leave) is not rebuilt.
-        damaged = self.state == REBUILD and not self._replaced()
-        self._close_files()
-        check = None
-        if self.lock.moved():
-            check = self._follow_directory(timeout)
-            damaged = False
-        if damaged:
-            self._rebuild("damage found while in use")
-        else:
-            self._open_locked(check)
-
-    def _join_users(self, timeout: Optional[float]) -> bool:
-        """Hold ``users`` of the directory we lock (a fresh descriptor); True when no other process has it."""
-        users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
-        try:
-            first = claim_users(users_fd, self.path, self.lock.timeout if timeout is None else timeout)
-        except BaseException:
-            os.close(users_fd)
-            raise
-        old, self._users_fd = self._users_fd, users_fd
-        if old >= 0:
-            os.close(old)
-        return first
-
-    def _follow_directory(self, timeout: Optional[float]) -> Optional[deepcheck.FirstOpenCheck]:
-        """Our path names another directory now (removed or renamed, then made anew): move to it.
-
-        We hold the exclusive lock of the old directory, whose files nobody
-        else uses any more. Its lock is exchanged for the new directory's
-        before any file there is touched (else two writers would share one
-        data.mdb), and this process joins the new directory's users; if it is
-        their first, the new cache gets the first opener's check.
-        """
-        log.warning("cache directory %s was removed or replaced under this process; "
-                    "using the cache found there now", self.path)
-        self.lock.rebind(prepare_directory, timeout)
-        self.state = REOPEN  # what was found in the old directory's file does not carry over
-        self._suspect = False
-        first = self._join_users(timeout)
-        return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None
-
-    def _notice_moved(self) -> None:
-        """Reopen at the next use if our directory was renamed away (a stat; for bookkeeping paths).
-
-        A removed directory also unlinks data.mdb, which every write notices;
-        one renamed away keeps its files, and only this check moves us to the
-        cache at our path.
-        """
-        if not self.state and self.lock.moved():
-            self.state = REOPEN
-
-    def _stop_writemap(self, why: str) -> None:
-        """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
-        log.info("cache in %s: no room to reserve on disk (%s); writing without the write map", self.path, why)
-        self.writemap = False
-        self._reopen_locked()
-
-    def _failure(self, exc: BaseException, reader: Any = None) -> CacheError:
-        """The CacheError for an LMDB or index failure, after setting the state it calls for.
-
-        ``reader``: the one a read failed in; if another thread has replaced it
-        since, the failure belongs to files no longer used and changes no state.
-        """
-        if reader is not None and reader is not self.reader:
-            return CacheError(f"cache operation failed in {self.path}: {exc}")
-        if isinstance(exc, CORRUPTION_ERRORS):
-            self.state = REBUILD
-            log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
-            return CacheError(f"cache in {self.path} is damaged: {exc}")
-        if isinstance(exc, REOPEN_ERRORS):
-            self.state = max(self.state, REOPEN)
-        if isinstance(exc, lmdb.MapFullError):
-            return CacheError(f"cache file in {self.path} reached its map size")
-        if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
-            return CacheError(f"no space left for the cache in {self.path}")
-        return CacheError(f"cache operation failed in {self.path}: {exc}")
-
-    def _files_locked(self) -> Files:
-        """The files, checked again under the lock: another thread's failed reopen may have closed them."""
-        files = self.files
-        if files is None:
-            raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
-        return files
 
     # -- reads (count nothing: the front counts) -------------------------------------------
     # Each takes the caller's lock timeout (None: the lock's own): caches that share this store
@@ -576,80 +311,3 @@ class Store:
         """
         self._suspect = True
 
-    # -- lifecycle -------------------------------------------------------------------------
-    @property
-    def ident(self) -> Tuple[int, int]:
-        """(st_dev, st_ino) of the directory this store locks now (it follows a replaced one)."""
-        return self.lock.ident
-
-    def grow(self, max_bytes: int, durable: bool, timeout: float) -> None:
-        """Another cache on this path joins: its bound may need a larger map, its durability a sync."""
-        self.force_sync = self.force_sync or (durable and not self.durable)
-        if map_size_for(max_bytes) > self.map_size:
-            self.lock.acquire(True, timeout)
-            try:
-                self.map_size = map_size_for(max_bytes)
-                self.writemap = writemap_wanted(self.path, self.map_size)
-                self._close_files()  # the next use reopens with the larger map
-            finally:
-                self.lock.release()
-
-    def final_flush(self) -> bool:
-        """The last user's flush: False (logged) when the buffer could not be written yet."""
-        if self.generation != fork_generation() or not len(self.buffer):
-            return True  # a forked child's buffer is its parent's
-        try:
-            self.flush()
-            return True
-        except CacheError as exc:
-            log.warning("closing %s: buffered accesses (%s) not written yet (%s); "
-                        "the at-exit flush tries again", self.path, self.buffer_summary(), exc)
-            return False
-
-    def close(self) -> None:
-        """Record a clean close if this process is the cache's last user, and close every resource.
-
-        Once only: a second call does nothing (its descriptors may belong to other files by then).
-        """
-        if self._users_fd < 0:
-            return
-        try:
-            if self.generation == fork_generation() and self.files is not None:
-                self._leave()
-        finally:
-            # With the mutex (bounded): no other thread may be inside a transaction of these files.
-            # A thread that kept it past the timeout may be inside one: then leave the files and
-            # descriptors to the garbage collector rather than pull them away.
-            if self.lock.mutex.acquire(True, self.lock.timeout):
-                try:
-                    self._close_files()
-                finally:
-                    self.lock.mutex.release()
-                self.lock.close()
-                fd, self._users_fd = self._users_fd, -1
-                os.close(fd)
-            else:
-                log.warning("closed %s while another thread still used it: its resources stay open",
-                            self.path)
-
-    def buffer_summary(self) -> str:
-        buf = self.buffer
-        return f"{len(buf.pending)} records' references, {buf.hits} hits, {buf.misses} misses"
-
-    def _leave(self) -> None:
-        """If this is the last process using the cache, record that it closed cleanly.
-
-        Best effort and never waits: without the mark, the next first opener
-        only walks the file once more.
-        """
-        try:
-            self.lock.acquire(True, 0)
-        except CacheTimeout:
-            return
-        try:
-            if not last_user(self._users_fd):
-                return  # others still use it
-            if not self._replaced() and not self._suspect and not self.lock.moved():
-                mark_clean(self.lock.dir)
-        finally:
-            self.lock.release()

@@ -771,8 +771,8 @@ def test_opener_that_dies_leaves_no_clean_mark(Cache, cache_dir, monkeypatch):
 
 def test_map_full_is_a_cache_error_and_changes_nothing(Cache, cache_dir, monkeypatch):
     """The map is sized far above the bound; should it ever fill, MapFullError must not escape."""
-    from nvcache import store
-    monkeypatch.setattr(store, "map_size_for", lambda max_bytes: 256 * 1024)  # a deliberately tiny map
+    from nvcache import lifecycle
+    monkeypatch.setattr(lifecycle, "map_size_for", lambda max_bytes: 256 * 1024)  # a deliberately tiny map
     cache = Cache(cache_dir, 10)
     try:
         stored = []

@@ -16,8 +16,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from test_verbs import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
 
 CHILD = r"""
