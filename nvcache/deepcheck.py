@@ -157,81 +157,90 @@ def check_pages(path: str) -> Optional[str]:
             last = struct.unpack_from("<Q", meta, 136)[0]
             if (last + 1) * PAGE_SIZE > size:
                 return f"the meta page's last page {last} lies beyond the file"
-            seen: set = set()
-            problems: List[str] = []
+            walker = _PageWalker(raw, last)
+            walker.walk(struct.unpack_from("<Q", meta, 80)[0], walker.free_leaf)
+            walker.walk(struct.unpack_from("<Q", meta, 128)[0], walker.main_leaf)
+            return walker.problems[0] if walker.problems else None
 
-            def page(n: int, kind: int) -> Optional[bytes]:
-                if n < 2 or n > last or n in seen:
-                    problems.append(f"page {n} is out of range or reached twice")
-                    return None
-                seen.add(n)
-                pg = raw[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
-                number, _pad, flags = struct.unpack_from("<QHH", pg, 0)
-                if number != n or not flags & kind:
-                    problems.append(f"page {n} says it is page {number} with flags {flags:#x}")
-                    return None
-                return pg
 
-            def value(pg: bytes, off: int, flags: int, dsize: int) -> Optional[bytes]:
-                if not flags & _F_BIGDATA:
-                    return pg[off:off + dsize]
-                first = struct.unpack_from("<Q", pg, off)[0]
-                head = page(first, _P_OVERFLOW)
-                if head is None:
-                    return None
-                count = struct.unpack_from("<I", head, 12)[0]
-                if first + count - 1 > last or count * PAGE_SIZE < 16 + dsize:
-                    problems.append(f"overflow page {first} runs past the file")
-                    return None
-                seen.update(range(first + 1, first + count))
-                return raw[first * PAGE_SIZE + 16:first * PAGE_SIZE + 16 + dsize]
+class _PageWalker:
+    """check_pages' walk over one mapped file: every page is reached once, problems are collected."""
 
-            def walk(root: int, on_leaf: Callable[[bytes, int, int, int], None], depth: int = 0) -> None:
-                if root == _NO_PAGE or problems:
-                    return
-                if depth > 32:
-                    problems.append("a B-tree deeper than 32 levels")
-                    return
-                pg = page(root, _P_BRANCH | _P_LEAF)
-                if pg is None:
-                    return
-                flags, lower, upper = struct.unpack_from("<HHH", pg, 10)
-                if not 16 <= lower <= upper <= PAGE_SIZE:
-                    problems.append(f"page {root} has free-space bounds {lower}..{upper}")
-                    return
-                for off in struct.unpack_from(f"<{(lower - 16) >> 1}H", pg, 16):
-                    if not upper <= off <= PAGE_SIZE - 8:
-                        problems.append(f"page {root} has a node outside its bounds")
-                        return
-                    lo, hi, nflags, ksize = struct.unpack_from("<HHHH", pg, off)
-                    if off + 8 + ksize > PAGE_SIZE:
-                        problems.append(f"page {root} has a key past its end")
-                        return
-                    if flags & _P_BRANCH:
-                        walk(lo | hi << 16 | nflags << 32, on_leaf, depth + 1)
-                    else:
-                        on_leaf(pg, off + 8 + ksize, nflags, lo | hi << 16)
-                    if problems:
-                        return
+    def __init__(self, raw: Any, last: int) -> None:
+        self.raw = raw
+        self.last = last
+        self.seen: set = set()
+        self.problems: List[str] = []
 
-            def free_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                ids = value(pg, off, flags, dsize)
-                if ids is None or len(ids) < 8:
-                    return
-                n = struct.unpack_from("<Q", ids, 0)[0]
-                if (n + 1) * 8 > len(ids):
-                    problems.append("a free-list record longer than its value")
-                elif n and max(struct.unpack_from(f"<{n}Q", ids, 8)) > last:
-                    problems.append("a free-list entry beyond the file's last page")
+    def page(self, n: int, kind: int) -> Optional[bytes]:
+        if n < 2 or n > self.last or n in self.seen:
+            self.problems.append(f"page {n} is out of range or reached twice")
+            return None
+        self.seen.add(n)
+        pg = self.raw[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
+        number, _pad, flags = struct.unpack_from("<QHH", pg, 0)
+        if number != n or not flags & kind:
+            self.problems.append(f"page {n} says it is page {number} with flags {flags:#x}")
+            return None
+        return pg
 
-            def data_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                if flags & _F_BIGDATA:  # only overflow pages have a header to check
-                    value(pg, off, flags, dsize)
+    def value(self, pg: bytes, off: int, flags: int, dsize: int) -> Optional[bytes]:
+        if not flags & _F_BIGDATA:
+            return pg[off:off + dsize]
+        first = struct.unpack_from("<Q", pg, off)[0]
+        head = self.page(first, _P_OVERFLOW)
+        if head is None:
+            return None
+        count = struct.unpack_from("<I", head, 12)[0]
+        if first + count - 1 > self.last or count * PAGE_SIZE < 16 + dsize:
+            self.problems.append(f"overflow page {first} runs past the file")
+            return None
+        self.seen.update(range(first + 1, first + count))
+        return self.raw[first * PAGE_SIZE + 16:first * PAGE_SIZE + 16 + dsize]
 
-            def main_leaf(pg: bytes, off: int, flags: int, dsize: int) -> None:
-                if flags & _F_SUBDATA and off + 48 <= PAGE_SIZE:  # a named database's record
-                    walk(struct.unpack_from("<Q", pg, off + 40)[0], data_leaf, 1)
+    def walk(self, root: int, on_leaf: Callable[[bytes, int, int, int], None], depth: int = 0) -> None:
+        problems = self.problems
+        if root == _NO_PAGE or problems:
+            return
+        if depth > 32:
+            problems.append("a B-tree deeper than 32 levels")
+            return
+        pg = self.page(root, _P_BRANCH | _P_LEAF)
+        if pg is None:
+            return
+        flags, lower, upper = struct.unpack_from("<HHH", pg, 10)
+        if not 16 <= lower <= upper <= PAGE_SIZE:
+            problems.append(f"page {root} has free-space bounds {lower}..{upper}")
+            return
+        for off in struct.unpack_from(f"<{(lower - 16) >> 1}H", pg, 16):
+            if not upper <= off <= PAGE_SIZE - 8:
+                problems.append(f"page {root} has a node outside its bounds")
+                return
+            lo, hi, nflags, ksize = struct.unpack_from("<HHHH", pg, off)
+            if off + 8 + ksize > PAGE_SIZE:
+                problems.append(f"page {root} has a key past its end")
+                return
+            if flags & _P_BRANCH:
+                self.walk(lo | hi << 16 | nflags << 32, on_leaf, depth + 1)
+            else:
+                on_leaf(pg, off + 8 + ksize, nflags, lo | hi << 16)
+            if problems:
+                return
 
-            walk(struct.unpack_from("<Q", meta, 80)[0], free_leaf)
-            walk(struct.unpack_from("<Q", meta, 128)[0], main_leaf)
-            return problems[0] if problems else None
+    def free_leaf(self, pg: bytes, off: int, flags: int, dsize: int) -> None:
+        ids = self.value(pg, off, flags, dsize)
+        if ids is None or len(ids) < 8:
+            return
+        n = struct.unpack_from("<Q", ids, 0)[0]
+        if (n + 1) * 8 > len(ids):
+            self.problems.append("a free-list record longer than its value")
+        elif n and max(struct.unpack_from(f"<{n}Q", ids, 8)) > self.last:
+            self.problems.append("a free-list entry beyond the file's last page")
+
+    def data_leaf(self, pg: bytes, off: int, flags: int, dsize: int) -> None:
+        if flags & _F_BIGDATA:  # only overflow pages have a header to check
+            self.value(pg, off, flags, dsize)
+
+    def main_leaf(self, pg: bytes, off: int, flags: int, dsize: int) -> None:
+        if flags & _F_SUBDATA and off + 48 <= PAGE_SIZE:  # a named database's record
+            self.walk(struct.unpack_from("<Q", pg, off + 40)[0], self.data_leaf, 1)

@@ -239,6 +239,7 @@ class Store(Lifecycle):
         If the transaction meets a damaged file, the file is rebuilt (we hold
         the exclusive lock) and the operation retried once on the new one: a
         put then stores its record instead of failing on every later try.
+        (Every put runs this: kept in one piece, its steps inline.)
         """
         if self.state:
             self._refresh(timeout)
