@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from test_verbs import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
+from test_removal import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
 
 CHILD = r"""
 import json, os, sys, time

@@ -15,19 +15,10 @@ import pytest
 from nvcache import CacheError, CacheTimeout
 
 from test_api import _committed_map_size
+from test_removal import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
 
 MiB = 1024 * 1024
 
-LOCK_HOLDER = r"""
-import fcntl, os, sys, time
-from nvcache.locking import FLAG_OFFSET
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-table = os.open(os.path.join(sys.argv[1], "readers"), os.O_RDWR)
-os.pwrite(table, b"\1", FLAG_OFFSET)
-print("locked", flush=True)
-time.sleep(120)
-"""
 
 
 def lid(i: int) -> str:
