@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from types import ModuleType
 from typing import Any, Optional, Tuple
 
@@ -59,13 +60,15 @@ class Lifecycle:
         self.files: Optional[Files] = None
         self.reader: Any = None  # files.reader, kept after a close: it then raises StaleReader
         self._taken: Optional[Tuple[Any, ...]] = None  # what the running write took from the buffer
-        self._moved_check_at = 0.0  # monotonic time of the next write's look at the directory
+        self._moved_check_at = 0.0  # monotonic time of the next look at the directory (see _current)
+        self._users_ident: Tuple[int, int] = (-1, -1)  # the directory whose users we joined
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._users_fd = -1
         self.lock = FileLock(path, lock_timeout)
         try:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
+            self._users_ident = self.lock.ident
             self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None)
         except BaseException as exc:
             self._close_files()
@@ -111,8 +114,8 @@ class Lifecycle:
             if self.lock.moved():
                 check = self._follow_directory(None)
             problem = self._open(check)
-            if problem != "moved":
-                break
+            if problem != "moved" and (problem in (None, MARK_BOOT) or not self.lock.moved()):
+                break  # (a problem found while the directory was replaced under us: follow it instead)
         else:
             raise CacheError(f"cache directory {self.path} kept being replaced")
         if problem == MARK_BOOT:
@@ -158,9 +161,20 @@ class Lifecycle:
 
     # -- the one "current?" gate -----------------------------------------------------------
     def _current(self, fresh: bool = False, timeout: Optional[float] = None) -> None:
-        """Reopen first when the state says so, or (``fresh``) when another process rebuilt the file."""
+        """Reopen first when the state says so, or (``fresh``) when another process rebuilt the file
+        or (looked at once a second) our directory was renamed away."""
+        if fresh:
+            self._look_at_directory(time.monotonic())
         if self.state or (fresh and self._replaced()):
             self._refresh(timeout)
+
+    def _look_at_directory(self, now: float) -> None:
+        """At most once a second (``now``: time.monotonic()): reopen at the next use if our directory
+        was renamed away. A removed one also unlinks data.mdb, which writes and fresh reads notice
+        anyway; a renamed one keeps its files, and only this moves us to the cache at our path."""
+        if now >= self._moved_check_at:
+            self._moved_check_at = now + 1.0
+            self._notice_moved()
 
     def _replaced(self) -> bool:
         """Whether data.mdb was unlinked (rebuilt or its directory removed); an fstat, no lock.
@@ -217,6 +231,8 @@ class Lifecycle:
         if self.lock.moved():
             check = self._follow_directory(timeout)
             damaged = False
+        elif self._users_ident != self.lock.ident:  # a follow whose join failed: join now
+            self._join_users(timeout)
         if damaged:
             self._rebuild("damage found while in use")
         else:
@@ -231,6 +247,7 @@ class Lifecycle:
             os.close(users_fd)
             raise
         old, self._users_fd = self._users_fd, users_fd
+        self._users_ident = self.lock.ident
         if old >= 0:
             os.close(old)
         return first
@@ -244,9 +261,10 @@ class Lifecycle:
         data.mdb), and this process joins the new directory's users; if it is
         their first, the new cache gets the first opener's check.
         """
+        if not self.lock.rebind(prepare_directory, timeout):
+            return None  # the path names our directory again: nothing to follow
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)
-        self.lock.rebind(prepare_directory, timeout)
         self.state = REOPEN  # what was found in the old directory's file does not carry over
         self._suspect = False
         first = self._join_users(timeout)
@@ -262,11 +280,11 @@ class Lifecycle:
         if not self.state and self.lock.moved():
             self.state = REOPEN
 
-    def _stop_writemap(self, why: str) -> None:
+    def _stop_writemap(self, why: str, timeout: Optional[float] = None) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
         log.info("cache in %s: no room to reserve on disk (%s); writing without the write map", self.path, why)
         self.writemap = False
-        self._reopen_locked()
+        self._reopen_locked(timeout)
 
     def _failure(self, exc: BaseException, reader: Any = None) -> CacheError:
         """The CacheError for an LMDB or index failure, after setting the state it calls for.

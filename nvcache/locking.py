@@ -186,20 +186,21 @@ class FileLock:
         """A path to the locked directory itself, whatever ``path`` names now (see files_dir)."""
         return files_dir(self.fd, self.path)
 
-    def rebind(self, create: Callable[[str], None], timeout: Optional[float] = None) -> None:
+    def rebind(self, create: Callable[[str], None], timeout: Optional[float] = None) -> bool:
         """Lock the directory now at ``path`` instead (creating it with ``create`` when missing).
 
         The caller holds the mutex and the exclusive flock; afterwards it holds
         the exclusive flock of the new directory (and the mutex), and the old
         directory's flock is released. Raises CacheError/CacheTimeout when the
         new one cannot be opened or locked within the timeout; the lock then
-        still holds the old directory.
+        still holds the old directory. False (nothing done) when ``path``
+        names the locked directory again.
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
             if not self.moved():
-                return  # still (or again) the directory we lock
+                return False  # still (or again) the directory we lock
             create(self.path)
             try:
                 fd = open_directory(self.path)
@@ -225,6 +226,7 @@ class FileLock:
                 raise CacheTimeout(f"{self.path} kept being replaced for {timeout} s")
         old, self.fd, self.ident = self.fd, fd, _identity(fd)
         os.close(old)  # releases the old directory's flock
+        return True
 
     def _flock_until(self, fd: int, deadline: float) -> None:
         pause = self._POLL_MIN

@@ -35,8 +35,8 @@ _lock = threading.Lock()
 
 
 def _find(path: str, ident: Tuple[int, int]) -> Optional[Store]:
-    for store in _stores:
-        if store.ident == ident:
+    for store in _stores:  # (not one that will leave this directory to follow its own path)
+        if store.ident == ident and (store.path == path or not store.lock.moved()):
             return store
     for store in _stores:  # one whose directory was replaced at this path: it follows at its next use
         if store.path == path and store.lock.moved():
@@ -48,7 +48,10 @@ def _find(path: str, ident: Tuple[int, int]) -> Optional[Store]:
 def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_timeout: float) -> Store:
     """The store of the directory ``path`` (created 0o750 when missing), with one more user."""
     prepare_directory(path)
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # removed again right after it was made
+        raise CacheError(f"cannot use cache directory {path}: {exc.strerror}") from None
     with _lock:
         store = _find(path, (st.st_dev, st.st_ino))
         if store is None:

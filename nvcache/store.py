@@ -191,7 +191,6 @@ class Store(Lifecycle):
     def flush(self, timeout: Optional[float] = None) -> None:
         """Write this process's buffered accesses now."""
         if len(self.buffer):
-            self._notice_moved()
             self._write(self._flush, timeout=timeout)
 
     def _flush(self, files: Files, txn: Any) -> None:
@@ -207,7 +206,6 @@ class Store(Lifecycle):
         process (a failed write keeps the buffer).
         """
         try:
-            self._notice_moved()
             self._write(self._flush, timeout=0)
         except CacheError as exc:
             log.debug("buffered accesses for %s kept for later: %s", self.path, exc)
@@ -249,9 +247,7 @@ class Store(Lifecycle):
         deadline = now + wait
         lock.acquire(True, timeout)
         try:
-            if now >= self._moved_check_at:  # a directory renamed away keeps its files: look once a second
-                self._moved_check_at = now + 1.0
-                self._notice_moved()
+            self._look_at_directory(now)
             attempt = 0
             while True:
                 attempt += 1
@@ -282,7 +278,10 @@ class Store(Lifecycle):
                     continue
                 except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
                     self._untake()
-                    self._stop_writemap(str(exc))
+                    try:
+                        self._stop_writemap(str(exc), timeout)
+                    except OSError as err:
+                        raise CacheError(f"cache operation failed in {self.path}: {err}") from err
                     continue
                 except OSError as exc:  # a file vanished under a reopen, or a shortage
                     self._untake()

@@ -32,7 +32,17 @@ if mode == "slow-open":
     store.Store._deep_check = slow
 cache = nvcache.LayerCache(path, 64)
 print("open", flush=True)
-if mode == "put-only":
+if mode == "put-again":
+    cache.put("sha256:x000000", b"X0")
+    print("put", flush=True)
+    sys.stdin.readline()  # the directory is renamed away here
+    deadline = time.monotonic() + 10
+    stored = False
+    while time.monotonic() < deadline and not stored:
+        stored = cache.put("sha256:x000000", b"X0")  # False while it sees the old directory's record
+        time.sleep(0.01)
+    print(json.dumps({"followed": stored and cache.contains("sha256:z000000")}), flush=True)
+elif mode == "put-only":
     sys.stdin.readline()  # the directory is renamed away here
     deadline = time.monotonic() + 10
     i = 0
@@ -165,3 +175,26 @@ def test_two_threads_closing_caches_of_one_path_close_the_store_once(Cache, cach
     assert errors == []
     with Cache(cache_dir, 1) as again:
         assert again.get("sha256:a") == b"A" and again.stats()["cache_hits"] == 2
+
+
+def test_a_process_that_puts_what_the_old_directory_holds_still_follows(tmp_path, core_env):
+    """The same rename, but the process keeps putting a record the old directory already has: the
+    put's "already there" check looks at the directory too (at most once a second), so the put
+    ends up in the new cache instead of being skipped forever."""
+    path = str(tmp_path / "caches")
+    x = _child(path, "put-again", core_env)
+    try:
+        assert x.stdout.readline().strip() == "open", x.stderr.read()
+        assert x.stdout.readline().strip() == "put", x.stderr.read()
+        os.rename(path, path + ".old")
+        z = subprocess.run([sys.executable, "-c", WRITER, path, "1"], env=core_env, capture_output=True,
+                           text=True, timeout=60)
+        assert z.returncode == 0 and z.stdout.strip() == "1", z.stderr
+        x.stdin.write("go\n")
+        x.stdin.flush()
+        out, err = x.communicate(timeout=60)
+    finally:
+        if x.poll() is None:
+            x.kill()
+    assert x.returncode == 0, err[-2000:]
+    assert json.loads(out.splitlines()[-1])["followed"] is True, err[-2000:]
