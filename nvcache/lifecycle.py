@@ -174,7 +174,8 @@ class Lifecycle:
         anyway; a renamed one keeps its files, and only this moves us to the cache at our path."""
         if now >= self._moved_check_at:
             self._moved_check_at = now + 1.0
-            self._notice_moved()
+            if not self.state and self.lock.moved():
+                self.state = REOPEN
 
     def _replaced(self) -> bool:
         """Whether data.mdb was unlinked (rebuilt or its directory removed); an fstat, no lock.
@@ -269,16 +270,6 @@ class Lifecycle:
         self._suspect = False
         first = self._join_users(timeout)
         return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None
-
-    def _notice_moved(self) -> None:
-        """Reopen at the next use if our directory was renamed away (a stat; for bookkeeping paths).
-
-        A removed directory also unlinks data.mdb, which every write notices;
-        one renamed away keeps its files, and only this check moves us to the
-        cache at our path.
-        """
-        if not self.state and self.lock.moved():
-            self.state = REOPEN
 
     def _stop_writemap(self, why: str, timeout: Optional[float] = None) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""

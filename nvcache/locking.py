@@ -228,11 +228,12 @@ class FileLock:
         os.close(old)  # releases the old directory's flock
         return True
 
-    def _flock_until(self, fd: int, deadline: float) -> None:
+    def _flock_until(self, fd: int, deadline: float, op: int = fcntl.LOCK_EX) -> None:
+        """flock ``fd`` (``op``), polling with a growing pause (flock has no timeout of its own)."""
         pause = self._POLL_MIN
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -276,22 +277,15 @@ class FileLock:
             raise
 
     def _wait(self, op: int, timeout: float) -> None:
-        # flock has no timeout of its own: poll with a growing pause.
-        deadline = time.monotonic() + timeout
-        pause = self._POLL_MIN
+        # The first try failed already (the caller's); the mutex is released if this one fails too.
         try:
-            while True:
-                if timeout <= 0:
-                    raise CacheTimeout(f"{self.path} is locked by another process") from None
-                time.sleep(pause)
-                try:
-                    fcntl.flock(self.fd, op | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CacheTimeout(
-                            f"{self.path} stayed locked by another process for {timeout} s") from None
-                    pause = min(pause * 2, self._POLL_MAX)
+            if timeout <= 0:
+                raise CacheTimeout(f"{self.path} is locked by another process")
+            time.sleep(self._POLL_MIN)
+            self._flock_until(self.fd, time.monotonic() - self._POLL_MIN + timeout, op)
+        except CacheTimeout as exc:
+            self.mutex.release()
+            raise CacheTimeout(f"{exc} for {timeout} s" if timeout > 0 else str(exc)) from None
         except BaseException:
             self.mutex.release()
             raise

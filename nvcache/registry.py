@@ -26,7 +26,8 @@ from typing import List, Optional, Tuple
 from .cachedir import prepare_directory
 from .errors import CacheError
 from .locking import fork_generation
-from .store import REOPEN, Store
+from .lifecycle import REOPEN
+from .store import Store
 
 log = logging.getLogger("nvcache")
 

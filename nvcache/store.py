@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import lmdb
 
 from .errors import CacheError, StaleReader
-from .lifecycle import OPEN, REBUILD, REOPEN, Lifecycle  # noqa: F401 (REOPEN: the states, for the registry)
+from .lifecycle import REBUILD, Lifecycle
 from .opening import CORRUPTION_ERRORS, Files
 from .writemap import PAGES_PER_KEY, NoRoom
 

@@ -119,15 +119,15 @@ def test_a_directory_removed_during_the_first_openers_walk_is_left_for_the_new_o
     assert _verify_all(path, core_env, 300, 3000) == {"verify": [], "bad": []}
 
 
-def test_a_process_that_only_puts_follows_a_directory_renamed_away_and_kept(tmp_path, core_env):
-    """mv cache cache.old (kept), a new cache appears at the path: a process that only puts moves to
-    the new cache within about a second (it looks at the directory once a second of writes)."""
-    path = str(tmp_path / "caches")
-    x = _child(path, "put-only", core_env)
+def _rename_under(path, mode, env, ready):
+    """Start X in ``mode``, wait for its ``ready`` lines, rename the directory away (kept), let a new
+    process make a cache at the path with one record, then let X go on; X's last report."""
+    x = _child(path, mode, env)
     try:
-        assert x.stdout.readline().strip() == "open", x.stderr.read()
+        for line in ready:
+            assert x.stdout.readline().strip() == line, x.stderr.read()
         os.rename(path, path + ".old")
-        z = subprocess.run([sys.executable, "-c", WRITER, path, "1"], env=core_env, capture_output=True,
+        z = subprocess.run([sys.executable, "-c", WRITER, path, "1"], env=env, capture_output=True,
                            text=True, timeout=60)
         assert z.returncode == 0 and z.stdout.strip() == "1", z.stderr
         x.stdin.write("go\n")
@@ -137,7 +137,15 @@ def test_a_process_that_only_puts_follows_a_directory_renamed_away_and_kept(tmp_
         if x.poll() is None:
             x.kill()
     assert x.returncode == 0, err[-2000:]
-    assert json.loads(out.splitlines()[-1])["followed"] is True, err[-2000:]
+    return json.loads(out.splitlines()[-1]), err
+
+
+def test_a_process_that_only_puts_follows_a_directory_renamed_away_and_kept(tmp_path, core_env):
+    """mv cache cache.old (kept), a new cache appears at the path: a process that only puts moves to
+    the new cache within about a second (it looks at the directory once a second of writes)."""
+    path = str(tmp_path / "caches")
+    report, err = _rename_under(path, "put-only", core_env, ["open"])
+    assert report["followed"] is True, err[-2000:]
     assert _verify_all(path + ".old", core_env, 0, 0)["verify"] == []  # the old one is left healthy
 
 
@@ -181,20 +189,5 @@ def test_a_process_that_puts_what_the_old_directory_holds_still_follows(tmp_path
     """The same rename, but the process keeps putting a record the old directory already has: the
     put's "already there" check looks at the directory too (at most once a second), so the put
     ends up in the new cache instead of being skipped forever."""
-    path = str(tmp_path / "caches")
-    x = _child(path, "put-again", core_env)
-    try:
-        assert x.stdout.readline().strip() == "open", x.stderr.read()
-        assert x.stdout.readline().strip() == "put", x.stderr.read()
-        os.rename(path, path + ".old")
-        z = subprocess.run([sys.executable, "-c", WRITER, path, "1"], env=core_env, capture_output=True,
-                           text=True, timeout=60)
-        assert z.returncode == 0 and z.stdout.strip() == "1", z.stderr
-        x.stdin.write("go\n")
-        x.stdin.flush()
-        out, err = x.communicate(timeout=60)
-    finally:
-        if x.poll() is None:
-            x.kill()
-    assert x.returncode == 0, err[-2000:]
-    assert json.loads(out.splitlines()[-1])["followed"] is True, err[-2000:]
+    report, err = _rename_under(str(tmp_path / "caches"), "put-again", core_env, ["open", "put"])
+    assert report["followed"] is True, err[-2000:]
