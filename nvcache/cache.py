@@ -87,7 +87,6 @@ class LayerCache:
             raise ValueError(f"lock_timeout must be in [0, {threading.TIMEOUT_MAX:g}] seconds, got {lock_timeout!r}")
         self.path = path
         self.lock_timeout = float(lock_timeout)
-        self._record_key = self._core.record_key  # bound once: every get calls it
         self.durable = bool(durable)
         self.enabled = self.max_bytes > 0
         self._store: Optional[Store] = None
@@ -173,7 +172,7 @@ class LayerCache:
         """
         store = self._store
         if store is None:  # disabled or closed: a bad argument is still a bad argument
-            self._record_key(layer_id, kind)
+            self._key(layer_id, kind)
             self._opened()
             return None
         key, data, born = store.find(layer_id, kind, self.lock_timeout)  # validated, hashed and read
@@ -194,8 +193,7 @@ class LayerCache:
         if isinstance(layer_ids, (str, bytes)):
             raise TypeError("layer_ids must be an iterable of layer_id strings, not a single string")
         ids = list(layer_ids)
-        record_key = self._record_key
-        keys = [record_key(layer_id, kind) for layer_id in ids]
+        keys = [self._key(layer_id, kind) for layer_id in ids]
         store = self._opened()
         if store is None:
             return {}
