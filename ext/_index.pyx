@@ -79,7 +79,8 @@ cdef enum:
     H_BORN = 32
     H_LID = 40
     HEADER = 42
-# The prefix of chunk 0 in dat <QQQ> (fallback._PREFIX): size, checksum, born_ns.
+# The prefix of chunk 0 in dat <QQQ> (fallback._PREFIX): size word (encoding << ENC_SHIFT | size),
+# checksum, born_ns.
 cdef enum:
     P_SIZE = 0
     P_CHECK = 8
@@ -101,6 +102,10 @@ ACCESS = b"access"
 EVICTIONS = b"evictions"
 MAX_RECORD = _twin.MAX_RECORD
 cdef uint64_t _MAX_RECORD = _twin.MAX_RECORD  # a larger size is a damaged header
+ENC_SHIFT = _twin.ENC_SHIFT
+SIZE_MASK = _twin.SIZE_MASK
+cdef int _ENC_SHIFT = _twin.ENC_SHIFT
+cdef uint64_t _SIZE_MASK = _twin.SIZE_MASK
 
 cdef object _xxh3_64 = xxhash.xxh3_64_intdigest
 cdef object _xxh3_128 = xxhash.xxh3_128_digest
@@ -684,8 +689,21 @@ cdef class Index:
     contains = exists
 
     def lookup(self, txn, bytes key):
-        """(bytes, born_ns); (None, 0) when absent; (False, 0) when damaged (see fallback.py)."""
+        """(stored bytes, born_ns, encoding); (None, 0, 0) absent; (False, 0, 0) damaged (fallback.py)."""
         return self.twin.lookup(txn, key)
+
+    # -- compression dictionaries: cold, in py-lmdb transactions (see fallback.py) -----------
+    def dictionary(self, txn, number):
+        return self.twin.dictionary(txn, number)
+
+    def current_dictionary(self, txn):
+        return self.twin.current_dictionary(txn)
+
+    def add_dictionary(self, txn, body):
+        return self.twin.add_dictionary(txn, body)
+
+    def sample(self, txn, start, limit):
+        return self.twin.sample(txn, start, limit)
 
     def walk(self, txn, on_group, on_orphan=None):
         """fallback.Index.walk (the C walk serves the dump and the victims)."""
@@ -711,11 +729,13 @@ cdef class Index:
         return self.twin.victims(txn, size, max_bytes, keep)
 
     def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, victims, uint64_t refs=0,
-               uint64_t last_ns=0):
+               uint64_t last_ns=0, unsigned int enc=0):
         """Evict ``victims``, then add the record born now; -1 (no change) when the key exists."""
+        if enc > 0xFFFF:
+            raise ValueError(f"an encoding is 16 bits, not {enc}")
         if type(txn) is Writer:
-            return _insert_w(<Writer>txn, key, name, lid_len, data, victims, refs, last_ns)
-        return self.twin.insert(txn, key, name, lid_len, data, victims, refs, last_ns)
+            return _insert_w(<Writer>txn, key, name, lid_len, data, victims, refs, last_ns, enc)
+        return self.twin.insert(txn, key, name, lid_len, data, victims, refs, last_ns, enc)
 
     def remove(self, txn, bytes key):
         """Delete one record; False when it is absent."""
@@ -757,6 +777,7 @@ cdef class Reader:
     """
 
     cdef public object lock, mutex, env
+    cdef public object codec  # the decoder of this environment's records: set and used by the store
     cdef object _try_acquire, _release  # the mutex's bound methods, looked up once
     cdef public Index index
     cdef public int fd
@@ -869,7 +890,7 @@ cdef class Reader:
     def __dealloc__(self):
         self._close_c()
 
-    cdef object _lookup_in(self, object key, uint64_t *born):
+    cdef object _lookup_in(self, object key, uint64_t *born, uint64_t *enc):
         """fallback.Index.lookup in the renewed transaction: the bytes, None (absent) or False (damaged).
 
         One B-tree lookup for a hit: chunk 0 of ``dat`` starts with the size,
@@ -887,6 +908,7 @@ cdef class Reader:
         if type(key) is not bytes or PyBytes_GET_SIZE(key) != KEYLEN:
             raise TypeError(f"a record key is {KEYLEN} bytes")
         born[0] = 0
+        enc[0] = 0
         memcpy(ckey, PyBytes_AS_STRING(key), KEYLEN)
         _set_chunk(ckey, 0)
         k.mv_size = KEYLEN + 4
@@ -901,7 +923,7 @@ cdef class Reader:
         if v.mv_size < PREFIX:
             return False
         h = <const unsigned char *>v.mv_data
-        size = _u64_at(h, P_SIZE)
+        size = _u64_at(h, P_SIZE) & _SIZE_MASK
         check = _u64_at(h, P_CHECK)
         if size <= <uint64_t>_CHUNK_SIZE:
             if v.mv_size != PREFIX + size:
@@ -936,11 +958,12 @@ cdef class Reader:
         if <uint64_t>_xxh3_64(data) != check:
             return False
         born[0] = _u64_at(h, P_BORN)  # h (chunk 0 in the map) is valid until the reset
+        enc[0] = _u64_at(h, P_SIZE) >> _ENC_SHIFT
         return data
 
     cdef object _read(self, int what, object arg):
         """0: exists, 1: lookup, 2: lookup_many, 3: find (fallback.Reader._read); the caller holds the read lock."""
-        cdef uint64_t born = 0
+        cdef uint64_t born = 0, enc = 0
         cdef list out
         if self.env is None:
             raise StaleReader("the environment was replaced")
@@ -948,16 +971,16 @@ cdef class Reader:
             if mdb_txn_renew(self._ctxn) == 0:
                 try:
                     if what == 1:
-                        data = self._lookup_in(arg, &born)
-                        return (data, born)
+                        data = self._lookup_in(arg, &born, &enc)
+                        return (data, born, enc)
                     if what == 3:
-                        data = self._lookup_in(arg, &born)
-                        return (arg, data, born)
+                        data = self._lookup_in(arg, &born, &enc)
+                        return (arg, data, born, enc)
                     if what == 2:
                         out = []
                         for key in arg:
-                            data = self._lookup_in(key, &born)
-                            out.append((data, born))
+                            data = self._lookup_in(key, &born, &enc)
+                            out.append((data, born, enc))
                         return out
                     return self._exists_in(arg)
                 finally:
@@ -1262,7 +1285,7 @@ cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep
 
 
 cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, victims,
-                      uint64_t refs, uint64_t last_ns):
+                      uint64_t refs, uint64_t last_ns, uint64_t enc):
     """Index.insert: evict the victims, then the header, the chunks (chunk 0 in place), lru, counters.
 
     One function: every put runs it, and calls per step cost measurable time.
@@ -1320,7 +1343,7 @@ cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, v
         _check(mdb_put(txn, w._dat, &k, &v, MDB_RESERVE), "mdb_put")
         out = <unsigned char *>v.mv_data
         if chunk == 0:
-            _set_u64_at(out, P_SIZE, size)
+            _set_u64_at(out, P_SIZE, size | enc << _ENC_SHIFT)
             _set_u64_at(out, P_CHECK, check)
             _set_u64_at(out, P_BORN, born)
             out += PREFIX

@@ -32,7 +32,7 @@ from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Type, Union
 
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
-from .errors import CacheError, RecordTooLarge
+from .errors import CacheError
 from . import registry
 from .store import Store, log
 
@@ -64,17 +64,23 @@ class LayerCache:
     """A bounded, LRU cache of layer scan records shared by every process on a node.
 
     ``path`` is the cache directory (created 0o750 if missing); ``max_mb``
-    bounds the total size of the records in MiB (0 disables the cache, as
-    ``MAX_CACHE_RECORD_MB`` unset does for the scanner); ``durable=True``
-    fsyncs every write so that it also survives power loss, at a large cost
-    per put. ``lock_timeout`` bounds every wait for another process's lock;
-    past it the call raises :class:`~nvcache.CacheTimeout`.
+    bounds the total stored size of the records in MiB (0 disables the
+    cache, as ``MAX_CACHE_RECORD_MB`` unset does for the scanner);
+    ``durable=True`` fsyncs every write so that it also survives power loss,
+    at a large cost per put. ``lock_timeout`` bounds every wait for another
+    process's lock; past it the call raises :class:`~nvcache.CacheTimeout`.
+    ``compress=True`` stores each record zstd-compressed (with the cache's
+    own dictionary once it has trained one) when that makes it smaller;
+    ``compress=False`` stores records as given, for callers who compress
+    themselves. One cache holds both kinds; :meth:`get` returns exactly the
+    bytes put, and sizes (``size``, ``record_total_size``, the bound) count
+    stored bytes, as the seed scanner counts its gzip files.
     """
 
     _core: ModuleType  # the hot index, chosen in nvcache/__init__.py
 
     def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: float = 1000,
-                 *, durable: bool = False, lock_timeout: float = 10.0) -> None:
+                 *, durable: bool = False, lock_timeout: float = 10.0, compress: bool = True) -> None:
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError("path must be str or os.PathLike[str]")
@@ -88,6 +94,9 @@ class LayerCache:
         self.path = path
         self.lock_timeout = float(lock_timeout)
         self.durable = bool(durable)
+        if not isinstance(compress, bool):
+            raise TypeError(f"compress must be True or False, not {type(compress).__name__}")
+        self.compress = compress
         self.enabled = self.max_bytes > 0
         self._store: Optional[Store] = None
         self._closed = False
@@ -226,8 +235,8 @@ class LayerCache:
         Evicts the least recently referred records until the total fits
         ``max_bytes``, never the new record nor any record of a layer in
         ``keep`` (the image being scanned). Raises RecordTooLarge for a
-        record larger than the bound and CacheFull when only kept records
-        could make room; both change nothing.
+        record whose stored (compressed) size is larger than the bound and
+        CacheFull when only kept records could make room; both change nothing.
         """
         return self._insert(layer_id, record, kind, keep, 0, 0)
 
@@ -240,14 +249,16 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
-        if len(data) > self.max_bytes:
-            raise RecordTooLarge(f"record of {len(data)} bytes exceeds the cache bound of {self.max_bytes}")
         key = core.name_key(name)
         # The first record stays: no write lock, no transaction. Only a "present" must come from a
         # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
-        if store.contains(key, timeout=self.lock_timeout) and store.contains(key, True, self.lock_timeout):
+        # A record longer than the bound goes on to the store, which says whether it is too large
+        # even stored compressed (a shorter one never is: it is stored raw at worst).
+        if (len(data) <= self.max_bytes and store.contains(key, timeout=self.lock_timeout)
+                and store.contains(key, True, self.lock_timeout)):
             return False
-        return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout) >= 0
+        return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout,
+                            self.compress) >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
                 reference_count: int, last_referred_ns: int) -> bool:
@@ -349,6 +360,22 @@ class LayerCache:
         if store is None:
             return
         store.clear(self.lock_timeout)
+
+    def train_dictionary(self, samples: Optional[Iterable[Record]] = None) -> int:
+        """Train a compression dictionary for the records put from now on; its number, or 0.
+
+        ``samples``: records like those to come (default: a random sample of
+        the cache's own). The cache trains one by itself as it grows (see
+        :mod:`nvcache.codec`); an import trains one from what it imports.
+        0 when the dictionary would not save enough bytes, or another
+        process stored a newer one meanwhile (which is then used).
+        Records made with an older dictionary stay readable.
+        """
+        data = None if samples is None else [bytes(_as_record(s)) for s in samples]
+        store = self._opened()
+        if store is None:
+            return 0
+        return store.train_dictionary(data, self.lock_timeout)
 
     def verify(self) -> List[str]:
         """Every problem found in the cache (index, records, totals, LRU order, checksums); [] when healthy."""

@@ -37,11 +37,14 @@ def check_index(index: Any, txn: Any, max_bytes: Optional[int]) -> List[str]:
                 problems.append(f"record {label}: bytes are missing")
             elif prefix is None:
                 problems.append(f"record {label}: first chunk too short for its size, checksum and birth")
-            elif prefix != (size, check, born):
-                problems.append(f"record {label}: stored size/checksum/birth {prefix} != indexed "
+            elif prefix[:3] != (size, check, born):
+                problems.append(f"record {label}: stored size/checksum/birth {prefix[:3]} != indexed "
                                 f"{(size, check, born)}")
             elif data is False:
                 problems.append(f"record {label}: checksum mismatch (or a missing or short chunk)")
+            elif prefix[3] > 1 and index.dictionary(txn, prefix[3] - 1) is None:
+                problems.append(f"record {label}: compressed with dictionary {prefix[3] - 1}, which is "
+                                "missing or damaged")
             expected.add(_TS.pack(index.policy.rank(refs, last)) + key)
             count += 1
             total += size

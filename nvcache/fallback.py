@@ -16,18 +16,27 @@ LMDB layout (format 6; one environment, four named databases):
          ``born_ns``: CLOCK_REALTIME ns when this record was inserted (also
          for imports, which set last_ns): buffered references apply only to
          the record they were counted against.
-``dat``  key + big-endian u32 chunk number -> the record's bytes, in chunks of
-         at most ``CHUNK_SIZE``; chunk 0 starts with ``<QQQ`` (size,
-         checksum, born_ns), so a get reads ``dat`` alone (one B-tree lookup
-         for most records) and knows which record it counted. A chunk value
+``dat``  key + big-endian u32 chunk number -> the record's stored bytes, in
+         chunks of at most ``CHUNK_SIZE``; chunk 0 starts with ``<QQQ``
+         (size word, checksum, born_ns), so a get reads ``dat`` alone (one
+         B-tree lookup for most records) and knows which record it counted.
+         The size word's low 48 bits are the stored size, its high 16 bits
+         the encoding (``ENC_SHIFT``): 0 raw; n >= 1 a zstd frame made with
+         dictionary n - 1 of this file (0: none; see :mod:`nvcache.codec`).
+         Format-6 files written before compression have only raw records; a
+         release that predates it reads an encoded record as damaged, never
+         as its record. Size and checksum are of the stored bytes. A chunk value
          is at most 65,504 bytes (16 pages with LMDB's node header): a large
          record never needs a long run of free pages, which would fragment
          the file under churn of mixed sizes.
 ``lru``  big-endian rank + key -> b"": the eviction order of the policy (LRU:
          the rank is last_ns), so a cursor walk from the first entry meets
          the next victim first; equal ranks are ordered by name.
-``meta`` ``records`` -> ``<QQ`` (count, total bytes), ``access`` -> ``<QQ``
-         (hits, misses), ``evictions`` -> ``<Q``.
+``meta`` ``records`` -> ``<QQ`` (count, total stored bytes), ``access`` ->
+         ``<QQ`` (hits, misses), ``evictions`` -> ``<Q``; the compression
+         dictionaries: ``dict`` + big-endian u16 n -> ``<Q`` xxh3-64 of the
+         dictionary, then the dictionary (written once, never changed), and
+         ``dictionary`` -> ``<H`` the one new records are compressed with.
 """
 
 from __future__ import annotations
@@ -63,6 +72,12 @@ RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
 MAX_RECORD = 1 << 40  # the largest bound (cache.MAX_MB); a larger stored size is a damaged header
+ENC_SHIFT = 48  # the size word in chunk 0's prefix: the encoding above, the size below
+SIZE_MASK = (1 << ENC_SHIFT) - 1
+DICT_PREFIX = b"dict"
+CURRENT_DICT = b"dictionary"
+_DICT_ID = struct.Struct(">H")
+_U16 = struct.Struct("<H")
 
 def record_key(layer_id: object, kind: object) -> bytes:
     """Validate ``layer_id`` and ``kind``; return the record's LMDB key (xxh3-128 of its name)."""
@@ -132,46 +147,50 @@ def chunk_count(size: int) -> int:
     return (size + CHUNK_SIZE - 1) // CHUNK_SIZE or 1
 
 
-def read_record(txn: Any, dat: Any, key: bytes) -> Tuple[Any, int]:
-    """(bytes, born_ns) from ``dat`` alone: (None, 0) without chunk 0, (False, 0) when damaged.
+def read_record(txn: Any, dat: Any, key: bytes) -> Tuple[Any, int, int]:
+    """(stored bytes, born_ns, encoding) from ``dat`` alone: (None, 0, 0) without chunk 0,
+    (False, 0, 0) when damaged.
 
     Damaged: a short prefix, a missing or wrongly sized chunk, or bytes that
     fail the checksum in the prefix.
     """
     first = txn.get(key + _FIRST_CHUNK, None, dat)
     if first is None:
-        return None, 0
+        return None, 0, 0
     if len(first) < PREFIX_SIZE:
-        return False, 0
-    size, check, born = _PREFIX.unpack_from(first)
+        return False, 0, 0
+    word, check, born = _PREFIX.unpack_from(first)
+    size = word & SIZE_MASK
     if size <= CHUNK_SIZE:
         data = first[PREFIX_SIZE:]
     elif size > MAX_RECORD:
-        return False, 0
+        return False, 0, 0
     else:
         parts = [first[PREFIX_SIZE:]]
         for i in range(1, chunk_count(size)):
             part = txn.get(key + _CHUNK.pack(i), None, dat)
             if part is None:
-                return False, 0
+                return False, 0, 0
             parts.append(part)
         data = b"".join(parts)
     if len(data) != size or xxhash.xxh3_64_intdigest(data) != check:
-        return False, 0
-    return data, born
+        return False, 0, 0
+    return data, born, word >> ENC_SHIFT
 
 
-def read_prefix(txn: Any, dat: Any, key: bytes) -> Optional[Tuple[int, int, int]]:
-    """(size, checksum, born_ns) from the front of chunk 0; None when missing or short."""
+def read_prefix(txn: Any, dat: Any, key: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """(size, checksum, born_ns, encoding) from the front of chunk 0; None when missing or short."""
     first = txn.get(key + _FIRST_CHUNK, None, dat)
     if first is None or len(first) < PREFIX_SIZE:
         return None
-    return _PREFIX.unpack_from(first)  # type: ignore[return-value]
+    word, check, born = _PREFIX.unpack_from(first)
+    return word & SIZE_MASK, check, born, word >> ENC_SHIFT
 
 
-def write_chunks(txn: Any, dat: Any, key: bytes, data: Any, check: int, born_ns: int) -> None:
+def write_chunks(txn: Any, dat: Any, key: bytes, data: Any, check: int, born_ns: int, enc: int) -> None:
     view = memoryview(data)
-    txn.put(key + _FIRST_CHUNK, _PREFIX.pack(len(data), check, born_ns) + view[:CHUNK_SIZE], db=dat)
+    txn.put(key + _FIRST_CHUNK, _PREFIX.pack(len(data) | enc << ENC_SHIFT, check, born_ns) + view[:CHUNK_SIZE],
+            db=dat)
     for i in range(1, chunk_count(len(data))):
         txn.put(key + _CHUNK.pack(i), view[i * CHUNK_SIZE:(i + 1) * CHUNK_SIZE], db=dat)
 
@@ -320,16 +339,62 @@ class Index:
 
     contains = exists
 
-    def lookup(self, txn: Any, key: bytes) -> Tuple[Any, int]:
-        """(bytes, born_ns); (None, 0) when absent; (False, 0) when damaged.
+    def lookup(self, txn: Any, key: bytes) -> Tuple[Any, int, int]:
+        """(stored bytes, born_ns, encoding); (None, 0, 0) when absent; (False, 0, 0) when damaged.
 
         Damaged: bytes that fail their checksum, a missing chunk, or an index
         entry without bytes (``idx`` is read only when ``dat`` has none).
         """
-        data, born = read_record(txn, self.dat, key)
-        if data is None and txn.get(key, None, self.idx) is not None:
-            return False, 0
-        return data, born
+        found = read_record(txn, self.dat, key)
+        if found[0] is None and txn.get(key, None, self.idx) is not None:
+            return False, 0, 0
+        return found
+
+    # -- compression dictionaries (cold: read once per process, written by training) ----------
+    def dictionary(self, txn: Any, number: int) -> Optional[bytes]:
+        """Dictionary ``number`` (>= 1) of this file; None when absent or damaged."""
+        raw = txn.get(DICT_PREFIX + _DICT_ID.pack(number), None, self.meta)
+        if raw is None or len(raw) <= _U64.size:
+            return None
+        body = bytes(raw[_U64.size:])
+        return body if xxhash.xxh3_64_intdigest(body) == _U64.unpack_from(raw)[0] else None
+
+    def current_dictionary(self, txn: Any) -> int:
+        """The number of the dictionary new records are compressed with (0: none yet)."""
+        raw = txn.get(CURRENT_DICT, None, self.meta)
+        return int(_U16.unpack(raw)[0]) if raw is not None and len(raw) == _U16.size else 0
+
+    def add_dictionary(self, txn: Any, body: bytes) -> int:
+        """Store a new dictionary and make it the current one; returns its number."""
+        number = self.current_dictionary(txn) + 1
+        while txn.get(DICT_PREFIX + _DICT_ID.pack(number), None, self.meta) is not None:
+            number += 1  # never reuse a number: records made with it may still exist
+        if number > 0xFFFE:
+            raise ValueError("no dictionary numbers left")
+        txn.put(DICT_PREFIX + _DICT_ID.pack(number), _U64.pack(xxhash.xxh3_64_intdigest(body)) + body,
+                db=self.meta)
+        txn.put(CURRENT_DICT, _U16.pack(number), db=self.meta)
+        return number
+
+    def sample(self, txn: Any, start: bytes, limit: int) -> List[Tuple[Any, int]]:
+        """Up to ``limit`` records (stored bytes, encoding) from key ``start`` on (wrapping):
+        keys are hashes, so a random ``start`` gives a random sample."""
+        out: List[Tuple[Any, int]] = []
+        cur = txn.cursor(self.idx)
+        try:
+            for first in (True, False):
+                more = cur.set_range(start) if first else cur.first()
+                while more and len(out) < limit:
+                    key = cur.key()
+                    if not first and key >= start:
+                        return out
+                    data, _born, enc = read_record(txn, self.dat, key)
+                    if type(data) is bytes:
+                        out.append((data, enc))
+                    more = cur.next()
+        finally:
+            cur.close()
+        return out
 
     # -- the walk: the one home of the eviction order ----------------------------
     def walk(self, txn: Any, on_group: Callable[[List[Tuple[bytes, bytes]]], Any],
@@ -416,10 +481,11 @@ class Index:
         return chosen
 
     def insert(self, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
-               victims: Sequence[Tuple[bytes, int, int]], refs: int = 0, last_ns: int = 0) -> int:
+               victims: Sequence[Tuple[bytes, int, int]], refs: int = 0, last_ns: int = 0, enc: int = 0) -> int:
         """Evict ``victims`` (from :meth:`victims`, same transaction), then add the record.
 
-        The record is born now and starts with ``refs`` references, last
+        ``data`` are the stored bytes, ``enc`` their encoding (0: raw). The
+        record is born now and starts with ``refs`` references, last
         referred at ``last_ns`` (0: now; imports restore both). Returns the
         number evicted, or -1 when the key exists (nothing changes).
         """
@@ -441,7 +507,7 @@ class Index:
         last = last_ns or born
         check = xxhash.xxh3_64_intdigest(data)
         txn.put(key, _HDR.pack(size, refs, last, check, born, lid_len) + name, db=self.idx)
-        write_chunks(txn, self.dat, key, data, check, born)
+        write_chunks(txn, self.dat, key, data, check, born, enc)
         txn.put(_TS.pack(self.policy.rank(refs, last)) + key, b"", db=self.lru)
         txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
         return len(victims)
@@ -548,7 +614,7 @@ class Reader:
     under the mutex before its descriptor is touched.
     """
 
-    __slots__ = ("lock", "fd", "mutex", "env", "index")
+    __slots__ = ("lock", "fd", "mutex", "env", "index", "codec")
 
     def __init__(self, lock: Any, env: Any, index: Index, table: Any = None, writer: Any = None) -> None:
         # ``table``, ``writer``: for the compiled twin (reads without the flock, through the
@@ -559,6 +625,7 @@ class Reader:
         self.mutex = lock.mutex
         self.env = env
         self.index = index
+        self.codec: Any = None  # the decoder of this environment's records: set and used by the store
 
     fast = direct = shared = False  # the compiled twin's properties: never, here
 
@@ -578,8 +645,7 @@ class Reader:
             if what == 1:
                 return self.index.lookup(txn, arg)
             if what == 3:
-                data, born = self.index.lookup(txn, arg)
-                return arg, data, born
+                return (arg,) + self.index.lookup(txn, arg)
             if what == 2:
                 lookup = self.index.lookup
                 return [lookup(txn, key) for key in arg]
@@ -614,18 +680,19 @@ class Reader:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             mutex.release()
 
-    def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int]:
-        """(bytes, born_ns) of the record of ``key``; (None, 0) when absent, (False, 0) when damaged."""
+    def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int, int]:
+        """(stored bytes, born_ns, encoding) of the record of ``key``; (None, 0, 0) when absent,
+        (False, 0, 0) when damaged. Decoding is the store's (after the read lock is released)."""
         return self._guarded(1, key, timeout)  # type: ignore[no-any-return]
 
-    def find(self, layer_id: str, kind: str, timeout: Optional[float] = None) -> Tuple[bytes, Any, int]:
-        """(key, data, born_ns) of the record of ``layer_id`` and ``kind`` (validated): a lookup by name.
+    def find(self, layer_id: str, kind: str, timeout: Optional[float] = None) -> Tuple[bytes, Any, int, int]:
+        """(key, data, born_ns, encoding) of the record of ``layer_id`` and ``kind`` (validated): a lookup by name.
 
         One core call for the get path; the key comes back for the front to count with.
         """
         return self._guarded(3, record_key(layer_id, kind), timeout)  # type: ignore[no-any-return]
 
-    def lookup_many(self, keys: Sequence[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int]]:
+    def lookup_many(self, keys: Sequence[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int, int]]:
         """:meth:`lookup` of each key, under one lock acquisition and one read transaction."""
         return self._guarded(2, list(keys), timeout)  # type: ignore[no-any-return]
 

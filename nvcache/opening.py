@@ -26,7 +26,8 @@ import lmdb
 
 from .cachedir import (BOOT_KEY, CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION, READERS_KEY, VERSION_FILE,
                        boot_problem, boot_record, read_version, remove_entry, write_version)
-from .errors import CacheError
+from .codec import Codec
+from .errors import CacheError, StaleReader
 from .locking import READERS_FILE, BadTable, FileLock, ReaderTable, open_nofollow
 from .writemap import PAGES_PER_KEY, Reservation
 
@@ -44,7 +45,7 @@ CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundEr
 class Files:
     """One open data.mdb and what goes with it (see the module docstring)."""
 
-    __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap")
+    __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap", "codec")
 
     def __init__(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
         self.env = env
@@ -56,6 +57,7 @@ class Files:
         self.data_fd = -1
         self.room: Optional[Reservation] = None
         self.writemap = False
+        self.codec: Optional[Codec] = None
 
     def close(self) -> None:
         """Close everything; the caller holds the lock's mutex (no transaction is in flight).
@@ -86,6 +88,33 @@ def environment(path: str, map_size: int, durable: bool, create: bool, writemap:
         max_spare_txns=4, readahead=False, mode=0o640, writemap=writemap)
 
 
+def _codec(files: Files, lock: FileLock) -> Codec:
+    """The codec of these files, knowing their current dictionary (read here, under the caller's lock)."""
+    env, index = files.env, files.index
+
+    def load(number: int) -> Optional[bytes]:  # a dictionary first met in a record: outside any lock
+        lock.acquire(False, None)
+        try:
+            txn = env.begin()
+            try:
+                return index.dictionary(txn, number)  # type: ignore[no-any-return]
+            finally:
+                txn.abort()
+        except lmdb.Error as exc:  # closed under us (replaced): the read is retried on the new files
+            raise StaleReader(f"the environment was replaced ({exc})") from exc
+        finally:
+            lock.release()
+
+    codec = Codec(load)
+    txn = env.begin()
+    try:
+        number = index.current_dictionary(txn)
+        codec.learn(number, index.dictionary(txn, number) if number else None)
+    finally:
+        txn.abort()
+    return codec
+
+
 def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
            durable: bool, label: str) -> Files:
     """Give freshly opened files their reader, writer, data.mdb descriptor and reservation."""
@@ -99,6 +128,7 @@ def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: 
             raise CacheError(f"cannot open cache {label}: no write environment ({exc})") from exc
         # The compiled Reader reads through the Writer's environment: one mapping for both.
         files.reader = core.Reader(lock, env, files.index, table, files.writer)
+        files.reader.codec = files.codec = _codec(files, lock)
         # Writable for fallocate (write map); otherwise only fstat'ed (the store's staleness check).
         files.data_fd = open_nofollow(os.path.join(path, DATA_FILE), os.O_RDWR if writemap else os.O_RDONLY)
     except BaseException:

@@ -14,12 +14,14 @@ base class's job (:mod:`nvcache.lifecycle`). DEVELOPERS.md has the reasons.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lmdb
 
-from .errors import CacheError, StaleReader
+from .codec import RAW, REFRESH_EVERY, SAMPLES, due_generation, train
+from .errors import CacheError, RecordTooLarge, StaleReader
 from .lifecycle import REBUILD, Lifecycle
 from .opening import CORRUPTION_ERRORS, Files
 from .writemap import PAGES_PER_KEY, NoRoom
@@ -28,6 +30,22 @@ log = logging.getLogger("nvcache")
 
 # What an index operation raises on bad stored bytes (arguments were checked by the front).
 DATA_ERRORS = (lmdb.Error,) + CORRUPTION_ERRORS
+
+
+def _decoded(reader: Any, data: Any, enc: int) -> Any:
+    """The record's bytes from stored ones (False, a damaged record, when they do not decode)."""
+    out = reader.codec.decode(enc, data)
+    return False if out is None else out
+
+
+def _decoded_found(reader: Any, found: Tuple[Any, int, int]) -> Tuple[Any, int]:
+    data, born, enc = found
+    return (_decoded(reader, data, enc) if enc else data), born
+
+
+def _decoded_named(reader: Any, found: Tuple[bytes, Any, int, int]) -> Tuple[bytes, Any, int]:
+    key, data, born, enc = found
+    return key, (_decoded(reader, data, enc) if enc else data), born
 
 _Op = Callable[..., Any]
 
@@ -38,15 +56,19 @@ class Store(Lifecycle):
     # -- reads (count nothing: the front counts) -------------------------------------------
     # Each takes the caller's lock timeout (None: the lock's own): caches that share this store
     # may each have their own.
+    # Reads return the record's bytes as put: the core returns the stored bytes and their
+    # encoding, and a compressed record is decoded here, after the core released its read lock,
+    # with the codec of the reader that read it (dictionary numbers are a file's own).
     def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int]:
         """(bytes, born) of a record; (None, 0) when absent; (False, 0) when damaged."""
         if self.state:
             self._refresh(timeout)
         reader = self.reader
         try:
-            return reader.lookup(key, timeout)  # type: ignore[no-any-return]
-        except StaleReader:
-            return self._via_reader(lambda reader: reader.lookup(key, timeout), timeout)  # replaced meanwhile
+            data, born, enc = reader.lookup(key, timeout)
+            return (_decoded(reader, data, enc) if enc else data), born
+        except StaleReader:  # replaced meanwhile
+            return self._via_reader(lambda reader: _decoded_found(reader, reader.lookup(key, timeout)), timeout)
         except DATA_ERRORS as exc:
             raise self._failure(exc, reader) from exc
 
@@ -56,9 +78,11 @@ class Store(Lifecycle):
             self._refresh(timeout)
         reader = self.reader
         try:
-            return reader.find(layer_id, kind, timeout)  # type: ignore[no-any-return]
+            key, data, born, enc = reader.find(layer_id, kind, timeout)
+            return key, (_decoded(reader, data, enc) if enc else data), born
         except StaleReader:
-            return self._via_reader(lambda reader: reader.find(layer_id, kind, timeout), timeout)
+            return self._via_reader(
+                lambda reader: _decoded_named(reader, reader.find(layer_id, kind, timeout)), timeout)
         except DATA_ERRORS as exc:
             if isinstance(exc, ValueError):
                 self.core.record_key(layer_id, kind)  # raises again for a bad argument: not damage
@@ -66,7 +90,8 @@ class Store(Lifecycle):
 
     def lookup_many(self, keys: List[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int]]:
         """:meth:`lookup` of every key under one lock and in one read transaction."""
-        return self._via_reader(lambda reader: reader.lookup_many(keys, timeout), timeout)  # type: ignore[no-any-return]
+        return self._via_reader(  # type: ignore[no-any-return]
+            lambda reader: [_decoded_found(reader, found) for found in reader.lookup_many(keys, timeout)], timeout)
 
     def contains(self, key: bytes, fresh: bool = False, timeout: Optional[float] = None) -> bool:
         """Whether a record exists, read like :meth:`lookup`; counts nothing.
@@ -131,19 +156,33 @@ class Store(Lifecycle):
 
     # -- writes -------------------------------------------------------------------------
     def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, max_bytes: int, keep: frozenset,
-               refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None) -> int:
-        """Add a record, evicting by the policy to stay within ``max_bytes``: the number evicted, or
-        -1 (and no change) when the name exists. Raises CacheFull, changing nothing, when only kept
-        records could make room."""
-        return self._write(self._insert, key, name, lid_len, data, max_bytes, keep, refs, last_ns,
-                           timeout=timeout)  # type: ignore[no-any-return]
+               refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True) -> int:
+        """Add a record, evicting by the policy to stay within ``max_bytes`` stored bytes: the number
+        evicted, or -1 (and no change) when the name exists. ``compress``: store it zstd-compressed
+        when that is smaller (see codec.py; compressed here, before the lock). Raises
+        RecordTooLarge for stored bytes above the bound, and CacheFull when only kept records
+        could make room; both change nothing."""
+        codec = self.reader.codec
+        enc, stored = codec.encode(data) if compress else (RAW, data)
+        if len(stored) > max_bytes:
+            raise RecordTooLarge(f"record of {len(stored)} bytes stored ({len(data)} put) exceeds the cache "
+                                 f"bound of {max_bytes}")
+        evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, max_bytes, keep,
+                              refs, last_ns, timeout=timeout)
+        if compress and codec.puts >= REFRESH_EVERY:
+            self._dictionary_due(codec, timeout)
+        return evicted  # type: ignore[no-any-return]
 
-    def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any,
-                max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
+    def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any, enc: int,
+                stored: Any, codec: Any, max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
         index = files.index
         if index.exists(txn, key):
             return -1
-        size = len(data)
+        if enc > 1 and codec is not files.codec:  # compressed for a file replaced since: its dictionaries
+            enc, stored = files.codec.encode(data, 0)  # are not this one's (no dictionary: nothing to load)
+            if len(stored) > max_bytes:
+                raise RecordTooLarge(f"record of {len(stored)} bytes stored exceeds the cache bound of {max_bytes}")
+        size = len(stored)
         # Before the victims are chosen (the buffer changes their order), and only when this insert
         # evicts or the buffer is due: rewriting hundreds of buffered headers on every put that
         # fits would cost more than the put.
@@ -152,7 +191,7 @@ class Store(Lifecycle):
         victims = index.victims(txn, size, max_bytes, keep)
         if files.room is not None:
             files.room.reserve_insert(len(victims), size)
-        return index.insert(txn, key, name, lid_len, data, victims, refs, last_ns)  # type: ignore[no-any-return]
+        return index.insert(txn, key, name, lid_len, stored, victims, refs, last_ns, enc)  # type: ignore[no-any-return]
 
     def remove(self, key: bytes, timeout: Optional[float] = None) -> bool:
         """Delete a record; False when there was none."""
@@ -170,7 +209,52 @@ class Store(Lifecycle):
 
     def _drop_damaged(self, files: Files, txn: Any, key: bytes) -> bool:
         self._flush(files, txn)
-        return bool(files.index.drop_damaged(txn, key))
+        index = files.index
+        data, _born, enc = index.lookup(txn, key)
+        if data is False or (enc and files.codec.decode(enc, data, lambda n: index.dictionary(txn, n)) is None):
+            return bool(index.remove(txn, key))
+        return False
+
+    # -- compression dictionaries ---------------------------------------------------------
+    def _dictionary_due(self, codec: Any, timeout: Optional[float]) -> None:
+        """After ``REFRESH_EVERY`` puts: use the file's newest dictionary, and train the next one
+        when the cache has grown enough (codec.due_generation). Never fails the put that called it."""
+        codec.puts = 0
+        try:
+            number, count = self._read(lambda index, txn: (index.current_dictionary(txn), index.records(txn)[0]),
+                                       timeout)
+            codec.adopt(number)
+            if due_generation(count, number) and number not in codec.tried:
+                codec.tried.add(number)
+                self.train_dictionary(None, timeout)
+        except CacheError as exc:
+            log.debug("dictionary check of %s skipped: %s", self.path, exc)
+
+    def train_dictionary(self, samples: Optional[List[bytes]] = None, timeout: Optional[float] = None) -> int:
+        """Train a dictionary on ``samples`` (default: a random sample of the cache's records) and make
+        it the one new records use; returns its number, or 0 when it would not save enough bytes
+        (see codec.train) or another process stored a newer one meanwhile."""
+        reader = self.reader
+        codec = reader.codec
+        number = self._read(lambda index, txn: index.current_dictionary(txn), timeout)
+        codec.adopt(number)
+        if samples is None:
+            stored = self._read(lambda index, txn: index.sample(txn, os.urandom(16), SAMPLES), timeout)
+            samples = [data for data in (_decoded(reader, d, e) if e else d for d, e in stored)
+                       if type(data) is bytes]
+        body = train(samples, codec.body(codec.current))  # outside every lock: it takes a while
+        if body is None:
+            return 0
+        added = self._write(self._add_dictionary, body, codec, number, timeout=timeout, native=False)
+        if added:
+            codec.learn(added, body)
+        return int(added)
+
+    def _add_dictionary(self, files: Files, txn: Any, body: bytes, codec: Any, base: int) -> int:
+        if files.codec is not codec or files.index.current_dictionary(txn) != base:
+            return 0  # another file now, or another process trained one since: keep theirs
+        self._reserve(files, len(body) // 4096 + 4)
+        return int(files.index.add_dictionary(txn, body))
 
     def add_counters(self, hits: int, misses: int, timeout: Optional[float] = None) -> None:
         """Add to the hit and miss counters (imports)."""

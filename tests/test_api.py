@@ -15,6 +15,7 @@ import pytest
 import nvcache
 import nvcache.cachedir
 from nvcache import CacheError, CacheFull, RecordTooLarge
+from payloads import incompressible
 
 MiB = 1024 * 1024
 DIGEST = "sha256:" + "ab" * 32
@@ -275,22 +276,22 @@ def test_name_is_layer_id_underscore_kind(make_cache):
 
 def test_record_too_large(make_cache):
     cache = make_cache(0.001)  # 1048 bytes
-    cache.put(lid(1), b"a" * 500)
+    cache.put(lid(1), incompressible(500, "a"))
     with pytest.raises(RecordTooLarge):
-        cache.put(lid(2), b"b" * 1049)
+        cache.put(lid(2), incompressible(1049, "b"))
     with pytest.raises(ValueError):  # RecordTooLarge is a ValueError too
-        cache.put(lid(2), b"b" * 5000)
-    assert cache.put(lid(3), b"c" * 1048)  # exactly the bound fits, by evicting
+        cache.put(lid(2), incompressible(5000, "b"))
+    assert cache.put(lid(3), incompressible(1048, "c"))  # exactly the bound fits, by evicting
     assert cache.stats()["record_count"] == 1 and cache.get(lid(1)) is None
 
 
 def test_eviction_is_lru_and_stops_at_the_bound(make_cache):
     cache = make_cache(1000 / MiB)  # 1000 bytes
     for i in range(10):
-        assert cache.put(lid(i), bytes([i]) * 100)
+        assert cache.put(lid(i), incompressible(100, i))
     assert cache.stats()["record_total_size"] == 1000
     cache.get(lid(0))  # 0 becomes the most recent
-    cache.put(lid(10), b"n" * 250)  # needs 250: evicts 1, 2, 3 (300 bytes), no more
+    cache.put(lid(10), incompressible(250, "n"))  # needs 250: evicts 1, 2, 3 (300 bytes), no more
     present = [i for i in range(11) if lid(i) in cache]
     assert present == [0, 4, 5, 6, 7, 8, 9, 10]
     assert cache.stats()["record_total_size"] == 950
@@ -300,34 +301,34 @@ def test_eviction_is_lru_and_stops_at_the_bound(make_cache):
 
 def test_keep_protects_every_kind(make_cache):
     cache = make_cache(600 / MiB)
-    cache.put(lid(0), b"a" * 200)
-    cache.put(lid(0), b"b" * 200, kind="other")
-    cache.put(lid(1), b"c" * 200)
-    cache.put(lid(2), b"d" * 200, keep=[lid(0)])  # lid(0) in any kind stays; lid(1) goes
+    cache.put(lid(0), incompressible(200, "a"))
+    cache.put(lid(0), incompressible(200, "b"), kind="other")
+    cache.put(lid(1), incompressible(200, "c"))
+    cache.put(lid(2), incompressible(200, "d"), keep=[lid(0)])  # lid(0) in any kind stays; lid(1) goes
     assert cache.contains(lid(0)) and cache.contains(lid(0), kind="other")
     assert not cache.contains(lid(1)) and cache.contains(lid(2))
 
 
 def test_cache_full_changes_nothing(make_cache):
     cache = make_cache(500 / MiB)
-    cache.put(lid(0), b"a" * 200)
-    cache.put(lid(1), b"b" * 200)
+    cache.put(lid(0), incompressible(200, "a"))
+    cache.put(lid(1), incompressible(200, "b"))
     cache.get(lid(0))
     before = cache.cache_data()
     with pytest.raises(CacheFull):
-        cache.put(lid(2), b"c" * 300, keep=[lid(0), lid(1)])
+        cache.put(lid(2), incompressible(300, "c"), keep=[lid(0), lid(1)])
     assert cache.cache_data() == before
     assert lid(2) not in cache and cache.verify() == []
-    assert cache.put(lid(2), b"c" * 300, keep=[lid(1)])  # now lid(0) may go
+    assert cache.put(lid(2), incompressible(300, "c"), keep=[lid(1)])  # now lid(0) may go
     assert lid(0) not in cache and lid(1) in cache
 
 
 def test_put_applies_own_buffered_hits_before_choosing_victims(make_cache):
     cache = make_cache(300 / MiB)
     for i in range(3):
-        cache.put(lid(i), b"x" * 100)
+        cache.put(lid(i), incompressible(100, "x"))
     cache.get(lid(0))  # buffered, not yet written
-    cache.put(lid(3), b"y" * 100)
+    cache.put(lid(3), incompressible(100, "y"))
     assert lid(0) in cache and lid(1) not in cache
 
 
@@ -365,12 +366,12 @@ def test_a_put_that_fits_leaves_the_buffer_and_one_that_evicts_applies_it(make_c
     """Seen from another process: a put that fits writes no buffered reference; an evicting
     put writes them first (so they decide its victims)."""
     cache = make_cache(300 / MiB)
-    cache.put(lid(0), b"x" * 100)
-    cache.put(lid(1), b"x" * 100)
+    cache.put(lid(0), incompressible(100, "x"))
+    cache.put(lid(1), incompressible(100, "x"))
     cache.get(lid(0))
-    cache.put(lid(2), b"x" * 100)  # fits: 300 of 300 bytes
+    cache.put(lid(2), incompressible(100, "x"))  # fits: 300 of 300 bytes
     assert _elsewhere(cache, REFS)[lid(0) + "_layer_file"] == 0  # still buffered
-    cache.put(lid(3), b"x" * 100)  # evicts: lid(1), the oldest unreferenced one
+    cache.put(lid(3), incompressible(100, "x"))  # evicts: lid(1), the oldest unreferenced one
     refs = _elsewhere(cache, REFS)
     assert refs[lid(0) + "_layer_file"] == 1 and lid(1) + "_layer_file" not in refs
 
@@ -435,16 +436,16 @@ def test_holes_left_by_pwrite_commits_are_not_damage(make_cache, caplog):
     cache = make_cache(1)
     # Many small records, then one large one that evicts most of them in one transaction: the
     # pages that transaction freed after dirtying them are never written.
-    fill = ("for i in range(3000): c.put('sha256:%064x' % i, b'r' * 300)\n"
-            "c.put('sha256:big', b'B' * 900_000); c.close(); print('1')")
+    fill = ("for i in range(3000): c.put('sha256:%064x' % i, os.urandom(300))\n"  # incompressible: stored
+            "c.put('sha256:big', os.urandom(900_000)); c.close(); print('1')")  # at their length
     env = dict(os.environ, NVCACHE_WRITEMAP="0",
                NVCACHE_NO_EXTENSIONS="" if type(cache)._core.__name__.endswith("_index") else "1")
-    prog = "import json, sys, nvcache; c = nvcache.LayerCache(sys.argv[1], 1)\n" + fill
+    prog = "import json, os, sys, nvcache; c = nvcache.LayerCache(sys.argv[1], 1)\n" + fill
     subprocess.run([sys.executable, "-c", prog, cache.path], check=True, env=env, capture_output=True)
     before = cache.stats()["record_count"]
     assert before > 100
     with caplog.at_level(logging.WARNING, logger="nvcache"):
-        assert cache.put(lid(1), b"x" * 100)
+        assert cache.put(lid(1), incompressible(100, "x"))
     assert cache.stats()["record_count"] in (before, before + 1)  # at most one evicted
     assert not [r for r in caplog.records if "damaged" in r.message or "emptying" in r.message]
 
@@ -488,7 +489,7 @@ def test_dump_orders_ties_by_name(make_cache, core):
     cache.restore("z", b"r", reference_count=0, last_referred_ns=same - 1)
     names = [r["layer_id"] for r in cache.cache_data()["cache_records"]]
     assert names == ["z_layer_file", "a_layer_file", "b_layer_file", "c_layer_file"]
-    cache.put("new", b"n" * (cache.max_bytes - 2))  # must free 2 bytes: the first two victims
+    cache.put("new", incompressible((cache.max_bytes - 2), "n"))  # must free 2 bytes: the first two victims
     assert [n for n in "zabc" if n in cache] == ["b", "c"]
 
 
@@ -778,11 +779,11 @@ def test_map_full_is_a_cache_error_and_changes_nothing(Cache, cache_dir, monkeyp
         stored = []
         with pytest.raises(CacheError, match="map size"):
             for i in range(1000):
-                assert cache.put(lid(i), bytes([i % 256]) * 3000)
+                assert cache.put(lid(i), incompressible(3000, i % 256))
                 stored.append(i)
         assert stored and cache.verify() == []  # the failed commit changed nothing
         for i in stored:  # and every acknowledged record still reads back
-            assert cache.get(lid(i)) == bytes([i % 256]) * 3000
+            assert cache.get(lid(i)) == incompressible(3000, i % 256)
         assert cache.stats()["record_count"] == len(stored)
     finally:
         cache.close()
@@ -846,9 +847,9 @@ def test_an_absurd_stored_size_is_a_miss_not_an_allocation(Cache, cache_dir, cor
     """Damage claiming 512 GiB in front of a record's bytes: a logged miss that drops it (no MemoryError)."""
     holder = Cache(cache_dir, 1)
     try:
-        holder.put(DIGEST, b"r" * 100)
+        holder.put(DIGEST, incompressible(100, "r"))
         key = core.name_key(core.record_name(DIGEST, "layer_file")[0])
-        damaged = struct.pack("<QQ", 1 << 39, core.checksum(b"r" * 100)) + _stored_born(holder, DIGEST) + b"r" * 100
+        damaged = struct.pack("<QQ", 1 << 39, core.checksum(incompressible(100, "r"))) + _stored_born(holder, DIGEST) + incompressible(100, "r")
         tamper(cache_dir, "dat", key + b"\0\0\0\0", damaged)
         assert holder.get(DIGEST) is None
         assert holder.put(DIGEST, b"new") is True  # the damaged record was dropped
@@ -864,12 +865,12 @@ def test_a_total_below_the_records_it_counts_is_damage_in_both_cores(Cache, cach
     import struct
     holder = Cache(cache_dir, 1)  # in use: the tampering below is not an unclean close
     for i in range(3):
-        holder.put(lid(i), b"x" * 400_000)
+        holder.put(lid(i), incompressible(400_000, "x"))
     tamper(cache_dir, "meta", b"records", struct.pack("<QQ", 3, 1000))  # 1,000 bytes for 1.2 MB
     with caplog.at_level(logging.WARNING, logger="nvcache"):
         # 1,000 + 1,048,000 > 1 MiB: evicts lid(0) (400,000 bytes), more than the total says there is
-        assert holder.put(lid(9), b"y" * 1_048_000)
+        assert holder.put(lid(9), incompressible(1_048_000, "y"))
     assert any("damaged" in r.message for r in caplog.records)
-    assert holder.get(lid(9)) == b"y" * 1_048_000
+    assert holder.get(lid(9)) == incompressible(1_048_000, "y")
     assert holder.verify() == [] and holder.stats()["record_total_size"] == 1_048_000
     holder.close()

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nvcache import LayerCache
 from nvcache.cli import cli, stat_table
+from payloads import incompressible
 
 # The controller's `show scan cache-stat` output, from the reference page.
 SEED_STAT_NONE = """\
@@ -63,7 +64,7 @@ def filled(cache_dir: str) -> str:
     """A cache with 4 records of known sizes: 2 hits on record 2, 1 on record 0, 1 miss."""
     with LayerCache(cache_dir, 1) as cache:
         for digest, size in zip(DIGESTS, SIZES):
-            assert cache.put(digest, b"r" * size)
+            assert cache.put(digest, incompressible(size, "r"))
         assert cache.get(DIGESTS[2]) and cache.get(DIGESTS[2]) and cache.get(DIGESTS[0])
         assert cache.get("sha256:" + "f" * 64) is None
     return cache_dir
@@ -251,7 +252,7 @@ def _on_disk(path):
 def test_metrics_exposition_parses_back(cache_dir):
     with LayerCache(cache_dir, 0.002) as cache:  # 2097 bytes: the fifth 500-byte record evicts
         for digest in DIGESTS + ["sha256:" + "9" * 64]:
-            cache.put(digest, b"m" * 500)
+            cache.put(digest, incompressible(500, "m"))
         cache.get(DIGESTS[-1])
         cache.get(DIGESTS[0])  # evicted: a miss
         stats, evictions = cache.stats(), cache.evictions()

@@ -53,6 +53,7 @@ import pytest
 import nvcache
 from nvcache import CacheError, CacheFull, CacheTimeout, RecordTooLarge
 from nvcache.locking import FLAG_OFFSET, SLOT_SIZE, SLOTS, SLOTS_OFFSET
+from payloads import incompressible
 
 MiB = 1024 * 1024
 NOBODY = 65534
@@ -102,8 +103,8 @@ def size_of(i: int, lo: int, hi: int) -> int:
 
 
 def record(i: int, size: int) -> bytes:
-    block = hashlib.blake2b(b"rec%d" % i, digest_size=64).digest()
-    return (struct.pack("<QQ", i, size) + block * (size // 64 + 1))[:size]
+    """Incompressible (stored raw), so that a record's stored size is ``size``."""
+    return (struct.pack("<QQ", i, size) + random.Random(i * 1_000_003 + size).randbytes(size))[:size]
 
 
 # -- child processes ------------------------------------------------------------------
@@ -1235,7 +1236,7 @@ def _views(b: bytes) -> Any:
 
 records = st.one_of(st.binary(max_size=5000), st.binary(max_size=200).map(bytearray),
                     st.binary(max_size=200).flatmap(_views), st.just(b""),
-                    st.builds(lambda: b"x" * (MiB + 1)), st.text(max_size=10), junk)
+                    st.builds(lambda: incompressible((MiB + 1), "x")), st.text(max_size=10), junk)
 keeps = st.one_of(st.just(()), st.lists(ids, max_size=4), st.sets(st.sampled_from(VALID_IDS), max_size=3),
                   st.text(max_size=5), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
                   st.lists(st.sampled_from(VALID_IDS), max_size=3).map(iter), junk)
@@ -1329,7 +1330,7 @@ def test_fuzz_public_api(Cache, tmp_path):
     @example([("add_counters", 2**63 - 1, 0), ("add_counters", 2**63 - 1, 0),
               ("add_counters", 0, 2**63 - 1), ("add_counters", 0, 2**63 - 1), ("stats",)])
     @example([("open", "slow", 1, False, 1e300), ("open", "slower", 1, False, 2.96e222)])
-    @example([("put", lid(1), b"x" * (MiB + 1), "layer_file", ()), ("put", lid(2), b"r", "k\0", ()),
+    @example([("put", lid(1), incompressible((MiB + 1), "x"), "layer_file", ()), ("put", lid(2), b"r", "k\0", ()),
               ("put", lid(3), b"r", "layer_file", [lid(3), 5])])
     def run(seq: List[Tuple[Any, ...]]) -> None:
         for op in seq:

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from payloads import incompressible
+
 HERE = os.path.dirname(os.path.abspath(__file__))  # the children import worker.record_for from here
 
 ROUNDS = int(os.environ.get("NVCACHE_REMOVAL_ROUNDS", "8"))
@@ -531,7 +533,7 @@ def test_a_record_put_again_by_another_process_inherits_no_buffered_references(C
                 b.clear()
             else:  # puts that evict k (the least recently referred: A's hits are not written yet)
                 for i in range(4):
-                    b.put(f"sha256:{i:064x}", bytes(300_000))
+                    b.put(f"sha256:{i:064x}", incompressible(300_000, i))
                 assert key not in b
             assert b.put(key, b"new")
             (mine,) = [r for r in b.cache_data()["cache_records"] if r["layer_id"] == key + "_layer_file"]

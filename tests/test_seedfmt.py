@@ -16,6 +16,7 @@ import pytest
 from nvcache.errors import CacheError
 from nvcache.seedfmt import (SeedFormatError, check_source, export_seed, import_seed, parse_rfc3339,
                              split_name)
+from payloads import incompressible
 
 SEED_VERSION = {"version": 0, "description": "initial implementation"}
 # (digest, payload, ref_cnt, ref_last) -- times in several of Go's spellings.
@@ -227,7 +228,7 @@ def test_skip_missing_drops_stale_entries_only(make_cache, tmp_path):
 
 def test_import_that_would_not_fit_imports_nothing(make_cache, tmp_path):
     src = str(tmp_path / "seed")
-    big = [("sha256:" + "%064x" % i, b"x" * 40_000, 1, "2024-01-01T00:00:0%dZ" % i) for i in range(4)]
+    big = [("sha256:" + "%064x" % i, incompressible(40_000, "x"), 1, "2024-01-01T00:00:0%dZ" % i) for i in range(4)]
     build_seed(src, big)
     cache = make_cache(0.1)  # 104857 bytes: three fit, four do not
     with pytest.raises(SeedFormatError, match="exceed the bound"):

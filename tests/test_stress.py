@@ -56,7 +56,7 @@ def assert_healthy(proc, s):
 
 def test_stress_exact_counters(tmp_path, core_env, core):
     proc, s = run_stress(tmp_path, core_env, core, "--duration", str(SECONDS or 5), "--pidns", "4",
-                         "--max-mb", "1", "--keys", "1500")
+                         "--max-mb", "0.5", "--keys", "1500")
     assert_healthy(proc, s)
     assert s["kills"] == 0
     assert s["final"]["counter_rule"].endswith("(exact)")
@@ -70,7 +70,7 @@ def test_stress_exact_counters(tmp_path, core_env, core):
 def test_stress_chaos(tmp_path, core_env, core):
     proc, s = run_stress(tmp_path, core_env, core, "--duration", str(SECONDS or 4.5), "--pidns", "4",
                          "--chaos", "--kill-every", "0.25", "--kill-margin", "0.5",
-                         "--max-mb", "1", "--keys", "1500", "--mix",
+                         "--max-mb", "0.5", "--keys", "1500", "--mix",
                          "get=60,put=25,delete=4,contains=3,len=1,stats=4,cache_data=2,clear=1")
     assert_healthy(proc, s)
     assert s["kills"] >= 3 and s["restarts"] == s["kills"]

@@ -23,6 +23,7 @@ import nvcache
 from nvcache import _index as compiled  # a missing build fails here, never skips
 from nvcache import fallback
 from nvcache.errors import StaleReader
+from payloads import incompressible
 
 texts = st.one_of(st.text(max_size=40), st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7f),
                                                  min_size=1, max_size=40), st.integers(), st.none(), st.binary())
@@ -218,7 +219,9 @@ def test_c_reads_match_the_twin(tmp_path_factory, records, dangling, no_bytes, b
         keys = [key_of(i) for i in range(42)]
         ext, twin = _read_both(store, (keys, [key_of(i) for i in batch]))
         assert ext == twin
-        assert all(born > 0 if type(data) is bytes else born == 0 for data, born in ext[0])
+        assert all(born > 0 if type(data) is bytes else born == enc == 0 for data, born, enc in ext[0])
+        assert any(enc for _data, _born, enc in ext[0]) == any(len(set(d)) < len(d) // 4 for _i, _w, d in records
+                                                                if len(d) > 64)  # compressed ones say so
         assert isinstance(store.files.env, lmdb.Environment)
 
 
@@ -260,7 +263,7 @@ def _step(core, store, txn, op, bound):
         if got[0] != "ok":
             return [got]
         return [got, outcome(index.insert, txn, key_of(i), name, lid, bytes([i % 251]) * size, got[1], refs,
-                             when * 10**9)]
+                             when * 10**9, i % 2)]  # the encoding: stored as given, in both cores
     if op[0] == "remove":
         return [outcome(index.remove, txn, key_of(op[1]))]
     if op[0] == "apply":
@@ -419,7 +422,7 @@ def test_a_reader_whose_c_environment_cannot_open_reads_through_the_twin(tmp_pat
     """The compiled Reader falls back to fallback.Reader for good: same results, no C path."""
     with Ext(str(tmp_path / "c"), 1) as cache:
         for i in range(6):
-            cache.restore(f"sha256:{i}", bytes([i]) * (i * 40), reference_count=i, last_referred_ns=(i % 2 + 1) * 10**9)
+            cache.restore(f"sha256:{i}", incompressible((i * 40), i), reference_count=i, last_referred_ns=(i % 2 + 1) * 10**9)
         store = cache._store
         c_reader = store.reader
         py_path = compiled.Reader(store.lock, _ElsewhereEnv(store.files.env, str(tmp_path / "missing")), store.files.index)
@@ -427,7 +430,7 @@ def test_a_reader_whose_c_environment_cannot_open_reads_through_the_twin(tmp_pat
             assert c_reader.direct and not py_path.direct and not py_path.shared
             keys = [key_of(i) for i in range(8)]
             for reader in (c_reader, py_path):
-                assert [reader.lookup(k)[0] for k in keys] == [bytes([i]) * (i * 40) for i in range(6)] + [None] * 2
+                assert [reader.lookup(k)[0] for k in keys] == [incompressible((i * 40), i) for i in range(6)] + [None] * 2
             assert [py_path.lookup(k) for k in keys] == [c_reader.lookup(k) for k in keys]
             assert py_path.lookup_many(keys) == c_reader.lookup_many(keys)
             assert [py_path.contains(k) for k in keys] == [c_reader.contains(k) for k in keys]

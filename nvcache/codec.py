@@ -1,0 +1,191 @@
+"""How records are stored: zstd-compressed, with the cache's own dictionary once it has one.
+
+A put compresses before it takes the write lock and a get decompresses after
+its read let go of the lock (the readers-table slot or the flock), so the
+lock covers LMDB's work only; both cores share this module. A record is
+stored raw when compression does not make it smaller, and always raw from a
+cache opened with ``compress=False`` (for callers who compress themselves).
+The record's first chunk says how it was stored (its size word, see
+fallback.py): 0 raw; n >= 1 a zstd frame made with dictionary n - 1 of the
+same file (0: no dictionary). Sizes, the bound, eviction and the dump all
+count stored bytes, as the seed scanner counts its gzip files.
+
+Frames are magicless (the encoding already says zstd) and carry their
+content size (for one-shot decompression) but neither a checksum nor a
+dictionary id: the record's xxh3 checksum covers the stored bytes, and the
+encoding names the dictionary.
+
+Dictionaries are trained from a random sample of the cache's own records
+(:func:`train`), stored in the file's ``meta`` table and never changed, so
+records made with an older one stay readable. A :class:`Codec` belongs to
+one open file, because dictionary numbers are that file's: the store
+decodes a record with the codec of the reader that read it. A process
+learns a newer dictionary when a record it reads names one, or when it
+looks at the current number (every ``REFRESH_EVERY`` puts).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import zstandard
+
+# Chosen by measurement (DEVELOPERS.md, "Compression"): level 3 is most of the ratio of the
+# slower levels at a fraction of their time on scanner-shaped JSON.
+LEVEL = 3
+DICT_SIZE = 32 * 1024
+TRAIN_AT = 512  # records in the cache before the first dictionary is trained
+TRAIN_GROWTH = 4  # dictionary g is trained at TRAIN_AT * TRAIN_GROWTH ** (g - 1) records
+MAX_DICTIONARIES = 8  # at most this many per file (DICT_SIZE each, outside the bound)
+SAMPLES = 1000  # records sampled to train one
+MIN_GAIN = 0.02  # a new dictionary must save 2 % of the held-out samples' bytes to be used
+REFRESH_EVERY = 256  # puts between two looks at the file's current dictionary
+
+RAW = 0
+_FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
+_PARAMS = zstandard.ZstdCompressionParameters.from_level(
+    LEVEL, format=_FORMAT, write_content_size=1, write_checksum=0, write_dict_id=0)
+
+
+def _compressor(dictionary: Optional[zstandard.ZstdCompressionDict]) -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(dict_data=dictionary, compression_params=_PARAMS)
+
+
+def _decompressor(dictionary: Optional[zstandard.ZstdCompressionDict]) -> zstandard.ZstdDecompressor:
+    return zstandard.ZstdDecompressor(dict_data=dictionary, format=_FORMAT)
+
+
+class Codec:
+    """The encoder and decoder of one open file's records.
+
+    ``load(n)`` returns dictionary ``n`` of the file (None when it is absent
+    or damaged); it is called outside any lock the caller holds. zstd
+    contexts are not safe to share between threads, so each thread gets its
+    own compressor and decompressor per dictionary.
+    """
+
+    def __init__(self, load: Callable[[int], Optional[bytes]]) -> None:
+        self._load = load
+        self._dicts: Dict[int, Optional[zstandard.ZstdCompressionDict]] = {0: None}
+        self._local = threading.local()
+        self.current = 0  # the dictionary new records are made with
+        self.puts = 0  # encodes since the last look at the file's current dictionary
+        self.tried: set = set()  # dictionary counts at which this process trained (once each)
+
+    # -- dictionaries --------------------------------------------------------------------
+    def _dictionary(self, number: int) -> Optional[zstandard.ZstdCompressionDict]:
+        """Dictionary ``number`` (0: none); KeyError when the file does not have it."""
+        try:
+            return self._dicts[number]
+        except KeyError:
+            pass
+        body = self._load(number)
+        if body is None:
+            raise KeyError(number)
+        found = self._dicts.setdefault(number, zstandard.ZstdCompressionDict(body))
+        return found
+
+    def learn(self, number: int, body: Optional[bytes]) -> None:
+        """Dictionary ``number`` read by the caller (None: the file lacks it); newest becomes current."""
+        if number and body is not None:
+            self._dicts.setdefault(number, zstandard.ZstdCompressionDict(body))
+            if number > self.current:
+                self.current = number
+
+    def body(self, number: int) -> Optional[bytes]:
+        """The bytes of a dictionary this codec holds (None: none or not loaded)."""
+        found = self._dicts.get(number)
+        return found.as_bytes() if found is not None else None
+
+    def adopt(self, number: int) -> bool:
+        """Make dictionary ``number`` the one new records use, if it is newer and readable."""
+        if number <= self.current:
+            return False
+        try:
+            self._dictionary(number)
+        except KeyError:
+            return False
+        self.current = number
+        return True
+
+    # -- records ---------------------------------------------------------------------------
+    def _contexts(self) -> Tuple[Dict[int, Any], Dict[int, Any]]:
+        local = self._local
+        try:
+            return local.compressors, local.decompressors  # type: ignore[no-any-return]
+        except AttributeError:
+            local.compressors, local.decompressors = {}, {}
+            return local.compressors, local.decompressors
+
+    def encode(self, data: Any, number: Optional[int] = None) -> Tuple[int, Any]:
+        """(encoding, stored bytes) of ``data``: compressed with dictionary ``number`` (default
+        the current one) when that makes it smaller, else (RAW, data)."""
+        if number is None:
+            number = self.current
+        self.puts += 1
+        compressors = self._contexts()[0]
+        comp = compressors.get(number)
+        if comp is None:
+            comp = compressors[number] = _compressor(self._dictionary(number))
+        out = comp.compress(data)
+        if len(out) >= len(data):
+            return RAW, data
+        return number + 1, out
+
+    def decode(self, enc: int, stored: bytes,
+               load: Optional[Callable[[int], Optional[bytes]]] = None) -> Optional[bytes]:
+        """The record's bytes; None when they cannot be decoded (a missing or damaged dictionary,
+        a frame zstd rejects): the caller treats that as a damaged record. ``load``: how to read
+        a dictionary not loaded yet, for a caller inside a transaction (default: the codec's)."""
+        number = enc - 1
+        decompressors = self._contexts()[1]
+        dec = decompressors.get(number)
+        try:
+            if dec is None:
+                if load is not None and number not in self._dicts:
+                    body = load(number)
+                    if body is None:
+                        return None
+                    self.learn(number, body)
+                dec = decompressors[number] = _decompressor(self._dictionary(number))
+            data = dec.decompress(stored)
+        except (KeyError, zstandard.ZstdError):
+            return None
+        if number > self.current:  # made with a dictionary newer than ours: use it too
+            self.adopt(number)
+        return data  # type: ignore[no-any-return]
+
+
+def due_generation(records: int, dictionaries: int) -> bool:
+    """Whether a cache of ``records`` records with ``dictionaries`` of them should train one more."""
+    return dictionaries < MAX_DICTIONARIES and records >= TRAIN_AT * TRAIN_GROWTH ** dictionaries
+
+
+def train(samples: Sequence[bytes], current: Optional[bytes] = None) -> Optional[bytes]:
+    """A dictionary trained on ``samples`` (decoded records), or None when it would not help.
+
+    One sample in five is held out: the new dictionary is kept only if it
+    stores those in at least ``MIN_GAIN`` fewer bytes than the ``current``
+    dictionary (or none) does.
+    """
+    held = [s for i, s in enumerate(samples) if i % 5 == 4]
+    used = [s for i, s in enumerate(samples) if i % 5 != 4]
+    if len(used) < 16 or not held:
+        return None
+    try:
+        trained = zstandard.train_dictionary(DICT_SIZE, used, level=LEVEL)
+    except zstandard.ZstdError:  # too few or too uniform samples
+        return None
+    body = trained.as_bytes()
+    old = _compressor(zstandard.ZstdCompressionDict(current) if current else None)
+    new = _compressor(zstandard.ZstdCompressionDict(body))
+    before = sum(min(len(old.compress(s)), len(s)) for s in held)
+    after = sum(min(len(new.compress(s)), len(s)) for s in held)
+    return body if after <= before * (1 - MIN_GAIN) else None
+
+
+def stored_sizes(records: Sequence[bytes], dictionary: Optional[bytes] = None) -> List[int]:
+    """What each record would take in a cache (its stored size) with ``dictionary`` (or none)."""
+    comp = _compressor(zstandard.ZstdCompressionDict(dictionary) if dictionary else None)
+    return [min(len(comp.compress(r)), len(r)) for r in records]
