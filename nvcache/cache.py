@@ -167,7 +167,7 @@ class LayerCache:
         """
         if data is False:
             store.drop_damaged(key, self.lock_timeout)
-            log.warning("record %s_%s failed its checksum; dropped it", layer_id, kind)
+            log.warning("record %s_%s failed its checksum (or could not be decoded); dropped it", layer_id, kind)
             data = None
         store.buffer.count(key, data, born)
         return data  # type: ignore[no-any-return]
