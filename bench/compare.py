@@ -107,8 +107,12 @@ def scan_text(rng: random.Random, size: int) -> bytes:
     return ("[" + ",".join(parts) + "]").encode()[:size]
 
 
-def payloads(size: int, count: int = 64, seed: int = 11) -> List[bytes]:
+def payloads(size: int, count: int = 64, seed: int = 11, kind: str = "json") -> List[bytes]:
+    """``count`` records of ``size`` bytes: JSON-like scan text (compresses about 4x with zstd), or
+    random bytes (``kind="random"``: incompressible, stored raw)."""
     rng = random.Random(seed)
+    if kind == "random":
+        return [rng.randbytes(size) for _ in range(count)]
     return [scan_text(rng, size) for _ in range(count)]
 
 
@@ -1232,7 +1236,8 @@ def write_markdown(results: Dict[str, Any], out_dir: str, plots: List[str]) -> s
              f"max {max(la):.2f} (2 cores: above ~1 means other tenants compete with the benchmark) |")
     L.append(f"| timer | perf_counter_ns around every operation; its own overhead ≈ {m['timer_overhead_ns']:.0f} ns "
              f"(included in every figure) |")
-    L.append(f"| records | {cfg['record_size']} B each (JSON-like scan text), keys `sha256:<64 hex>`; "
+    kind = "random bytes, incompressible" if cfg.get("payload") == "random" else "JSON-like scan text"
+    L.append(f"| records | {cfg['record_size']} B each ({kind}), keys `sha256:<64 hex>`; "
              f"per-op budget {cfg['budget']} s, up to {cfg['max_gets']} gets / {cfg['max_puts']} puts / "
              f"{cfg['max_deletes']} deletes per cell |")
     L.append("")
@@ -1551,6 +1556,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of: " + ", ".join(PEERS))
     ap.add_argument("--workloads", default="diskcache,layers")
     ap.add_argument("--record-size", type=int, default=2048)
+    ap.add_argument("--payload", choices=("json", "random"), default="json",
+                    help="record bytes: JSON-like scan text (compressible) or random (incompressible)")
     ap.add_argument("--seed-max", type=int, default=100_000, help="largest N for the JSON seed baseline")
     ap.add_argument("--diskcache-max", type=int, default=1_000_000, help="largest N for diskcache")
     ap.add_argument("--budget", type=float, default=None, help="seconds per (peer, op, N) cell")
@@ -1616,7 +1623,7 @@ def main(argv: List[str]) -> int:
         k: v for k, v in vars(cfg).items() if k not in ("probe_memory", "report_only")},
         "single": [], "multi": [], "memory": [], "populate": [], "skipped": []}
     log(f"scratch in {root}; sizes {cfg.sizes}; procs {cfg.procs}; peers {cfg.peers}")
-    data = payloads(cfg.record_size)
+    data = payloads(cfg.record_size, kind=cfg.payload)
 
     def checkpoint() -> None:
         results.setdefault("loadavg_samples", []).append(round(os.getloadavg()[0], 2))

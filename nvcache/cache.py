@@ -361,6 +361,15 @@ class LayerCache:
             return
         store.clear(self.lock_timeout)
 
+    def stored_size(self, record: Record) -> int:
+        """How many bytes ``record`` would take in this cache if put now: what counts against
+        the bound and shows as its ``size`` (its length when ``compress=False`` or disabled)."""
+        data = _as_record(record)
+        store = self._opened()
+        if store is None or not self.compress:
+            return len(data)
+        return store.stored_size(data)
+
     def train_dictionary(self, samples: Optional[Iterable[Record]] = None) -> int:
         """Train a compression dictionary for the records put from now on; its number, or 0.
 

@@ -70,7 +70,7 @@ class Codec:
         self._dicts: Dict[int, Optional[zstandard.ZstdCompressionDict]] = {0: None}
         self._local = threading.local()
         self.current = 0  # the dictionary new records are made with
-        self.puts = 0  # encodes since the last look at the file's current dictionary
+        self.puts = 0  # puts since the store last looked at the file's current dictionary
         self.tried: set = set()  # dictionary counts at which this process trained (once each)
 
     # -- dictionaries --------------------------------------------------------------------
@@ -123,7 +123,6 @@ class Codec:
         the current one) when that makes it smaller, else (RAW, data)."""
         if number is None:
             number = self.current
-        self.puts += 1
         compressors = self._contexts()[0]
         comp = compressors.get(number)
         if comp is None:
@@ -138,23 +137,33 @@ class Codec:
         """The record's bytes; None when they cannot be decoded (a missing or damaged dictionary,
         a frame zstd rejects): the caller treats that as a damaged record. ``load``: how to read
         a dictionary not loaded yet, for a caller inside a transaction (default: the codec's)."""
-        number = enc - 1
-        decompressors = self._contexts()[1]
-        dec = decompressors.get(number)
-        try:
+        try:  # every compressed hit: this thread's decompressor for this encoding (compressors go by
+            # dictionary number), found or made
+            dec = self._local.decompressors[enc]
+        except (AttributeError, KeyError):
+            dec = self._new_decompressor(enc, load)
             if dec is None:
-                if load is not None and number not in self._dicts:
-                    body = load(number)
-                    if body is None:
-                        return None
-                    self.learn(number, body)
-                dec = decompressors[number] = _decompressor(self._dictionary(number))
-            data = dec.decompress(stored)
-        except (KeyError, zstandard.ZstdError):
+                return None
+        try:
+            return dec.decompress(stored)  # type: ignore[no-any-return]
+        except zstandard.ZstdError:
             return None
+
+    def _new_decompressor(self, enc: int, load: Optional[Callable[[int], Optional[bytes]]]) -> Any:
+        number = enc - 1
+        if load is not None and number not in self._dicts:
+            body = load(number)
+            if body is None:
+                return None
+            self.learn(number, body)
+        try:
+            dec = _decompressor(self._dictionary(number))
+        except KeyError:
+            return None
+        self._contexts()[1][enc] = dec
         if number > self.current:  # made with a dictionary newer than ours: use it too
             self.adopt(number)
-        return data  # type: ignore[no-any-return]
+        return dec
 
 
 def due_generation(records: int, dictionaries: int) -> bool:

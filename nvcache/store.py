@@ -164,6 +164,7 @@ class Store(Lifecycle):
         could make room; both change nothing."""
         codec = self.reader.codec
         enc, stored = codec.encode(data) if compress else (RAW, data)
+        codec.puts += 1
         if len(stored) > max_bytes:
             raise RecordTooLarge(f"record of {len(stored)} bytes stored ({len(data)} put) exceeds the cache "
                                  f"bound of {max_bytes}")
@@ -172,6 +173,10 @@ class Store(Lifecycle):
         if compress and codec.puts >= REFRESH_EVERY:
             self._dictionary_due(codec, timeout)
         return evicted  # type: ignore[no-any-return]
+
+    def stored_size(self, data: Any) -> int:
+        """The bytes ``data`` would take if put compressed now (with the current dictionary)."""
+        return len(self.reader.codec.encode(data)[1])
 
     def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any, enc: int,
                 stored: Any, codec: Any, max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
