@@ -683,6 +683,10 @@ cdef class Index:
 
     contains = exists
 
+    def history(self, txn, bytes key):
+        """(refs, last_ns, born_ns) of ``key``, None when absent (cold: py-lmdb transactions only)."""
+        return self.twin.history(txn, key)
+
     def lookup(self, txn, bytes key):
         """(bytes, born_ns); (None, 0) when absent; (False, 0) when damaged (see fallback.py)."""
         return self.twin.lookup(txn, key)
