@@ -688,6 +688,10 @@ cdef class Index:
 
     contains = exists
 
+    def history(self, txn, bytes key):
+        """(refs, last_ns, born_ns) of ``key``, None when absent (cold: py-lmdb transactions only)."""
+        return self.twin.history(txn, key)
+
     def lookup(self, txn, bytes key):
         """(stored bytes, born_ns, encoding); (None, 0, 0) absent; (False, 0, 0) damaged (fallback.py)."""
         return self.twin.lookup(txn, key)

@@ -24,14 +24,14 @@ close), or at least once a second while the process is active (see
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
 from types import ModuleType, TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Type, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
+from .controller import controller_json
 from .errors import CacheError
 from . import registry
 from .store import Store, log
@@ -50,6 +50,15 @@ def _bound(max_mb: object, what: str = "max_mb") -> int:
     if not math.isfinite(max_mb) or not 0 <= max_mb <= MAX_MB:
         raise ValueError(f"{what} must be a finite number of MiB in [0, {MAX_MB}], got {max_mb!r}")
     return int(max_mb * 1024 * 1024)
+
+
+def _count(what: str, value: object, limit: int) -> int:
+    """``value`` as a count in [0, ``limit``): TypeError for a non-int (bool included), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be int, not {type(value).__name__}")
+    if not 0 <= value < limit:
+        raise ValueError(f"{what} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
+    return value
 
 
 def _as_record(record: object) -> Union[bytes, bytearray]:
@@ -268,26 +277,53 @@ class LayerCache:
         (nanoseconds since the epoch, > 0) instead of starting at 0 and now;
         eviction, ``RecordTooLarge`` and ``CacheFull`` work as in put.
         """
-        for what, value in (("reference_count", reference_count), ("last_referred_ns", last_referred_ns)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{what} must be int, not {type(value).__name__}")
-            if not 0 <= value < 1 << 64:
-                raise ValueError(f"{what} must be in [0, 2**64), got {value}")
+        _count("reference_count", reference_count, 1 << 64)
+        _count("last_referred_ns", last_referred_ns, 1 << 64)
         if last_referred_ns == 0:
             raise ValueError("last_referred_ns must be > 0")
         return self._insert(layer_id, record, kind, (), reference_count, last_referred_ns)
 
     def add_counters(self, hits: int, misses: int) -> None:
         """Add ``hits`` and ``misses`` to the cache's counters (for imports); they saturate at 2**64-1."""
-        for what, value in (("hits", hits), ("misses", misses)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{what} must be int, not {type(value).__name__}")
-            if not 0 <= value < 1 << 63:
-                raise ValueError(f"{what} must be in [0, 2**63), got {value}")
+        _count("hits", hits, 1 << 63)
+        _count("misses", misses, 1 << 63)
         store = self._opened()
         if store is None:
             return
         store.add_counters(hits, misses, self.lock_timeout)
+
+    def merge_history(self, records: Iterable[Tuple[str, str, int, int]], hits: int,
+                      misses: int) -> Tuple[int, int, int]:
+        """Merge another cache's history into this one by maximum, in one write (for imports).
+
+        ``records`` holds (layer_id, kind, reference_count, last_referred_ns)
+        as :meth:`restore` takes them. A record of those already here keeps
+        the larger of the two reference counts and the later of the two last
+        references (absent ones are left out); the hit and miss counters
+        each become the larger of the cache's and ``hits`` / ``misses``.
+        Nothing is added up, so merging the same history twice, or this
+        cache's own export, changes nothing. Returns (records raised, hits
+        added, misses added); (0, 0, 0) when disabled.
+        """
+        _count("hits", hits, 1 << 63)
+        _count("misses", misses, 1 << 63)
+        if isinstance(records, (str, bytes)):
+            raise TypeError("records must be an iterable of (layer_id, kind, reference_count, last_referred_ns)")
+        entries: List[Tuple[bytes, int, int]] = []
+        for record in records:
+            if not isinstance(record, tuple) or len(record) != 4:
+                raise TypeError(f"each record must be a tuple (layer_id, kind, reference_count, "
+                                f"last_referred_ns), got {record!r:.80}")
+            layer_id, kind, refs, last_ns = record
+            key = self._key(layer_id, kind)
+            _count("reference_count", refs, 1 << 64)
+            if _count("last_referred_ns", last_ns, 1 << 64) == 0:
+                raise ValueError("last_referred_ns must be > 0")
+            entries.append((key, refs, last_ns))
+        store = self._opened()
+        if store is None:
+            return 0, 0, 0
+        return store.merge_history(entries, hits, misses, self.lock_timeout)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
         """Remove a record; False if there was none."""
@@ -343,8 +379,10 @@ class LayerCache:
         return store.cache_data(self.lock_timeout)
 
     def cache_data_json(self) -> str:
-        """:meth:`cache_data` as the controller prints it: sorted keys, 2-space indent."""
-        return json.dumps(self.cache_data(), indent=2, sort_keys=True)
+        """:meth:`cache_data` as the controller prints it, byte for byte: sorted keys, 2-space
+        indent, and without the keys its REST structs leave out (zeros, an empty record list;
+        see :func:`nvcache.controller.controller_view`). ``cache_data()`` keeps every key."""
+        return controller_json(self.cache_data())
 
     # -- maintenance ---------------------------------------------------------------
     def flush(self) -> None:
@@ -385,6 +423,17 @@ class LayerCache:
         if store is None:
             return 0
         return store.train_dictionary(data, self.lock_timeout)
+
+    def add_dictionary(self, dictionary: bytes) -> int:
+        """Make ``dictionary`` (from :func:`nvcache.codec.train`) the one new records are compressed
+        with; its number, or 0 if another process stored one meanwhile. Imports use it to store
+        the dictionary their fit check measured with."""
+        if not isinstance(dictionary, bytes) or not dictionary:
+            raise TypeError("dictionary must be non-empty bytes (from nvcache.codec.train)")
+        store = self._opened()
+        if store is None:
+            return 0
+        return store.add_dictionary(dictionary, self.lock_timeout)
 
     def verify(self) -> List[str]:
         """Every problem found in the cache (index, records, totals, LRU order, checksums); [] when healthy."""

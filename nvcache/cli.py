@@ -31,15 +31,15 @@ from tqdm import tqdm
 
 from . import __version__, simulate as sim
 from .cache import DEFAULT_PATH, LayerCache
+from .controller import STAT_FIELDS, controller_stat
 from .errors import CacheError
-from .seedfmt import SeedFormatError, check_source, export_seed, import_seed
+from .importtarget import has_cache, import_into
+from .seedfmt import SeedFormatError, export_seed
 
-STAT_FIELDS = ("cache_misses", "cache_hits", "record_count", "record_total_size")
 SHOW_COLUMNS = ("layer_id", "size", "reference_count", "last_referred")
 # Natural direction per sort key: the next victim, the biggest, the most used first.
 SORT_DESCENDING = {"last_referred": False, "layer_id": False, "size": True, "reference_count": True}
 DATA_FILE = "data.mdb"
-VERSION_FILE = "version"
 SEED_INDEX = "cacher.json"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,15 +106,10 @@ def _max_mb_option(fn: F) -> F:
              "0 means disabled.")(fn)
 
 
-def has_cache(path: str) -> bool:
-    """Whether ``path`` holds an nvcache cache (both ``version`` and ``data.mdb``)."""
-    return os.path.isfile(os.path.join(path, VERSION_FILE)) and os.path.isfile(os.path.join(path, DATA_FILE))
-
-
 @contextmanager
-def open_cache(path: str, max_mb: float, create: bool = False) -> Iterator[LayerCache]:
-    """The cache at ``path``; a disabled one (all ``None``, nothing on disk) when there is none and ``create`` is off."""
-    if not create and not has_cache(path):
+def open_cache(path: str, max_mb: float) -> Iterator[LayerCache]:
+    """The cache at ``path``; a disabled one (all ``None``, nothing on disk) when there is none."""
+    if not has_cache(path):
         if os.path.isfile(os.path.join(path, SEED_INDEX)):
             log.warning("%s holds the seed scanner's cache layout; `nvcache import %s` moves it into nvcache",
                         path, path)
@@ -152,11 +147,11 @@ def _core_warnings() -> Iterator[List[str]]:
 
 
 def stat_table(stats: Dict[str, Optional[int]]) -> str:
-    """The seed's ``cache-stat`` table."""
+    """The controller's ``cache-stat`` table of ``stats``: None where it shows None (a zero, or no cache)."""
     table = PrettyTable(["Field", "Value"])
     table.align = "l"
-    for name in STAT_FIELDS:
-        table.add_row([name, stats.get(name)])
+    for name, value in controller_stat(stats).items():
+        table.add_row([name, value])
     return table.get_string()
 
 
@@ -180,7 +175,12 @@ def cli(ctx: click.Context, path: str, verbose: int) -> None:
 @pass_settings
 @_friendly
 def stat(settings: Settings, max_mb: float, as_json: bool) -> None:
-    """Counters, as the controller's `show scan cache-stat` prints them (None: no cache)."""
+    """Counters, as the controller's `show scan cache-stat` prints them.
+
+    The table shows None where the controller does: for a zero (its REST
+    struct leaves zeros out) and without a cache. --json prints nvcache's
+    own numbers (0 stays 0; null only without a cache), for scripts.
+    """
     with open_cache(settings.path, max_mb) as cache:
         stats = cache.stats()
     if as_json:
@@ -194,7 +194,13 @@ def stat(settings: Settings, max_mb: float, as_json: bool) -> None:
 @pass_settings
 @_friendly
 def data(settings: Settings, max_mb: float) -> None:
-    """The dump, exactly as the controller's `show scan cache-data` prints it."""
+    """The dump, byte for byte as the controller's `show scan cache-data` prints it.
+
+    Sorted keys, 2-space indent, and the controller's omissions: zero
+    counters and sizes, a zero reference_count and an empty cache_records
+    are left out (last_referred never is); a reference count above
+    4294967295 (its uint32) shows as 4294967295. `{}` without a cache.
+    """
     with open_cache(settings.path, max_mb) as cache:
         click.echo(cache.cache_data_json())
 
@@ -278,27 +284,41 @@ def clear(settings: Settings, max_mb: float, yes: bool) -> None:
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.option("--skip-missing", is_flag=True,
               help="Drop index entries whose ref/ file is gone (the seed leaves such stale entries).")
-@click.option("--dry-run", is_flag=True, help="Validate the source and report; change nothing.")
+@click.option("--skip-damaged", is_flag=True,
+              help="Drop records whose ref/ file is not a complete gzip stream or not the indexed size "
+                   "(a warning names each).")
+@click.option("--dry-run", is_flag=True,
+              help="Validate the source and the fit, and report; --path is only read, never created or changed.")
 @pass_settings
 @_friendly
-def import_cmd(settings: Settings, max_mb: float, src: str, skip_missing: bool, dry_run: bool) -> None:
+def import_cmd(settings: Settings, max_mb: float, src: str, skip_missing: bool, skip_damaged: bool,
+               dry_run: bool) -> None:
     """Move a seed scanner cache directory SRC (cacher.json, ref/, version) into the cache.
 
-    Reference counts, last references and hit/miss counters are kept.
-    Records are stored decompressed. All or nothing: a bad or partial SRC,
-    or records that would not fit the bound, import nothing.
+    Reference counts, last references and hit/miss counters are kept;
+    records are stored decompressed. A SRC the scanner never wrote (no
+    cacher.json) is empty. All or nothing: a bad or partial SRC, or records
+    that would not fit the bound, import nothing, and a --path that had no
+    cache is left without one.
+
+    Nothing is counted twice: history merges by maximum. A record already
+    in the cache keeps its bytes, the larger of the two reference counts and
+    the later last reference; the hit and miss counters each become the
+    larger of the cache's and SRC's. So importing SRC again, or this cache's
+    own export, changes no count (an export that scanners used since brings
+    its larger counts back), and importing an unrelated cache into a
+    non-empty one keeps the larger counters rather than their sum.
     """
     if os.path.abspath(src) == os.path.abspath(settings.path):
         raise click.ClickException("SRC and --path must be different directories")
-    check_source(src, skip_missing)  # a bad source fails here, before a target cache is created
-    with open_cache(settings.path, max_mb, create=True) as cache:
-        result = import_seed(src, cache, skip_missing=skip_missing, dry_run=dry_run)
+    result = import_into(src, settings.path, max_mb, skip_missing=skip_missing, skip_damaged=skip_damaged,
+                         dry_run=dry_run)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     verb = "would import" if dry_run else "imported"
-    click.echo(f"{verb} {result.imported} records ({result.record_bytes} bytes) from {src} into "
+    click.echo(f"{verb} {result.imported} records ({result.record_bytes} bytes stored) from {src} into "
                f"{settings.path}; {result.skipped} already present; counters +{result.hits} hits, "
-               f"+{result.misses} misses")
+               f"+{result.misses} misses (merged by maximum)")
 
 
 @cli.command("export")

@@ -339,6 +339,18 @@ class Index:
 
     contains = exists
 
+    def history(self, txn: Any, key: bytes) -> Optional[Tuple[int, int, int]]:
+        """(refs, last_ns, born_ns) from the ``idx`` header of ``key``; None when absent.
+
+        A header too short to hold them also reads as None: ``apply`` skips
+        such an entry too (verify reports it).
+        """
+        hdr = txn.get(key, None, self.idx)
+        if hdr is None or len(hdr) <= HEADER_SIZE:
+            return None
+        _size, refs, last, _check, born, _lid = _HDR.unpack_from(hdr)
+        return refs, last, born
+
     def lookup(self, txn: Any, key: bytes) -> Tuple[Any, int, int]:
         """(stored bytes, born_ns, encoding); (None, 0, 0) when absent; (False, 0, 0) when damaged.
 

@@ -8,16 +8,24 @@ The seed scanner (see ``shared/reference/seed-cache-design.md``) keeps::
     <dir>/lock          empty; every seed operation holds an exclusive flock on it
     <dir>/version       {"version": 0, "description": "initial implementation"}
 
-A record name is ``<layer id>_<kind>``. nvcache stores the record itself (the
-decompressed bytes a scanner would parse); gzip is only how the seed stores
-it on disk, so sizes differ between the two layouts while contents,
-reference counts, last references and hit/miss counters carry over.
+A record name is ``<layer id>_<kind>``. An import takes each record's
+decompressed bytes (what a scanner parses) and stores them the nvcache way:
+zstd-compressed with a dictionary trained on the imported records, which
+stores fewer bytes than the seed's gzip files, so a cache that fits a bound
+in the seed fits it in nvcache (the fit check counts stored bytes). An
+export writes gzip files whose ``size`` is their length, as the seed does.
+Sizes differ between the two layouts; contents, reference counts, last
+references and hit/miss counters carry over. A seed
+cache that was never written (``version`` and ``ref/`` but no
+``cacher.json``) is empty, as the seed scanner reads it.
 
 :func:`import_seed` validates the whole source (index, every file, every
 gzip stream, names, room in the target) before writing anything, and
-deletes what it restored if a write fails half-way. It needs the core's
-``LayerCache.restore`` and ``LayerCache.add_counters``, because the public
-``put`` cannot set reference counts, last references or counters.
+deletes what it restored if a write fails half-way. History merges by
+maximum (see :func:`import_seed`), so nothing is ever counted twice. It
+needs ``LayerCache.restore`` and ``LayerCache.merge_history``, because the
+public ``put`` cannot set reference counts, last references or counters.
+:func:`nvcache.importtarget.import_into` imports into a cache directory.
 """
 
 from __future__ import annotations
@@ -35,10 +43,14 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from . import codec
 from .cache import LayerCache
 from .errors import CacheError
+
+if TYPE_CHECKING:
+    from .importtarget import ReadOnlyCache
 
 log = logging.getLogger("nvcache.seedfmt")
 
@@ -55,10 +67,18 @@ _RFC3339_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))")
 _UINT32_MAX = 2**32 - 1  # the seed's ref_cnt is a Go uint32
 _NAME_MAX = 255
+Target = Union[LayerCache, "ReadOnlyCache"]  # what an import's fit check reads
 
 
 class SeedFormatError(Exception):
     """The source or destination cannot be used; nothing was changed."""
+
+
+class DamagedRecord(SeedFormatError):
+    """A record's ``ref/`` file is not what the index says (size) or not a complete gzip stream.
+
+    ``skip_damaged`` drops such records (with a warning naming each) instead.
+    """
 
 
 @dataclass(frozen=True)
@@ -84,13 +104,26 @@ class SeedIndex:
     hits: int
     misses: int
     warnings: List[str] = field(default_factory=list)
+    damaged: int = 0  # records dropped by skip_damaged
 
 
 @dataclass
 class ImportResult:
+    """What an import did (or, with ``dry_run``, would do).
+
+    ``skipped``: records already in the cache (their history merged);
+    ``merged``: how many of them got a larger reference count or a later
+    last reference from the source; ``damaged``: records dropped by
+    ``skip_damaged``; ``hits`` / ``misses``: how much the cache's counters
+    rose (the merge keeps the larger of two, so a re-import adds 0).
+    """
+
     imported: int = 0
     skipped: int = 0
-    record_bytes: int = 0
+    merged: int = 0
+    damaged: int = 0
+    record_bytes: int = 0  # what the imported records take in the cache (stored bytes)
+    dictionary: Optional[bytes] = None  # the compression dictionary trained on them (None: none)
     hits: int = 0
     misses: int = 0
     dry_run: bool = False
@@ -209,13 +242,15 @@ def _uint(value: Any, where: str) -> int:
     return value
 
 
-def read_index(src: str, skip_missing: bool = False) -> SeedIndex:
+def read_index(src: str, skip_missing: bool = False, skip_damaged: bool = False) -> SeedIndex:
     """Validate ``src`` as a seed cache directory and resolve every record to its file.
 
     Checks the version file, the index and, for each record, that its file
     exists under ``ref/`` with the indexed size. With ``skip_missing`` an
     entry whose file is gone (the seed leaves such stale entries) is dropped
-    with a warning instead of failing.
+    with a warning instead of failing; with ``skip_damaged``, one whose file
+    has another size (DamagedRecord otherwise). Without ``cacher.json`` the
+    index is empty: the seed scanner reads a cache it never wrote that way.
     """
     src = os.path.abspath(src)
     if not os.path.isdir(src):
@@ -227,7 +262,12 @@ def read_index(src: str, skip_missing: bool = False) -> SeedIndex:
     if not isinstance(version, dict) or version.get("version") != SEED_VERSION["version"]:
         raise SeedFormatError(f"{src}/{VERSION_FILE} says {version!r}; only seed cache version "
                               f"{SEED_VERSION['version']} is supported (the seed itself empties any other)")
-    doc = _read_json(index_path, "index")
+    warnings: List[str] = []
+    if os.path.lexists(index_path):
+        doc = _read_json(index_path, "index")
+    else:  # made by a scanner that never wrote a record: it reads a missing index as empty
+        doc = {}
+        warnings.append(f"{src} has no {INDEX_FILE} (a seed cache that was never written): it is empty")
     if not isinstance(doc, dict):
         raise SeedFormatError(f"{index_path} must hold a JSON object")
     entries = doc.get("cache_records") or {}  # Go omits an empty map
@@ -237,11 +277,10 @@ def read_index(src: str, skip_missing: bool = False) -> SeedIndex:
     misses = _uint(doc.get("cache_misses", 0), "cache_misses")
     if max(hits, misses) >= 1 << 63:
         raise SeedFormatError(f"{index_path}: cache_hits/cache_misses do not fit 63 bits")
-    warnings: List[str] = []
     if doc.get("cache_data"):
         warnings.append("the raw layer data cache (cache_data, data/) is not imported: nvcache holds records only")
     records: List[SeedRecord] = []
-    indexed = 0
+    indexed = damaged = 0
     for name, entry in entries.items():
         where = f"{INDEX_FILE} record {name!r}"
         layer_id, kind = _check_name(name)
@@ -273,8 +312,12 @@ def read_index(src: str, skip_missing: bool = False) -> SeedIndex:
             raise SeedFormatError(f"{where}: {REF_DIR}/{name} is missing (partial copy or stale entry; "
                                   "--skip-missing drops such entries)") from None
         if actual != size:
-            raise SeedFormatError(f"{where}: {REF_DIR}/{name} has {actual} bytes, the index says {size} "
-                                  "(truncated or partial copy)")
+            problem = f"{REF_DIR}/{name} has {actual} bytes, the index says {size} (truncated or partial copy)"
+            if skip_damaged:
+                warnings.append(f"skipped {name}: {problem}")
+                damaged += 1
+                continue
+            raise DamagedRecord(f"{where}: {problem}; --skip-damaged drops such records")
         records.append(SeedRecord(name, layer_id, kind, file, size, ref_cnt, ref_last, last_ns))
     current = doc.get("current_record_size")
     if current is not None and current != indexed:
@@ -287,7 +330,7 @@ def read_index(src: str, skip_missing: bool = False) -> SeedIndex:
     if orphans:
         warnings.append(f"{len(orphans)} file(s) under {REF_DIR}/ are not in the index and are not imported")
     records.sort(key=lambda r: (r.last_ns, r.name))
-    return SeedIndex(src, records, hits, misses, warnings)
+    return SeedIndex(src, records, hits, misses, warnings, damaged)
 
 
 def load_record(rec: SeedRecord) -> bytes:
@@ -302,39 +345,86 @@ def load_record(rec: SeedRecord) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise SeedFormatError(f"{rec.file} is not a complete gzip stream: {exc}") from None
+        raise DamagedRecord(f"{rec.file} is not a complete gzip stream: {exc}") from None
 
 
 # -- import ---------------------------------------------------------------------------
-def check_source(src: str, skip_missing: bool = False, lock_timeout: float = 10.0) -> SeedIndex:
-    """Validate a seed cache directory completely (index and every gzip stream) without a target cache."""
+def _loaded(rec: SeedRecord, skip_damaged: bool, warnings: List[str]) -> Optional[bytes]:
+    """The record's bytes; None (with a warning naming it) for a damaged one under ``skip_damaged``."""
+    try:
+        return load_record(rec)
+    except DamagedRecord as exc:
+        if not skip_damaged:
+            raise DamagedRecord(f"{exc}; --skip-damaged drops such records") from None
+        warnings.append(f"skipped {rec.name}: {exc}")
+        return None
+
+
+def check_source(src: str, skip_missing: bool = False, lock_timeout: float = 10.0, *,
+                 skip_damaged: bool = False) -> SeedIndex:
+    """Validate a seed cache directory completely (index and every gzip stream) without a target cache.
+
+    The index returned lacks what ``skip_missing`` / ``skip_damaged`` dropped.
+    """
     with seed_lock(os.path.abspath(src), exclusive=False, timeout=lock_timeout, create=False):
-        index = read_index(src, skip_missing)
-        for rec in index.records:
-            load_record(rec)
+        index = read_index(src, skip_missing, skip_damaged)
+        good = [rec for rec in index.records if _loaded(rec, skip_damaged, index.warnings) is not None]
+        index.damaged += len(index.records) - len(good)
+        index.records = good
     return index
 
 
-def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_run: bool = False,
-                lock_timeout: float = 10.0) -> ImportResult:
+def _storage(cache: Target, records: Iterable[bytes], samples: List[bytes]) -> Tuple[List[int], Optional[bytes]]:
+    """How ``records`` will be stored in ``cache``, the fit check's one measure: each one's stored
+    size, and the dictionary trained on ``samples`` (some of them) that the import stores first
+    (None when none helps, or the cache stores records raw). Compression is deterministic, so the
+    records then take exactly these sizes."""
+    if not getattr(cache, "compress", True):
+        return [len(record) for record in records], None
+    body = codec.train(samples)
+    if body is None and isinstance(cache, LayerCache):  # the cache's own current dictionary, if any
+        return [cache.stored_size(record) for record in records], None
+    return [codec.stored_sizes([record], body)[0] for record in records], body
+
+
+def import_seed(src: str, cache: Target, *, skip_missing: bool = False, skip_damaged: bool = False,
+                dry_run: bool = False, lock_timeout: float = 10.0) -> ImportResult:
     """Copy a seed cache directory into ``cache``, all or nothing.
 
-    Records already in ``cache`` are left as they are (counted as skipped);
-    the source's hit and miss counters are added to the cache's. Raises
-    SeedFormatError, with nothing imported, when the source is bad or
-    partial, a name is not valid for nvcache, or the records would not fit
-    within ``cache.max_bytes`` without evicting anything.
+    History merges by maximum, so importing twice, or importing back an
+    export of the same cache, never counts anything twice: a record already
+    in ``cache`` keeps its bytes (it is counted as skipped), and its
+    reference count becomes the larger of the cache's and the source's and
+    its last reference the later of the two; the cache's hit and miss
+    counters each become the larger of the cache's and the source's. They
+    are never added up: importing an unrelated cache into a non-empty one
+    keeps, per counter, the larger of the two (use ``add_counters`` to sum).
+
+    A source without ``cacher.json`` (a seed cache never written) is empty.
+    ``skip_missing`` drops index entries whose file is gone, ``skip_damaged``
+    records whose file is not a complete gzip stream or not the indexed size
+    (each named in a warning). Raises SeedFormatError, with nothing imported,
+    when the source is bad or partial (DamagedRecord for a damaged record),
+    a name is not valid for nvcache, or the records would not fit within
+    ``cache.max_bytes`` without evicting anything. ``dry_run`` checks all
+    that and changes nothing: ``cache`` may then be a read-only
+    :class:`~nvcache.importtarget.ReadOnlyCache`.
     """
     if not cache.enabled:
         raise SeedFormatError("the target cache is disabled (bound 0); give a bound with --max-mb")
     with seed_lock(os.path.abspath(src), exclusive=False, timeout=lock_timeout, create=False):
-        index = read_index(src, skip_missing)
-        result = ImportResult(hits=index.hits, misses=index.misses, dry_run=dry_run,
-                              warnings=list(index.warnings))
-        # Pass 1: every file decompresses, every name is valid here, everything fits.
-        todo: List[Tuple[SeedRecord, int]] = []
+        index = read_index(src, skip_missing, skip_damaged)
+        result = ImportResult(dry_run=dry_run, damaged=index.damaged, warnings=list(index.warnings))
+        # Pass 1: every file decompresses, every name is valid here, everything fits as stored.
+        good: List[SeedRecord] = []
+        new: List[SeedRecord] = []
+        samples: List[bytes] = []
         for rec in index.records:
-            size = len(load_record(rec))
+            data = _loaded(rec, skip_damaged, result.warnings)
+            if data is None:
+                result.damaged += 1
+                continue
+            good.append(rec)
             try:
                 present = cache.contains(rec.layer_id, rec.kind)
             except ValueError as exc:
@@ -342,49 +432,65 @@ def import_seed(src: str, cache: LayerCache, *, skip_missing: bool = False, dry_
             if present:
                 result.skipped += 1
                 continue
+            new.append(rec)
+            if len(samples) < codec.SAMPLES:
+                samples.append(data)
+        sizes, result.dictionary = _storage(cache, (load_record(rec) for rec in new), samples)
+        todo: List[Tuple[SeedRecord, int]] = []
+        for rec, size in zip(new, sizes):
             if size > cache.max_bytes:
-                raise SeedFormatError(f"record {rec.name} ({size} bytes) exceeds the bound of {cache.max_bytes} bytes")
+                raise SeedFormatError(f"record {rec.name} ({size} bytes stored) exceeds the bound of "
+                                      f"{cache.max_bytes} bytes")
             todo.append((rec, size))
             result.record_bytes += size
-        held = cache.stats()["record_total_size"] or 0
+        stats = cache.stats()
+        held = stats["record_total_size"] or 0
         if held + result.record_bytes > cache.max_bytes:
             raise SeedFormatError(
-                f"{len(todo)} records of {result.record_bytes} bytes (decompressed) plus the {held} bytes "
-                f"already cached exceed the bound of {cache.max_bytes} bytes; raise --max-mb or clear the cache")
+                f"{len(todo)} records of {result.record_bytes} bytes plus the {held} bytes already cached "
+                f"exceed the bound of {cache.max_bytes} bytes; raise --max-mb or clear the cache")
+        if good and not todo:
+            result.warnings.append("every record is already in the cache (imported before?); their history "
+                                   "and the counters merge by maximum, so nothing is counted twice")
         if dry_run:
             result.imported = len(todo)
+            result.hits = max(index.hits - (stats["cache_hits"] or 0), 0)
+            result.misses = max(index.misses - (stats["cache_misses"] or 0), 0)
             return result
-        # Pass 2: write, undoing every restored record if any write fails.
-        restored: List[SeedRecord] = []
-        evictions_before = cache.evictions() or 0
-        try:
-            for rec, size in todo:
-                data = load_record(rec)
-                if len(data) != size:
-                    raise SeedFormatError(f"{rec.file} changed while importing")
-                if cache.restore(rec.layer_id, data, rec.kind, reference_count=rec.ref_cnt,
-                           last_referred_ns=rec.last_ns):
-                    restored.append(rec)
-                else:  # put there by a scanner since pass 1
-                    result.skipped += 1
-            if restored or not result.skipped:
-                cache.add_counters(index.hits, index.misses)
-            else:  # every record was already here: most likely imported before; never count twice
-                result.hits = result.misses = 0
-                result.warnings.append("every record is already in the cache (imported before?); "
-                                       "its hit and miss counters were not added again")
-            cache.flush()
-        except BaseException as exc:
-            undone = _undo(cache, restored)
-            if isinstance(exc, Exception):
-                raise SeedFormatError(f"import failed ({type(exc).__name__}: {exc}); removed the {undone} "
-                                      "records it had restored, nothing else changed") from exc
-            raise
-        result.imported = len(restored)
-        evicted = (cache.evictions() or 0) - evictions_before
-        if evicted:
-            result.warnings.append(f"{evicted} records were evicted while importing (scanners writing meanwhile?)")
+        if not isinstance(cache, LayerCache):  # checked before anything is written
+            raise TypeError(f"only a dry run can take a {type(cache).__name__}; an import needs a LayerCache")
+        _write(cache, index, good, todo, result)
         return result
+
+
+def _write(cache: LayerCache, index: SeedIndex, good: List[SeedRecord], todo: List[Tuple[SeedRecord, int]],
+           result: ImportResult) -> None:
+    """Pass 2: restore the new records, then merge the history of all; undo the restores on failure."""
+    restored: List[SeedRecord] = []
+    evictions_before = cache.evictions() or 0
+    if todo and result.dictionary is not None:  # what the fit check measured with
+        cache.add_dictionary(result.dictionary)
+    try:
+        for rec, _size in todo:
+            data = load_record(rec)  # load_record checks the file still has the indexed size
+            if cache.restore(rec.layer_id, data, rec.kind, reference_count=rec.ref_cnt,
+                             last_referred_ns=rec.last_ns):
+                restored.append(rec)
+            else:  # put there by a scanner since pass 1: its history merges below
+                result.skipped += 1
+        # Records restored just now already carry the source's history: the merge leaves them.
+        result.merged, result.hits, result.misses = cache.merge_history(
+            [(rec.layer_id, rec.kind, rec.ref_cnt, rec.last_ns) for rec in good], index.hits, index.misses)
+    except BaseException as exc:
+        undone = _undo(cache, restored)
+        if isinstance(exc, Exception):
+            raise SeedFormatError(f"import failed ({type(exc).__name__}: {exc}); removed the {undone} "
+                                  "records it had restored, nothing else changed") from exc
+        raise
+    result.imported = len(restored)
+    evicted = (cache.evictions() or 0) - evictions_before
+    if evicted:
+        result.warnings.append(f"{evicted} records were evicted while importing (scanners writing meanwhile?)")
 
 
 def _undo(cache: LayerCache, restored: List[SeedRecord]) -> int:

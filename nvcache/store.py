@@ -4,9 +4,9 @@ Every :class:`~nvcache.LayerCache` of a directory in a process shares one
 :class:`Store` (one mapping, one flock descriptor, one access buffer). It
 offers named verbs: reads that count nothing (lookup, find, lookup_many,
 contains, counters, cache_data, check) and writes (insert, remove,
-drop_damaged, add_counters, clear, flush), each write one transaction under
-the exclusive lock (:meth:`Store._write`) that applies the buffered accesses
-first when it must. LMDB failures become CacheError, and damage is rebuilt by
+drop_damaged, add_counters, clear, flush, merge_history), each write one
+transaction under the exclusive lock (:meth:`Store._write`) that applies the
+buffered accesses first when it must. LMDB failures become CacheError, and damage is rebuilt by
 the next writer. How the files are opened, found stale and reopened is the
 base class's job (:mod:`nvcache.lifecycle`). DEVELOPERS.md has the reasons.
 """
@@ -250,7 +250,17 @@ class Store(Lifecycle):
         body = train(samples, codec.body(codec.current))  # outside every lock: it takes a while
         if body is None:
             return 0
-        added = self._write(self._add_dictionary, body, codec, number, timeout=timeout, native=False)
+        return self._add_dictionary_now(codec, body, number, timeout)
+
+    def add_dictionary(self, body: bytes, timeout: Optional[float] = None) -> int:
+        """Store a dictionary trained elsewhere (codec.train) as the current one; its number, or 0
+        when another process stored one meanwhile."""
+        codec = self.reader.codec
+        number = self._read(lambda index, txn: index.current_dictionary(txn), timeout)
+        return self._add_dictionary_now(codec, body, number, timeout)
+
+    def _add_dictionary_now(self, codec: Any, body: bytes, base: int, timeout: Optional[float]) -> int:
+        added = self._write(self._add_dictionary, body, codec, base, timeout=timeout, native=False)
         if added:
             codec.learn(added, body)
         return int(added)
@@ -298,6 +308,32 @@ class Store(Lifecycle):
             self._write(self._flush, timeout=0)
         except CacheError as exc:
             log.debug("buffered accesses for %s kept for later: %s", self.path, exc)
+
+    def merge_history(self, entries: List[Tuple[bytes, int, int]], hits: int, misses: int,
+                      timeout: Optional[float] = None) -> Tuple[int, int, int]:
+        """Merge another cache's history by maximum (imports): each present record of ``entries``
+        (key, refs, last_ns) keeps the larger reference count and the later last reference, and the
+        hit and miss counters each become the larger of theirs and ``hits`` / ``misses``. Returns
+        (records raised, hits added, misses added); merging the same history again changes nothing."""
+        return self._write(self._merge_history, entries, hits, misses, timeout=timeout,  # type: ignore[no-any-return]
+                           native=False)
+
+    def _merge_history(self, files: Files, txn: Any, entries: List[Tuple[bytes, int, int]], hits: int,
+                       misses: int) -> Tuple[int, int, int]:
+        self._flush(files, txn)  # this process's own counts are part of the cache's side
+        index = files.index
+        raise_by: Dict[bytes, List[int]] = {}
+        for key, refs, last_ns in entries:
+            have = index.history(txn, key)
+            if have is not None and (refs > have[0] or last_ns > have[1]):
+                # apply adds n references and keeps the later of the two times: the maximum of both
+                raise_by[key] = [max(refs - have[0], 0), last_ns, have[2]]
+        _count, _total, have_hits, have_misses, _evictions = index.counters(txn)
+        more_hits, more_misses = max(hits - have_hits, 0), max(misses - have_misses, 0)
+        if raise_by or more_hits or more_misses:
+            self._reserve(files, len(raise_by) * PAGES_PER_KEY)
+            index.apply(txn, raise_by, more_hits, more_misses)
+        return len(raise_by), more_hits, more_misses
 
     def _apply_buffer(self, files: Files, txn: Any) -> None:
         """Inside a write: apply the buffered accesses (restored by _write if the write fails)."""

@@ -115,8 +115,9 @@ def test_data_is_exactly_cache_data_json(filled):
 
 
 def test_data_without_a_cache(tmp_path):
-    doc = json.loads(run(["--path", str(tmp_path / "none"), "data"]).stdout)
-    assert doc == {"cache_hits": None, "cache_misses": None, "cache_records": [], "record_total_size": None}
+    # Nothing to show: the controller's struct omits every field, leaving an empty object.
+    assert run(["--path", str(tmp_path / "none"), "data"]).stdout == "{}\n"
+    assert not (tmp_path / "none").exists()
 
 
 def test_show_sorts_and_limits(filled):
@@ -232,6 +233,45 @@ def test_import_of_a_bad_source_creates_nothing(tmp_path):
     assert not target.exists()
     missing = run(["--path", str(target), "import", str(tmp_path / "nope")])
     assert missing.exit_code == 2  # click's usage error: SRC does not exist
+
+
+def test_import_of_a_damaged_record_needs_skip_damaged(tmp_path):
+    seed, target = str(tmp_path / "seed"), tmp_path / "nv"
+    _seed_dir(seed)
+    name = f"sha256:{1:064x}_layer_file"
+    ref = os.path.join(seed, "ref", name)
+    with open(ref, "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\0\0\0\0")  # the gzip CRC: same size, a damaged stream
+    refused = run(["--path", str(target), "import", seed])
+    assert refused.exit_code == 1 and name in refused.stderr and "--skip-damaged" in refused.stderr
+    assert not target.exists()
+    result = run(["--path", str(target), "import", "--skip-damaged", seed])
+    assert result.exit_code == 0 and result.stdout.startswith("imported 1 records")
+    assert f"warning: skipped {name}:" in result.stderr
+    assert [r[0] for r in rows(run(["--path", str(target), "show"]).stdout)] == [f"sha256:{0:064x}_layer_file"]
+
+
+def test_import_of_a_seed_cache_never_written_and_twice(tmp_path):
+    seed, target = tmp_path / "seed", str(tmp_path / "nv")
+    (seed / "ref").mkdir(parents=True)
+    (seed / "version").write_text(json.dumps({"version": 0, "description": "initial implementation"}))
+    (seed / "lock").write_text("")
+    empty = run(["--path", target, "import", str(seed)])
+    assert empty.exit_code == 0 and empty.stdout.startswith("imported 0 records") and "never written" in empty.stderr
+    assert run(["--path", target, "data"]).stdout == "{}\n"
+    full = str(tmp_path / "full")
+    _seed_dir(full)
+    for _ in range(2):  # the second import merges by maximum: no count changes
+        assert run(["--path", target, "import", full]).exit_code == 0
+    assert rows(run(["--path", target, "stat"]).stdout)[:2] == [["cache_misses", "17"], ["cache_hits", "68"]]
+    assert "+0 hits, +0 misses" in run(["--path", target, "import", full]).stdout
+
+
+def test_import_help_states_the_counting_rule():
+    text = " ".join(run(["import", "--help"]).stdout.split())
+    assert "history merges by maximum" in text and "larger of the cache's and SRC's" in text
+    assert "rather than their sum" in text and "--skip-damaged" in text and "never created or changed" in text
 
 
 def test_export_without_a_cache(tmp_path):

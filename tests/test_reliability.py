@@ -1254,6 +1254,8 @@ ops = st.one_of(
     st.tuples(st.just("in"), ids),
     st.tuples(st.just("restore"), ids, records, kinds, numbers, numbers),
     st.tuples(st.just("add_counters"), numbers, numbers),
+    st.tuples(st.just("merge_history"), st.one_of(st.lists(st.tuples(ids, kinds, numbers, numbers), max_size=3),
+                                                   junk), numbers, numbers),
     st.sampled_from([("len",), ("stats",), ("cache_data",), ("json",), ("flush",), ("verify",),
                      ("evictions",), ("clear",)]),
     st.tuples(st.just("open"), st.one_of(names, junk), bounds,
@@ -1281,6 +1283,8 @@ def _call(cache: Any, Cache: type, root: str, op: Tuple[Any, ...]) -> None:
         cache.restore(op[1], op[2], op[3], reference_count=op[4], last_referred_ns=op[5])
     elif name == "add_counters":
         cache.add_counters(op[1], op[2])
+    elif name == "merge_history":
+        assert len(cache.merge_history(op[1], op[2], op[3])) == 3
     elif name == "len":
         assert len(cache) >= 0
     elif name == "stats":

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from nvcache.errors import CacheError
-from nvcache.seedfmt import (SeedFormatError, check_source, export_seed, import_seed, parse_rfc3339,
-                             split_name)
+from nvcache.seedfmt import (DamagedRecord, SeedFormatError, check_source, export_seed, import_seed,
+                             parse_rfc3339, split_name)
 from payloads import incompressible
 
 SEED_VERSION = {"version": 0, "description": "initial implementation"}
@@ -87,7 +87,7 @@ def test_round_trip_keeps_contents_references_times_and_counters(make_cache, tmp
     cache = make_cache(1.0)
     result = import_seed(src, cache)
     assert (result.imported, result.skipped, result.hits, result.misses) == (len(RECORDS), 0, 68, 17)
-    assert result.record_bytes == sum(len(p) for _d, p, _r, _t in RECORDS)
+    assert result.record_bytes < sum(len(p) for _d, p, _r, _t in RECORDS)  # stored: the file list compresses
 
     data = cache.cache_data()
     assert (data["cache_hits"], data["cache_misses"]) == (68, 17)
@@ -98,7 +98,7 @@ def test_round_trip_keeps_contents_references_times_and_counters(make_cache, tmp
         rec = got[digest + "_layer_file"]
         assert rec["reference_count"] == refs
         assert parse_rfc3339(rec["last_referred"]) == parse_rfc3339(last)
-        assert rec["size"] == len(payload)  # stored decompressed
+        assert rec["size"] == cache.stored_size(payload) <= len(payload)  # stored compressed when smaller
     order = [parse_rfc3339(r["last_referred"]) for r in data["cache_records"]]
     assert order == sorted(order)  # oldest reference is the next victim, as in the seed
     assert cache.verify() == []
@@ -311,3 +311,155 @@ def test_export_refuses_to_clobber_unless_forced(make_cache, tmp_path):
     with pytest.raises(SeedFormatError, match="not empty"):
         export_seed(cache, str(other), force=True)
     assert os.listdir(other) == ["notes.txt"]
+
+
+# -- a seed cache never written --------------------------------------------------------------
+def test_a_seed_cache_never_written_imports_as_empty(make_cache, tmp_path):
+    src = tmp_path / "seed"
+    (src / "ref").mkdir(parents=True)  # what the scanner leaves at start-up: version, ref/, lock
+    (src / "version").write_text(json.dumps(SEED_VERSION))
+    (src / "lock").write_text("")
+    assert check_source(str(src)).records == []
+    cache = make_cache(1.0)
+    result = import_seed(str(src), cache)
+    assert (result.imported, result.skipped, result.hits, result.misses) == (0, 0, 0, 0)
+    assert any("never written" in w for w in result.warnings)
+    assert cache.cache_data()["cache_records"] == [] and cache.stats()["cache_hits"] == 0
+    # Without a version file it is not a seed cache at all.
+    (src / "version").unlink()
+    with pytest.raises(SeedFormatError, match="version is missing"):
+        import_seed(str(src), cache)
+
+
+# -- counting rule: merge by maximum -------------------------------------------------------------
+GO_NOW = "2025-03-04T05:06:07.123456789-03:30"  # time.Now() as the scanner marshals it, any offset
+
+
+def _scanner_reads(root: str, hits: List[str], misses: int) -> None:
+    """Change a seed index as the scanner's reads do: a hit is cache_hits+1, ref_cnt+1, ref_last=now."""
+    path = os.path.join(root, "cacher.json")
+    with open(path) as f:
+        index = json.load(f)
+    for name in hits:
+        entry = index["cache_records"][name]
+        entry["ref_cnt"] += 1
+        entry["ref_last"] = GO_NOW
+        index["cache_hits"] = index.get("cache_hits", 0) + 1
+    index["cache_misses"] = index.get("cache_misses", 0) + misses
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def _history(data: Dict[str, Any]) -> Tuple[Any, ...]:
+    return (data["cache_hits"], data["cache_misses"],
+            {r["layer_id"]: (r["reference_count"], parse_rfc3339(r["last_referred"])) for r in data["cache_records"]})
+
+
+def _seed_history(root: str) -> Tuple[Any, ...]:
+    with open(os.path.join(root, "cacher.json")) as f:
+        index = json.load(f)
+    return (index.get("cache_hits", 0), index.get("cache_misses", 0),
+            {n: (e["ref_cnt"], parse_rfc3339(e["ref_last"])) for n, e in index["cache_records"].items()})
+
+
+def test_importing_back_a_used_export_ends_equal_to_the_source(make_cache, tmp_path):
+    src, out = str(tmp_path / "seed"), str(tmp_path / "out")
+    build_seed(src)
+    cache = make_cache(1.0)
+    import_seed(src, cache)
+    export_seed(cache, out)
+    names = [d + "_layer_file" for d, _p, _r, _t in RECORDS]
+    _scanner_reads(out, [names[0], names[0], names[2]], misses=2)  # a scanner used the exported copy
+    again = import_seed(out, cache)
+    assert (again.imported, again.skipped, again.merged, again.hits, again.misses) == (0, 4, 2, 3, 2)
+    assert _history(cache.cache_data()) == _seed_history(out)
+    assert _history(cache.cache_data())[:2] == (68 + 3, 17 + 2)
+    assert cache.verify() == []  # the raised last references moved their lru entries
+    # The raised records are no longer the next victims: the order follows the merged times.
+    order = [parse_rfc3339(r["last_referred"]) for r in cache.cache_data()["cache_records"]]
+    assert order == sorted(order)
+    # Once more, and the older original: nothing changes (the larger of two is kept).
+    for source in (out, src):
+        before = cache.cache_data()
+        result = import_seed(source, cache)
+        assert (result.merged, result.hits, result.misses) == (0, 0, 0)
+        assert cache.cache_data() == before
+
+
+def test_importing_the_same_source_twice_counts_once(make_cache, tmp_path):
+    src = str(tmp_path / "seed")
+    build_seed(src)
+    cache = make_cache(1.0)
+    import_seed(src, cache)
+    first = cache.cache_data()
+    assert _history(first) == _seed_history(src)
+    again = import_seed(src, cache)
+    assert (again.imported, again.skipped, again.merged, again.hits, again.misses) == (0, len(RECORDS), 0, 0, 0)
+    assert cache.cache_data() == first
+
+
+def test_an_unrelated_cache_merges_by_maximum_not_by_sum(make_cache, tmp_path):
+    src = str(tmp_path / "seed")
+    build_seed(src)  # 68 hits, 17 misses; RECORDS[1] has 36 references
+    cache = make_cache(1.0)
+    assert cache.restore(RECORDS[1][0], b"other bytes", reference_count=50, last_referred_ns=1)
+    assert cache.restore(RECORDS[3][0], b"other bytes", reference_count=1, last_referred_ns=1)
+    cache.add_counters(100, 5)
+    result = import_seed(src, cache)
+    assert (result.imported, result.skipped, result.merged, result.hits, result.misses) == (2, 2, 2, 0, 12)
+    data = cache.cache_data()
+    assert (data["cache_hits"], data["cache_misses"]) == (100, 17)  # each the larger, never the sum
+    got = {r["layer_id"]: r for r in data["cache_records"]}
+    kept, raised = got[RECORDS[1][0] + "_layer_file"], got[RECORDS[3][0] + "_layer_file"]
+    assert kept["reference_count"] == 50 and parse_rfc3339(kept["last_referred"]) == parse_rfc3339(RECORDS[1][3])
+    assert raised["reference_count"] == 7 and parse_rfc3339(raised["last_referred"]) == parse_rfc3339(RECORDS[3][3])
+    assert cache.peek(RECORDS[1][0]) == b"other bytes"  # a record already here keeps its bytes
+
+
+# -- damaged records -----------------------------------------------------------------------------
+def _damage(src: str, how: str) -> str:
+    """Damage the second record's ref/ file; return its name."""
+    name = sorted(os.listdir(os.path.join(src, "ref")))[1]
+    ref = os.path.join(src, "ref", name)
+    with open(ref, "rb") as f:
+        raw = bytearray(f.read())
+    if how == "crc":
+        raw[-8] ^= 0xFF  # the gzip trailer's CRC: same size, the stream no longer checks
+    elif how == "garbage":
+        raw[10:] = b"\x00" * (len(raw) - 10)
+    elif how == "truncated":
+        raw = raw[:-6]
+    elif how == "size":
+        raw += b"x"  # the file is no longer the size the index says
+    with open(ref, "wb") as f:
+        f.write(raw)
+    if how != "size":  # the index agrees with the file's size: the stream itself is bad
+        with open(os.path.join(src, "cacher.json")) as f:
+            index = json.load(f)
+        index["cache_records"][name]["size"] = len(raw)
+        with open(os.path.join(src, "cacher.json"), "w") as f:
+            json.dump(index, f)
+    return name
+
+
+@pytest.mark.parametrize("how", ["crc", "garbage", "truncated", "size"])
+def test_a_damaged_record_fails_the_import_unless_skipped(make_cache, tmp_path, how):
+    src = str(tmp_path / "seed")
+    build_seed(src)
+    name = _damage(src, how)
+    cache = make_cache(1.0)
+    with pytest.raises(DamagedRecord, match="--skip-damaged") as info:
+        import_seed(src, cache)
+    assert name in str(info.value)
+    assert len(cache) == 0 and cache.stats()["cache_hits"] == 0  # nothing imported
+    with pytest.raises(DamagedRecord):
+        check_source(src)
+    checked = check_source(src, skip_damaged=True)
+    assert {r.name for r in checked.records} == {d + "_layer_file" for d, _p, _r, _t in RECORDS} - {name}
+    assert checked.damaged == 1
+    result = import_seed(src, cache, skip_damaged=True)
+    assert (result.imported, result.damaged) == (len(RECORDS) - 1, 1)
+    assert [w for w in result.warnings if name in w and w.startswith("skipped")]
+    assert not cache.contains(*split_name(name))
+    assert len(cache) == len(RECORDS) - 1 and cache.stats()["cache_hits"] == 68
+    assert cache.verify() == []

@@ -79,9 +79,9 @@ def test_layout_constants():
     for name in ("record_name", "record_key", "name_key", "keep_set", "checksum", "pack_header", "unpack_header",
                  "lru_key", "rfc3339nano", "link_count", "FAST_READS", "AccessBuffer", "Index", "Reader", "Writer"):
         assert hasattr(compiled, name) and hasattr(fallback, name), name
-    for cls, names in (("Index", ("victims", "insert", "remove", "apply", "exists", "records", "counters", "count",
-                                  "lookup", "walk", "dump", "cache_data", "check", "drop_damaged", "clear",
-                                  "init_counters")),
+    for cls, names in (("Index", ("victims", "insert", "remove", "apply", "exists", "history", "records",
+                                  "counters", "count", "lookup", "walk", "dump", "cache_data", "check",
+                                  "drop_damaged", "clear", "init_counters")),
                        ("Reader", ("lookup", "lookup_many", "contains", "cache_data", "close", "fast", "direct",
                                    "shared")),
                        ("Writer", ("begin", "close", "last_page")),
