@@ -486,9 +486,10 @@ def result_table(r: sim.SimResult) -> str:
                    + (" - stopped at --duration" if r.stopped_by_deadline else "")])
     table.add_row(["layer requests", f"{r.requests} ({r.requested_bytes / 2**20:.1f} MiB of records)"])
     table.add_row(["hit ratio", f"{_pct(r.hit_ratio)} ({r.hits} hits, {r.misses} misses)"])
-    table.add_row(["byte-hit ratio", _pct(r.byte_hit_ratio)])
-    table.add_row(["Belady optimum byte-hit ratio", f"{_pct(r.optimum_byte_hit_ratio)} (same bound, same trace; "
-                   f"whole records: {_pct(r.belady_byte_hit_ratio)})"])
+    table.add_row(["byte-hit ratio", f"{_pct(r.byte_hit_ratio)} of record bytes ("
+                   f"{'compressed' if r.compress else 'raw'}: {_pct(r.stored_byte_hit_ratio)} of stored bytes)"])
+    table.add_row(["Belady optimum byte-hit ratio", f"{_pct(r.optimum_byte_hit_ratio)} of stored bytes (same bound, "
+                   f"same trace; whole records: {_pct(r.belady_byte_hit_ratio)})"])
     table.add_row(["evictions", r.evictions])
     table.add_row(["analysis without cache", f"{r.analysis_no_cache_s:.1f} s"])
     table.add_row(["analysis with cache", f"{r.analysis_with_cache_s:.1f} s + {r.cache_overhead_s:.1f} s "
@@ -524,12 +525,14 @@ def result_table(r: sim.SimResult) -> str:
 @click.option("--start-method", type=click.Choice(["spawn", "fork", "forkserver"]), default="spawn",
               show_default=True, help="How the scanner processes are started.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--compress/--no-compress", default=True, show_default=True,
+              help="Store records zstd-compressed (the cache's default) or raw.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
 @pass_settings
 @_friendly
 def simulate(settings: Settings, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
              skew: float, duration: float, analysis_us: float, us_per_kib: float, sim_path: Optional[str],
-             start_method: str, progress: Optional[bool], as_json: bool) -> None:
+             start_method: str, progress: Optional[bool], compress: bool, as_json: bool) -> None:
     """The main job: scanner processes scanning a synthetic registry through one shared cache.
 
     A miss "analyses" the layer (a sleep in proportion to its record size)
@@ -550,7 +553,7 @@ def simulate(settings: Settings, processes: int, images: int, layers: int, scans
     try:
         result = sim.run(path, processes=processes, images=images, layers=layers, scans=scans, max_mb=max_mb,
                          seed=seed, skew=skew, duration=duration, fixed_us=analysis_us, us_per_kib=us_per_kib,
-                         start_method=start_method, progress=tick)
+                         start_method=start_method, compress=compress, progress=tick)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

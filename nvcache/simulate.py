@@ -11,13 +11,20 @@ log-normal, from tens of bytes to hundreds of KB like the seed's dump.
 Each worker process opens its own :class:`~nvcache.LayerCache` and scans
 images the way a scanner does: for every layer, ``get``; on a miss,
 "analyse" the layer (sleep in proportion to its size) and ``put`` the
-record with ``keep`` = the image's layers. Every access is recorded with a
-timestamp; the merged trace is replayed offline through Belady's rule to
-get the byte-hit ratio no policy could beat with the same bound.
+record with ``keep`` = the image's layers. A layer's record is JSON shaped
+like the scanner's (:mod:`nvcache.scanrecords`), so it compresses as real
+records do: the byte-hit ratio (record bytes, the analysis they stand for)
+shows what compression adds at a given bound. Every access is recorded
+with a timestamp; the merged trace is replayed offline through Belady's
+rule. The cache holds stored (compressed) bytes, so the offline models
+charge each record its stored size, as reported by the workers' puts, and
+their figures are stored-byte-hit ratios: Belady's rule applied byte by
+byte bounds every policy only where each byte is worth the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
@@ -34,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .cache import LayerCache
 from .errors import CacheError, CacheFull, RecordTooLarge
+from .scanrecords import scan_record
 
 log = logging.getLogger("nvcache.simulate")
 
@@ -129,9 +137,15 @@ def plan_scans(cat: Catalogue, scans: int, seed: int = 1) -> Tuple[int, ...]:
 
 
 def make_record(layer_id: str, size: int) -> bytes:
-    """The synthetic scan record of a layer: ``size`` bytes a reader can check against the layer id."""
-    unit = layer_id.encode("ascii") + b"|"
-    return (unit * (size // len(unit) + 1))[:size]
+    """The synthetic scan record of a layer: scanner-shaped JSON of about ``size`` bytes (at most
+    that, a few bytes less; never below the smallest record, about 60 bytes), the same for the
+    same layer id."""
+    return scan_record(layer_id, size)
+
+
+def record_digest(record: bytes) -> bytes:
+    """What a worker checks a hit against (workers never regenerate a record to compare it)."""
+    return hashlib.blake2b(record, digest_size=16).digest()
 
 
 def analysis_seconds(size: int, fixed_us: float, us_per_kib: float) -> float:
@@ -247,22 +261,25 @@ class WorkerPlan:
     path: str
     max_mb: float
     layer_ids: Tuple[str, ...]
-    sizes: Tuple[int, ...]
+    sizes: Tuple[int, ...]  # the catalogue's target sizes (make_record's argument)
+    digests: Tuple[bytes, ...]  # record_digest of each layer's record
     images: Tuple[Tuple[int, ...], ...]
     scans: Tuple[int, ...]
     fixed_us: float
     us_per_kib: float
     deadline: float  # time.monotonic(); CLOCK_MONOTONIC is the same clock in every process
+    compress: bool = True
 
 
 def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> None:
     """One scanner: take the next scan from the shared counter until none are left or time is up."""
     stamps, layers, hits = array("q"), array("l"), bytearray()
+    stored = array("q")  # (layer, stored size) pairs of this worker's puts
     counts = {"analysis_ns": 0, "cache_ns": 0, "wrong": 0, "errors": 0, "full": 0, "too_large": 0}
     try:
         import nvcache  # which core this process picked (NVCACHE_NO_EXTENSIONS), for the report
         counts["extension"] = int(nvcache.EXTENSION)
-        cache = LayerCache(plan.path, plan.max_mb)
+        cache = LayerCache(plan.path, plan.max_mb, compress=plan.compress)
         try:
             while time.monotonic() < plan.deadline:
                 with next_scan.get_lock():
@@ -286,17 +303,23 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
                     counts["cache_ns"] += time.perf_counter_ns() - t0
                     if data is not None:
                         hits.append(1)
-                        if data != make_record(lid, size):
+                        if record_digest(data) != plan.digests[li]:
                             counts["wrong"] += 1
                         continue
                     hits.append(0)
                     t0 = time.perf_counter_ns()
-                    time.sleep(analysis_seconds(size, plan.fixed_us, plan.us_per_kib))
-                    record = make_record(lid, size)
+                    record = make_record(lid, size)  # part of the modelled analysis time
+                    left = analysis_seconds(len(record), plan.fixed_us, plan.us_per_kib) - (
+                        time.perf_counter_ns() - t0) / 1e9
+                    if left > 0:
+                        time.sleep(left)
                     t1 = time.perf_counter_ns()
                     counts["analysis_ns"] += t1 - t0
+                    weight = cache.stored_size(record)  # for the offline models: not timed
+                    t1 = time.perf_counter_ns()
                     try:
-                        cache.put(lid, record, keep=keep)
+                        if cache.put(lid, record, keep=keep):
+                            stored.extend((li, weight))
                     except RecordTooLarge:
                         counts["too_large"] += 1
                     except CacheFull:
@@ -315,7 +338,7 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
     except BaseException:
         out.put(("error", wid, traceback.format_exc()))
         return
-    out.put(("ok", wid, stamps.tobytes(), layers.tobytes(), bytes(hits), counts))
+    out.put(("ok", wid, stamps.tobytes(), layers.tobytes(), bytes(hits), counts, stored.tobytes()))
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -337,8 +360,11 @@ class SimResult:
     requests: int = 0
     hits: int = 0
     misses: int = 0
-    requested_bytes: int = 0
+    requested_bytes: int = 0  # record bytes (what a hit saves analysing)
     hit_bytes: int = 0
+    requested_stored: int = 0  # the same requests in stored (compressed) bytes: what the cache holds
+    hit_stored: int = 0
+    compress: bool = True
     counter_hits: int = 0    # from the cache's own counters (delta over the run)
     counter_misses: int = 0
     evictions: int = 0
@@ -346,7 +372,7 @@ class SimResult:
     analysis_with_cache_s: float = 0.0  # modelled: the misses analysed
     analysis_measured_s: float = 0.0    # what the workers slept
     cache_overhead_s: float = 0.0       # measured get/put time
-    optimum_byte_hit_ratio: float = 0.0
+    optimum_byte_hit_ratio: float = 0.0  # of stored bytes, as stored_byte_hit_ratio
     belady_byte_hit_ratio: float = 0.0
     wrong_records: int = 0
     errors: int = 0
@@ -364,12 +390,18 @@ class SimResult:
         return self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0
 
     @property
+    def stored_byte_hit_ratio(self) -> float:
+        """The byte-hit ratio counted in stored bytes: comparable with the offline optimum."""
+        return self.hit_stored / self.requested_stored if self.requested_stored else 0.0
+
+    @property
     def time_saved_s(self) -> float:
         return self.analysis_no_cache_s - self.analysis_with_cache_s - self.cache_overhead_s
 
     def as_dict(self) -> Dict[str, Any]:
         out = dict(self.__dict__)
-        out.update(hit_ratio=self.hit_ratio, byte_hit_ratio=self.byte_hit_ratio, time_saved_s=self.time_saved_s)
+        out.update(hit_ratio=self.hit_ratio, byte_hit_ratio=self.byte_hit_ratio, time_saved_s=self.time_saved_s,
+                   stored_byte_hit_ratio=self.stored_byte_hit_ratio)
         return out
 
 
@@ -380,14 +412,19 @@ def fresh_path() -> str:
 
 def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_mb: float,
         seed: int = 1, skew: float = 1.0, duration: float = 60.0, fixed_us: float = 500.0,
-        us_per_kib: float = 40.0, start_method: str = "spawn",
+        us_per_kib: float = 40.0, start_method: str = "spawn", compress: bool = True,
         progress: Optional[Callable[[int, int], None]] = None) -> SimResult:
-    """Run the simulation and return its figures; ``progress(done, total)`` is called while it runs."""
+    """Run the simulation and return its figures; ``progress(done, total)`` is called while it runs.
+
+    ``compress``: the caches store records compressed (the default) or raw.
+    """
     if processes < 1 or scans < 1:
         raise ValueError("processes and scans must be at least 1")
     cat = build_catalogue(images, layers, seed, skew)
     scan_list = plan_scans(cat, scans, seed)
-    with LayerCache(path, max_mb) as cache:
+    records = [make_record(lid, size) for lid, size in zip(cat.layer_ids, cat.sizes)]
+    sizes = [len(r) for r in records]  # what a hit saves (record bytes) and what the analysis costs
+    with LayerCache(path, max_mb, compress=compress) as cache:
         if not cache.enabled:
             raise ValueError("the bound must be above 0 MiB for a simulation")
         max_bytes = cache.max_bytes
@@ -396,12 +433,13 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
     if before["record_count"]:
         log.warning("%s already holds %s records: the optimum assumes a cold start", path, before["record_count"])
     result = SimResult(path=path, processes=processes, images=images, layers=layers,
-                       catalogue_bytes=cat.total_bytes, max_bytes=max_bytes, seed=seed, scans_planned=scans)
+                       catalogue_bytes=sum(sizes), max_bytes=max_bytes, seed=seed, scans_planned=scans,
+                       compress=compress)
     ctx = multiprocessing.get_context(start_method)
     next_scan, done, out = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Queue()
     started = time.monotonic()
-    plan = WorkerPlan(path, max_mb, cat.layer_ids, cat.sizes, cat.images, scan_list, fixed_us, us_per_kib,
-                      started + duration)
+    plan = WorkerPlan(path, max_mb, cat.layer_ids, cat.sizes, tuple(record_digest(r) for r in records), cat.images,
+                      scan_list, fixed_us, us_per_kib, started + duration, compress)
     procs = [ctx.Process(target=_worker, args=(w, plan, next_scan, done, out), name=f"nvcache-scanner-{w}")
              for w in range(processes)]
     for p in procs:
@@ -447,7 +485,12 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
 
     # Merge the traces in time order: the order the cache saw the requests.
     merged: List[Tuple[int, int, int]] = []
-    for _tag, _w, raw_ts, raw_layers, raw_hits, counts in reports.values():
+    weights: Dict[int, int] = {}  # layer -> its stored size (the smallest any put reported)
+    for _tag, _w, raw_ts, raw_layers, raw_hits, counts, raw_stored in reports.values():
+        pairs = array("q")
+        pairs.frombytes(raw_stored)
+        for li, weight in zip(pairs[0::2], pairs[1::2]):
+            weights[li] = min(weight, weights.get(li, weight))
         ts, ls = array("q"), array("l")
         ts.frombytes(raw_ts)
         ls.frombytes(raw_layers)
@@ -461,7 +504,6 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
         result.worker_cores.append("compiled" if counts["extension"] else "python")
     merged.sort()
     trace = [l for _t, l, _h in merged]
-    sizes = cat.sizes
     result.requests = len(trace)
     result.hits = sum(h for _t, _l, h in merged)
     result.misses = result.requests - result.hits
@@ -470,13 +512,16 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
     cost = [analysis_seconds(s, fixed_us, us_per_kib) for s in sizes]
     result.analysis_no_cache_s = sum(cost[l] for l in trace)
     result.analysis_with_cache_s = sum(cost[l] for _t, l, h in merged if not h)
-    if result.requested_bytes:
-        result.optimum_byte_hit_ratio = optimum_byte_hits(trace, sizes, max_bytes) / result.requested_bytes
-        result.belady_byte_hit_ratio = belady_byte_hits(trace, sizes, max_bytes) / result.requested_bytes
-
-    with LayerCache(path, max_mb) as cache:
+    with LayerCache(path, max_mb, compress=compress) as cache:
         result.stats = cache.stats()
         result.evictions = (cache.evictions() or 0) - evictions_before
+        # Layers no put stored (too large, or the cache full of kept ones): as they would be now.
+        stored = [weights[i] if i in weights else cache.stored_size(r) for i, r in enumerate(records)]
+    result.requested_stored = sum(stored[l] for l in trace)
+    result.hit_stored = sum(stored[l] for _t, l, h in merged if h)
+    if result.requested_stored:
+        result.optimum_byte_hit_ratio = optimum_byte_hits(trace, stored, max_bytes) / result.requested_stored
+        result.belady_byte_hit_ratio = belady_byte_hits(trace, stored, max_bytes) / result.requested_stored
     result.counter_hits = (result.stats["cache_hits"] or 0) - (before["cache_hits"] or 0)
     result.counter_misses = (result.stats["cache_misses"] or 0) - (before["cache_misses"] or 0)
     return result
