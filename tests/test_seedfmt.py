@@ -16,6 +16,7 @@ import pytest
 from nvcache.errors import CacheError
 from nvcache.seedfmt import (DamagedRecord, SeedFormatError, check_source, export_seed, import_seed,
                              parse_rfc3339, split_name)
+from nvcache import scanrecords
 from payloads import incompressible
 
 SEED_VERSION = {"version": 0, "description": "initial implementation"}
@@ -224,6 +225,25 @@ def test_skip_missing_drops_stale_entries_only(make_cache, tmp_path):
     assert result.imported == len(RECORDS) - 1
     assert any("stale" in w for w in result.warnings)
     assert len(cache) == len(RECORDS) - 1
+
+
+def test_a_cache_that_fits_a_bound_in_the_seed_fits_it_here(make_cache, tmp_path):
+    """Scanner-shaped records, gzipped as the seed stores them: imported with the seed's own
+    current_record_size as the bound, they all fit (stored compressed, with a dictionary trained
+    on them), evict nothing and read back exactly."""
+    src = str(tmp_path / "seed")
+    records = scanrecords.record_set(300, seed=5)
+    index = build_seed(src, [(lid, data, 1, "2024-01-01T00:00:00Z") for lid, data in records], hits=0, misses=0)
+    bound = index["current_record_size"]
+    cache = make_cache(bound / (1024 * 1024))
+    assert cache.max_bytes <= bound and sum(len(d) for _l, d in records) > 3 * bound  # raw would not fit
+    result = import_seed(src, cache)
+    assert result.imported == len(records) and result.dictionary is not None
+    stats = cache.stats()
+    assert stats["record_count"] == len(records) and cache.evictions() == 0
+    assert stats["record_total_size"] == result.record_bytes <= 0.95 * cache.max_bytes
+    assert all(cache.peek(lid) == data for lid, data in records)
+    assert cache.verify() == []
 
 
 def test_import_that_would_not_fit_imports_nothing(make_cache, tmp_path):
