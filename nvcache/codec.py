@@ -33,11 +33,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import zstandard
 
-# Chosen by measurement on scanner-shaped records (DEVELOPERS.md, "Compression"): level 6 with a
-# 64 KiB dictionary stores about 10 % fewer bytes than the seed's gzip -6 at about 0.7 of its
-# compression time and a third of its decompression time; without a dictionary no level up to 6
-# reaches gzip's bytes, so the first dictionary is trained early.
+# Chosen by measurement on scanner-shaped records (DEVELOPERS.md, "Compression"): with a 64 KiB
+# dictionary, level 6 for records of LARGE bytes or more and level 3 below store 0.91 of the seed's
+# gzip -6 bytes in 0.6 of its compression time, and a small record's put compresses in half the
+# time level 6 takes; without a dictionary no level up to 6 reaches gzip's bytes, so the first
+# dictionary is trained early.
 LEVEL = 6
+SMALL_LEVEL = 3
+LARGE = 16 * 1024
 DICT_SIZE = 64 * 1024
 TRAIN_AT = 200  # records in the cache before the first dictionary is trained
 TRAIN_GROWTH = 4  # dictionary g is trained at TRAIN_AT * TRAIN_GROWTH ** (g - 1) records
@@ -49,9 +52,13 @@ REFRESH_EVERY = 256  # puts between two looks at the file's current dictionary
 RAW = 0
 
 
-def _compressor(dictionary: Optional[zstandard.ZstdCompressionDict]) -> zstandard.ZstdCompressor:
-    return zstandard.ZstdCompressor(level=LEVEL, dict_data=dictionary, write_checksum=False,
+def _compressor(dictionary: Optional[zstandard.ZstdCompressionDict], level: int = LEVEL) -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_checksum=False,
                                     write_content_size=True, write_dict_id=False)
+
+
+def level_of(data: Any) -> int:
+    return LEVEL if len(data) >= LARGE else SMALL_LEVEL
 
 
 def _decompressor(dictionary: Optional[zstandard.ZstdCompressionDict]) -> zstandard.ZstdDecompressor:
@@ -126,9 +133,10 @@ class Codec:
         if number is None:
             number = self.current
         compressors = self._contexts()[0]
-        comp = compressors.get(number)
+        slot = number * 2 + (len(data) >= LARGE)  # by dictionary and level
+        comp = compressors.get(slot)
         if comp is None:
-            comp = compressors[number] = _compressor(self._dictionary(number))
+            comp = compressors[slot] = _compressor(self._dictionary(number), level_of(data))
         out = comp.compress(data)
         if len(out) >= len(data):
             return RAW, data
@@ -140,7 +148,7 @@ class Codec:
         a frame zstd rejects): the caller treats that as a damaged record. ``load``: how to read
         a dictionary not loaded yet, for a caller inside a transaction (default: the codec's)."""
         try:  # every compressed hit: this thread's decompressor for this encoding (compressors go by
-            # dictionary number), found or made
+            # dictionary number and level), found or made
             dec = self._local.decompressors[enc]
         except (AttributeError, KeyError):
             dec = self._new_decompressor(enc, load)
@@ -189,14 +197,13 @@ def train(samples: Sequence[bytes], current: Optional[bytes] = None) -> Optional
     except zstandard.ZstdError:  # too few or too uniform samples
         return None
     body = trained.as_bytes()
-    old = _compressor(zstandard.ZstdCompressionDict(current) if current else None)
-    new = _compressor(zstandard.ZstdCompressionDict(body))
-    before = sum(min(len(old.compress(s)), len(s)) for s in held)
-    after = sum(min(len(new.compress(s)), len(s)) for s in held)
+    before = sum(stored_sizes(held, current))
+    after = sum(stored_sizes(held, body))
     return body if after <= before * (1 - MIN_GAIN) else None
 
 
 def stored_sizes(records: Sequence[bytes], dictionary: Optional[bytes] = None) -> List[int]:
     """What each record would take in a cache (its stored size) with ``dictionary`` (or none)."""
-    comp = _compressor(zstandard.ZstdCompressionDict(dictionary) if dictionary else None)
-    return [min(len(comp.compress(r)), len(r)) for r in records]
+    d = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
+    comps = (_compressor(d, SMALL_LEVEL), _compressor(d, LEVEL))
+    return [min(len(comps[len(r) >= LARGE].compress(r)), len(r)) for r in records]
