@@ -4,10 +4,12 @@ Every :class:`~nvcache.LayerCache` of a directory in a process shares one
 :class:`Store` (one mapping, one flock descriptor, one access buffer). It
 offers named verbs: reads that count nothing (lookup, find, lookup_many,
 contains, counters, cache_data, check) and writes (insert, remove,
-drop_damaged, add_counters, clear, flush, merge_history), each write one
-transaction under the exclusive lock (:meth:`Store._write`) that applies the
-buffered accesses first when it must. LMDB failures become CacheError, and damage is rebuilt by
-the next writer. How the files are opened, found stale and reopened is the
+drop_damaged, add_counters, clear, flush, merge_history, train_dictionary,
+add_dictionary), each write one transaction under the exclusive lock
+(:meth:`Store._write`) that applies the buffered accesses first when it must.
+Records are compressed before a write and decompressed after a read
+(:mod:`nvcache.codec`). LMDB failures become CacheError, and damage is rebuilt
+by the next writer. How the files are opened, found stale and reopened is the
 base class's job (:mod:`nvcache.lifecycle`). DEVELOPERS.md has the reasons.
 """
 
@@ -65,8 +67,7 @@ class Store(Lifecycle):
             self._refresh(timeout)
         reader = self.reader
         try:
-            data, born, enc = reader.lookup(key, timeout)
-            return (_decoded(reader, data, enc) if enc else data), born
+            return _decoded_found(reader, reader.lookup(key, timeout))
         except StaleReader:  # replaced meanwhile
             return self._via_reader(lambda reader: _decoded_found(reader, reader.lookup(key, timeout)), timeout)
         except DATA_ERRORS as exc:
@@ -77,7 +78,7 @@ class Store(Lifecycle):
         if self.state:
             self._refresh(timeout)
         reader = self.reader
-        try:
+        try:  # _decoded_named, inlined: every get runs this
             key, data, born, enc = reader.find(layer_id, kind, timeout)
             return key, (_decoded(reader, data, enc) if enc else data), born
         except StaleReader:

@@ -7,6 +7,7 @@ Over both cores. The dictionary tests train on small JSON records shaped like a 
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import threading
@@ -75,6 +76,22 @@ def test_compress_false_stores_raw_and_one_cache_holds_both(make_cache, cache_di
         assert cache.get(lid(1)) == data and cache.get(lid(2)) == data
     with pytest.raises(TypeError, match="compress"):
         make_cache(4, compress=1)
+
+
+def test_a_raw_record_is_laid_out_as_format_6_always_was(make_cache):
+    """Records written before compression (format 6, all raw) stay readable: a raw record's chunk 0
+    starts with the plain size, checksum and birth, and reads back through either core."""
+    cache = make_cache(4, compress=False)
+    data = package_list(3, 30)
+    cache.put(lid(3), data)
+    files = cache._store.files
+    key = cache._core.record_key(lid(3), "layer_file")
+    with files.env.begin() as txn:
+        first = bytes(txn.get(key + b"\0\0\0\0", db=files.index.dat))
+    size, check, _born = struct.unpack_from("<QQQ", first)
+    assert (size, check) == (len(data), cache._core.checksum(data)) and first[24:] == data
+    zipped = make_cache(4, path=cache.path)
+    assert zipped.get(lid(3)) == data and encoding_of(zipped, lid(3)) == codec.RAW
 
 
 def test_the_bound_is_on_stored_bytes(make_cache):
