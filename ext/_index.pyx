@@ -754,10 +754,6 @@ cdef class Index:
             return
         self.twin.apply(txn, pending, hits, misses)
 
-    def drop_damaged(self, txn, bytes key):
-        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
-        return self.twin.drop_damaged(txn, key)
-
     def clear(self, txn):
         """Remove every record; hit, miss and eviction counters are kept."""
         self.twin.clear(txn)

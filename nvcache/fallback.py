@@ -437,12 +437,6 @@ class Index:
         txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
         return len(victims)
 
-    def drop_damaged(self, txn: Any, key: bytes) -> bool:
-        """Remove a record whose bytes fail their checksum; False if it is healthy or gone."""
-        if self.lookup(txn, key)[0] is False:
-            return self.remove(txn, key)
-        return False
-
     def remove(self, txn: Any, key: bytes) -> bool:
         """Delete one record; False when it is absent."""
         hdr = txn.get(key, None, self.idx)

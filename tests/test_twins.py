@@ -81,9 +81,10 @@ def test_layout_constants():
         assert hasattr(compiled, name) and hasattr(fallback, name), name
     for cls, names in (("Index", ("victims", "insert", "remove", "apply", "exists", "history", "records",
                                   "counters", "count", "lookup", "walk", "dump", "cache_data", "check",
-                                  "drop_damaged", "clear", "init_counters")),
-                       ("Reader", ("lookup", "lookup_many", "contains", "cache_data", "close", "fast", "direct",
-                                   "shared")),
+                                  "clear", "init_counters", "dictionary", "current_dictionary", "add_dictionary",
+                                  "sample")),
+                       ("Reader", ("lookup", "find", "lookup_many", "contains", "cache_data", "close", "fast",
+                                   "direct", "shared", "codec")),
                        ("Writer", ("begin", "close", "last_page")),
                        ("AccessBuffer", ("hit", "miss", "count", "take", "restore", "clear"))):
         for name in names:
