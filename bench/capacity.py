@@ -198,7 +198,8 @@ def main(argv: List[str]) -> int:
     doc: Dict[str, Any] = {"bound_mb": args.bound_mb, "records": args.records, "seed": args.seed,
                            "load_before": [round(x, 2) for x in os.getloadavg()],
                            "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-                                      f"nvcache.EXTENSION={nvcache.EXTENSION}, zstd level {codec.LEVEL}",
+                                      f"nvcache.EXTENSION={nvcache.EXTENSION}, zstd level {codec.SMALL_LEVEL} below "
+                                      f"{codec.LARGE} B, {codec.LEVEL} above",
                            "sets": {}}
     json_set = scanrecords.record_set(args.records, args.seed)
     random_set = [(lid, scanrecords.incompressible_record(lid, len(data))) for lid, data in json_set]
