@@ -709,6 +709,12 @@ cdef class Index:
     def sample(self, txn, start, limit):
         return self.twin.sample(txn, start, limit)
 
+    def trainings(self, txn):
+        return self.twin.trainings(txn)
+
+    def claim_training(self, txn, seen):
+        return self.twin.claim_training(txn, seen)
+
     def walk(self, txn, on_group, on_orphan=None):
         """fallback.Index.walk (the C walk serves the dump and the victims)."""
         return self.twin.walk(txn, on_group, on_orphan)

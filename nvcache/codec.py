@@ -44,7 +44,7 @@ LARGE = 16 * 1024
 DICT_SIZE = 64 * 1024
 TRAIN_AT = 200  # records in the cache before the first dictionary is trained
 TRAIN_GROWTH = 4  # dictionary g is trained at TRAIN_AT * TRAIN_GROWTH ** (g - 1) records
-MAX_DICTIONARIES = 8  # at most this many per file (DICT_SIZE each, outside the bound)
+MAX_DICTIONARIES = 8  # trainings per file, so at most this many dictionaries (DICT_SIZE each)
 SAMPLES = 1000  # records sampled to train one
 MIN_GAIN = 0.02  # a new dictionary must save 2 % of the held-out samples' bytes to be used
 REFRESH_EVERY = 256  # puts between two looks at the file's current dictionary
@@ -80,7 +80,6 @@ class Codec:
         self._local = threading.local()
         self.current = 0  # the dictionary new records are made with
         self.puts = 0  # puts since the store last looked at the file's current dictionary
-        self.tried: set = set()  # dictionary counts at which this process trained (once each)
 
     # -- dictionaries --------------------------------------------------------------------
     def _dictionary(self, number: int) -> Optional[zstandard.ZstdCompressionDict]:
@@ -176,9 +175,9 @@ class Codec:
         return dec
 
 
-def due_generation(records: int, dictionaries: int) -> bool:
-    """Whether a cache of ``records`` records with ``dictionaries`` of them should train one more."""
-    return dictionaries < MAX_DICTIONARIES and records >= TRAIN_AT * TRAIN_GROWTH ** dictionaries
+def due_generation(records: int, trainings: int) -> bool:
+    """Whether a cache of ``records`` records that trained ``trainings`` times should train again."""
+    return trainings < MAX_DICTIONARIES and records >= TRAIN_AT * TRAIN_GROWTH ** trainings
 
 
 def train(samples: Sequence[bytes], current: Optional[bytes] = None) -> Optional[bytes]:

@@ -35,8 +35,9 @@ LMDB layout (format 6; one environment, four named databases):
 ``meta`` ``records`` -> ``<QQ`` (count, total stored bytes), ``access`` ->
          ``<QQ`` (hits, misses), ``evictions`` -> ``<Q``; the compression
          dictionaries: ``dict`` + big-endian u16 n -> ``<Q`` xxh3-64 of the
-         dictionary, then the dictionary (written once, never changed), and
-         ``dictionary`` -> ``<H`` the one new records are compressed with.
+         dictionary, then the dictionary (written once, never changed),
+         ``dictionary`` -> ``<H`` the one new records are compressed with, and
+         ``trainings`` -> ``<H`` how many trainings processes have claimed.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ ENC_SHIFT = 48  # the size word in chunk 0's prefix: the encoding above, the siz
 SIZE_MASK = (1 << ENC_SHIFT) - 1
 DICT_PREFIX = b"dict"
 CURRENT_DICT = b"dictionary"
+TRAININGS = b"trainings"
 _DICT_ID = struct.Struct(">H")
 _U16 = struct.Struct("<H")
 
@@ -300,6 +302,19 @@ class Index:
                 db=self.meta)
         txn.put(CURRENT_DICT, _U16.pack(number), db=self.meta)
         return number
+
+    def trainings(self, txn: Any) -> int:
+        """How many dictionary trainings processes have claimed in this file (one per generation)."""
+        raw = txn.get(TRAININGS, None, self.meta)
+        return int(_U16.unpack(raw)[0]) if raw is not None and len(raw) == _U16.size else 0
+
+    def claim_training(self, txn: Any, seen: int) -> bool:
+        """Claim the next training if ``seen`` is still the count of claimed ones (else another
+        process claimed it first)."""
+        if self.trainings(txn) != seen or seen >= 0xFFFF:
+            return False
+        txn.put(TRAININGS, _U16.pack(seen + 1), db=self.meta)
+        return True
 
     def sample(self, txn: Any, start: bytes, limit: int) -> List[Tuple[Any, int]]:
         """Up to ``limit`` records (stored bytes, encoding) from key ``start`` on (wrapping):

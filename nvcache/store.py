@@ -224,17 +224,23 @@ class Store(Lifecycle):
     # -- compression dictionaries ---------------------------------------------------------
     def _dictionary_due(self, codec: Any, timeout: Optional[float]) -> None:
         """After ``REFRESH_EVERY`` puts: use the file's newest dictionary, and train the next one
-        when the cache has grown enough (codec.due_generation). Never fails the put that called it."""
+        when the cache has grown enough (codec.due_generation). One process per cache trains
+        each generation: it claims it in the file first, whether or not its dictionary is then
+        good enough to keep. Never fails the put that called it."""
         codec.puts = 0
         try:
-            number, count = self._read(lambda index, txn: (index.current_dictionary(txn), index.records(txn)[0]),
-                                       timeout)
+            number, count, tries = self._read(lambda index, txn: (
+                index.current_dictionary(txn), index.records(txn)[0], index.trainings(txn)), timeout)
             codec.adopt(number)
-            if due_generation(count, number) and number not in codec.tried:
-                codec.tried.add(number)
+            if due_generation(count, tries) and self._write(self._claim_training, tries, timeout=timeout,
+                                                            native=False):
                 self.train_dictionary(None, timeout)
         except CacheError as exc:
             log.debug("dictionary check of %s skipped: %s", self.path, exc)
+
+    def _claim_training(self, files: Files, txn: Any, seen: int) -> bool:
+        self._reserve(files, 1)
+        return bool(files.index.claim_training(txn, seen))
 
     def train_dictionary(self, samples: Optional[List[bytes]] = None, timeout: Optional[float] = None) -> int:
         """Train a dictionary on ``samples`` (default: a random sample of the cache's records) and make

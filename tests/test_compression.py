@@ -239,3 +239,35 @@ def test_a_growing_cache_trains_its_first_dictionary_itself(make_cache, monkeypa
     assert encoding_of(cache, lid(399)) == 2 and encoding_of(cache, lid(0)) == 1
     assert all(cache.get(lid(i)) == package_list(i) for i in range(400))
     assert os.path.isdir(cache.path) and cache.verify() == []
+    assert _trainings(cache) == 1
+
+
+def _trainings(cache) -> int:
+    files = cache._store.files
+    with files.env.begin() as txn:
+        return files.index.trainings(txn)
+
+
+def test_each_generation_is_trained_once_per_cache_even_when_useless(make_cache, monkeypatch, core_env):
+    """Records no dictionary helps: the first process to find a generation due claims it, its
+    dictionary is refused, and no other process (nor itself) tries that generation again."""
+    monkeypatch.setattr(codec, "TRAIN_AT", 100)
+    monkeypatch.setattr(nvcache.store, "REFRESH_EVERY", 50)
+    trained = []
+    train = codec.train
+    monkeypatch.setattr(nvcache.store, "train", lambda *a: trained.append(1) or train(*a))
+    cache = make_cache(64)
+    for i in range(350):  # due at 100 (claimed, refused); the next at 400
+        cache.put(lid(i), incompressible(500, i))
+    assert trained == [1] and _trainings(cache) == 1 and cache._store.reader.codec.current == 0
+    # Another process at 350 records and TRAIN_AT 100 would train again if it did not read the claim.
+    prog = ("import sys, nvcache, nvcache.codec as c, nvcache.store as s\n"
+            "c.TRAIN_AT = 100; s.REFRESH_EVERY = 10\n"
+            "calls = []; t = s.train; s.train = lambda *a: calls.append(1) or t(*a)\n"
+            "cache = nvcache.LayerCache(sys.argv[1], 64)\n"
+            "for i in range(20): cache.put('sha256:x%d' % i, bytes(range(256)) * 2)\n"
+            "print(len(calls)); cache.close()")
+    out = subprocess.run([sys.executable, "-c", prog, cache.path], env=core_env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["0"]
+    assert _trainings(cache) == 1
