@@ -31,6 +31,7 @@ from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
+from . import codec
 from .controller import controller_json
 from .errors import CacheError
 from . import registry
@@ -175,8 +176,10 @@ class LayerCache:
         A damaged record (``data`` False) is dropped and counts as a miss.
         """
         if data is False:
-            store.drop_damaged(key, self.lock_timeout)
-            log.warning("record %s_%s failed its checksum (or could not be decoded); dropped it", layer_id, kind)
+            if store.drop_damaged(key, self.lock_timeout):
+                log.warning("record %s_%s failed its checksum (or could not be decoded); dropped it", layer_id, kind)
+            else:  # gone meanwhile, or replaced by a healthy one: this read still missed
+                log.warning("record %s_%s read as damaged, but not when it was to be dropped", layer_id, kind)
             data = None
         store.buffer.count(key, data, born)
         return data  # type: ignore[no-any-return]
@@ -250,7 +253,7 @@ class LayerCache:
         return self._insert(layer_id, record, kind, keep, 0, 0)
 
     def _insert(self, layer_id: str, record: Record, kind: str, keep: Iterable[str],
-                refs: int, last_ns: int) -> bool:
+                refs: int, last_ns: int, train: bool = True) -> bool:
         core = self._core
         name, lid = core.record_name(layer_id, kind)
         data = _as_record(record)
@@ -267,21 +270,24 @@ class LayerCache:
                 and store.contains(key, True, self.lock_timeout)):
             return False
         return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout,
-                            self.compress) >= 0
+                            self.compress, train) >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
                 reference_count: int, last_referred_ns: int) -> bool:
         """:meth:`put` with a record's history: for importing another cache's records.
 
         The record keeps ``reference_count`` and ``last_referred_ns``
-        (nanoseconds since the epoch, > 0) instead of starting at 0 and now;
+        (nanoseconds since the epoch, > 0) instead of starting at 0 and now,
+        and no compression dictionary is trained meanwhile (an import measured
+        its records' sizes with the current one);
         eviction, ``RecordTooLarge`` and ``CacheFull`` work as in put.
         """
         _count("reference_count", reference_count, 1 << 64)
         _count("last_referred_ns", last_referred_ns, 1 << 64)
         if last_referred_ns == 0:
             raise ValueError("last_referred_ns must be > 0")
-        return self._insert(layer_id, record, kind, (), reference_count, last_referred_ns)
+        # No dictionary is trained meanwhile: an import measured its fit with the dictionary it has.
+        return self._insert(layer_id, record, kind, (), reference_count, last_referred_ns, train=False)
 
     def add_counters(self, hits: int, misses: int) -> None:
         """Add ``hits`` and ``misses`` to the cache's counters (for imports); they saturate at 2**64-1."""
@@ -430,6 +436,7 @@ class LayerCache:
         the dictionary their fit check measured with."""
         if not isinstance(dictionary, bytes) or not dictionary:
             raise TypeError("dictionary must be non-empty bytes (from nvcache.codec.train)")
+        codec.check_dictionary(dictionary)  # ValueError: zstd cannot use it
         store = self._opened()
         if store is None:
             return 0

@@ -29,7 +29,7 @@ looks at the current number (every ``REFRESH_EVERY`` puts).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import zstandard
 
@@ -46,6 +46,8 @@ TRAIN_AT = 200  # records in the cache before the first dictionary is trained
 TRAIN_GROWTH = 4  # dictionary g is trained at TRAIN_AT * TRAIN_GROWTH ** (g - 1) records
 MAX_DICTIONARIES = 8  # trainings per file, so at most this many dictionaries (DICT_SIZE each)
 SAMPLES = 1000  # records sampled to train one
+SAMPLE_BYTES = 32 * 1024  # of each sample (a dictionary learns from the front of records)
+SAMPLES_TOTAL = 8 << 20  # at most this many bytes of samples: training time grows with them
 MIN_GAIN = 0.02  # a new dictionary must save 2 % of the held-out samples' bytes to be used
 REFRESH_EVERY = 256  # puts between two looks at the file's current dictionary
 
@@ -136,7 +138,10 @@ class Codec:
         comp = compressors.get(slot)
         if comp is None:
             comp = compressors[slot] = _compressor(self._dictionary(number), level_of(data))
-        out = comp.compress(data)
+        try:
+            out = comp.compress(data)
+        except zstandard.ZstdError:  # never fails a put: a record zstd cannot take is stored raw
+            return RAW, data
         if len(out) >= len(data):
             return RAW, data
         return number + 1, out
@@ -180,15 +185,35 @@ def due_generation(records: int, trainings: int) -> bool:
     return trainings < MAX_DICTIONARIES and records >= TRAIN_AT * TRAIN_GROWTH ** trainings
 
 
+def check_dictionary(body: bytes) -> None:
+    """Raise ValueError unless zstd compresses and decompresses with ``body`` as a dictionary."""
+    probe = b'{"modules":{"Pkgs":{},"Apps":{}},"files":["/usr/lib/probe"]}' * 4
+    try:
+        d = zstandard.ZstdCompressionDict(body)
+        if _decompressor(d).decompress(_compressor(d, SMALL_LEVEL).compress(probe)) != probe:
+            raise ValueError("a dictionary that does not round-trip")
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"not a usable zstd dictionary: {exc}") from None
+
+
 def train(samples: Sequence[bytes], current: Optional[bytes] = None) -> Optional[bytes]:
     """A dictionary trained on ``samples`` (decoded records), or None when it would not help.
 
-    One sample in five is held out: the new dictionary is kept only if it
-    stores those in at least ``MIN_GAIN`` fewer bytes than the ``current``
-    dictionary (or none) does.
+    Each sample counts with its first ``SAMPLE_BYTES`` and all with at most
+    ``SAMPLES_TOTAL``, which bounds the time training takes. One sample in
+    five is held out: the new dictionary is kept only if it stores those in
+    at least ``MIN_GAIN`` fewer bytes than the ``current`` dictionary (or
+    none) does.
     """
-    held = [s for i, s in enumerate(samples) if i % 5 == 4]
-    used = [s for i, s in enumerate(samples) if i % 5 != 4]
+    capped: List[bytes] = []
+    total = 0
+    for sample in samples:
+        if total >= SAMPLES_TOTAL:
+            break
+        capped.append(sample[:SAMPLE_BYTES])
+        total += len(capped[-1])
+    held = [s for i, s in enumerate(capped) if i % 5 == 4]
+    used = [s for i, s in enumerate(capped) if i % 5 != 4]
     if len(used) < 16 or not held:
         return None
     try:
@@ -196,12 +221,16 @@ def train(samples: Sequence[bytes], current: Optional[bytes] = None) -> Optional
     except zstandard.ZstdError:  # too few or too uniform samples
         return None
     body = trained.as_bytes()
+    try:
+        check_dictionary(body)
+    except ValueError:
+        return None
     before = sum(stored_sizes(held, current))
     after = sum(stored_sizes(held, body))
     return body if after <= before * (1 - MIN_GAIN) else None
 
 
-def stored_sizes(records: Sequence[bytes], dictionary: Optional[bytes] = None) -> List[int]:
+def stored_sizes(records: Iterable[bytes], dictionary: Optional[bytes] = None) -> List[int]:
     """What each record would take in a cache (its stored size) with ``dictionary`` (or none)."""
     d = zstandard.ZstdCompressionDict(dictionary) if dictionary else None
     comps = (_compressor(d, SMALL_LEVEL), _compressor(d, LEVEL))

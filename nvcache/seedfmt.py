@@ -377,14 +377,14 @@ def check_source(src: str, skip_missing: bool = False, lock_timeout: float = 10.
 def _storage(cache: Target, records: Iterable[bytes], samples: List[bytes]) -> Tuple[List[int], Optional[bytes]]:
     """How ``records`` will be stored in ``cache``, the fit check's one measure: each one's stored
     size, and the dictionary trained on ``samples`` (some of them) that the import stores first
-    (None when none helps, or the cache stores records raw). Compression is deterministic, so the
-    records then take exactly these sizes."""
+    (None when none helps, or the cache stores records raw). Compression is deterministic and
+    restores train no dictionary, so the records then take exactly these sizes."""
     if not getattr(cache, "compress", True):
         return [len(record) for record in records], None
     body = codec.train(samples)
     if body is None and isinstance(cache, LayerCache):  # the cache's own current dictionary, if any
         return [cache.stored_size(record) for record in records], None
-    return [codec.stored_sizes([record], body)[0] for record in records], body
+    return codec.stored_sizes(records, body), body
 
 
 def import_seed(src: str, cache: Target, *, skip_missing: bool = False, skip_damaged: bool = False,
@@ -468,8 +468,10 @@ def _write(cache: LayerCache, index: SeedIndex, good: List[SeedRecord], todo: Li
     """Pass 2: restore the new records, then merge the history of all; undo the restores on failure."""
     restored: List[SeedRecord] = []
     evictions_before = cache.evictions() or 0
-    if todo and result.dictionary is not None:  # what the fit check measured with
-        cache.add_dictionary(result.dictionary)
+    if todo and result.dictionary is not None and not cache.add_dictionary(result.dictionary):
+        # The fit was measured with this dictionary: without it the sizes would not hold.
+        raise SeedFormatError("another process stored a compression dictionary while this import was "
+                              "checking the source; nothing was imported: run the import again")
     try:
         for rec, _size in todo:
             data = load_record(rec)  # load_record checks the file still has the indexed size

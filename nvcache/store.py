@@ -66,21 +66,25 @@ class Store(Lifecycle):
         if self.state:
             self._refresh(timeout)
         reader = self.reader
+        again = lambda reader: _decoded_found(reader, reader.lookup(key, timeout))  # noqa: E731
         try:
-            return _decoded_found(reader, reader.lookup(key, timeout))
+            found = reader.lookup(key, timeout)
         except StaleReader:  # replaced meanwhile
-            return self._via_reader(lambda reader: _decoded_found(reader, reader.lookup(key, timeout)), timeout)
+            return self._via_reader(again, timeout)  # type: ignore[no-any-return]
         except DATA_ERRORS as exc:
             raise self._failure(exc, reader) from exc
+        try:  # outside the try above: nothing decoding raises is damage of the file
+            return _decoded_found(reader, found)
+        except StaleReader:  # a dictionary to load, and the file replaced meanwhile
+            return self._via_reader(again, timeout)  # type: ignore[no-any-return]
 
     def find(self, layer_id: str, kind: str, timeout: Optional[float] = None) -> Tuple[bytes, Any, int]:
         """(key, data, born) of a record by name (validated): :meth:`lookup` in one core call, the hot read."""
         if self.state:
             self._refresh(timeout)
         reader = self.reader
-        try:  # _decoded_named, inlined: every get runs this
+        try:
             key, data, born, enc = reader.find(layer_id, kind, timeout)
-            return key, (_decoded(reader, data, enc) if enc else data), born
         except StaleReader:
             return self._via_reader(
                 lambda reader: _decoded_named(reader, reader.find(layer_id, kind, timeout)), timeout)
@@ -88,6 +92,13 @@ class Store(Lifecycle):
             if isinstance(exc, ValueError):
                 self.core.record_key(layer_id, kind)  # raises again for a bad argument: not damage
             raise self._failure(exc, reader) from exc
+        if enc:  # decoded outside the try above: nothing decoding raises is damage of the file
+            try:
+                data = _decoded(reader, data, enc)
+            except StaleReader:  # a dictionary to load, and the file replaced meanwhile
+                return self._via_reader(
+                    lambda reader: _decoded_named(reader, reader.find(layer_id, kind, timeout)), timeout)
+        return key, data, born
 
     def lookup_many(self, keys: List[bytes], timeout: Optional[float] = None) -> List[Tuple[Any, int]]:
         """:meth:`lookup` of every key under one lock and in one read transaction."""
@@ -157,12 +168,14 @@ class Store(Lifecycle):
 
     # -- writes -------------------------------------------------------------------------
     def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, max_bytes: int, keep: frozenset,
-               refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True) -> int:
+               refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True,
+               train: bool = True) -> int:
         """Add a record, evicting by the policy to stay within ``max_bytes`` stored bytes: the number
         evicted, or -1 (and no change) when the name exists. ``compress``: store it zstd-compressed
         when that is smaller (see codec.py; compressed here, before the lock). Raises
         RecordTooLarge for stored bytes above the bound, and CacheFull when only kept records
-        could make room; both change nothing."""
+        could make room; both change nothing. ``train``: this put may be the one that looks at
+        the file's dictionary and trains the next (imports say no)."""
         codec = self.reader.codec
         enc, stored = codec.encode(data) if compress else (RAW, data)
         codec.puts += 1
@@ -171,7 +184,7 @@ class Store(Lifecycle):
                                  f"bound of {max_bytes}")
         evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, max_bytes, keep,
                               refs, last_ns, timeout=timeout)
-        if compress and codec.puts >= REFRESH_EVERY:
+        if compress and train and codec.puts >= REFRESH_EVERY:
             self._dictionary_due(codec, timeout)
         return evicted  # type: ignore[no-any-return]
 
@@ -234,18 +247,22 @@ class Store(Lifecycle):
             codec.adopt(number)
             if due_generation(count, tries) and self._write(self._claim_training, tries, timeout=timeout,
                                                             native=False):
-                self.train_dictionary(None, timeout)
+                self.train_dictionary(None, timeout, claimed=True)
         except CacheError as exc:
             log.debug("dictionary check of %s skipped: %s", self.path, exc)
+        except Exception as exc:  # e.g. MemoryError while training: the put itself succeeded
+            log.warning("training a compression dictionary for %s failed: %r", self.path, exc)
 
     def _claim_training(self, files: Files, txn: Any, seen: int) -> bool:
         self._reserve(files, 1)
         return bool(files.index.claim_training(txn, seen))
 
-    def train_dictionary(self, samples: Optional[List[bytes]] = None, timeout: Optional[float] = None) -> int:
+    def train_dictionary(self, samples: Optional[List[bytes]] = None, timeout: Optional[float] = None,
+                         claimed: bool = False) -> int:
         """Train a dictionary on ``samples`` (default: a random sample of the cache's records) and make
         it the one new records use; returns its number, or 0 when it would not save enough bytes
-        (see codec.train) or another process stored a newer one meanwhile."""
+        (see codec.train) or another process stored a newer one meanwhile. ``claimed``: the
+        caller claimed this training already (else a stored dictionary counts as one)."""
         reader = self.reader
         codec = reader.codec
         number = self._read(lambda index, txn: index.current_dictionary(txn), timeout)
@@ -257,26 +274,32 @@ class Store(Lifecycle):
         body = train(samples, codec.body(codec.current))  # outside every lock: it takes a while
         if body is None:
             return 0
-        return self._add_dictionary_now(codec, body, number, timeout)
+        return self._add_dictionary_now(codec, body, number, timeout, claim=not claimed)
 
     def add_dictionary(self, body: bytes, timeout: Optional[float] = None) -> int:
         """Store a dictionary trained elsewhere (codec.train) as the current one; its number, or 0
         when another process stored one meanwhile."""
         codec = self.reader.codec
         number = self._read(lambda index, txn: index.current_dictionary(txn), timeout)
-        return self._add_dictionary_now(codec, body, number, timeout)
+        return self._add_dictionary_now(codec, body, number, timeout, claim=True)
 
-    def _add_dictionary_now(self, codec: Any, body: bytes, base: int, timeout: Optional[float]) -> int:
-        added = self._write(self._add_dictionary, body, codec, base, timeout=timeout, native=False)
+    def _add_dictionary_now(self, codec: Any, body: bytes, base: int, timeout: Optional[float],
+                            claim: bool) -> int:
+        """``claim``: count it as a training (one the caller did not claim): the automatic ones
+        then go on from the next generation."""
+        added = self._write(self._add_dictionary, body, codec, base, claim, timeout=timeout, native=False)
         if added:
             codec.learn(added, body)
         return int(added)
 
-    def _add_dictionary(self, files: Files, txn: Any, body: bytes, codec: Any, base: int) -> int:
-        if files.codec is not codec or files.index.current_dictionary(txn) != base:
+    def _add_dictionary(self, files: Files, txn: Any, body: bytes, codec: Any, base: int, claim: bool) -> int:
+        index = files.index
+        if files.codec is not codec or index.current_dictionary(txn) != base:
             return 0  # another file now, or another process trained one since: keep theirs
         self._reserve(files, len(body) // 4096 + 4)
-        return int(files.index.add_dictionary(txn, body))
+        if claim:
+            index.claim_training(txn, index.trainings(txn))
+        return int(index.add_dictionary(txn, body))
 
     def add_counters(self, hits: int, misses: int, timeout: Optional[float] = None) -> None:
         """Add to the hit and miss counters (imports)."""

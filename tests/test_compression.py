@@ -16,7 +16,7 @@ import pytest
 
 import nvcache.store
 
-from nvcache import RecordTooLarge, codec
+from nvcache import RecordTooLarge, codec, scanrecords
 from payloads import incompressible
 
 PACKAGES = [f"lib{name}{n}" for name in ("ssl", "curl", "xml", "yaml", "z", "ffi", "gcc", "c") for n in range(12)]
@@ -209,8 +209,8 @@ def test_a_damaged_dictionary_makes_its_records_misses_never_wrong_bytes(make_ca
 
 
 def test_threads_share_a_codec_safely(make_cache):
-    cache = make_cache(64)
-    _train(cache)
+    cache = make_cache(64)  # room for everything: every get must find what its thread put
+    assert _train(cache) == 1
     wrong = []
 
     def work(t: int) -> None:
@@ -218,8 +218,7 @@ def test_threads_share_a_codec_safely(make_cache):
             n = t * 1000 + i
             data = package_list(n, 1 + n % 30)
             cache.put(lid(n), data)
-            got = cache.get(lid(n))
-            if got is not None and got != data:
+            if cache.get(lid(n)) != data:
                 wrong.append(n)
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for t in threads:
@@ -271,3 +270,62 @@ def test_each_generation_is_trained_once_per_cache_even_when_useless(make_cache,
                          check=True)
     assert out.stdout.split() == ["0"]
     assert _trainings(cache) == 1
+
+
+def test_an_unusable_dictionary_is_refused_and_a_failing_training_fails_no_put(make_cache, monkeypatch, caplog):
+    cache = make_cache(16)
+    junk = b"\x37\xa4\x30\xec" + bytes(range(256)) * 8  # zstd's dictionary magic, then nonsense
+    with pytest.raises(ValueError, match="dictionary"):
+        cache.add_dictionary(junk)
+    with pytest.raises(TypeError):
+        cache.add_dictionary("not bytes")  # type: ignore[arg-type]
+    assert cache._store.reader.codec.current == 0
+    monkeypatch.setattr(codec, "TRAIN_AT", 50)
+    monkeypatch.setattr(nvcache.store, "REFRESH_EVERY", 20)
+
+    def broken(*_args):
+        raise MemoryError("no room to train")
+    monkeypatch.setattr(nvcache.store, "train", broken)
+    with caplog.at_level("WARNING", logger="nvcache"):
+        for i in range(100):
+            assert cache.put(lid(i), package_list(i))
+    assert "training a compression dictionary" in caplog.text and "MemoryError" in caplog.text
+    assert all(cache.get(lid(i)) == package_list(i) for i in range(100)) and cache.verify() == []
+
+
+def test_a_put_compressed_for_files_replaced_since_is_encoded_again(make_cache):
+    """The store encodes before its lock; if the files it encoded for were replaced meanwhile, the
+    dictionary numbers may mean other dictionaries: the write encodes again, without one."""
+    cache = make_cache(16)
+    other = make_cache(16, path=cache.path + "-other")
+    assert _train(other, 3000) == 1
+    data = package_list(9, 25)
+    enc, stored = other._store.reader.codec.encode(data)
+    assert enc == 2  # with the other file's dictionary 1, which this file does not have
+    store = cache._store
+    name, n = cache._core.record_name(lid(9), "layer_file")
+    key = cache._core.name_key(name)
+    assert store._write(store._insert, key, name, n, data, enc, stored, other._store.reader.codec,
+                        cache.max_bytes, frozenset(), 0, 0) == 0
+    assert encoding_of(cache, lid(9)) == 1 and cache.get(lid(9)) == data and cache.verify() == []
+
+
+def test_an_import_stores_records_at_the_sizes_it_measured(make_cache, monkeypatch, tmp_path):
+    """No dictionary is trained while an import restores, even past the points where puts would
+    train one, so its records take the stored sizes its fit check measured, and nothing is evicted."""
+    from nvcache import seedfmt
+    from test_seedfmt import build_seed
+    monkeypatch.setattr(codec, "TRAIN_AT", 50)
+    monkeypatch.setattr(nvcache.store, "REFRESH_EVERY", 20)
+    cache = make_cache(64)
+    raw = make_cache(64, path=cache.path, compress=False)
+    for i in range(300):
+        raw.put(lid(100_000 + i), package_list(i))
+    held = cache.stats()["record_total_size"]
+    records = scanrecords.record_set(400, seed=9)
+    src = str(tmp_path / "seed")
+    build_seed(src, [(l, d, 1, "2024-01-01T00:00:00Z") for l, d in records], hits=0, misses=0)
+    result = seedfmt.import_seed(src, cache)
+    assert result.imported == 400 and result.dictionary is not None
+    assert cache.stats()["record_total_size"] == held + result.record_bytes
+    assert cache.evictions() == 0 and _trainings(cache) == 1  # the import's dictionary counts as one
