@@ -29,7 +29,7 @@ looks at the current number (every ``REFRESH_EVERY`` puts).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 import zstandard
 
@@ -217,7 +217,7 @@ def train(samples: Sequence[bytes], current: Optional[bytes] = None) -> Optional
     if len(used) < 16 or not held:
         return None
     try:
-        trained = zstandard.train_dictionary(DICT_SIZE, used, level=LEVEL)
+        trained = zstandard.train_dictionary(DICT_SIZE, cast(List[Any], used), level=LEVEL)
     except zstandard.ZstdError:  # too few or too uniform samples
         return None
     body = trained.as_bytes()

@@ -57,7 +57,7 @@ class Files:
         self.data_fd = -1
         self.room: Optional[Reservation] = None
         self.writemap = False
-        self.codec: Optional[Codec] = None
+        self.codec: Codec = None  # type: ignore[assignment]  # set by _adopt before anyone reads it
 
     def close(self) -> None:
         """Close everything; the caller holds the lock's mutex (no transaction is in flight).

@@ -169,8 +169,8 @@ def _build(kind: str, rng: random.Random, budget: int) -> Tuple[Rec, Rec, List[s
                  "npm": rng.choice(["usr/src/app/node_modules", "app/node_modules",
                                     "usr/local/lib/node_modules/npm/node_modules"]),
                  "go": f"usr/local/bin/{_words(rng)}"}[lang]
-        apps, extra = _apps(lang, rng, max(1, budget // _APP_BYTES[lang]), where)
-        gens = extra + gens
+        apps, app_paths = _apps(lang, rng, max(1, budget // _APP_BYTES[lang]), where)
+        gens = app_paths + gens
     elif kind.startswith("os"):
         # an Alpine base is small (~500 paths); a large base layer is Debian's or UBI's
         odds = [55, 25, 20] if kind == "os-pkg" or budget < 20_000 else [65, 0, 35]
