@@ -15,22 +15,14 @@ from nvcache import LayerCache
 from nvcache.cli import cli
 from nvcache.controller import UINT32_MAX, controller_stat, controller_view
 from payloads import incompressible
+from test_cli import SEED_STAT_NONE
 
 T1 = 1727434640_230068879  # 2024-09-27T10:57:20.230068879Z
 T2 = 1727434641_000000000  # 2024-09-27T10:57:21Z
 A = "sha256:" + "a1" * 32
 B = "sha256:" + "b2" * 32
 
-STAT_NONE = """\
-+-------------------+-------+
-| Field             | Value |
-+-------------------+-------+
-| cache_misses      | None  |
-| cache_hits        | None  |
-| record_count      | None  |
-| record_total_size | None  |
-+-------------------+-------+
-"""
+STAT_NONE = SEED_STAT_NONE + "\n"  # the reference page's table, as the CLI prints it
 
 ZERO_REFS_DATA = """\
 {
