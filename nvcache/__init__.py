@@ -6,6 +6,7 @@ The one place that picks the hot index: the compiled ``nvcache._index``
 its pure-Python twin ``nvcache.fallback``. ``EXTENSION`` says which is in use.
 """
 
+import logging
 import os
 from types import ModuleType
 
@@ -18,8 +19,10 @@ EXTENSION = False
 if os.environ.get("NVCACHE_NO_EXTENSIONS", "") in ("", "0"):
     try:
         from . import _index as _compiled
-    except ImportError:  # not built (e.g. a source tree without a compiler)
-        pass
+    except ImportError as exc:  # not built (no compiler, no LMDB headers) or its library is missing
+        logging.getLogger("nvcache").warning(
+            "nvcache's compiled core cannot be loaded (%s); using the pure-Python core, which is "
+            "slower but the same cache (set NVCACHE_NO_EXTENSIONS=1 to choose it without this warning)", exc)
     else:
         _core = _compiled
         EXTENSION = True

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
@@ -43,6 +44,7 @@ Record = Union[bytes, bytearray, memoryview]
 
 
 MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def _bound(max_mb: object, what: str = "max_mb") -> int:
@@ -50,7 +52,10 @@ def _bound(max_mb: object, what: str = "max_mb") -> int:
         raise TypeError(f"{what} must be a number of MiB, not {type(max_mb).__name__}")
     if not math.isfinite(max_mb) or not 0 <= max_mb <= MAX_MB:
         raise ValueError(f"{what} must be a finite number of MiB in [0, {MAX_MB}], got {max_mb!r}")
-    return int(max_mb * 1024 * 1024)
+    max_bytes = int(max_mb * 1024 * 1024)
+    if max_mb > 0 and max_bytes == 0:  # 0 disables the cache; a positive bound must hold a byte
+        raise ValueError(f"{what} must be 0 (disabled) or at least one byte (1/1048576 MiB), got {max_mb!r}")
+    return max_bytes
 
 
 def _count(what: str, value: object, limit: int) -> int:
@@ -100,10 +105,13 @@ class LayerCache:
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
             raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
         if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
-            raise ValueError(f"lock_timeout must be in [0, {threading.TIMEOUT_MAX:g}] seconds, got {lock_timeout!r}")
+            raise ValueError(f"lock_timeout must be between 0 and {int(threading.TIMEOUT_MAX)} seconds, "
+                             f"got {lock_timeout!r}")
+        if not isinstance(durable, bool):
+            raise TypeError(f"durable must be True or False, not {type(durable).__name__}")
         self.path = path
         self.lock_timeout = float(lock_timeout)
-        self.durable = bool(durable)
+        self.durable = durable
         if not isinstance(compress, bool):
             raise TypeError(f"compress must be True or False, not {type(compress).__name__}")
         self.compress = compress
@@ -116,13 +124,23 @@ class LayerCache:
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "LayerCache":
-        """A cache configured like the scanner: ``NVCACHE_PATH`` (or the default) and ``MAX_CACHE_RECORD_MB``."""
+        """A cache configured like the scanner: ``NVCACHE_PATH`` (or the default) and ``MAX_CACHE_RECORD_MB``
+        (a plain decimal number of MiB; unset or 0 disables the cache). ``kwargs``: the other
+        arguments (``durable``, ``lock_timeout``, ``compress``); the path and the bound come
+        from the environment only."""
+        given = sorted(set(kwargs) & {"path", "max_mb"})
+        if given:
+            raise TypeError(f"from_env() takes the path and the bound from NVCACHE_PATH and MAX_CACHE_RECORD_MB, "
+                            f"not from {', '.join(given)}: call LayerCache(path, max_mb, ...) instead")
         raw = os.environ.get("MAX_CACHE_RECORD_MB", "").strip()
-        try:
-            max_mb = float(raw) if raw else 0.0
-        except ValueError:
-            raise ValueError(f"MAX_CACHE_RECORD_MB must be a number of MiB, got {raw!r}") from None
+        if raw and not _DECIMAL.fullmatch(raw):  # float() would take '1_0', '1e3', 'inf'
+            raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB (like 1000 or 0.5), "
+                             f"got {raw!r}")
+        max_mb = float(raw) if raw else 0.0
         _bound(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
+        if not max_mb:
+            log.info("MAX_CACHE_RECORD_MB is %s: the layer cache is disabled, as in the scanner",
+                     "0" if raw else "not set")
         return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------

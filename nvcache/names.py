@@ -30,37 +30,39 @@ def _check_kind(kind: object) -> bytes:
     return raw
 
 
-def record_name(layer_id: object, kind: object) -> Tuple[bytes, int]:
-    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
+def layer_id_bytes(layer_id: object, what: str = "layer_id") -> bytes:
+    """Validate a layer id (1-1024 printable ASCII characters, no whitespace); return its bytes."""
     if not isinstance(layer_id, str):
-        raise TypeError(f"layer_id must be str, not {type(layer_id).__name__}")
+        raise TypeError(f"{what} must be str, not {type(layer_id).__name__}")
     n = len(layer_id)
     if not 1 <= n <= MAX_LAYER_ID:
-        raise ValueError(f"layer_id must be 1-{MAX_LAYER_ID} characters, got {n}")
+        raise ValueError(f"{what} must be 1-{MAX_LAYER_ID} characters, got {n}")
     if not layer_id.isascii():
-        raise ValueError("layer_id must be printable ASCII without whitespace")
+        raise ValueError(f"{what} must be printable ASCII without whitespace, got {layer_id!r}")
     raw = layer_id.encode("ascii")
     if raw.translate(None, _PRINTABLE):
-        raise ValueError("layer_id must be printable ASCII without whitespace")
+        raise ValueError(f"{what} must be printable ASCII without whitespace, got {layer_id!r}")
+    return raw
+
+
+def record_name(layer_id: object, kind: object) -> Tuple[bytes, int]:
+    """Validate ``layer_id`` and ``kind``; return (``layer_id_kind`` as bytes, len(layer_id))."""
+    raw = layer_id_bytes(layer_id)
     k = _valid_kinds.get(kind) if type(kind) is str else None  # type: ignore[arg-type]
     if k is None:
         k = _check_kind(kind)
-    return raw + b"_" + k, n
+    return raw + b"_" + k, len(raw)
 
 
 
 def keep_set(keep: object) -> frozenset:
-    """The layer ids of ``keep`` as a frozenset of bytes (ids that cannot exist are dropped)."""
-    if isinstance(keep, (str, bytes, bytearray, memoryview)):
+    """The layer ids of ``keep``, each validated like a layer id, as a frozenset of bytes."""
+    if isinstance(keep, str):
         raise TypeError("keep must be an iterable of layer_id strings, not a single string")
+    if isinstance(keep, (bytes, bytearray, memoryview)):
+        raise TypeError(f"keep must be an iterable of layer_id strings, not {type(keep).__name__}")
     try:
         items = list(keep)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(f"keep must be an iterable of layer_id strings, not {type(keep).__name__}") from None
-    out = set()
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"keep items must be str, not {type(item).__name__}")
-        if item.isascii():  # a non-ASCII id names no record, so it protects nothing
-            out.add(item.encode("ascii"))
-    return frozenset(out)
+    return frozenset(layer_id_bytes(item, "each layer id in keep") for item in items)

@@ -219,8 +219,16 @@ def test_bad_keep_is_type_error(make_cache, bad):
 def test_keep_accepts_any_iterable_of_str(make_cache):
     cache = make_cache()
     assert cache.put(lid(1), b"r", keep=[lid(2)])
-    assert cache.put(lid(2), b"r", keep=(x for x in [lid(1), "caf\u00e9", "with space"]))
+    assert cache.put(lid(2), b"r", keep=(x for x in [lid(1), lid(3)]))
     assert cache.put(lid(3), b"r", keep={lid(1)})
+
+
+@pytest.mark.parametrize("bad", ["caf\u00e9", "with space", "", "x" * 1025])
+def test_keep_ids_are_validated_like_layer_ids(make_cache, bad):
+    cache = make_cache()
+    with pytest.raises(ValueError, match="each layer id in keep"):
+        cache.put(lid(1), b"r", keep=[lid(2), bad])
+    assert len(cache) == 0
 
 
 # -- put / get / delete -----------------------------------------------------------
