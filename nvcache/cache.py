@@ -44,7 +44,7 @@ Record = Union[bytes, bytearray, memoryview]
 
 
 MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
-_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def _bound(max_mb: object, what: str = "max_mb") -> int:
@@ -133,7 +133,7 @@ class LayerCache:
             raise TypeError(f"from_env() takes the path and the bound from NVCACHE_PATH and MAX_CACHE_RECORD_MB, "
                             f"not from {', '.join(given)}: call LayerCache(path, max_mb, ...) instead")
         raw = os.environ.get("MAX_CACHE_RECORD_MB", "").strip()
-        if raw and not _DECIMAL.fullmatch(raw):  # float() would take '1_0', '1e3', 'inf'
+        if raw and not PLAIN_DECIMAL.fullmatch(raw):  # float() would take '1_0', '1e3', 'inf'
             raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB (like 1000 or 0.5), "
                              f"got {raw!r}")
         max_mb = float(raw) if raw else 0.0

@@ -17,20 +17,22 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import click
 from prettytable import PrettyTable
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from tqdm import tqdm
 
 from . import __version__, simulate as sim
-from .cache import DEFAULT_PATH, LayerCache
+from .cache import PLAIN_DECIMAL, DEFAULT_PATH, LayerCache
 from .controller import STAT_FIELDS, controller_stat
 from .errors import CacheError
 from .importtarget import has_cache, import_into
@@ -99,11 +101,37 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _mib(ctx: click.Context, param: click.Parameter, value: Any) -> float:
+    """--max-mb as LayerCache.from_env reads MAX_CACHE_RECORD_MB (plain decimals); a bad value
+    from the environment is reported under the variable's name, not the option's."""
+    if isinstance(value, float):
+        return value
+    raw = str(value).strip()
+    if PLAIN_DECIMAL.fullmatch(raw):
+        return float(raw)
+    from_env = ctx.get_parameter_source(param.name or "") == click.core.ParameterSource.ENVIRONMENT
+    raise click.BadParameter(f"{raw!r} is not a plain decimal number of MiB (like 1000 or 0.5)",
+                             param_hint="MAX_CACHE_RECORD_MB (environment)" if from_env else "'--max-mb'")
+
+
 def _max_mb_option(fn: F) -> F:
     return click.option(
-        "--max-mb", type=float, envvar="MAX_CACHE_RECORD_MB", default=1000.0, show_default=True,
+        "--max-mb", type=str, callback=_mib, envvar="MAX_CACHE_RECORD_MB", default="1000", show_default=True,
         help="Bound of the cache in MiB (env MAX_CACHE_RECORD_MB), as the scanners use it; "
              "0 means disabled.")(fn)
+
+
+def self_command() -> str:
+    """How to run this CLI again as typed here: ``nvcache`` when that is this one on PATH, else
+    the console script's path (``.venv/bin/nvcache`` after ``make demo``), else ``python -m``."""
+    script = os.path.join(os.path.dirname(sys.executable), "nvcache")
+    if not os.path.exists(script):
+        return f"{sys.executable} -m nvcache"
+    found = shutil.which("nvcache")
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        return "nvcache"
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else script
 
 
 @contextmanager
@@ -241,6 +269,9 @@ def show(settings: Settings, max_mb: float, sort_key: str, reverse: bool, limit:
 @_friendly
 def verify(settings: Settings, max_mb: float) -> None:
     """Check index, records, totals, LRU order and checksums; exit status 1 on any problem."""
+    if max_mb == 0:
+        raise click.UsageError("a bound of 0 MiB disables the cache: there is nothing to verify "
+                               "(give the bound the scanners use, or leave --max-mb out)")
     if not has_cache(settings.path):
         click.echo(f"no nvcache cache at {settings.path} (its version or {DATA_FILE} is missing)")
         sys.exit(1)
@@ -429,6 +460,23 @@ def _interrupt(_signum: int, _frame: Any) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def metrics_app(registry: CollectorRegistry) -> Callable[..., Any]:
+    """prometheus_client's WSGI app on ``/metrics``; 404 on every other path."""
+    inner = make_wsgi_app(registry)
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") in ("/metrics", "/metrics/"):
+            return inner(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: the metrics are at /metrics\n"]
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """No access log on stderr (as prometheus_client's own server)."""
+
+
 @cli.command()
 @_max_mb_option
 @click.option("--listen", metavar="HOST:PORT", default=None,
@@ -446,9 +494,11 @@ def metrics(settings: Settings, max_mb: float, listen: Optional[str]) -> None:
             return
         host, port = _parse_listen(listen)
         try:
-            server, thread = start_http_server(port, addr=host, registry=registry)
+            server = make_server(host, port, metrics_app(registry), handler_class=_QuietHandler)
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        thread = threading.Thread(target=server.serve_forever, name="nvcache-metrics", daemon=True)
+        thread.start()
         bound_host, bound_port = server.server_address[:2]
         previous = {}
         try:
@@ -569,7 +619,7 @@ def simulate(settings: Settings, processes: int, images: int, layers: int, scans
     if (result.counter_hits, result.counter_misses) != (result.hits, result.misses):
         click.echo(f"warning: the cache counted {result.counter_hits} hits and {result.counter_misses} misses, "
                    f"the trace {result.hits} and {result.misses}", err=True)
-    click.echo(f"inspect it: nvcache --path {path} show --limit 10")
+    click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from typing import Dict, List, Optional
 
@@ -327,7 +328,9 @@ def test_verbose_logs_to_stderr(tmp_path):
 
 
 def test_bad_bound_is_a_clean_error(filled):
-    result = run(["--path", filled, "stat", "--max-mb", "-1"])
+    result = run(["--path", filled, "stat", "--max-mb", "-1"])  # a bad option value: a usage error
+    assert result.exit_code == 2 and "'--max-mb'" in result.stderr and "'-1' is not a plain decimal" in result.stderr
+    result = run(["--path", filled, "stat", "--max-mb", "99999999"])  # a number, out of range
     assert result.exit_code == 1 and "max_mb must be" in result.stderr
 
 
@@ -409,6 +412,10 @@ def test_metrics_listen_serves_until_interrupted(filled, inherited_sigint):
         samples = _samples(body)
         assert samples["nvcache_up"] == 1.0 and samples["nvcache_records"] == 4.0
         assert samples["nvcache_cache_hits_total"] == 3.0
+        for other in ("/", "/favicon.ico", "/metricsx", "/other/metrics"):  # only /metrics is served
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(match.group(1).replace("/metrics", other), timeout=10)
+            assert info.value.code == 404
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -423,3 +430,31 @@ def test_cli_leaves_the_callers_logging_alone(tmp_path):
     before = (logger.level, list(logger.handlers))
     run(["-vv", "--path", str(tmp_path / "none"), "stat"])
     assert (logger.level, list(logger.handlers)) == before
+
+
+def test_a_bad_max_cache_record_mb_is_named_as_the_variable(filled, monkeypatch):
+    monkeypatch.setenv("MAX_CACHE_RECORD_MB", "abc")
+    result = run(["--path", filled, "stat"])
+    assert result.exit_code == 2 and "MAX_CACHE_RECORD_MB" in result.stderr and "'abc'" in result.stderr
+    assert "--max-mb" not in result.stderr
+    result = run(["--path", filled, "stat", "--max-mb", "1_0"])  # given as an option: named as the option
+    assert result.exit_code == 2 and "'--max-mb'" in result.stderr and "MAX_CACHE_RECORD_MB" not in result.stderr
+    monkeypatch.setenv("MAX_CACHE_RECORD_MB", "2.5")
+    assert run(["--path", filled, "stat"]).exit_code == 0
+
+
+def test_verify_with_a_zero_bound_says_it_disables_the_cache(filled):
+    result = run(["--path", filled, "verify", "--max-mb", "0"])
+    assert result.exit_code == 2 and "disables the cache" in result.stderr
+    assert "core reported" not in result.output
+
+
+def test_simulate_prints_an_inspect_command_that_works_as_typed(tmp_path):
+    from nvcache.cli import self_command
+    command = self_command()
+    out = subprocess.run(command.split() + ["--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "nvcache" in out.stdout, (command, out.stderr)
+    path = str(tmp_path / "sim")
+    result = run(["simulate", "--processes", "1", "--images", "4", "--layers", "20", "--scans", "8",
+                  "--max-mb", "0.01", "--no-progress", "--path", path])
+    assert f"inspect it: {command} --path {path} show --limit 10" in result.stdout
