@@ -577,12 +577,13 @@ def result_table(r: sim.SimResult) -> str:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--compress/--no-compress", default=True, show_default=True,
               help="Store records zstd-compressed (the cache's default) or raw.")
+@click.option("--keep", is_flag=True, help="Keep the temporary cache directory (removed at the end otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
 @pass_settings
 @_friendly
 def simulate(settings: Settings, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
              skew: float, duration: float, analysis_us: float, us_per_kib: float, sim_path: Optional[str],
-             start_method: str, progress: Optional[bool], compress: bool, as_json: bool) -> None:
+             start_method: str, progress: Optional[bool], compress: bool, keep: bool, as_json: bool) -> None:
     """The main job: scanner processes scanning a synthetic registry through one shared cache.
 
     A miss "analyses" the layer (a sleep in proportion to its record size)
@@ -590,9 +591,27 @@ def simulate(settings: Settings, processes: int, images: int, layers: int, scans
     table, hit and byte-hit ratios, time saved, evictions and the byte-hit
     ratio Belady's offline optimum reaches on the recorded trace with the
     same bound. The global --path is used only when given on the command
-    line; NVCACHE_PATH is ignored here, so the demo never fills a real cache.
+    line; NVCACHE_PATH is ignored here, so the demo never fills a real cache. Without a
+    path, the run's temporary directory is removed at the end (also after Ctrl-C) unless
+    --keep; its path is printed first.
     """
+    temporary = not sim_path and not settings.path_given
     path = sim_path or (settings.path if settings.path_given else sim.fresh_path())
+    if temporary and not keep:
+        click.echo(f"cache: {path} (temporary: removed at the end; --keep keeps it)", err=as_json)
+    else:
+        click.echo(f"cache: {path}", err=as_json)
+    try:
+        _simulate(path, processes, images, layers, scans, max_mb, seed, skew, duration, analysis_us, us_per_kib,
+                  start_method, progress, compress, as_json, kept=not temporary or keep)
+    finally:
+        if temporary and not keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _simulate(path: str, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
+              skew: float, duration: float, analysis_us: float, us_per_kib: float, start_method: str,
+              progress: Optional[bool], compress: bool, as_json: bool, kept: bool) -> None:
     tqdm.monitor_interval = 0  # no monitor thread: nothing to inherit if workers fork
     bar = tqdm(total=scans, unit="scan", desc="scanning", file=sys.stderr, dynamic_ncols=True,
                disable=None if progress is None else not progress)
@@ -613,13 +632,15 @@ def simulate(settings: Settings, processes: int, images: int, layers: int, scans
         return
     click.echo(f"{processes} scanner processes, {images} images over {layers} layers "
                f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB, seed {seed}")
-    click.echo(f"cache: {path}")
     click.echo(stat_table(result.stats))
     click.echo(result_table(result))
     if (result.counter_hits, result.counter_misses) != (result.hits, result.misses):
         click.echo(f"warning: the cache counted {result.counter_hits} hits and {result.counter_misses} misses, "
                    f"the trace {result.hits} and {result.misses}", err=True)
-    click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
+    if kept:
+        click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
+    else:
+        click.echo(f"removing {path} (run with --keep to inspect it)")
 
 
 def main() -> None:

@@ -362,8 +362,15 @@ def test_simulate_uses_a_fresh_directory_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     result = run(["simulate", "-p", "1", "--images", "4", "--layers", "12", "--scans", "5", "--no-progress"])
     assert result.exit_code == 0, result.output
+    # The temporary directory is named first (so that a Ctrl-C does not lose it), then removed.
+    first = result.stdout.splitlines()[0]
+    assert re.fullmatch(rf"cache: {re.escape(str(tmp_path))}/nvcache-sim-\S+ \(temporary: removed at the end; "
+                        r"--keep keeps it\)", first), first
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("nvcache-sim-")]
+    assert "removing" in result.stdout and "inspect it:" not in result.stdout
+    kept = run(["simulate", "-p", "1", "--images", "4", "--layers", "12", "--scans", "5", "--no-progress", "--keep"])
     made = [p for p in os.listdir(tmp_path) if p.startswith("nvcache-sim-")]
-    assert len(made) == 1 and f"cache: {tmp_path / made[0]}" in result.stdout
+    assert len(made) == 1 and f"cache: {tmp_path / made[0]}" in kept.stdout and "inspect it:" in kept.stdout
     assert not (tmp_path / "real").exists()
     # A --path given on the command line is what the operator asked for: it is used.
     chosen = tmp_path / "chosen"
