@@ -40,8 +40,27 @@ CACHE_FILES = frozenset({DATA_FILE, VERSION_FILE, USERS_FILE, CLEAN_FILE, READER
 
 
 def has_cache(path: str) -> bool:
-    """Whether ``path`` holds an nvcache cache (both ``version`` and ``data.mdb``)."""
-    return os.path.isfile(os.path.join(path, VERSION_FILE)) and os.path.isfile(os.path.join(path, DATA_FILE))
+    """Whether ``path`` holds an nvcache cache (both ``version`` and ``data.mdb``).
+
+    False only when there is none there. A path this process cannot look
+    into (permissions), or one that is not a directory, raises CacheError
+    saying which: "no cache" would be a wrong diagnosis.
+    """
+    for where in (path, os.path.join(path, VERSION_FILE), os.path.join(path, DATA_FILE)):
+        try:
+            st = os.stat(where)
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            raise CacheError(f"cannot look into {path}: permission denied (uid {os.geteuid()}; "
+                             "run as the scanners' user, or as root)") from None
+        except NotADirectoryError:
+            raise CacheError(f"{path} is not a directory (a cache is a directory)") from None
+        except OSError as exc:
+            raise CacheError(f"cannot look into {path}: {exc.strerror or exc}") from None
+        if where == path and not stat.S_ISDIR(st.st_mode):
+            raise CacheError(f"{path} is not a directory (a cache is a directory)")
+    return True
 
 
 class ReadOnlyCache:

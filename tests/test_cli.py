@@ -12,9 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from click.testing import CliRunner, Result
@@ -465,3 +466,52 @@ def test_simulate_prints_an_inspect_command_that_works_as_typed(tmp_path):
     result = run(["simulate", "--processes", "1", "--images", "4", "--layers", "20", "--scans", "8",
                   "--max-mb", "0.01", "--no-progress", "--path", path])
     assert f"inspect it: {command} --path {path} show --limit 10" in result.stdout
+
+
+def _run_as(uid: int, args: List[str]) -> Tuple[int, str]:
+    """``run(args)`` in a forked child that dropped to ``uid`` (a scanner's other user): (exit code, output)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, just the CLI and a pipe
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = CliRunner().invoke(cli, args)
+            os.write(w, json.dumps([result.exit_code, result.output]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    code, output = json.loads(data)
+    return code, output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the cache to root and read it as another uid")
+def test_another_uid_on_a_root_owned_cache_gets_an_error_not_no_cache(tmp_path):
+    top = tempfile.mkdtemp(prefix="nvcache-perm-", dir="/tmp")  # tmp_path is 0700: nobody could not even reach it
+    try:
+        os.chmod(top, 0o755)
+        path = os.path.join(top, "caches")
+        with LayerCache(path, 1) as cache:
+            assert cache.put(DIGESTS[0], b"r")
+        os.chmod(path, 0o750)  # root's, as a hostPath cache made by a root scanner
+        for command in (["stat"], ["verify"], ["data"]):
+            code, output = _run_as(65534, ["--path", path] + command)
+            assert code != 0 and "permission denied" in output and "no nvcache cache" not in output, (command, output)
+            assert "None" not in output
+        assert run(["--path", path, "stat"]).exit_code == 0  # root still reads it
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_path_that_is_a_file_is_an_error_not_no_cache(tmp_path):
+    path = tmp_path / "caches"
+    path.write_text("not a directory")
+    for command in (["stat"], ["verify"], ["data"], ["show"]):
+        result = run(["--path", str(path)] + command)
+        assert result.exit_code != 0 and "is not a directory" in result.output, (command, result.output)
+        assert "no nvcache cache" not in result.output
