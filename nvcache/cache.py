@@ -44,7 +44,16 @@ Record = Union[bytes, bytearray, memoryview]
 
 
 MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
-PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
+def parse_mib(raw: str) -> float:
+    """A bound written as text (``MAX_CACHE_RECORD_MB``, ``--max-mb``): plain decimals only, since
+    float() would also take '1_0', '1e3' and 'inf'. ValueError otherwise."""
+    raw = raw.strip()
+    if not _PLAIN_DECIMAL.fullmatch(raw):
+        raise ValueError(f"{raw!r} is not a plain decimal number (like 1000 or 0.5)")
+    return float(raw)
 
 
 def _bound(max_mb: object, what: str = "max_mb") -> int:
@@ -133,10 +142,10 @@ class LayerCache:
             raise TypeError(f"from_env() takes the path and the bound from NVCACHE_PATH and MAX_CACHE_RECORD_MB, "
                             f"not from {', '.join(given)}: call LayerCache(path, max_mb, ...) instead")
         raw = os.environ.get("MAX_CACHE_RECORD_MB", "").strip()
-        if raw and not PLAIN_DECIMAL.fullmatch(raw):  # float() would take '1_0', '1e3', 'inf'
-            raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB (like 1000 or 0.5), "
-                             f"got {raw!r}")
-        max_mb = float(raw) if raw else 0.0
+        try:
+            max_mb = parse_mib(raw) if raw else 0.0
+        except ValueError as exc:
+            raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB: {exc}") from None
         _bound(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
         if not max_mb:
             log.info("MAX_CACHE_RECORD_MB is %s: the layer cache is disabled, as in the scanner",

@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from tqdm import tqdm
 
 from . import __version__, simulate as sim
-from .cache import PLAIN_DECIMAL, DEFAULT_PATH, LayerCache
+from .cache import DEFAULT_PATH, LayerCache, parse_mib
 from .controller import STAT_FIELDS, controller_stat
 from .errors import CacheError
 from .importtarget import has_cache, import_into
@@ -106,12 +106,12 @@ def _mib(ctx: click.Context, param: click.Parameter, value: Any) -> float:
     from the environment is reported under the variable's name, not the option's."""
     if isinstance(value, float):
         return value
-    raw = str(value).strip()
-    if PLAIN_DECIMAL.fullmatch(raw):
-        return float(raw)
-    from_env = ctx.get_parameter_source(param.name or "") == click.core.ParameterSource.ENVIRONMENT
-    raise click.BadParameter(f"{raw!r} is not a plain decimal number of MiB (like 1000 or 0.5)",
-                             param_hint="MAX_CACHE_RECORD_MB (environment)" if from_env else "'--max-mb'")
+    try:
+        return parse_mib(str(value))
+    except ValueError as exc:
+        from_env = ctx.get_parameter_source(param.name or "") == click.core.ParameterSource.ENVIRONMENT
+        raise click.BadParameter(str(exc), param_hint="MAX_CACHE_RECORD_MB (environment)" if from_env
+                                 else "'--max-mb'") from None
 
 
 def _max_mb_option(fn: F) -> F:
