@@ -44,6 +44,7 @@ Record = Union[bytes, bytearray, memoryview]
 
 
 MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
+DEFAULT_MB = 1000  # a new cache's bound when the opener gives none (the CLI's read-only commands)
 _PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
@@ -65,6 +66,11 @@ def _bound(max_mb: object, what: str = "max_mb") -> int:
     if max_mb > 0 and max_bytes == 0:  # 0 disables the cache; a positive bound must hold a byte
         raise ValueError(f"{what} must be 0 (disabled) or at least one byte (1/1048576 MiB), got {max_mb!r}")
     return max_bytes
+
+
+def _mib_text(max_bytes: int) -> str:
+    mib = max_bytes / (1 << 20)
+    return f"{mib:g} MiB" if mib >= 1 else f"{max_bytes} bytes"
 
 
 def _count(what: str, value: object, limit: int) -> int:
@@ -89,7 +95,11 @@ class LayerCache:
 
     ``path`` is the cache directory (created 0o750 if missing); ``max_mb``
     bounds the total stored size of the records in MiB (0 disables the
-    cache, as ``MAX_CACHE_RECORD_MB`` unset does for the scanner);
+    cache, as ``MAX_CACHE_RECORD_MB`` unset does for the scanner). The
+    bound is the cache's, stored in it: every process obeys the one stored,
+    and one that opens with another ``max_mb`` replaces it (logged as a
+    warning naming both) and evicts down to it; ``max_mb=None`` uses the
+    stored bound (``DEFAULT_MB`` for a new cache);
     ``durable=True`` fsyncs every write so that it also survives power loss,
     at a large cost per put. ``lock_timeout`` bounds every wait for another
     process's lock; past it the call raises :class:`~nvcache.CacheTimeout`.
@@ -103,14 +113,15 @@ class LayerCache:
 
     _core: ModuleType  # the hot index, chosen in nvcache/__init__.py
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: float = 1000,
+    def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: Optional[float] = None,
                  *, durable: bool = False, lock_timeout: float = 10.0, compress: bool = True) -> None:
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError("path must be str or os.PathLike[str]")
         if not path or "\0" in path:
             raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
-        self.max_bytes = _bound(max_mb)
+        given = None if max_mb is None else _bound(max_mb)
+        self._max_bytes = _bound(DEFAULT_MB) if given is None else given
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
             raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
         if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
@@ -124,12 +135,49 @@ class LayerCache:
         if not isinstance(compress, bool):
             raise TypeError(f"compress must be True or False, not {type(compress).__name__}")
         self.compress = compress
-        self.enabled = self.max_bytes > 0
+        self.enabled = self._max_bytes > 0
         self._store: Optional[Store] = None
         self._closed = False
         if self.enabled:  # a disabled cache creates nothing on disk, like the seed's
-            self._store = registry.acquire(os.path.abspath(path), self._core, self.max_bytes,
+            self._store = registry.acquire(os.path.abspath(path), self._core, self._max_bytes,
                                            self.durable, float(lock_timeout))
+            try:
+                self._adopt_bound(self._store, given)
+            except BaseException:
+                self.close()
+                raise
+
+    def _adopt_bound(self, store: Store, given: Optional[int]) -> None:
+        """Use the cache's stored bound, or replace it with ``given`` (see the class docstring).
+
+        Opening with the stored bound takes no lock (the store read it when it
+        opened the file, and every write reads it again). A replacement that
+        cannot be written now (the lock stays busy) is logged, and this
+        process then obeys the stored bound: the cache never has two.
+        """
+        files = store.files
+        recorded = files is not None and files.bound > 0
+        if given is None:
+            if recorded:
+                return
+            given = store.bound  # an older release's file: record the one this process uses
+        elif recorded and store.bound == given:
+            return
+        try:
+            old, evicted = store.set_bound(given, self.lock_timeout)
+        except CacheError as exc:
+            log.warning("cache in %s: could not record the bound %s (%s); using the stored %s", self.path,
+                        _mib_text(given), exc, _mib_text(store.bound))
+            return
+        if old and old != given:
+            log.warning("cache in %s: bound changed from %s to %s by this process%s", self.path,
+                        _mib_text(old), _mib_text(given), f"; evicted {evicted} records" if evicted else "")
+
+    @property
+    def max_bytes(self) -> int:
+        """The cache's bound in stored bytes, as last read from it (0 when disabled)."""
+        store = self._store
+        return store.bound if store is not None else self._max_bytes
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "LayerCache":
@@ -293,10 +341,10 @@ class LayerCache:
         # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
         # A record longer than the bound goes on to the store, which says whether it is too large
         # even stored compressed (a shorter one never is: it is stored raw at worst).
-        if (len(data) <= self.max_bytes and store.contains(key, timeout=self.lock_timeout)
+        if (len(data) <= store.bound and store.contains(key, timeout=self.lock_timeout)
                 and store.contains(key, True, self.lock_timeout)):
             return False
-        return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout,
+        return store.insert(key, name, lid, data, keep_ids, refs, last_ns, self.lock_timeout,
                             self.compress, train) >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
@@ -424,6 +472,19 @@ class LayerCache:
         if store is None:
             return
         store.flush(self.lock_timeout)
+
+    def resize(self, max_mb: float) -> Tuple[int, int]:
+        """Make ``max_mb`` the cache's bound for every process, evicting down to it now (kept
+        records too: the bound is the cache's). Returns (the bound it replaced in bytes, records
+        evicted). ``nvcache resize`` does this; a cache opened with ``max_mb`` does it too."""
+        new = _bound(max_mb)
+        if not new:
+            raise ValueError("a cache's bound must be positive: 0 disables a cache in one process, "
+                             "it is not a size")
+        store = self._opened()
+        if store is None:
+            raise CacheError("the cache is disabled in this process (max_mb=0): nothing to resize")
+        return store.set_bound(new, self.lock_timeout)
 
     def clear(self) -> None:
         """Remove every record. Hit, miss and eviction counters are kept."""

@@ -27,12 +27,13 @@ from .cachedir import MARK_BOOT, USERS_FILE, claim_users, last_user, mark_clean,
 from .errors import CacheError, CacheTimeout
 from .locking import FileLock, fork_generation, open_lock_file
 from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
-from .writemap import NoRoom, map_size_for, writemap_wanted
+from .writemap import NoRoom, first_map_size, grown_map_size, writemap_wanted
 
 log = logging.getLogger("nvcache")
 
-# Errors after which the environment must be reopened (not rebuilt).
-REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
+# Errors after which the environment must be reopened (not rebuilt). MapResizedError: another
+# process grew data.mdb past our map (see writemap.py); reads and writes reopen and go on.
+REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError, lmdb.MapResizedError)
 
 # Buffered accesses are written at least this often while a process is active.
 APPLY_AFTER_NS = 1_000_000_000
@@ -49,8 +50,11 @@ class Lifecycle:
                  lock_timeout: float) -> None:
         self.path = path
         self.core = core
-        self.map_size = map_size_for(max_bytes)
-        self.writemap = writemap_wanted(path, self.map_size)
+        # The cache's bound as this process last saw it in the file (its own until then): the
+        # file's is the one every write obeys (see Store.set_bound).
+        self.bound = max_bytes
+        self.map_size = first_map_size(max_bytes)  # what a new file starts with; see _grow_map
+        self.writemap = writemap_wanted(path)
         self.durable = durable
         self.force_sync = False
         self.users = 0
@@ -143,10 +147,13 @@ class Lifecycle:
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
         self._close_files()
+        self.map_size = first_map_size(self.bound)
         self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,
-                               self.path))
+                               self.path, self.bound))
 
     def _use(self, files: Files) -> None:
+        if files.bound:
+            self.bound = files.bound
         self.files = files
         self.reader = files.reader
         self.writemap = files.writemap
@@ -271,6 +278,23 @@ class Lifecycle:
         first = self._join_users(timeout)
         return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None
 
+    def _grow_map(self, timeout: Optional[float] = None) -> None:
+        """A write found the map full: reopen with a larger one (we hold the exclusive lock).
+
+        Under the write map LMDB extends data.mdb to the new map at once;
+        other processes meet the longer file as MapResizedError at their
+        next transaction and reopen (REOPEN_ERRORS).
+        """
+        files = self._files_locked()
+        current = files.map_size
+        grown = grown_map_size(current, self.bound)
+        (log.info if grown <= 2 * current else log.warning)(
+            "cache in %s: data.mdb's map grows from %d to %d MiB (bound %d MiB)",
+            self.path, current >> 20, grown >> 20, self.bound >> 20)
+        self.map_size = grown
+        self.state = max(self.state, REOPEN)
+        self._reopen_locked(timeout)
+
     def _stop_writemap(self, why: str, timeout: Optional[float] = None) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
         log.info("cache in %s: no room to reserve on disk (%s); writing without the write map", self.path, why)
@@ -291,7 +315,7 @@ class Lifecycle:
             return CacheError(f"cache in {self.path} is damaged: {exc}")
         if isinstance(exc, REOPEN_ERRORS):
             self.state = max(self.state, REOPEN)
-        if isinstance(exc, lmdb.MapFullError):
+        if isinstance(exc, lmdb.MapFullError):  # (writes grow the map and retry: see Store._write)
             return CacheError(f"cache file in {self.path} reached its map size")
         if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
             return CacheError(f"no space left for the cache in {self.path}")
@@ -310,17 +334,9 @@ class Lifecycle:
         """(st_dev, st_ino) of the directory this store locks now (it follows a replaced one)."""
         return self.lock.ident
 
-    def grow(self, max_bytes: int, durable: bool, timeout: float) -> None:
-        """Another cache on this path joins: its bound may need a larger map, its durability a sync."""
+    def join(self, durable: bool) -> None:
+        """Another cache on this path joins: its durability may need a sync after each write."""
         self.force_sync = self.force_sync or (durable and not self.durable)
-        if map_size_for(max_bytes) > self.map_size:
-            self.lock.acquire(True, timeout)
-            try:
-                self.map_size = map_size_for(max_bytes)
-                self.writemap = writemap_wanted(self.path, self.map_size)
-                self._close_files()  # the next use reopens with the larger map
-            finally:
-                self.lock.release()
 
     def final_flush(self) -> bool:
         """The last user's flush: False (logged) when the buffer could not be written yet."""

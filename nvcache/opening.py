@@ -45,7 +45,8 @@ CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundEr
 class Files:
     """One open data.mdb and what goes with it (see the module docstring)."""
 
-    __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap", "codec")
+    __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap", "codec",
+                 "bound")
 
     def __init__(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
         self.env = env
@@ -58,6 +59,12 @@ class Files:
         self.room: Optional[Reservation] = None
         self.writemap = False
         self.codec: Codec = None  # type: ignore[assignment]  # set by _adopt before anyone reads it
+        self.bound = 0  # the cache's bound recorded in the file when it was opened (0: none)
+
+    @property
+    def map_size(self) -> int:
+        """The map this process opened (at least data.mdb's length then)."""
+        return int(self.env.info()["map_size"])
 
     def close(self) -> None:
         """Close everything; the caller holds the lock's mutex (no transaction is in flight).
@@ -81,9 +88,20 @@ class Files:
 
 
 def environment(path: str, map_size: int, durable: bool, create: bool, writemap: bool) -> Any:
-    """py-lmdb's environment on ``<path>/data.mdb``, without LMDB's lock table (see locking.py)."""
+    """py-lmdb's environment on ``<path>/data.mdb``, without LMDB's lock table (see locking.py).
+
+    The map is ``map_size`` or the file's length, whichever is larger: under
+    the write map LMDB truncates the file to the map, and a shorter map would
+    cut pages other processes map (SIGBUS) or reserved (holes again). Files
+    grow only under the exclusive lock, and opening takes at least the shared
+    one, so the length read here stays the longest any process maps.
+    """
+    try:
+        length = os.stat(os.path.join(path, DATA_FILE)).st_size
+    except FileNotFoundError:
+        length = 0
     return lmdb.Environment(
-        path, map_size=map_size, subdir=True, readonly=False, create=create,
+        path, map_size=max(map_size, length), subdir=True, readonly=False, create=create,
         lock=False, sync=durable, metasync=durable, max_dbs=len(DB_NAMES),
         max_spare_txns=4, readahead=False, mode=0o640, writemap=writemap)
 
@@ -115,7 +133,7 @@ def _codec(files: Files, lock: FileLock) -> Codec:
     return codec
 
 
-def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
+def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, writemap: bool,
            durable: bool, label: str) -> Files:
     """Give freshly opened files their reader, writer, data.mdb descriptor and reservation."""
     env, table = files.env, files.table
@@ -136,7 +154,7 @@ def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: 
         raise
     files.writemap = writemap
     if writemap:
-        files.room = Reservation(files.data_fd, map_size, files.writer.last_page)
+        files.room = Reservation(files.data_fd, files.map_size, files.writer.last_page)
     return files
 
 
@@ -171,10 +189,6 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         table = ReaderTable(path, create=False)
     except BadTable as exc:  # other CacheErrors (no descriptors, no memory) are not damage
         return None, f"readers table: {exc}"
-    if writemap and os.path.getsize(data_path) > map_size:
-        # A larger-bound process (pwrite commits) filled more than our map: LMDB would grow
-        # our map to match, beyond what the Reservation reserves for.
-        writemap = False
     try:
         env = environment(path, map_size, durable, create=False, writemap=writemap)
     except lmdb.Error as exc:
@@ -188,6 +202,7 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         index = core.Index(*dbs)
         with env.begin() as txn:
             index.counters(txn)  # fails on a damaged or foreign meta database
+            bound = index.bound(txn)
             boot = txn.get(BOOT_KEY, None, dbs[3])
             nonce = txn.get(READERS_KEY, None, dbs[3])
         problem = None
@@ -207,13 +222,15 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         env.close()
         table.close()
         return None, problem
-    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable, label)
+    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label)
+    files.bound = bound
     return files, boot_problem(boot, durable)
 
 
 def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
-                 durable: bool, label: str) -> Files:
-    """Empty ``path`` and create a new cache in it; the caller holds the exclusive lock."""
+                 durable: bool, label: str, bound: int) -> Files:
+    """Empty ``path`` and create a new cache bounded to ``bound`` stored bytes in it; the caller
+    holds the exclusive lock."""
     table = env = None
     try:
         for name in (VERSION_FILE, DATA_FILE, CLEAN_FILE, READERS_FILE):
@@ -225,6 +242,7 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             dbs = [env.open_db(name, txn=txn, create=True) for name in DB_NAMES]
             index = core.Index(*dbs)
             index.init_counters(txn)
+            index.set_bound(txn, bound)
             txn.put(BOOT_KEY, boot_record(None, durable), db=dbs[3])
             txn.put(READERS_KEY, table.nonce, db=dbs[3])
         if durable:
@@ -242,7 +260,9 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
         if table is not None:
             table.close()
         raise CacheError(f"cannot create cache in {label}: {exc}") from exc
-    return _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable, label)
+    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label)
+    files.bound = bound
+    return files
 
 
 def write_boot(files: Files, durable: bool, timeout: float) -> None:

@@ -62,7 +62,7 @@ def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_tim
             raise CacheError(f"{path} is already open in this process with the other core "
                              f"({store.core.__name__})")
         else:  # inherited through fork, the store reopens itself at first use
-            store.grow(max_bytes, durable, lock_timeout)
+            store.join(durable)
         store.users += 1
         return store
 

@@ -32,6 +32,11 @@ log = logging.getLogger("nvcache")
 
 # What an index operation raises on bad stored bytes (arguments were checked by the front).
 DATA_ERRORS = (lmdb.Error,) + CORRUPTION_ERRORS
+# A read that meets these goes on with the current files: another thread replaced ours
+# (StaleReader), or another process grew data.mdb past our map (reopened first: REOPEN_ERRORS).
+RETRY_ERRORS = (StaleReader, lmdb.MapResizedError)
+# Retries of one write that found the map full or grown: each reopens with a larger map.
+_MAP_RETRIES = 8
 
 
 def _decoded(reader: Any, data: Any, enc: int) -> Any:
@@ -69,7 +74,8 @@ class Store(Lifecycle):
         again = lambda reader: _decoded_found(reader, reader.lookup(key, timeout))  # noqa: E731
         try:
             found = reader.lookup(key, timeout)
-        except StaleReader:  # replaced meanwhile
+        except RETRY_ERRORS as exc:  # replaced meanwhile, or the map outgrown
+            self._retrying(exc)
             return self._via_reader(again, timeout)  # type: ignore[no-any-return]
         except DATA_ERRORS as exc:
             raise self._failure(exc, reader) from exc
@@ -85,7 +91,8 @@ class Store(Lifecycle):
         reader = self.reader
         try:
             key, data, born, enc = reader.find(layer_id, kind, timeout)
-        except StaleReader:
+        except RETRY_ERRORS as exc:
+            self._retrying(exc)
             return self._via_reader(
                 lambda reader: _decoded_named(reader, reader.find(layer_id, kind, timeout)), timeout)
         except DATA_ERRORS as exc:
@@ -117,8 +124,8 @@ class Store(Lifecycle):
             reader = self.reader
             try:
                 return bool(reader.contains(key, timeout))
-            except StaleReader:
-                pass  # replaced meanwhile: the slow way below
+            except RETRY_ERRORS as exc:
+                self._retrying(exc)  # replaced meanwhile: the slow way below
             except DATA_ERRORS as exc:
                 raise self._failure(exc, reader) from exc
         return bool(self._via_reader(lambda reader: reader.contains(key, timeout), timeout))
@@ -130,11 +137,17 @@ class Store(Lifecycle):
             reader = self.reader
             try:
                 return read(reader)
-            except StaleReader:
-                continue  # another thread closed it meanwhile: its reopen is due or done
+            except RETRY_ERRORS as exc:
+                self._retrying(exc)  # another thread closed it meanwhile: its reopen is due or done
+                continue
             except DATA_ERRORS as exc:
                 raise self._failure(exc, reader) from exc
         raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+
+    def _retrying(self, exc: BaseException) -> None:
+        """A read will be retried after ``exc`` (one of RETRY_ERRORS): reopen first if it asks so."""
+        if isinstance(exc, lmdb.MapResizedError):
+            self._failure(exc)  # sets REOPEN
 
     def cache_data(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The seed's dump (counters and records, next victim first) from the newest file."""
@@ -151,26 +164,32 @@ class Store(Lifecycle):
 
     def _read(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
         """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
-        self._current(True, timeout)
-        lock = self.lock
-        lock.acquire(False, timeout)
-        try:
-            files = self._files_locked()
-            txn = files.env.begin()
+        for attempt in range(_MAP_RETRIES):
+            self._current(True, timeout)
+            lock = self.lock
+            lock.acquire(False, timeout)
             try:
-                return read(files.index, txn)
+                files = self._files_locked()
+                txn = files.env.begin()
+                try:
+                    return read(files.index, txn)
+                finally:
+                    txn.abort()
+            except lmdb.MapResizedError as exc:  # another process grew the file: reopen, read again
+                failure = self._failure(exc)
+                if attempt + 1 >= _MAP_RETRIES:
+                    raise failure from exc
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
             finally:
-                txn.abort()
-        except DATA_ERRORS as exc:
-            raise self._failure(exc) from exc
-        finally:
-            lock.release()
+                lock.release()
+        raise AssertionError("unreachable")
 
     # -- writes -------------------------------------------------------------------------
-    def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, max_bytes: int, keep: frozenset,
+    def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, keep: frozenset,
                refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True,
                train: bool = True) -> int:
-        """Add a record, evicting by the policy to stay within ``max_bytes`` stored bytes: the number
+        """Add a record, evicting by the policy to stay within the cache's bound: the number
         evicted, or -1 (and no change) when the name exists. ``compress``: store it zstd-compressed
         when that is smaller (see codec.py; compressed here, before the lock). Raises
         RecordTooLarge for stored bytes above the bound, and CacheFull when only kept records
@@ -179,10 +198,10 @@ class Store(Lifecycle):
         codec = self.reader.codec
         enc, stored = codec.encode(data) if compress else (RAW, data)
         codec.puts += 1
-        if len(stored) > max_bytes:
+        if len(stored) > self.bound:  # checked again in the transaction, against the file's bound
             raise RecordTooLarge(f"record of {len(stored)} bytes stored ({len(data)} put) exceeds the cache "
-                                 f"bound of {max_bytes}")
-        evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, max_bytes, keep,
+                                 f"bound of {self.bound}")
+        evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, keep,
                               refs, last_ns, timeout=timeout)
         if compress and train and codec.puts >= REFRESH_EVERY:
             self._dictionary_due(codec, timeout)
@@ -193,15 +212,16 @@ class Store(Lifecycle):
         return len(self.reader.codec.encode(data)[1])
 
     def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any, enc: int,
-                stored: Any, codec: Any, max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
+                stored: Any, codec: Any, keep: frozenset, refs: int, last_ns: int) -> int:
         index = files.index
         if index.exists(txn, key):
             return -1
         if enc > 1 and codec is not files.codec:  # compressed for a file replaced since: its dictionaries
             enc, stored = files.codec.encode(data, 0)  # are not this one's (no dictionary: nothing to load)
-            if len(stored) > max_bytes:
-                raise RecordTooLarge(f"record of {len(stored)} bytes stored exceeds the cache bound of {max_bytes}")
+        max_bytes = self.bound = index.bound(txn) or self.bound  # the file's bound (none in older files)
         size = len(stored)
+        if size > max_bytes:
+            raise RecordTooLarge(f"record of {size} bytes stored exceeds the cache bound of {max_bytes}")
         # Before the victims are chosen (the buffer changes their order), and only when this insert
         # evicts or the buffer is due: rewriting hundreds of buffered headers on every put that
         # fits would cost more than the put.
@@ -309,6 +329,26 @@ class Store(Lifecycle):
         self._flush(files, txn)
         files.index.apply(txn, {}, hits, misses)
 
+    def set_bound(self, max_bytes: int, timeout: Optional[float] = None) -> Tuple[int, int]:
+        """Record ``max_bytes`` as the cache's bound and evict down to it at once, so that one bound
+        holds from now on for every process: (the bound it replaced, 0 if none; records evicted).
+        Kept records are evicted too: the bound is the cache's, ``keep`` only a put's."""
+        return self._write(self._set_bound, max_bytes, timeout=timeout, native=False)  # type: ignore[no-any-return]
+
+    def _set_bound(self, files: Files, txn: Any, max_bytes: int) -> Tuple[int, int]:
+        index = files.index
+        old = index.bound(txn)
+        if old != max_bytes:
+            self._flush(files, txn)  # the buffered references order the victims
+            victims = index.victims(txn, 0, max_bytes, frozenset())
+            self._reserve(files, (len(victims) + 1) * PAGES_PER_KEY)
+            index.evict(txn, victims)
+            index.set_bound(txn, max_bytes)
+            self.bound = files.bound = max_bytes
+            return old, len(victims)
+        self.bound = max_bytes
+        return old, 0
+
     def clear(self, timeout: Optional[float] = None) -> None:
         """Remove every record (counters stay)."""
         self._write(self._clear, timeout=timeout, native=False)
@@ -403,7 +443,7 @@ class Store(Lifecycle):
         lock.acquire(True, timeout)
         try:
             self._look_at_directory(now)
-            attempt = 0
+            attempt = remapped = 0
             while True:
                 attempt += 1
                 self._taken = None
@@ -425,6 +465,20 @@ class Store(Lifecycle):
                         txn.commit()
                     finally:
                         files.table.leave_write()
+                except (lmdb.MapFullError, lmdb.MapResizedError) as exc:  # nothing was written
+                    self._untake()
+                    remapped += 1
+                    failure = self._failure(exc)  # a grown file (MapResizedError) sets REOPEN
+                    if remapped > _MAP_RETRIES:
+                        raise failure from exc
+                    try:
+                        if isinstance(exc, lmdb.MapFullError):
+                            self._grow_map(timeout)
+                        else:
+                            self._reopen_locked(timeout)
+                    except OSError as err:
+                        raise CacheError(f"cache operation failed in {self.path}: {err}") from err
+                    continue
                 except DATA_ERRORS as exc:
                     self._untake()
                     failure = self._failure(exc)
