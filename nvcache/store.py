@@ -465,6 +465,9 @@ class Store(Lifecycle):
                         txn.commit()
                     finally:
                         files.table.leave_write()
+                except RecordTooLarge:  # (a ValueError too, but the caller's record, not damage)
+                    self._untake()
+                    raise
                 except (lmdb.MapFullError, lmdb.MapResizedError) as exc:  # nothing was written
                     self._untake()
                     remapped += 1
