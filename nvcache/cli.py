@@ -8,7 +8,11 @@ public API.
 Read-only commands never create a cache: a path without ``version`` and
 ``data.mdb`` is reported like the seed reports a scanner without a cache
 (``None`` values), through a disabled ``LayerCache`` (bound 0), which
-touches nothing on disk.
+touches nothing on disk. They open a cache with ``repair=False``: a damaged
+one is reported (exit status 1, the damage on stderr) and left byte for
+byte as it is; ``nvcache repair`` fixes it. Commands that write (clear,
+import, simulate) repair, as scanners do. ``simulate`` lives in
+:mod:`nvcache.clisim`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -29,12 +34,11 @@ import click
 from prettytable import PrettyTable
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from tqdm import tqdm
 
-from . import __version__, simulate as sim
+from . import __version__
 from .cache import DEFAULT_PATH, LayerCache, parse_mib
 from .controller import STAT_FIELDS, controller_stat
-from .errors import CacheError
+from .errors import CacheDamaged, CacheError
 from .importtarget import has_cache, import_into
 from .seedfmt import SeedFormatError, export_seed
 
@@ -94,6 +98,11 @@ def _friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except CacheDamaged as exc:  # from a read-only command: say how to fix it
+            log.debug("command failed", exc_info=True)
+            settings = click.get_current_context().find_object(Settings)
+            where = f" --path {shlex.quote(settings.path)}" if settings is not None else ""
+            raise click.ClickException(f"{exc}. Nothing was changed: `nvcache{where} repair` fixes it") from exc
         except (CacheError, SeedFormatError, ValueError) as exc:
             log.debug("command failed", exc_info=True)
             raise click.ClickException(str(exc)) from exc
@@ -135,8 +144,11 @@ def self_command() -> str:
 
 
 @contextmanager
-def open_cache(path: str, max_mb: float) -> Iterator[LayerCache]:
-    """The cache at ``path``; a disabled one (all ``None``, nothing on disk) when there is none."""
+def open_cache(path: str, max_mb: float, repair: bool = False) -> Iterator[LayerCache]:
+    """The cache at ``path``; a disabled one (all ``None``, nothing on disk) when there is none.
+
+    ``repair=False`` (read-only commands): CacheDamaged for a damaged cache, which stays as it is.
+    """
     if not has_cache(path):
         if os.path.isfile(os.path.join(path, SEED_INDEX)):
             log.warning("%s holds the seed scanner's cache layout; `nvcache import %s` moves it into nvcache",
@@ -144,7 +156,7 @@ def open_cache(path: str, max_mb: float) -> Iterator[LayerCache]:
         else:
             log.info("no nvcache cache at %s", path)
         max_mb = 0
-    cache = LayerCache(path, max_mb)
+    cache = LayerCache(path, max_mb, repair=repair)
     try:
         if not cache.enabled and max_mb == 0 and has_cache(path):
             log.warning("--max-mb 0 disables the cache: showing it as the seed shows a disabled cache")
@@ -191,7 +203,17 @@ def stat_table(stats: Dict[str, Optional[int]]) -> str:
 @click.version_option(__version__, prog_name="nvcache")
 @click.pass_context
 def cli(ctx: click.Context, path: str, verbose: int) -> None:
-    """Inspect and manage the node's shared cache of layer scan records."""
+    """Inspect and manage the node's shared cache of layer scan records.
+
+    \b
+    Exit status: 0 done (verify: healthy);
+    1 the cache is damaged (verify's problems, or damage a read-only command met:
+      the message says which, nothing was changed, `nvcache repair` fixes it),
+      or the command failed (the message says why: permissions, not a directory...);
+    2 a usage error.
+    Read-only commands (stat, data, show, verify, export, metrics) never write to
+    the cache; clear, import, repair and simulate repair damage as scanners do.
+    """
     _setup_logging(ctx, verbose)
     given = ctx.get_parameter_source("path") == click.core.ParameterSource.COMMANDLINE
     ctx.obj = Settings(path, given, verbose)
@@ -268,25 +290,64 @@ def show(settings: Settings, max_mb: float, sort_key: str, reverse: bool, limit:
 @pass_settings
 @_friendly
 def verify(settings: Settings, max_mb: float) -> None:
-    """Check index, records, totals, LRU order and checksums; exit status 1 on any problem."""
+    """Check index, records, totals, LRU order and checksums; exit status 1 on any problem.
+
+    Read-only: a damaged cache is reported and left byte for byte as it
+    is (`nvcache repair` fixes it).
+    """
     if max_mb == 0:
         raise click.UsageError("a bound of 0 MiB disables the cache: there is nothing to verify "
                                "(give the bound the scanners use, or leave --max-mb out)")
     if not has_cache(settings.path):
         click.echo(f"no nvcache cache at {settings.path} (its version or {DATA_FILE} is missing)")
         sys.exit(1)
-    # Opening a damaged cache rebuilds it (the core's policy) before verify() can look, and the
-    # core only logs that: what it logs while we open and check is reported as a problem too.
-    with _core_warnings() as logged, open_cache(settings.path, max_mb) as cache:
+    # Read-only: damage found while opening is CacheDamaged (_friendly: stderr, exit status 1).
+    with open_cache(settings.path, max_mb) as cache:
         problems = cache.verify()
         stats = cache.stats()
-    problems = [f"the core reported: {message}" for message in logged] + problems
     for problem in problems:
         click.echo(problem)
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {settings.path}")
+        click.echo(f"{len(problems)} problem(s) in {settings.path}; nothing was changed "
+                   f"(`nvcache --path {shlex.quote(settings.path)} repair` fixes them)")
         sys.exit(1)
     click.echo(f"ok: {stats['record_count']} records, {stats['record_total_size']} bytes, no problems")
+
+
+@cli.command()
+@_max_mb_option
+@pass_settings
+@_friendly
+def repair(settings: Settings, max_mb: float) -> None:
+    """Fix what verify reports, and say what was done.
+
+    A cache that cannot be used as it is (a damaged data.mdb, another
+    format's version, a bad readers table, a reboot after non-durable
+    writes) is rebuilt, empty; records whose bytes are damaged are dropped;
+    if verify still finds problems, the cache is rebuilt. Scanners using it
+    meanwhile carry on with the new file. Exit status 0 once it is healthy.
+    """
+    if max_mb == 0:
+        raise click.UsageError("a bound of 0 MiB disables the cache: there is nothing to repair "
+                               "(give the bound the scanners use, or leave --max-mb out)")
+    if not has_cache(settings.path):
+        click.echo(f"no nvcache cache at {settings.path}; nothing to repair")
+        return
+    # A repair=True open rebuilds what it finds damaged and only logs it: that is reported as done.
+    with _core_warnings() as logged, open_cache(settings.path, max_mb, repair=True) as cache:
+        done = [f"at open: {message}" for message in logged]
+        done += cache.repair_damage()
+        problems = cache.verify()
+        stats = cache.stats()
+    for line in done:
+        click.echo(line)
+    if problems:  # a repair leaves none; if one does, say so rather than claim success
+        for problem in problems:
+            click.echo(problem)
+        click.echo(f"{len(problems)} problem(s) remain in {settings.path}")
+        sys.exit(1)
+    summary = f"{stats['record_count']} records, {stats['record_total_size']} bytes, no problems"
+    click.echo(f"repaired {settings.path}: {summary}" if done else f"nothing to repair: {summary}")
 
 
 @cli.command()
@@ -299,7 +360,7 @@ def clear(settings: Settings, max_mb: float, yes: bool) -> None:
     if not has_cache(settings.path):
         click.echo(f"no nvcache cache at {settings.path}; nothing to clear")
         return
-    with open_cache(settings.path, max_mb) as cache:
+    with open_cache(settings.path, max_mb, repair=True) as cache:
         stats = cache.stats()
         if not cache.enabled:
             raise click.ClickException("the cache is disabled (--max-mb 0); give its bound to clear it")
@@ -385,10 +446,11 @@ class CacheCollector:
         self.max_mb = max_mb
         self._cache: Optional[LayerCache] = None
         self._lock = threading.Lock()  # the HTTP server scrapes from several threads
+        self.failure: Optional[CacheError] = None  # why the last scrape could not read the cache
 
     def _open(self) -> Optional[LayerCache]:
         if self._cache is None and self.max_mb > 0 and has_cache(self.path):
-            self._cache = LayerCache(self.path, self.max_mb)
+            self._cache = LayerCache(self.path, self.max_mb, repair=False)  # an exporter never repairs
         return self._cache
 
     def close(self) -> None:
@@ -399,6 +461,7 @@ class CacheCollector:
 
     def _read(self) -> Optional[Tuple[Dict[str, Optional[int]], int, int, int]]:
         with self._lock:
+            self.failure = None
             try:
                 cache = self._open()
                 if cache is None:
@@ -410,6 +473,7 @@ class CacheCollector:
                 return stats, evictions, cache.max_bytes, size
             except (CacheError, OSError) as exc:
                 log.warning("cannot read the cache at %s: %s", self.path, exc)
+                self.failure = exc if isinstance(exc, CacheError) else CacheError(str(exc))
                 if self._cache is not None:
                     self._cache.close()
                     self._cache = None
@@ -484,13 +548,19 @@ class _QuietHandler(WSGIRequestHandler):
 @pass_settings
 @_friendly
 def metrics(settings: Settings, max_mb: float, listen: Optional[str]) -> None:
-    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size."""
+    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size.
+
+    Read-only. Printed once: exit status 1 when the cache could not be read (nvcache_up is then 0,
+    and the message says why); --listen keeps serving nvcache_up 0 and logs why.
+    """
     collector = CacheCollector(settings.path, max_mb)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)  # type: ignore[arg-type]
     try:
         if listen is None:
             click.echo(generate_latest(registry).decode(), nl=False)
+            if collector.failure is not None:  # printed with nvcache_up 0; the status says so too
+                raise collector.failure
             return
         host, port = _parse_listen(listen)
         try:
@@ -522,125 +592,7 @@ def metrics(settings: Settings, max_mb: float, listen: Optional[str]) -> None:
         collector.close()
 
 
-# -- simulate ------------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
-
-
-def result_table(r: sim.SimResult) -> str:
-    """The figures of a simulation, one per row."""
-    table = PrettyTable(["Result", "Value"])
-    table.align = "l"
-    rate = r.scans_done / r.wall_s if r.wall_s else 0.0
-    table.add_row(["scans", f"{r.scans_done} of {r.scans_planned} in {r.wall_s:.1f} s ({rate:.0f}/s)"
-                   + (" - stopped at --duration" if r.stopped_by_deadline else "")])
-    table.add_row(["layer requests", f"{r.requests} ({r.requested_bytes / 2**20:.1f} MiB of records)"])
-    table.add_row(["hit ratio", f"{_pct(r.hit_ratio)} ({r.hits} hits, {r.misses} misses)"])
-    table.add_row(["byte-hit ratio", f"{_pct(r.byte_hit_ratio)} of record bytes ("
-                   f"{'compressed' if r.compress else 'raw'}: {_pct(r.stored_byte_hit_ratio)} of stored bytes)"])
-    table.add_row(["Belady optimum byte-hit ratio", f"{_pct(r.optimum_byte_hit_ratio)} of stored bytes (same bound, "
-                   f"same trace; whole records: {_pct(r.belady_byte_hit_ratio)})"])
-    table.add_row(["evictions", r.evictions])
-    table.add_row(["analysis without cache", f"{r.analysis_no_cache_s:.1f} s"])
-    table.add_row(["analysis with cache", f"{r.analysis_with_cache_s:.1f} s + {r.cache_overhead_s:.1f} s "
-                   "in cache calls"])
-    saved = r.time_saved_s / r.analysis_no_cache_s if r.analysis_no_cache_s else 0.0
-    table.add_row(["time saved", f"{r.time_saved_s:.1f} s ({_pct(saved)}) of scanner time"])
-    table.add_row(["wrong records read", r.wrong_records])
-    return table.get_string()
-
-
-@cli.command()
-@click.option("--processes", "-p", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-              help="Scanner processes sharing the cache.")
-@click.option("--images", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Images in the synthetic registry.")
-@click.option("--layers", type=click.IntRange(min=3), default=6000, show_default=True,
-              help="Distinct layers (at least images + 2).")
-@click.option("--scans", type=click.IntRange(min=1), default=12000, show_default=True,
-              help="Image scans to run (popular images are scanned more often).")
-@click.option("--max-mb", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
-              help="Cache bound in MiB (the default catalogue holds about 20 MiB of records).")
-@click.option("--seed", type=int, default=1, show_default=True, help="Random seed of registry and scans.")
-@click.option("--skew", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Zipf exponent of image, stack and base popularity.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
-              help="Stop after this many seconds even if scans remain.")
-@click.option("--analysis-us", type=click.FloatRange(min=0), default=500.0, show_default=True,
-              help="Fixed cost of analysing one layer, in microseconds.")
-@click.option("--us-per-kib", type=click.FloatRange(min=0), default=40.0, show_default=True,
-              help="Cost of analysing one KiB of layer record, in microseconds.")
-@click.option("--path", "sim_path", default=None,
-              help="Cache directory (default: a fresh temporary one, so a real cache is never touched).")
-@click.option("--start-method", type=click.Choice(["spawn", "fork", "forkserver"]), default="spawn",
-              show_default=True, help="How the scanner processes are started.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@click.option("--compress/--no-compress", default=True, show_default=True,
-              help="Store records zstd-compressed (the cache's default) or raw.")
-@click.option("--keep", is_flag=True, help="Keep the temporary cache directory (removed at the end otherwise).")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
-@pass_settings
-@_friendly
-def simulate(settings: Settings, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
-             skew: float, duration: float, analysis_us: float, us_per_kib: float, sim_path: Optional[str],
-             start_method: str, progress: Optional[bool], compress: bool, keep: bool, as_json: bool) -> None:
-    """The main job: scanner processes scanning a synthetic registry through one shared cache.
-
-    A miss "analyses" the layer (a sleep in proportion to its record size)
-    and puts the record, keeping the image's layers. At the end: the stat
-    table, hit and byte-hit ratios, time saved, evictions and the byte-hit
-    ratio Belady's offline optimum reaches on the recorded trace with the
-    same bound. The global --path is used only when given on the command
-    line; NVCACHE_PATH is ignored here, so the demo never fills a real cache. Without a
-    path, the run's temporary directory is removed at the end (also after Ctrl-C) unless
-    --keep; its path is printed first.
-    """
-    temporary = not sim_path and not settings.path_given
-    path = sim_path or (settings.path if settings.path_given else sim.fresh_path())
-    if temporary and not keep:
-        click.echo(f"cache: {path} (temporary: removed at the end; --keep keeps it)", err=as_json)
-    else:
-        click.echo(f"cache: {path}", err=as_json)
-    try:
-        _simulate(path, processes, images, layers, scans, max_mb, seed, skew, duration, analysis_us, us_per_kib,
-                  start_method, progress, compress, as_json, kept=not temporary or keep)
-    finally:
-        if temporary and not keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _simulate(path: str, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
-              skew: float, duration: float, analysis_us: float, us_per_kib: float, start_method: str,
-              progress: Optional[bool], compress: bool, as_json: bool, kept: bool) -> None:
-    tqdm.monitor_interval = 0  # no monitor thread: nothing to inherit if workers fork
-    bar = tqdm(total=scans, unit="scan", desc="scanning", file=sys.stderr, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
-
-    def tick(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    try:
-        result = sim.run(path, processes=processes, images=images, layers=layers, scans=scans, max_mb=max_mb,
-                         seed=seed, skew=skew, duration=duration, fixed_us=analysis_us, us_per_kib=us_per_kib,
-                         start_method=start_method, compress=compress, progress=tick)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        bar.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
-        return
-    click.echo(f"{processes} scanner processes, {images} images over {layers} layers "
-               f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB, seed {seed}")
-    click.echo(stat_table(result.stats))
-    click.echo(result_table(result))
-    if (result.counter_hits, result.counter_misses) != (result.hits, result.misses):
-        click.echo(f"warning: the cache counted {result.counter_hits} hits and {result.counter_misses} misses, "
-                   f"the trace {result.hits} and {result.misses}", err=True)
-    if kept:
-        click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
-    else:
-        click.echo(f"removing {path} (run with --keep to inspect it)")
+from . import clisim  # noqa: E402,F401  (registers `simulate` on the group; it imports this module)
 
 
 def main() -> None:

@@ -18,14 +18,15 @@ import logging
 import os
 import time
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import lmdb
 
 from . import deepcheck
-from .cachedir import MARK_BOOT, USERS_FILE, claim_users, last_user, mark_clean, prepare_directory
-from .errors import CacheError, CacheTimeout
-from .locking import FileLock, fork_generation, open_lock_file
+from .cachedir import (CLEAN_FILE, DATA_FILE, MARK_BOOT, USERS_FILE, claim_users, closed_cleanly,
+                       consume_clean_mark, file_mark, last_user, mark_clean, prepare_directory, write_atomically)
+from .errors import CacheDamaged, CacheError, CacheTimeout
+from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
 from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
 from .writemap import NoRoom, first_map_size, grown_map_size, writemap_wanted
 
@@ -43,12 +44,29 @@ APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a ke
 OPEN, REOPEN, REBUILD = 0, 1, 2
 
 
+def existing_directory(path: str) -> None:
+    """prepare_directory for a cache that does not repair: the same checks, but nothing is made."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        raise CacheError(f"no nvcache cache at {path}: there is no such directory") from None
+    except OSError as exc:
+        raise CacheError(f"cannot look at {path}: {exc.strerror}") from None
+    prepare_directory(path)
+
+
 class Lifecycle:
     """One directory's files in this process over time (the Store adds the verbs)."""
 
     def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
-                 lock_timeout: float) -> None:
+                 lock_timeout: float, repair: bool = True) -> None:
         self.path = path
+        # False (LayerCache(..., repair=False)): a reader that never writes a byte of the files and
+        # raises CacheDamaged where a writer would rebuild (see _rebuild, _failure, _leave).
+        self.repair = repair
+        # A reader's consumed clean mark (its bytes, data.mdb's mark then, its mode and owner), put
+        # back by _leave.
+        self._clean_mark: Optional[Tuple[bytes, Dict[str, int], Tuple[int, int, int]]] = None
         self.core = core
         # The cache's bound as this process last saw it in the file (its own until then): the
         # file's is the one every write obeys (see Store.set_bound).
@@ -73,7 +91,8 @@ class Lifecycle:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
             self._users_ident = self.lock.ident
-            self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None)
+            self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check, self.repair)
+                             if first else None)
         except BaseException as exc:
             self._close_files()
             self.lock.close()
@@ -91,6 +110,10 @@ class Lifecycle:
         try:
             # The directory may have been replaced since the lock opened it (see _follow_directory).
             problem = "moved" if self.lock.moved() else self._open(check)
+            if problem == MARK_BOOT and not self.repair:
+                problem = None  # a reader writes nothing: the boot record is the next writer's (see _open_locked)
+            if problem is None and not self.repair:
+                self._keep_clean_mark(check)
         finally:
             self.lock.release()
         if problem is None:
@@ -99,12 +122,31 @@ class Lifecycle:
         self.lock.acquire(True)
         try:
             self._open_locked(check)
+            if not self.repair:
+                self._keep_clean_mark(check)
         finally:
             self.lock.release()
 
+    def _keep_clean_mark(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
+        """A reader that opened first consumes the clean mark only once its open succeeded (an open
+        refused for damage changes no file), and only a valid one (a stale or garbled mark is no
+        mark: nobody can trust it), keeping its bytes to put back at close (_leave)."""
+        if check is None or not closed_cleanly(self.lock.dir):
+            return
+        kept = None
+        try:
+            with os.fdopen(open_nofollow(os.path.join(self.lock.dir, CLEAN_FILE), os.O_RDONLY), "rb") as f:
+                st = os.fstat(f.fileno())
+                kept = (f.read(4096), file_mark(os.stat(os.path.join(self.lock.dir, DATA_FILE))),
+                        (st.st_mode & 0o7777, st.st_uid, st.st_gid))
+        except (OSError, CacheError):
+            pass
+        consume_clean_mark(self.lock.dir)
+        self._clean_mark = kept
+
     def _open(self, check: Optional[deepcheck.FirstOpenCheck]) -> Optional[str]:
         files, problem = open_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap,
-                                    self.durable, check, self.path)
+                                    self.durable, check, self.path, readonly=not self.repair)
         if files is not None:
             if self.lock.moved():  # replaced while we opened it (only possible without /proc)
                 files.close()
@@ -124,6 +166,10 @@ class Lifecycle:
             raise CacheError(f"cache directory {self.path} kept being replaced")
         if problem == MARK_BOOT:
             assert self.files is not None
+            if not self.repair:
+                # A reader never writes non-durably, so it need not record itself, nor this boot:
+                # the files are usable as they are, and the next writer updates the record.
+                return
             try:
                 write_boot(self.files, self.durable, self.lock.timeout)
             except NoRoom as exc:  # the next use reopens without the write map
@@ -141,7 +187,15 @@ class Lifecycle:
             self.core.Index)
 
     def _rebuild(self, reason: str) -> None:
-        """Empty and recreate the cache; the caller holds the exclusive lock."""
+        """Empty and recreate the cache; the caller holds the exclusive lock.
+
+        Without ``repair`` the files stay as they are: CacheDamaged (or CacheError for no cache).
+        """
+        if not self.repair:
+            if reason == "new":
+                raise CacheError(f"no nvcache cache in {self.path} (a cache opened with repair=False creates none)")
+            raise CacheDamaged(f"the cache in {self.path} is damaged or cannot be used as it is: {reason} "
+                               "(left unchanged: opened with repair=False)")
         if reason == "new":
             log.info("creating cache in %s", self.path)
         else:
@@ -245,6 +299,8 @@ class Lifecycle:
             self._rebuild("damage found while in use")
         else:
             self._open_locked(check)
+            if not self.repair:
+                self._keep_clean_mark(check)
 
     def _join_users(self, timeout: Optional[float]) -> bool:
         """Hold ``users`` of the directory we lock (a fresh descriptor); True when no other process has it."""
@@ -269,14 +325,15 @@ class Lifecycle:
         data.mdb), and this process joins the new directory's users; if it is
         their first, the new cache gets the first opener's check.
         """
-        if not self.lock.rebind(prepare_directory, timeout):
+        if not self.lock.rebind(prepare_directory if self.repair else existing_directory, timeout):
             return None  # the path names our directory again: nothing to follow
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)
         self.state = REOPEN  # what was found in the old directory's file does not carry over
         self._suspect = False
+        self._clean_mark = None
         first = self._join_users(timeout)
-        return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None
+        return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check, self.repair) if first else None
 
     def _grow_map(self, timeout: Optional[float] = None) -> None:
         """A write found the map full: reopen with a larger one (we hold the exclusive lock).
@@ -309,6 +366,10 @@ class Lifecycle:
         """
         if reader is not None and reader is not self.reader:
             return CacheError(f"cache operation failed in {self.path}: {exc}")
+        if isinstance(exc, CORRUPTION_ERRORS) and not self.repair:  # reported, never rebuilt
+            self.state = max(self.state, REOPEN)
+            return CacheDamaged(f"the cache in {self.path} is damaged: {exc} (left unchanged: opened with "
+                                "repair=False)")
         if isinstance(exc, CORRUPTION_ERRORS):
             self.state = REBUILD
             log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
@@ -337,6 +398,19 @@ class Lifecycle:
     def join(self, durable: bool) -> None:
         """Another cache on this path joins: its durability may need a sync after each write."""
         self.force_sync = self.force_sync or (durable and not self.durable)
+
+    def allow_repair(self, timeout: float) -> None:
+        """A repair=True cache joins this store, opened by a repair=False one: from the next use on
+        it has a writer (and repairs), as a store opened with repair=True."""
+        if self.repair:
+            return
+        self.lock.acquire(True, timeout)
+        try:
+            self.repair = True
+            self._clean_mark = None  # a writer uses the file now: its last user marks it, as usual
+            self._close_files()  # the next use reopens with a writer
+        finally:
+            self.lock.release()
 
     def final_flush(self) -> bool:
         """The last user's flush: False (logged) when the buffer could not be written yet."""
@@ -393,6 +467,22 @@ class Lifecycle:
         try:
             if not last_user(self._users_fd):
                 return  # others still use it
+            if not self.repair:  # a reader puts back the mark it consumed, if the file is as it was then
+                if self._clean_mark is not None and not self._suspect and not self.lock.moved():
+                    body, mark, (mode, uid, gid) = self._clean_mark
+                    try:
+                        if file_mark(os.stat(os.path.join(self.lock.dir, DATA_FILE))) == mark:
+                            write_atomically(self.lock.dir, CLEAN_FILE, body)
+                            fd = open_nofollow(os.path.join(self.lock.dir, CLEAN_FILE), os.O_RDONLY)
+                            try:
+                                os.fchmod(fd, mode)
+                                if (uid, gid) != (os.geteuid(), os.getegid()):
+                                    os.fchown(fd, uid, gid)  # as root only (else an OSError: logged)
+                            finally:
+                                os.close(fd)
+                    except (OSError, CacheError) as exc:
+                        log.debug("could not put back the clean mark of %s: %s", self.path, exc)
+                return
             if not self._replaced() and not self._suspect and not self.lock.moved():
                 mark_clean(self.lock.dir)
         finally:

@@ -29,7 +29,7 @@ from .cachedir import (BOOT_KEY, CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION
 from .codec import Codec
 from .errors import CacheError, StaleReader
 from .locking import READERS_FILE, BadTable, FileLock, ReaderTable, open_nofollow
-from .writemap import PAGES_PER_KEY, Reservation
+from .writemap import PAGE_SIZE, PAGES_PER_KEY, Reservation
 
 log = logging.getLogger("nvcache")
 
@@ -87,7 +87,8 @@ class Files:
             os.close(fd)
 
 
-def environment(path: str, map_size: int, durable: bool, create: bool, writemap: bool) -> Any:
+def environment(path: str, map_size: int, durable: bool, create: bool, writemap: bool,
+                readonly: bool = False) -> Any:
     """py-lmdb's environment on ``<path>/data.mdb``, without LMDB's lock table (see locking.py).
 
     The map is ``map_size`` or the file's length, whichever is larger: under
@@ -101,7 +102,7 @@ def environment(path: str, map_size: int, durable: bool, create: bool, writemap:
     except FileNotFoundError:
         length = 0
     return lmdb.Environment(
-        path, map_size=max(map_size, length), subdir=True, readonly=False, create=create,
+        path, map_size=max(map_size, length), subdir=True, readonly=readonly, create=create,
         lock=False, sync=durable, metasync=durable, max_dbs=len(DB_NAMES),
         max_spare_txns=4, readahead=False, mode=0o640, writemap=writemap)
 
@@ -134,14 +135,18 @@ def _codec(files: Files, lock: FileLock) -> Codec:
 
 
 def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, writemap: bool,
-           durable: bool, label: str) -> Files:
-    """Give freshly opened files their reader, writer, data.mdb descriptor and reservation."""
+           durable: bool, label: str, readonly: bool = False) -> Files:
+    """Give freshly opened files their reader, writer, data.mdb descriptor and reservation.
+
+    ``readonly``: a reader only (no writer, no write map, no claimed slot, which is a write
+    into ``readers``): it reads under the shared flock and never changes a byte of the files.
+    """
     env, table = files.env, files.table
     try:
-        if core.FAST_READS:
+        if core.FAST_READS and not readonly:
             table.claim()  # no free slot: this process reads under the flock
         try:
-            files.writer = core.Writer(env, writemap, durable)
+            files.writer = None if readonly else core.Writer(env, writemap, durable)
         except lmdb.Error as exc:
             raise CacheError(f"cannot open cache {label}: no write environment ({exc})") from exc
         # The compiled Reader reads through the Writer's environment: one mapping for both.
@@ -160,7 +165,7 @@ def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, writemap: 
 
 def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool, durable: bool,
                first_open_check: Optional[Callable[[], Optional[str]]],
-               label: str) -> Tuple[Optional[Files], Optional[str]]:
+               label: str, readonly: bool = False) -> Tuple[Optional[Files], Optional[str]]:
     """Open the cache in ``path``: (files, None) when usable, (files, MARK_BOOT) when only its boot
     record must be updated, (None, why it must be rebuilt) otherwise. ``path``
     is the locked directory (``FileLock.dir``); ``label`` names it in messages.
@@ -169,6 +174,8 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
     check (see :class:`nvcache.deepcheck.FirstOpenCheck`) says whether the
     file may be mapped at all. Shortages (descriptors, memory) and other
     failures that say nothing about the file raise CacheError instead.
+    ``readonly``: open for reading only (see :func:`_adopt`); nothing is written, not even by
+    LMDB (which would write meta pages into an empty data.mdb opened for writing).
     """
     version = read_version(path)
     data_path = os.path.join(path, DATA_FILE)
@@ -189,8 +196,13 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         table = ReaderTable(path, create=False)
     except BadTable as exc:  # other CacheErrors (no descriptors, no memory) are not damage
         return None, f"readers table: {exc}"
+    if readonly:
+        writemap = False
+        if os.path.getsize(data_path) < 2 * PAGE_SIZE:
+            table.close()
+            return None, f"{DATA_FILE} is shorter than its two meta pages"
     try:
-        env = environment(path, map_size, durable, create=False, writemap=writemap)
+        env = environment(path, map_size, durable, create=False, writemap=writemap, readonly=readonly)
     except lmdb.Error as exc:
         table.close()
         if isinstance(exc, CORRUPTION_ERRORS) or not os.path.exists(data_path):
@@ -222,7 +234,7 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         env.close()
         table.close()
         return None, problem
-    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label)
+    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label, readonly)
     files.bound = bound
     return files, boot_problem(boot, durable)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import lmdb
 
 from .codec import RAW, REFRESH_EVERY, SAMPLES, due_generation, train
+from .fallback import HEADER_SIZE
 from .errors import CacheError, RecordTooLarge, StaleReader
 from .lifecycle import REBUILD, Lifecycle
 from .opening import CORRUPTION_ERRORS, Files
@@ -254,6 +255,33 @@ class Store(Lifecycle):
             return bool(index.remove(txn, key))
         return False
 
+    def drop_all_damaged(self, timeout: Optional[float] = None) -> List[str]:
+        """Remove every record whose bytes fail their checksum or do not decode (the repair's first
+        step, in one write); the names of those removed."""
+        return self._write(self._drop_all_damaged, timeout=timeout, native=False)  # type: ignore[no-any-return]
+
+    def _drop_all_damaged(self, files: Files, txn: Any) -> List[str]:
+        self._flush(files, txn)
+        index = files.index
+        with txn.cursor(index.idx) as cur:
+            keys = [(bytes(key), bytes(hdr)) for key, hdr in cur]
+        dropped = []
+        for key, hdr in keys:
+            if self._drop_damaged(files, txn, key):
+                dropped.append(hdr[HEADER_SIZE:].decode("ascii", "replace"))
+        return dropped
+
+    def rebuild(self, reason: str, timeout: Optional[float] = None) -> None:
+        """Empty and recreate the cache now (a repair of damage that dropping records cannot fix)."""
+        if self.state:
+            self._refresh(timeout)
+        self.lock.acquire(True, timeout)
+        try:
+            self._rebuild(reason)
+            self._suspect = False  # a new file: what verify() found was in the old one
+        finally:
+            self.lock.release()
+
     # -- compression dictionaries ---------------------------------------------------------
     def _dictionary_due(self, codec: Any, timeout: Optional[float]) -> None:
         """After ``REFRESH_EVERY`` puts: use the file's newest dictionary, and train the next one
@@ -436,6 +464,8 @@ class Store(Lifecycle):
         """
         if self.state:
             self._refresh(timeout)
+        if not self.repair:  # opened by LayerCache(..., repair=False): no writer, and none wanted
+            raise CacheError(f"the cache in {self.path} was opened with repair=False, which only reads")
         lock = self.lock
         wait = lock.timeout if timeout is None else timeout
         now = time.monotonic()

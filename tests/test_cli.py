@@ -151,12 +151,20 @@ def test_verify_exit_status(filled, tmp_path):
     assert missing.exit_code == 1 and "no nvcache cache" in missing.stdout
 
 
-def test_verify_reports_damage_the_core_repaired_on_open(filled):
+def test_verify_reports_damage_and_leaves_it_repair_rebuilds(filled):
     with open(os.path.join(filled, "data.mdb"), "r+b") as f:
         f.write(b"\xff" * 8192)  # both LMDB meta pages
+    with open(os.path.join(filled, "data.mdb"), "rb") as f:
+        damaged = f.read(3 * 4096)
     result = run(["--path", filled, "verify"])
     assert result.exit_code == 1
-    assert "the core reported: emptying cache" in result.stdout
+    assert "is damaged" in result.stderr and "deep check at first open: a damaged page" in result.stderr
+    assert "repair` fixes it" in result.stderr
+    with open(os.path.join(filled, "data.mdb"), "rb") as f:
+        assert f.read(3 * 4096) == damaged  # read-only: not rebuilt (tests/test_repair.py hashes every file)
+    repaired = run(["--path", filled, "repair"])
+    assert repaired.exit_code == 0 and "at open: emptying cache" in repaired.stdout
+    assert run(["--path", filled, "verify"]).stdout == "ok: 0 records, 0 bytes, no problems\n"
 
 
 def test_clear_asks_first(filled):
