@@ -45,6 +45,8 @@ OPEN, REOPEN, REBUILD = 0, 1, 2
 class Lifecycle:
     """One directory's files in this process over time (the Store adds the verbs)."""
 
+    _txn: Any = None  # the store's write transaction in progress (see _abandon_write)
+
     def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
                  lock_timeout: float) -> None:
         self.path = path
@@ -65,6 +67,7 @@ class Lifecycle:
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._users_fd = -1
         self.lock = FileLock(path, lock_timeout)
+        self.lock.on_recover = self._abandon_write
         try:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
@@ -83,20 +86,24 @@ class Lifecycle:
     def _first_open(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
         # Usually the shared lock suffices; a rebuild or a boot-record update needs the
         # exclusive one, and then everything is checked again.
-        self.lock.acquire(False)
         try:
-            # The directory may have been replaced since the lock opened it (see _follow_directory).
-            problem = "moved" if self.lock.moved() else self._open(check)
-        finally:
-            self.lock.release()
-        if problem is None:
-            return
-        self._close_files()
-        self.lock.acquire(True)
-        try:
-            self._open_locked(check)
-        finally:
-            self.lock.release()
+            self.lock.acquire(False)
+            try:
+                # The directory may have been replaced since the lock opened it (see _follow_directory).
+                problem = "moved" if self.lock.moved() else self._open(check)
+            finally:
+                self.lock.release()
+            if problem is None:
+                return
+            self._close_files()
+            self.lock.acquire(True)
+            try:
+                self._open_locked(check)
+            finally:
+                self.lock.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def _open(self, check: Optional[deepcheck.FirstOpenCheck]) -> Optional[str]:
         files, problem = open_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap,
@@ -199,20 +206,24 @@ class Lifecycle:
         threads that found the store stale at once reopen it once (the
         condition is checked again inside).
         """
-        self.lock.acquire(True, timeout)  # in a forked child, its own fresh mutex and descriptor
         try:
-            if self.generation != fork_generation():
-                self._after_fork_locked(timeout)
-            elif self.state or self._replaced():
-                self._reopen_locked(timeout)
-        except OSError as exc:  # a file vanished or the machine is short of something: not ours to raise
-            self.state = max(self.state, REOPEN)
-            raise CacheError(f"cannot reopen the cache in {self.path}: {exc}") from exc
+            self.lock.acquire(True, timeout)  # in a forked child, its own fresh mutex and descriptor
+            try:
+                if self.generation != fork_generation():
+                    self._after_fork_locked(timeout)
+                elif self.state or self._replaced():
+                    self._reopen_locked(timeout)
+            except OSError as exc:  # a file vanished or the machine is short of something: not ours to raise
+                self.state = max(self.state, REOPEN)
+                raise CacheError(f"cannot reopen the cache in {self.path}: {exc}") from exc
+            except BaseException:
+                self.state = max(self.state, REOPEN)  # whatever failed is retried by the next call
+                raise
+            finally:
+                self.lock.release()
         except BaseException:
-            self.state = max(self.state, REOPEN)  # whatever failed is retried by the next call
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
             raise
-        finally:
-            self.lock.release()
 
     def _after_fork_locked(self, timeout: Optional[float]) -> None:
         # The mapping and buffer are the parent's: drop them, never use them again. Until the
@@ -314,13 +325,17 @@ class Lifecycle:
         """Another cache on this path joins: its bound may need a larger map, its durability a sync."""
         self.force_sync = self.force_sync or (durable and not self.durable)
         if map_size_for(max_bytes) > self.map_size:
-            self.lock.acquire(True, timeout)
             try:
-                self.map_size = map_size_for(max_bytes)
-                self.writemap = writemap_wanted(self.path, self.map_size)
-                self._close_files()  # the next use reopens with the larger map
-            finally:
-                self.lock.release()
+                self.lock.acquire(True, timeout)
+                try:
+                    self.map_size = map_size_for(max_bytes)
+                    self.writemap = writemap_wanted(self.path, self.map_size)
+                    self._close_files()  # the next use reopens with the larger map
+                finally:
+                    self.lock.release()
+            except BaseException:
+                self.lock.recover()  # a signal's exception may have escaped with the lock held
+                raise
 
     def final_flush(self) -> bool:
         """The last user's flush: False (logged) when the buffer could not be written yet."""
@@ -342,23 +357,41 @@ class Lifecycle:
         if self._users_fd < 0:
             return
         try:
+            self.lock.recover()  # what an interrupted call of this thread left held
             if self.generation == fork_generation() and self.files is not None:
                 self._leave()
         finally:
             # With the mutex (bounded): no other thread may be inside a transaction of these files.
             # A thread that kept it past the timeout may be inside one: then leave the files and
             # descriptors to the garbage collector rather than pull them away.
-            if self.lock.mutex.acquire(True, self.lock.timeout):
-                try:
-                    self._close_files()
-                finally:
-                    self.lock.mutex.release()
-                self.lock.close()
-                fd, self._users_fd = self._users_fd, -1
-                os.close(fd)
-            else:
-                log.warning("closed %s while another thread still used it: its resources stay open",
-                            self.path)
+            try:
+                if self.lock.mutex.acquire(True, self.lock.timeout):
+                    try:
+                        self._close_files()
+                    finally:
+                        self.lock.mutex.release()
+                    self.lock.close()
+                    fd, self._users_fd = self._users_fd, -1
+                    os.close(fd)
+                else:
+                    log.warning("closed %s while another thread still used it: its resources stay open",
+                                self.path)
+            except BaseException:
+                self.lock.recover()  # a signal's exception may have escaped with the lock held
+                raise
+
+    def _abandon_write(self) -> None:
+        """FileLock.recover's part here (we hold the mutex): abort the write transaction an
+        interrupted call left open (the next write would begin another on the same environment),
+        and clear the readers table's writer flag it left raised."""
+        txn, self._txn = self._txn, None
+        try:
+            if txn is not None:
+                txn.abort()
+        finally:
+            files = self.files
+            if files is not None:
+                files.table.abandon_write(self.lock.fd)
 
     def buffer_summary(self) -> str:
         buf = self.buffer
@@ -371,14 +404,18 @@ class Lifecycle:
         only walks the file once more.
         """
         try:
-            self.lock.acquire(True, 0)
-        except CacheTimeout:
-            return
-        try:
-            if not last_user(self._users_fd):
-                return  # others still use it
-            if not self._replaced() and not self._suspect and not self.lock.moved():
-                mark_clean(self.lock.dir)
-        finally:
-            self.lock.release()
+            try:
+                self.lock.acquire(True, 0)
+            except CacheTimeout:
+                return
+            try:
+                if not last_user(self._users_fd):
+                    return  # others still use it
+                if not self._replaced() and not self._suspect and not self.lock.moved():
+                    mark_clean(self.lock.dir)
+            finally:
+                self.lock.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 

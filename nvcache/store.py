@@ -153,18 +153,22 @@ class Store(Lifecycle):
         """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
         self._current(True, timeout)
         lock = self.lock
-        lock.acquire(False, timeout)
         try:
-            files = self._files_locked()
-            txn = files.env.begin()
+            lock.acquire(False, timeout)
             try:
-                return read(files.index, txn)
+                files = self._files_locked()
+                txn = files.env.begin()
+                try:
+                    return read(files.index, txn)
+                finally:
+                    txn.abort()
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
             finally:
-                txn.abort()
-        except DATA_ERRORS as exc:
-            raise self._failure(exc) from exc
-        finally:
-            lock.release()
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     # -- writes -------------------------------------------------------------------------
     def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, max_bytes: int, keep: frozenset,
@@ -400,58 +404,65 @@ class Store(Lifecycle):
         wait = lock.timeout if timeout is None else timeout
         now = time.monotonic()
         deadline = now + wait
-        lock.acquire(True, timeout)
         try:
-            self._look_at_directory(now)
-            attempt = 0
-            while True:
-                attempt += 1
-                self._taken = None
-                try:
-                    if self.state or self._replaced():
-                        self._reopen_locked(timeout)
-                    files = self._files_locked()
-                    # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
-                    files.table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
+            lock.acquire(True, timeout)
+            try:
+                self._look_at_directory(now)
+                attempt = 0
+                while True:
+                    attempt += 1
+                    self._taken = None
                     try:
-                        if files.room is not None:
-                            files.room.begin()
-                        txn = files.writer.begin() if native else files.env.begin(write=True)
+                        if self.state or self._replaced():
+                            self._reopen_locked(timeout)
+                        files = self._files_locked()
+                        # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
+                        files.table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
                         try:
-                            result = op(files, txn, *args)
-                        except BaseException:
-                            txn.abort()
-                            raise
-                        txn.commit()
-                    finally:
-                        files.table.leave_write()
-                except DATA_ERRORS as exc:
-                    self._untake()
-                    failure = self._failure(exc)
-                    if attempt >= 2 or self.state != REBUILD:
-                        raise failure from exc
-                    continue
-                except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
-                    self._untake()
-                    try:
-                        self._stop_writemap(str(exc), timeout)
-                    except OSError as err:
-                        raise CacheError(f"cache operation failed in {self.path}: {err}") from err
-                    continue
-                except OSError as exc:  # a file vanished under a reopen, or a shortage
-                    self._untake()
-                    raise CacheError(f"cache operation failed in {self.path}: {exc}") from exc
-                except BaseException:
-                    self._untake()
-                    raise
-                if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
-                    try:
-                        files.env.sync(True)
-                    except lmdb.Error as exc:
-                        raise self._failure(exc) from exc
-                return result
-        finally:
-            lock.release()
+                            if files.room is not None:
+                                files.room.begin()
+                            txn = files.writer.begin() if native else files.env.begin(write=True)
+                            self._txn = txn  # for recover() (no signal is run between the two stores)
+                            try:
+                                result = op(files, txn, *args)
+                            except BaseException:
+                                self._txn = None
+                                txn.abort()
+                                raise
+                            self._txn = None
+                            txn.commit()
+                        finally:
+                            files.table.leave_write()
+                    except DATA_ERRORS as exc:
+                        self._untake()
+                        failure = self._failure(exc)
+                        if attempt >= 2 or self.state != REBUILD:
+                            raise failure from exc
+                        continue
+                    except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
+                        self._untake()
+                        try:
+                            self._stop_writemap(str(exc), timeout)
+                        except OSError as err:
+                            raise CacheError(f"cache operation failed in {self.path}: {err}") from err
+                        continue
+                    except OSError as exc:  # a file vanished under a reopen, or a shortage
+                        self._untake()
+                        raise CacheError(f"cache operation failed in {self.path}: {exc}") from exc
+                    except BaseException:
+                        self._untake()
+                        raise
+                    if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
+                        try:
+                            files.env.sync(True)
+                        except lmdb.Error as exc:
+                            raise self._failure(exc) from exc
+                    return result
+            finally:
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def _untake(self) -> None:
         taken, self._taken = self._taken, None
