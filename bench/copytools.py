@@ -38,6 +38,7 @@ body = (b'{"Name":"openssl","Version":"1.1.1n-0+deb11u4","Vulnerabilities":[]}' 
 with nvcache.LayerCache(path, max_mb) as cache:
     for i in range(records):
         cache.put(f"sha256:{i:064d}", body + str(i).encode())
+    print(nvcache.__file__)
     print(cache.stats()["record_total_size"])
 """
 
@@ -122,13 +123,14 @@ def run(records: int, max_mb: float, pythonpath: Optional[str], label: str, limi
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
-        out = subprocess.run([sys.executable, "-c", FILL, cache, str(records), str(max_mb)], env=env,
+        out = subprocess.run([sys.executable, "-c", FILL, cache, str(records), str(max_mb)], env=env, cwd=root,
                              capture_output=True, text=True, check=True)
         result: Dict[str, Any] = {
             "label": label, "records": records, "bound": int(max_mb * MiB),
+            "nvcache": out.stdout.strip().splitlines()[-2],
             "record_bytes": int(out.stdout.strip().splitlines()[-1]),
-            "data_mdb": [dict(_sizes(os.path.dirname(f)), path=os.path.relpath(f, cache))
-                         for f in _data_files(cache)],
+            "data_mdb": [{"path": os.path.relpath(f, cache), "apparent": os.stat(f).st_size,
+                          "allocated": os.stat(f).st_blocks * 512} for f in _data_files(cache)],
             "directory": _sizes(cache),
             "du_s": subprocess.run(["du", "-sh", cache], capture_output=True, text=True).stdout.split()[0],
             "tar": _tar(cache, limit),
