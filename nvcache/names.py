@@ -1,12 +1,14 @@
 """Record names: validating a layer id and kind, and the ``keep`` argument (pure Python).
 
 fallback.py exports these as its own (the compiled core has C twins of
-``record_name``; ``keep_set`` is shared by both cores).
+``record_name`` and the keys; ``keep_set`` is shared by both cores).
 """
 
 from __future__ import annotations
 
 from typing import Dict, Tuple
+
+import xxhash
 
 MAX_LAYER_ID = 1024
 MAX_KIND = 32
@@ -66,3 +68,13 @@ def keep_set(keep: object) -> frozenset:
     except TypeError:
         raise TypeError(f"keep must be an iterable of layer_id strings, not {type(keep).__name__}") from None
     return frozenset(layer_id_bytes(item, "each layer id in keep") for item in items)
+
+
+def record_key(layer_id: object, kind: object) -> bytes:
+    """Validate ``layer_id`` and ``kind``; return the record's LMDB key (xxh3-128 of its name)."""
+    return xxhash.xxh3_128_digest(record_name(layer_id, kind)[0])
+
+
+def name_key(name: bytes) -> bytes:
+    """The LMDB key of a record name: its 16-byte xxh3-128 digest."""
+    return xxhash.xxh3_128_digest(name)
