@@ -6,7 +6,7 @@ same layout and row order. Everything goes through :class:`LayerCache`'s
 public API.
 
 Read-only commands never create a cache: a path without ``version`` and
-``data.mdb`` is reported like the seed reports a scanner without a cache
+``data.mdb`` in this format's directory (``<path>/v<N>``) is reported like the seed reports a scanner without a cache
 (``None`` values), through a disabled ``LayerCache`` (bound 0), which
 touches nothing on disk.
 """
@@ -33,15 +33,16 @@ from tqdm import tqdm
 
 from . import __version__, simulate as sim
 from .cache import DEFAULT_PATH, LayerCache, parse_mib
+from .cachedir import DATA_FILE, FORMAT_DIR, format_dir
 from .controller import STAT_FIELDS, controller_stat
 from .errors import CacheError
+from .formats import note_for
 from .importtarget import has_cache, import_into
 from .seedfmt import SeedFormatError, export_seed
 
 SHOW_COLUMNS = ("layer_id", "size", "reference_count", "last_referred")
 # Natural direction per sort key: the next victim, the biggest, the most used first.
 SORT_DESCENDING = {"last_referred": False, "layer_id": False, "size": True, "reference_count": True}
-DATA_FILE = "data.mdb"
 SEED_INDEX = "cacher.json"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -143,6 +144,9 @@ def open_cache(path: str, max_mb: float) -> Iterator[LayerCache]:
                         path, path)
         else:
             log.info("no nvcache cache at %s", path)
+        older = note_for(path)
+        if older:
+            log.warning("%s", older)
         max_mb = 0
     cache = LayerCache(path, max_mb)
     try:
@@ -273,7 +277,8 @@ def verify(settings: Settings, max_mb: float) -> None:
         raise click.UsageError("a bound of 0 MiB disables the cache: there is nothing to verify "
                                "(give the bound the scanners use, or leave --max-mb out)")
     if not has_cache(settings.path):
-        click.echo(f"no nvcache cache at {settings.path} (its version or {DATA_FILE} is missing)")
+        click.echo(f"no nvcache cache at {settings.path} "
+                   f"(its {FORMAT_DIR}/version or {FORMAT_DIR}/{DATA_FILE} is missing)")
         sys.exit(1)
     # Opening a damaged cache rebuilds it (the core's policy) before verify() can look, and the
     # core only logs that: what it logs while we open and check is reported as a problem too.
@@ -405,7 +410,7 @@ class CacheCollector:
                     return None
                 stats = cache.stats()
                 evictions = cache.evictions() or 0
-                st = os.stat(os.path.join(self.path, DATA_FILE))
+                st = os.stat(os.path.join(format_dir(self.path), DATA_FILE))
                 size = min(st.st_size, st.st_blocks * 512)  # on disk: with a write map the file is sparse
                 return stats, evictions, cache.max_bytes, size
             except (CacheError, OSError) as exc:

@@ -22,8 +22,9 @@ from typing import Any, Optional, Tuple
 
 import lmdb
 
-from . import deepcheck
-from .cachedir import MARK_BOOT, USERS_FILE, claim_users, last_user, mark_clean, prepare_directory
+from . import deepcheck, formats
+from .cachedir import (MARK_BOOT, USERS_FILE, claim_users, format_dir, last_user, mark_clean,
+                       prepare_format_directory)
 from .errors import CacheError, CacheTimeout
 from .locking import FileLock, fork_generation, open_lock_file
 from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
@@ -64,12 +65,13 @@ class Lifecycle:
         self._users_ident: Tuple[int, int] = (-1, -1)  # the directory whose users we joined
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._users_fd = -1
-        self.lock = FileLock(path, lock_timeout)
+        self.lock = FileLock(format_dir(path), lock_timeout)  # this format's directory in the path
         try:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
             self._users_ident = self.lock.ident
             self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None)
+            formats.remove_unused(path)  # an older release's cache that nobody uses any more (logs, never raises)
         except BaseException as exc:
             self._close_files()
             self.lock.close()
@@ -262,7 +264,7 @@ class Lifecycle:
         data.mdb), and this process joins the new directory's users; if it is
         their first, the new cache gets the first opener's check.
         """
-        if not self.lock.rebind(prepare_directory, timeout):
+        if not self.lock.rebind(prepare_format_directory, timeout):
             return None  # the path names our directory again: nothing to follow
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)

@@ -23,7 +23,7 @@ import threading
 from types import ModuleType
 from typing import List, Optional, Tuple
 
-from .cachedir import prepare_directory
+from .cachedir import format_dir, prepare_format_directory
 from .errors import CacheError
 from .locking import fork_generation
 from .lifecycle import REOPEN
@@ -47,10 +47,11 @@ def _find(path: str, ident: Tuple[int, int]) -> Optional[Store]:
 
 
 def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_timeout: float) -> Store:
-    """The store of the directory ``path`` (created 0o750 when missing), with one more user."""
-    prepare_directory(path)
+    """The store of the cache path ``path`` (created 0o750 when missing, with this format's
+    directory in it), with one more user."""
+    prepare_format_directory(format_dir(path))
     try:
-        st = os.stat(path)
+        st = os.stat(format_dir(path))
     except OSError as exc:  # removed again right after it was made
         raise CacheError(f"cannot use cache directory {path}: {exc.strerror}") from None
     with _lock:

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nvcache import LayerCache
 from nvcache.cli import cli, stat_table
+from nvcache.cachedir import format_dir
 from payloads import incompressible
 
 # The controller's `show scan cache-stat` output, from the reference page.
@@ -152,7 +153,7 @@ def test_verify_exit_status(filled, tmp_path):
 
 
 def test_verify_reports_damage_the_core_repaired_on_open(filled):
-    with open(os.path.join(filled, "data.mdb"), "r+b") as f:
+    with open(os.path.join(format_dir(filled), "data.mdb"), "r+b") as f:
         f.write(b"\xff" * 8192)  # both LMDB meta pages
     result = run(["--path", filled, "verify"])
     assert result.exit_code == 1
@@ -310,7 +311,7 @@ def test_metrics_exposition_parses_back(cache_dir):
         "nvcache_records": 4.0,
         "nvcache_record_bytes": 2000.0,
         "nvcache_bound_bytes": float(int(0.002 * 1024 * 1024)),
-        "nvcache_data_file_bytes": float(_on_disk(os.path.join(cache_dir, "data.mdb"))),
+        "nvcache_data_file_bytes": float(_on_disk(os.path.join(format_dir(cache_dir), "data.mdb"))),
     }
     assert (stats["cache_hits"], stats["cache_misses"]) == (1, 1)
     families = {f.name: f.type for f in text_string_to_metric_families(result.stdout)}
@@ -378,7 +379,7 @@ def test_simulate_uses_a_fresh_directory_by_default(tmp_path, monkeypatch):
     result = run(["--path", str(chosen), "simulate", "-p", "1", "--images", "4", "--layers", "12", "--scans", "5",
                   "--no-progress", "--json"])
     assert json.loads(result.stdout)["path"] == str(chosen)
-    assert (chosen / "data.mdb").is_file()
+    assert os.path.isfile(os.path.join(format_dir(str(chosen)), "data.mdb"))
 
 
 # -- the real console script ----------------------------------------------------------------------

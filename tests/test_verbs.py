@@ -13,6 +13,7 @@ import time
 import pytest
 
 from nvcache import CacheError, CacheTimeout
+from nvcache.cachedir import format_dir
 
 from test_api import _committed_map_size
 from test_removal import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
@@ -88,7 +89,7 @@ def test_each_cache_on_a_shared_path_waits_its_own_lock_timeout(Cache, cache_dir
     patient = Cache(cache_dir, 1, lock_timeout=30)
     hasty = Cache(cache_dir, 1, lock_timeout=0.2)
     patient.put(lid(1), b"r")
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, cache_dir], env=core_env,
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, format_dir(cache_dir)], env=core_env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -116,7 +117,7 @@ def test_a_larger_bound_on_a_shared_path_gets_a_map_that_holds_it(Cache, cache_d
     try:
         assert big.put(lid(2), os.urandom(2 * MiB))  # larger than the small cache's whole bound
         assert big.get(lid(1)) == b"r" and small.get(lid(1)) == b"r"
-        assert _committed_map_size(os.path.join(cache_dir, "data.mdb")) >= 4 * big_mb * MiB + (1 << 30)
+        assert _committed_map_size(os.path.join(format_dir(cache_dir), "data.mdb")) >= 4 * big_mb * MiB + (1 << 30)
         assert big.verify() == []
     finally:
         big.close()
