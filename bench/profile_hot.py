@@ -336,16 +336,14 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--count", type=int, default=200_000)
     ap.add_argument("--cprofile", default=None, help="cProfile this op's loop and print the top functions")
     ap.add_argument("--small-map", action="store_true",
-                    help="1 GiB LMDB maps (valgrind cannot reserve nvcache's 64 GiB address space)")
+                    help="1 GiB LMDB maps for the peers (valgrind cannot reserve large address spaces; "
+                         "nvcache's map grows with its file)")
     ap.add_argument("--warm-puts", type=int, default=0,
                     help="untimed puts before the put steps (the records' count: every page touched once)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     if args.small_map:
-        from nvcache import writemap
-
-        writemap.MIN_MAP_SIZE = 1 << 30
         compare.LMDB_MAP = 1 << 30
     root = tempfile.mkdtemp(prefix="nvcache-prof-", dir=args.workdir)
     try:

@@ -100,6 +100,7 @@ U64_MAX = (1 << 64) - 1  # counters saturate rather than wrap
 RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
+BOUND = _twin.BOUND
 MAX_RECORD = _twin.MAX_RECORD
 cdef uint64_t _MAX_RECORD = _twin.MAX_RECORD  # a larger size is a damaged header
 ENC_SHIFT = _twin.ENC_SHIFT
@@ -709,6 +710,20 @@ cdef class Index:
     def sample(self, txn, start, limit):
         return self.twin.sample(txn, start, limit)
 
+    def bound(self, txn):
+        """The cache's bound recorded in the file (0: none): read by every put, so in C for ours."""
+        cdef uint64_t value
+        if type(txn) is Writer:
+            _read_u64s((<Writer>txn)._open_txn(), (<Writer>txn)._meta, BOUND, 1, &value)
+            return value
+        return self.twin.bound(txn)
+
+    def set_bound(self, txn, max_bytes):
+        return self.twin.set_bound(txn, max_bytes)
+
+    def evict(self, txn, victims):
+        return self.twin.evict(txn, victims)
+
     def trainings(self, txn):
         return self.twin.trainings(txn)
 
@@ -971,10 +986,14 @@ cdef class Reader:
         """0: exists, 1: lookup, 2: lookup_many, 3: find (fallback.Reader._read); the caller holds the read lock."""
         cdef uint64_t born = 0, enc = 0
         cdef list out
+        cdef int rc
         if self.env is None:
             raise StaleReader("the environment was replaced")
         if self._ctxn != NULL:
-            if mdb_txn_renew(self._ctxn) == 0:
+            rc = mdb_txn_renew(self._ctxn)
+            if rc == MDB_MAP_RESIZED:  # another process grew the file past our map: the store reopens
+                raise _mdb_error(rc, "mdb_txn_renew")
+            if rc == 0:
                 try:
                     if what == 1:
                         data = self._lookup_in(arg, &born, &enc)
@@ -1055,13 +1074,17 @@ cdef class Reader:
         """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
         cdef list records = []
         cdef uint64_t c[5]
+        cdef int rc
         lock = self.lock
         lock.acquire(False, timeout)
         try:
             if self.env is None:
                 raise StaleReader("the environment was replaced")
             if self._ctxn != NULL:
-                if mdb_txn_renew(self._ctxn) == 0:
+                rc = mdb_txn_renew(self._ctxn)
+                if rc == MDB_MAP_RESIZED:
+                    raise _mdb_error(rc, "mdb_txn_renew")
+                if rc == 0:
                     try:
                         _counters_c(self._ctxn, self._meta, c, True)
                         _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)

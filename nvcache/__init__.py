@@ -12,7 +12,7 @@ from types import ModuleType
 
 from . import fallback
 from .cache import DEFAULT_PATH, LayerCache
-from .errors import CacheError, CacheFull, CacheTimeout, RecordTooLarge
+from .errors import CacheDamaged, CacheError, CacheFull, CacheTimeout, RecordTooLarge
 
 _core: ModuleType = fallback
 EXTENSION = False
@@ -30,5 +30,5 @@ if os.environ.get("NVCACHE_NO_EXTENSIONS", "") in ("", "0"):
 LayerCache._core = _core
 
 __version__ = "0.1.0"
-__all__ = ["LayerCache", "CacheError", "CacheFull", "CacheTimeout", "RecordTooLarge",
+__all__ = ["LayerCache", "CacheError", "CacheDamaged", "CacheFull", "CacheTimeout", "RecordTooLarge",
            "EXTENSION", "DEFAULT_PATH", "__version__"]

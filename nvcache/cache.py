@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
 from . import codec
 from .controller import controller_json
-from .errors import CacheError
+from .errors import CacheDamaged, CacheError
 from . import registry
 from .store import Store, log
 
@@ -44,6 +44,7 @@ Record = Union[bytes, bytearray, memoryview]
 
 
 MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
+DEFAULT_MB = 1000  # a new cache's bound when the opener gives none (the CLI's read-only commands)
 _PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
@@ -65,6 +66,11 @@ def _bound(max_mb: object, what: str = "max_mb") -> int:
     if max_mb > 0 and max_bytes == 0:  # 0 disables the cache; a positive bound must hold a byte
         raise ValueError(f"{what} must be 0 (disabled) or at least one byte (1/1048576 MiB), got {max_mb!r}")
     return max_bytes
+
+
+def _mib_text(max_bytes: int) -> str:
+    mib = max_bytes / (1 << 20)
+    return f"{mib:g} MiB" if mib >= 1 else f"{max_bytes} bytes"
 
 
 def _count(what: str, value: object, limit: int) -> int:
@@ -89,7 +95,11 @@ class LayerCache:
 
     ``path`` is the cache directory (created 0o750 if missing); ``max_mb``
     bounds the total stored size of the records in MiB (0 disables the
-    cache, as ``MAX_CACHE_RECORD_MB`` unset does for the scanner);
+    cache, as ``MAX_CACHE_RECORD_MB`` unset does for the scanner). The
+    bound is the cache's, stored in it: every process obeys the one stored,
+    and one that opens with another ``max_mb`` replaces it (logged as a
+    warning naming both) and evicts down to it; ``max_mb=None`` uses the
+    stored bound (``DEFAULT_MB`` for a new cache);
     ``durable=True`` fsyncs every write so that it also survives power loss,
     at a large cost per put. ``lock_timeout`` bounds every wait for another
     process's lock; past it the call raises :class:`~nvcache.CacheTimeout`.
@@ -99,18 +109,36 @@ class LayerCache:
     themselves. One cache holds both kinds; :meth:`get` returns exactly the
     bytes put, and sizes (``size``, ``record_total_size``, the bound) count
     stored bytes, as the seed scanner counts its gzip files.
+
+    ``repair=True`` (the default, and what a scanner wants: its cache must never take it down)
+    rebuilds a cache found damaged or of another format, and drops a damaged record a read
+    meets. ``repair=False`` opens a reader for tools (the ``nvcache`` CLI's read-only
+    commands): it never writes to the cache's files, so a damaged or foreign cache raises
+    :class:`~nvcache.CacheDamaged` saying what is wrong and stays as it is, and so does a
+    damaged record that a read meets (get, get_many and peek raise). Such a cache only reads:
+    get and get_many count no hit, miss or reference (counting is a write), a boot record
+    that needs updating is left to the next writer, no reader slot is claimed (reads take the
+    shared lock), no missing directory or cache is created (CacheError), and the writing
+    methods (put, restore, delete, clear, add_counters, merge_history, train_dictionary,
+    add_dictionary, repair_damage) raise CacheError. It joins the cache's users like any process
+    (creating the empty lock file ``users`` if it is missing); if it opens first, it
+    consumes the clean mark once its open succeeded and puts the same mark back at close when
+    it is the last user and data.mdb is unchanged. One store serves a path in a process: a
+    repair=True cache opened there too makes it repair.
     """
 
     _core: ModuleType  # the hot index, chosen in nvcache/__init__.py
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: float = 1000,
-                 *, durable: bool = False, lock_timeout: float = 10.0, compress: bool = True) -> None:
+    def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: Optional[float] = None,
+                 *, durable: bool = False, lock_timeout: float = 10.0, compress: bool = True,
+                 repair: bool = True) -> None:
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError("path must be str or os.PathLike[str]")
         if not path or "\0" in path:
             raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
-        self.max_bytes = _bound(max_mb)
+        given = None if max_mb is None else _bound(max_mb)
+        self._max_bytes = _bound(DEFAULT_MB) if given is None else given
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
             raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
         if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
@@ -124,12 +152,56 @@ class LayerCache:
         if not isinstance(compress, bool):
             raise TypeError(f"compress must be True or False, not {type(compress).__name__}")
         self.compress = compress
-        self.enabled = self.max_bytes > 0
+        if not isinstance(repair, bool):
+            raise TypeError(f"repair must be True or False, not {type(repair).__name__}")
+        self.repair = repair
+        self.enabled = self._max_bytes > 0
         self._store: Optional[Store] = None
+        self._hot: Optional[Store] = None  # the store for get's counted path; None: get's other path
         self._closed = False
         if self.enabled:  # a disabled cache creates nothing on disk, like the seed's
-            self._store = registry.acquire(os.path.abspath(path), self._core, self.max_bytes,
-                                           self.durable, float(lock_timeout))
+            self._store = registry.acquire(os.path.abspath(path), self._core, self._max_bytes,
+                                           self.durable, float(lock_timeout), repair)
+            self._hot = self._store if repair else None
+            try:
+                self._adopt_bound(self._store, given)
+            except BaseException:
+                self.close()
+                raise
+
+    def _adopt_bound(self, store: Store, given: Optional[int]) -> None:
+        """Use the cache's stored bound, or replace it with ``given`` (see the class docstring).
+
+        Opening with the stored bound takes no lock (the store read it when it
+        opened the file, and every write reads it again). A replacement that
+        cannot be written now (the lock stays busy) is logged, and this
+        process then obeys the stored bound: the cache never has two.
+        """
+        files = store.files
+        recorded = files is not None and files.bound > 0
+        if not self.repair:  # a read-only handle writes nothing: it obeys what is stored
+            return
+        if given is None:
+            if recorded:
+                return
+            given = store.bound  # an older release's file: record the one this process uses
+        elif recorded and store.bound == given:
+            return
+        try:
+            old, evicted = store.set_bound(given, self.lock_timeout)
+        except CacheError as exc:
+            log.warning("cache in %s: could not record the bound %s (%s); using the stored %s", self.path,
+                        _mib_text(given), exc, _mib_text(store.bound))
+            return
+        if old and old != given:
+            log.warning("cache in %s: bound changed from %s to %s by this process%s", self.path,
+                        _mib_text(old), _mib_text(given), f"; evicted {evicted} records" if evicted else "")
+
+    @property
+    def max_bytes(self) -> int:
+        """The cache's bound in stored bytes, as last read from it (0 when disabled)."""
+        store = self._store
+        return store.bound if store is not None else self._max_bytes
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "LayerCache":
@@ -170,6 +242,7 @@ class LayerCache:
         if self._closed:
             return
         self._closed = True
+        self._hot = None
         store, self._store = self._store, None
         if store is not None:
             registry.release(store)
@@ -193,6 +266,18 @@ class LayerCache:
         return f"<LayerCache {self.path!r} max_bytes={self.max_bytes} {state}>"
 
     # -- records ---------------------------------------------------------------
+    def _writable(self) -> None:
+        if not self.repair:
+            raise CacheError(f"the cache in {self.path} was opened with repair=False, which only reads")
+
+    def _uncounted(self, store: Store, key: bytes, layer_id: str, kind: str) -> Optional[bytes]:
+        """A read of a repair=False cache: it counts nothing, and a damaged record is reported (left as it is)."""
+        data = store.lookup(key, self.lock_timeout)[0]
+        if data is False:
+            raise CacheDamaged(f"record {layer_id}_{kind} in {self.path} fails its checksum or cannot be decoded "
+                               "(left unchanged: opened with repair=False)")
+        return data  # type: ignore[no-any-return]
+
     def _key(self, layer_id: str, kind: str) -> bytes:
         """Validate the arguments (before anything else) and return the record's LMDB key."""
         return self._core.record_key(layer_id, kind)  # type: ignore[no-any-return]
@@ -216,13 +301,14 @@ class LayerCache:
 
         A hit counts a reference (``reference_count`` + 1, ``last_referred`` =
         now) and a cache hit; a miss counts a cache miss. A record whose bytes
-        fail their checksum is dropped, logged and reported as a miss.
+        fail their checksum is dropped, logged and reported as a miss
+        (``repair=False``: nothing is counted, and such a record raises CacheDamaged).
         """
-        store = self._store
-        if store is None:  # disabled or closed: a bad argument is still a bad argument
-            self._key(layer_id, kind)
-            self._opened()
-            return None
+        store = self._hot
+        if store is None:  # disabled, closed or repair=False: a bad argument is still a bad argument
+            key = self._key(layer_id, kind)
+            store = self._opened()
+            return None if store is None else self._uncounted(store, key, layer_id, kind)
         key, data, born = store.find(layer_id, kind, self.lock_timeout)  # validated, hashed and read
         if data is False:
             data = self._counted(store, key, data, born, layer_id, kind)
@@ -246,6 +332,12 @@ class LayerCache:
         if store is None:
             return {}
         found: Dict[str, bytes] = {}
+        if not self.repair:  # counts nothing; a damaged record raises CacheDamaged
+            for layer_id, key in zip(ids, keys):
+                data = self._uncounted(store, key, layer_id, kind)
+                if data is not None:
+                    found[layer_id] = data
+            return found
         for layer_id, key, (data, born) in zip(ids, keys, store.lookup_many(keys, self.lock_timeout)):
             data = self._counted(store, key, data, born, layer_id, kind)
             if data is not None:
@@ -258,12 +350,15 @@ class LayerCache:
         """The record, like :meth:`get`, but counting nothing: for operators' exports and tools.
 
         No hit, miss or reference is counted and ``last_referred`` stays. A
-        record that fails its checksum reads as None (:meth:`get` drops it).
+        record that fails its checksum reads as None (:meth:`get` drops it);
+        with ``repair=False`` it raises CacheDamaged.
         """
         key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return None
+        if not self.repair:
+            return self._uncounted(store, key, layer_id, kind)
         data = store.lookup(key, self.lock_timeout)[0]
         return data if data is not False else None
 
@@ -288,15 +383,16 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
+        self._writable()
         key = core.name_key(name)
         # The first record stays: no write lock, no transaction. Only a "present" must come from a
         # file nobody rebuilt (the write checks that itself), so only then is freshness asked for.
         # A record longer than the bound goes on to the store, which says whether it is too large
         # even stored compressed (a shorter one never is: it is stored raw at worst).
-        if (len(data) <= self.max_bytes and store.contains(key, timeout=self.lock_timeout)
+        if (len(data) <= store.bound and store.contains(key, timeout=self.lock_timeout)
                 and store.contains(key, True, self.lock_timeout)):
             return False
-        return store.insert(key, name, lid, data, self.max_bytes, keep_ids, refs, last_ns, self.lock_timeout,
+        return store.insert(key, name, lid, data, keep_ids, refs, last_ns, self.lock_timeout,
                             self.compress, train) >= 0
 
     def restore(self, layer_id: str, record: Record, kind: str = "layer_file", *,
@@ -323,6 +419,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return
+        self._writable()
         store.add_counters(hits, misses, self.lock_timeout)
 
     def merge_history(self, records: Iterable[Tuple[str, str, int, int]], hits: int,
@@ -356,6 +453,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return 0, 0, 0
+        self._writable()
         return store.merge_history(entries, hits, misses, self.lock_timeout)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
@@ -364,6 +462,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return False
+        self._writable()
         return store.remove(key, self.lock_timeout)
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
@@ -425,11 +524,25 @@ class LayerCache:
             return
         store.flush(self.lock_timeout)
 
+    def resize(self, max_mb: float) -> Tuple[int, int]:
+        """Make ``max_mb`` the cache's bound for every process, evicting down to it now (kept
+        records too: the bound is the cache's). Returns (the bound it replaced in bytes, records
+        evicted). ``nvcache resize`` does this; a cache opened with ``max_mb`` does it too."""
+        new = _bound(max_mb)
+        if not new:
+            raise ValueError("a cache's bound must be positive: 0 disables a cache in one process, "
+                             "it is not a size")
+        store = self._opened()
+        if store is None:
+            raise CacheError("the cache is disabled in this process (max_mb=0): nothing to resize")
+        return store.set_bound(new, self.lock_timeout)
+
     def clear(self) -> None:
         """Remove every record. Hit, miss and eviction counters are kept."""
         store = self._opened()
         if store is None:
             return
+        self._writable()
         store.clear(self.lock_timeout)
 
     def stored_size(self, record: Record) -> int:
@@ -455,6 +568,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return 0
+        self._writable()
         return store.train_dictionary(data, self.lock_timeout)
 
     def add_dictionary(self, dictionary: bytes) -> int:
@@ -467,6 +581,7 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return 0
+        self._writable()
         return store.add_dictionary(dictionary, self.lock_timeout)
 
     def verify(self) -> List[str]:
@@ -484,3 +599,24 @@ class LayerCache:
         if problems:
             store.suspect()
         return problems
+
+    def repair_damage(self) -> List[str]:
+        """Fix what :meth:`verify` finds; what was done, [] when there was nothing to fix.
+
+        Records whose bytes fail their checksum or do not decode are dropped
+        (a read would drop each anyway); if :meth:`verify` still finds
+        problems, the cache is rebuilt, empty. (Damage found while this cache
+        was opened was rebuilt then, as a repair=True cache does, and logged.)
+        """
+        store = self._opened()
+        if store is None:
+            return []
+        self._writable()
+        done = [f"dropped record {name}: its bytes are damaged" for name in store.drop_all_damaged(self.lock_timeout)]
+        problems = self.verify()
+        if problems:
+            store.rebuild(f"repair: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                          self.lock_timeout)
+            done.append(f"rebuilt the cache (emptied: its records are gone) for {len(problems)} problem(s): "
+                        + "; ".join(problems))
+        return done

@@ -8,7 +8,11 @@ public API.
 Read-only commands never create a cache: a path without ``version`` and
 ``data.mdb`` in this format's directory (``<path>/v<N>``) is reported like the seed reports a scanner without a cache
 (``None`` values), through a disabled ``LayerCache`` (bound 0), which
-touches nothing on disk.
+touches nothing on disk. They open a cache with ``repair=False``: a damaged
+one is reported (exit status 1, the damage on stderr) and left byte for
+byte as it is; ``nvcache repair`` fixes it. Commands that write (clear,
+import, simulate) repair, as scanners do. ``simulate`` lives in
+:mod:`nvcache.clisim`.
 """
 
 from __future__ import annotations
@@ -17,25 +21,20 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
-import signal
 import sys
-import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import click
 from prettytable import PrettyTable
-from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from tqdm import tqdm
 
-from . import __version__, simulate as sim
-from .cache import DEFAULT_PATH, LayerCache, parse_mib
-from .cachedir import DATA_FILE, FORMAT_DIR, format_dir
+from . import __version__
+from .cache import DEFAULT_PATH, LayerCache, _mib_text, parse_mib
 from .controller import STAT_FIELDS, controller_stat
-from .errors import CacheError
+from .cachedir import DATA_FILE, FORMAT_DIR
+from .errors import CacheDamaged, CacheError
 from .formats import note_for
 from .importtarget import has_cache, import_into
 from .seedfmt import SeedFormatError, export_seed
@@ -95,6 +94,11 @@ def _friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except CacheDamaged as exc:  # from a read-only command: say how to fix it
+            log.debug("command failed", exc_info=True)
+            settings = click.get_current_context().find_object(Settings)
+            where = f" --path {shlex.quote(settings.path)}" if settings is not None else ""
+            raise click.ClickException(f"{exc}. Nothing was changed: `nvcache{where} repair` fixes it") from exc
         except (CacheError, SeedFormatError, ValueError) as exc:
             log.debug("command failed", exc_info=True)
             raise click.ClickException(str(exc)) from exc
@@ -102,10 +106,10 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _mib(ctx: click.Context, param: click.Parameter, value: Any) -> float:
+def _mib(ctx: click.Context, param: click.Parameter, value: Any) -> Optional[float]:
     """--max-mb as LayerCache.from_env reads MAX_CACHE_RECORD_MB (plain decimals); a bad value
     from the environment is reported under the variable's name, not the option's."""
-    if isinstance(value, float):
+    if value is None or isinstance(value, float):
         return value
     try:
         return parse_mib(str(value))
@@ -117,9 +121,9 @@ def _mib(ctx: click.Context, param: click.Parameter, value: Any) -> float:
 
 def _max_mb_option(fn: F) -> F:
     return click.option(
-        "--max-mb", type=str, callback=_mib, envvar="MAX_CACHE_RECORD_MB", default="1000", show_default=True,
-        help="Bound of the cache in MiB (env MAX_CACHE_RECORD_MB), as the scanners use it; "
-             "0 means disabled.")(fn)
+        "--max-mb", type=str, callback=_mib, envvar="MAX_CACHE_RECORD_MB", default=None,
+        help="Make this the cache's bound in MiB (env MAX_CACHE_RECORD_MB, as the scanners "
+             "use it); default: the bound stored in the cache (1000 for a new one).")(fn)
 
 
 def self_command() -> str:
@@ -136,22 +140,23 @@ def self_command() -> str:
 
 
 @contextmanager
-def open_cache(path: str, max_mb: float) -> Iterator[LayerCache]:
-    """The cache at ``path``; a disabled one (all ``None``, nothing on disk) when there is none."""
-    if not has_cache(path):
+def open_cache(path: str, repair: bool = False) -> Iterator[LayerCache]:
+    """The cache at ``path`` with its own stored bound; a disabled one (all ``None``, nothing on
+    disk) when there is none.
+
+    ``repair=False`` (read-only commands): CacheDamaged for a damaged cache, which stays as it is.
+    """
+    found = has_cache(path)
+    if not found:
         if os.path.isfile(os.path.join(path, SEED_INDEX)):
             log.warning("%s holds the seed scanner's cache layout; `nvcache import %s` moves it into nvcache",
                         path, path)
         else:
             log.info("no nvcache cache at %s", path)
-        older = note_for(path)
-        if older:
-            log.warning("%s", older)
-        max_mb = 0
-    cache = LayerCache(path, max_mb)
+        if note_for(path):
+            log.warning("%s", note_for(path))
+    cache = LayerCache(path, None if found else 0, repair=repair)
     try:
-        if not cache.enabled and max_mb == 0 and has_cache(path):
-            log.warning("--max-mb 0 disables the cache: showing it as the seed shows a disabled cache")
         yield cache
     finally:
         cache.close()
@@ -195,25 +200,34 @@ def stat_table(stats: Dict[str, Optional[int]]) -> str:
 @click.version_option(__version__, prog_name="nvcache")
 @click.pass_context
 def cli(ctx: click.Context, path: str, verbose: int) -> None:
-    """Inspect and manage the node's shared cache of layer scan records."""
+    """Inspect and manage the node's shared cache of layer scan records.
+
+    \b
+    Exit status: 0 done (verify: healthy);
+    1 the cache is damaged (verify's problems, or damage a read-only command met:
+      the message says which, nothing was changed, `nvcache repair` fixes it),
+      or the command failed (the message says why: permissions, not a directory...);
+    2 a usage error.
+    Read-only commands (stat, data, show, verify, export, metrics) never write to
+    the cache; clear, import, repair and simulate repair damage as scanners do.
+    """
     _setup_logging(ctx, verbose)
     given = ctx.get_parameter_source("path") == click.core.ParameterSource.COMMANDLINE
     ctx.obj = Settings(path, given, verbose)
 
 
 @cli.command()
-@_max_mb_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fields as JSON.")
 @pass_settings
 @_friendly
-def stat(settings: Settings, max_mb: float, as_json: bool) -> None:
+def stat(settings: Settings, as_json: bool) -> None:
     """Counters, as the controller's `show scan cache-stat` prints them.
 
     The table shows None where the controller does: for a zero (its REST
     struct leaves zeros out) and without a cache. --json prints nvcache's
     own numbers (0 stays 0; null only without a cache), for scripts.
     """
-    with open_cache(settings.path, max_mb) as cache:
+    with open_cache(settings.path) as cache:
         stats = cache.stats()
     if as_json:
         click.echo(json.dumps({name: stats[name] for name in STAT_FIELDS}, indent=2))
@@ -222,10 +236,9 @@ def stat(settings: Settings, max_mb: float, as_json: bool) -> None:
 
 
 @cli.command()
-@_max_mb_option
 @pass_settings
 @_friendly
-def data(settings: Settings, max_mb: float) -> None:
+def data(settings: Settings) -> None:
     """The dump, byte for byte as the controller's `show scan cache-data` prints it.
 
     Sorted keys, 2-space indent, and the controller's omissions: zero
@@ -233,12 +246,11 @@ def data(settings: Settings, max_mb: float) -> None:
     are left out (last_referred never is); a reference count above
     4294967295 (its uint32) shows as 4294967295. `{}` without a cache.
     """
-    with open_cache(settings.path, max_mb) as cache:
+    with open_cache(settings.path) as cache:
         click.echo(cache.cache_data_json())
 
 
 @cli.command()
-@_max_mb_option
 @click.option("--sort", "sort_key", type=click.Choice(list(SORT_DESCENDING)), default="last_referred",
               show_default=True,
               help="last_referred and layer_id ascending (next victim first), size and reference_count descending.")
@@ -246,9 +258,9 @@ def data(settings: Settings, max_mb: float) -> None:
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Show at most this many records.")
 @pass_settings
 @_friendly
-def show(settings: Settings, max_mb: float, sort_key: str, reverse: bool, limit: Optional[int]) -> None:
+def show(settings: Settings, sort_key: str, reverse: bool, limit: Optional[int]) -> None:
     """A table of the records, oldest reference (the next victim) first by default."""
-    with open_cache(settings.path, max_mb) as cache:
+    with open_cache(settings.path) as cache:
         records: List[Dict[str, Any]] = cache.cache_data()["cache_records"]
     total = len(records)
     if sort_key != "last_referred":  # the dump already comes in eviction order
@@ -268,51 +280,108 @@ def show(settings: Settings, max_mb: float, sort_key: str, reverse: bool, limit:
 
 
 @cli.command()
-@_max_mb_option
 @pass_settings
 @_friendly
-def verify(settings: Settings, max_mb: float) -> None:
-    """Check index, records, totals, LRU order and checksums; exit status 1 on any problem."""
-    if max_mb == 0:
-        raise click.UsageError("a bound of 0 MiB disables the cache: there is nothing to verify "
-                               "(give the bound the scanners use, or leave --max-mb out)")
+def verify(settings: Settings) -> None:
+    """Check index, records, totals, LRU order and checksums; exit status 1 on any problem.
+
+    Read-only: a damaged cache is reported and left byte for byte as it
+    is (`nvcache repair` fixes it).
+    """
     if not has_cache(settings.path):
-        click.echo(f"no nvcache cache at {settings.path} "
-                   f"(its {FORMAT_DIR}/version or {FORMAT_DIR}/{DATA_FILE} is missing)")
+        click.echo(f"no nvcache cache at {settings.path} (no {FORMAT_DIR}/version or {FORMAT_DIR}/{DATA_FILE})")
         sys.exit(1)
-    # Opening a damaged cache rebuilds it (the core's policy) before verify() can look, and the
-    # core only logs that: what it logs while we open and check is reported as a problem too.
-    with _core_warnings() as logged, open_cache(settings.path, max_mb) as cache:
+    # Read-only: damage found while opening is CacheDamaged (_friendly: stderr, exit status 1).
+    with open_cache(settings.path) as cache:
         problems = cache.verify()
         stats = cache.stats()
-    problems = [f"the core reported: {message}" for message in logged] + problems
     for problem in problems:
         click.echo(problem)
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {settings.path}")
+        click.echo(f"{len(problems)} problem(s) in {settings.path}; nothing was changed "
+                   f"(`nvcache --path {shlex.quote(settings.path)} repair` fixes them)")
         sys.exit(1)
     click.echo(f"ok: {stats['record_count']} records, {stats['record_total_size']} bytes, no problems")
 
 
 @cli.command()
-@_max_mb_option
+@pass_settings
+@_friendly
+def repair(settings: Settings) -> None:
+    """Fix what verify reports, and say what was done.
+
+    A cache that cannot be used as it is (a damaged data.mdb, another
+    format's version, a bad readers table, a reboot after non-durable
+    writes) is rebuilt, empty; records whose bytes are damaged are dropped;
+    if verify still finds problems, the cache is rebuilt. Scanners using it
+    meanwhile carry on with the new file. Exit status 0 once it is healthy.
+    """
+    if not has_cache(settings.path):
+        click.echo(f"no nvcache cache at {settings.path}; nothing to repair")
+        return
+    # A repair=True open rebuilds what it finds damaged and only logs it: that is reported as done.
+    with _core_warnings() as logged, open_cache(settings.path, repair=True) as cache:
+        done = [f"at open: {message}" for message in logged]
+        done += cache.repair_damage()
+        problems = cache.verify()
+        stats = cache.stats()
+    for line in done:
+        click.echo(line)
+    if problems:  # a repair leaves none; if one does, say so rather than claim success
+        for problem in problems:
+            click.echo(problem)
+        click.echo(f"{len(problems)} problem(s) remain in {settings.path}")
+        sys.exit(1)
+    summary = f"{stats['record_count']} records, {stats['record_total_size']} bytes, no problems"
+    click.echo(f"repaired {settings.path}: {summary}" if done else f"nothing to repair: {summary}")
+
+
+@cli.command()
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_settings
 @_friendly
-def clear(settings: Settings, max_mb: float, yes: bool) -> None:
+def clear(settings: Settings, yes: bool) -> None:
     """Remove every record (hit, miss and eviction counters are kept)."""
     if not has_cache(settings.path):
         click.echo(f"no nvcache cache at {settings.path}; nothing to clear")
         return
-    with open_cache(settings.path, max_mb) as cache:
+    with open_cache(settings.path, repair=True) as cache:
         stats = cache.stats()
-        if not cache.enabled:
-            raise click.ClickException("the cache is disabled (--max-mb 0); give its bound to clear it")
         if not yes:
             click.confirm(f"Remove all {stats['record_count']} records ({stats['record_total_size']} bytes) "
                           f"from {settings.path}?", abort=True)
         cache.clear()
     click.echo(f"removed {stats['record_count']} records from {settings.path}")
+
+
+@cli.command()
+@click.argument("mb", metavar="MB")
+@pass_settings
+@_friendly
+def resize(settings: Settings, mb: str) -> None:
+    """Make MB (MiB, a plain decimal) the cache's bound for every process using it.
+
+    Records beyond a smaller bound are evicted at once, least recently
+    referred first (kept records too: the bound is the cache's); the
+    scanners obey the new bound from their next write on.
+    """
+    try:
+        max_mb = parse_mib(mb)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'MB'") from None
+    if max_mb == 0:
+        raise click.BadParameter("0 would disable the cache, which is each process's choice "
+                                 "(MAX_CACHE_RECORD_MB=0), not a bound", param_hint="'MB'")
+    if not has_cache(settings.path):
+        raise click.ClickException(f"no nvcache cache at {settings.path}")
+    with LayerCache(settings.path) as cache:  # opened with the stored bound: resize() changes it
+        old, evicted = cache.resize(max_mb)
+        new = cache.max_bytes
+    if old == new:
+        click.echo(f"{settings.path}: the bound is {_mib_text(new)} already; nothing changed")
+    else:
+        click.echo(f"{settings.path}: bound {_mib_text(old) if old else 'unrecorded'} -> {_mib_text(new)}; "
+                   f"evicted {evicted} records")
 
 
 @cli.command("import")
@@ -358,18 +427,17 @@ def import_cmd(settings: Settings, max_mb: float, src: str, skip_missing: bool, 
 
 
 @cli.command("export")
-@_max_mb_option
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace a seed cache already in DST.")
 @click.option("--seed-path", default=None,
               help="Where the seed scanner will see DST (its index stores absolute paths); default: DST.")
 @pass_settings
 @_friendly
-def export_cmd(settings: Settings, max_mb: float, dst: str, force: bool, seed_path: Optional[str]) -> None:
+def export_cmd(settings: Settings, dst: str, force: bool, seed_path: Optional[str]) -> None:
     """Write the cache in the seed scanner's layout under DST (gzipped ref/ files, cacher.json, version)."""
     if not has_cache(settings.path):
         raise click.ClickException(f"no nvcache cache at {settings.path}")
-    with open_cache(settings.path, max_mb) as cache:
+    with open_cache(settings.path) as cache:
         result = export_seed(cache, dst, force=force, seed_path=seed_path)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -377,275 +445,7 @@ def export_cmd(settings: Settings, max_mb: float, dst: str, force: bool, seed_pa
                f"{result.hits} hits, {result.misses} misses")
 
 
-# -- metrics ---------------------------------------------------------------------------------
-class CacheCollector:
-    """A Prometheus collector over the public API: read at every scrape, never cached.
-
-    The cache is opened at the first scrape that finds one (an exporter may
-    start before any scanner created it) and reopened after a failure.
-    """
-
-    def __init__(self, path: str, max_mb: float) -> None:
-        self.path = path
-        self.max_mb = max_mb
-        self._cache: Optional[LayerCache] = None
-        self._lock = threading.Lock()  # the HTTP server scrapes from several threads
-
-    def _open(self) -> Optional[LayerCache]:
-        if self._cache is None and self.max_mb > 0 and has_cache(self.path):
-            self._cache = LayerCache(self.path, self.max_mb)
-        return self._cache
-
-    def close(self) -> None:
-        with self._lock:
-            if self._cache is not None:
-                self._cache.close()
-                self._cache = None
-
-    def _read(self) -> Optional[Tuple[Dict[str, Optional[int]], int, int, int]]:
-        with self._lock:
-            try:
-                cache = self._open()
-                if cache is None:
-                    return None
-                stats = cache.stats()
-                evictions = cache.evictions() or 0
-                st = os.stat(os.path.join(format_dir(self.path), DATA_FILE))
-                size = min(st.st_size, st.st_blocks * 512)  # on disk: with a write map the file is sparse
-                return stats, evictions, cache.max_bytes, size
-            except (CacheError, OSError) as exc:
-                log.warning("cannot read the cache at %s: %s", self.path, exc)
-                if self._cache is not None:
-                    self._cache.close()
-                    self._cache = None
-                return None
-
-    def collect(self) -> Iterator[Metric]:
-        labels = ["path"]
-        values = [self.path]
-        up = GaugeMetricFamily("nvcache_up", "1 when the cache could be read at this scrape", labels=labels)
-        got = self._read()
-        up.add_metric(values, 1 if got is not None else 0)
-        yield up
-        if got is None:
-            return
-        stats, evictions, bound, size = got
-
-        def family(kind: type, name: str, doc: str, value: Optional[int]) -> Metric:
-            metric = kind(name, doc, labels=labels)
-            metric.add_metric(values, value or 0)
-            return metric
-
-        yield family(CounterMetricFamily, "nvcache_cache_hits", "Reads that found their record", stats["cache_hits"])
-        yield family(CounterMetricFamily, "nvcache_cache_misses", "Reads that found no record", stats["cache_misses"])
-        yield family(CounterMetricFamily, "nvcache_evictions", "Records evicted to respect the bound", evictions)
-        yield family(GaugeMetricFamily, "nvcache_records", "Records in the cache", stats["record_count"])
-        yield family(GaugeMetricFamily, "nvcache_record_bytes", "Total size of the records",
-                     stats["record_total_size"])
-        yield family(GaugeMetricFamily, "nvcache_bound_bytes", "The bound this exporter was given (--max-mb)", bound)
-        yield family(GaugeMetricFamily, "nvcache_data_file_bytes", f"Size of {DATA_FILE} on disk", size)
-
-
-def _parse_listen(value: str) -> Tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--listen")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-# The signals that stop ``metrics --listen``. SIGINT is handled here too rather than left
-# to Python's default handler: Python installs that handler only when SIGINT was not
-# ignored at exec, and a process started with SIGINT ignored (a background job of a
-# shell without job control, a supervisor that ignores it) kept serving after Ctrl-C or
-# ``kill -INT`` (seen as test_metrics_listen_serves_until_interrupted timing out).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def metrics_app(registry: CollectorRegistry) -> Callable[..., Any]:
-    """prometheus_client's WSGI app on ``/metrics``; 404 on every other path."""
-    inner = make_wsgi_app(registry)
-
-    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if environ.get("PATH_INFO") in ("/metrics", "/metrics/"):
-            return inner(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: the metrics are at /metrics\n"]
-    return app
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        """No access log on stderr (as prometheus_client's own server)."""
-
-
-@cli.command()
-@_max_mb_option
-@click.option("--listen", metavar="HOST:PORT", default=None,
-              help="Serve /metrics on HOST:PORT until interrupted instead of printing once.")
-@pass_settings
-@_friendly
-def metrics(settings: Settings, max_mb: float, listen: Optional[str]) -> None:
-    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size."""
-    collector = CacheCollector(settings.path, max_mb)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
-    try:
-        if listen is None:
-            click.echo(generate_latest(registry).decode(), nl=False)
-            return
-        host, port = _parse_listen(listen)
-        try:
-            server = make_server(host, port, metrics_app(registry), handler_class=_QuietHandler)
-        except OSError as exc:
-            raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
-        thread = threading.Thread(target=server.serve_forever, name="nvcache-metrics", daemon=True)
-        thread.start()
-        bound_host, bound_port = server.server_address[:2]
-        previous = {}
-        try:
-            for signum in STOP_SIGNALS:
-                previous[signum] = signal.signal(signum, _interrupt)
-            # Announced only once a stop signal lands in this try: one that arrives right
-            # after the line is a clean stop (exit 0), not an exception escaping the command.
-            click.echo(f"serving http://{bound_host}:{bound_port}/metrics for {settings.path} (Ctrl-C stops)",
-                       err=True)
-            while thread.is_alive():
-                thread.join(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            for signum, handler in previous.items():
-                if handler is not None:  # None: a handler not set from Python, cannot be put back
-                    signal.signal(signum, handler)
-            server.shutdown()
-            server.server_close()
-    finally:
-        collector.close()
-
-
-# -- simulate ------------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
-
-
-def result_table(r: sim.SimResult) -> str:
-    """The figures of a simulation, one per row."""
-    table = PrettyTable(["Result", "Value"])
-    table.align = "l"
-    rate = r.scans_done / r.wall_s if r.wall_s else 0.0
-    table.add_row(["scans", f"{r.scans_done} of {r.scans_planned} in {r.wall_s:.1f} s ({rate:.0f}/s)"
-                   + (" - stopped at --duration" if r.stopped_by_deadline else "")])
-    table.add_row(["layer requests", f"{r.requests} ({r.requested_bytes / 2**20:.1f} MiB of records)"])
-    table.add_row(["hit ratio", f"{_pct(r.hit_ratio)} ({r.hits} hits, {r.misses} misses)"])
-    table.add_row(["byte-hit ratio", f"{_pct(r.byte_hit_ratio)} of record bytes ("
-                   f"{'compressed' if r.compress else 'raw'}: {_pct(r.stored_byte_hit_ratio)} of stored bytes)"])
-    table.add_row(["Belady optimum byte-hit ratio", f"{_pct(r.optimum_byte_hit_ratio)} of stored bytes (same bound, "
-                   f"same trace; whole records: {_pct(r.belady_byte_hit_ratio)})"])
-    table.add_row(["evictions", r.evictions])
-    table.add_row(["analysis without cache", f"{r.analysis_no_cache_s:.1f} s"])
-    table.add_row(["analysis with cache", f"{r.analysis_with_cache_s:.1f} s + {r.cache_overhead_s:.1f} s "
-                   "in cache calls"])
-    saved = r.time_saved_s / r.analysis_no_cache_s if r.analysis_no_cache_s else 0.0
-    table.add_row(["time saved", f"{r.time_saved_s:.1f} s ({_pct(saved)}) of scanner time"])
-    table.add_row(["wrong records read", r.wrong_records])
-    return table.get_string()
-
-
-@cli.command()
-@click.option("--processes", "-p", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-              help="Scanner processes sharing the cache.")
-@click.option("--images", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Images in the synthetic registry.")
-@click.option("--layers", type=click.IntRange(min=3), default=6000, show_default=True,
-              help="Distinct layers (at least images + 2).")
-@click.option("--scans", type=click.IntRange(min=1), default=12000, show_default=True,
-              help="Image scans to run (popular images are scanned more often).")
-@click.option("--max-mb", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
-              help="Cache bound in MiB (the default catalogue holds about 20 MiB of records).")
-@click.option("--seed", type=int, default=1, show_default=True, help="Random seed of registry and scans.")
-@click.option("--skew", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Zipf exponent of image, stack and base popularity.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
-              help="Stop after this many seconds even if scans remain.")
-@click.option("--analysis-us", type=click.FloatRange(min=0), default=500.0, show_default=True,
-              help="Fixed cost of analysing one layer, in microseconds.")
-@click.option("--us-per-kib", type=click.FloatRange(min=0), default=40.0, show_default=True,
-              help="Cost of analysing one KiB of layer record, in microseconds.")
-@click.option("--path", "sim_path", default=None,
-              help="Cache directory (default: a fresh temporary one, so a real cache is never touched).")
-@click.option("--start-method", type=click.Choice(["spawn", "fork", "forkserver"]), default="spawn",
-              show_default=True, help="How the scanner processes are started.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@click.option("--compress/--no-compress", default=True, show_default=True,
-              help="Store records zstd-compressed (the cache's default) or raw.")
-@click.option("--keep", is_flag=True, help="Keep the temporary cache directory (removed at the end otherwise).")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
-@pass_settings
-@_friendly
-def simulate(settings: Settings, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
-             skew: float, duration: float, analysis_us: float, us_per_kib: float, sim_path: Optional[str],
-             start_method: str, progress: Optional[bool], compress: bool, keep: bool, as_json: bool) -> None:
-    """The main job: scanner processes scanning a synthetic registry through one shared cache.
-
-    A miss "analyses" the layer (a sleep in proportion to its record size)
-    and puts the record, keeping the image's layers. At the end: the stat
-    table, hit and byte-hit ratios, time saved, evictions and the byte-hit
-    ratio Belady's offline optimum reaches on the recorded trace with the
-    same bound. The global --path is used only when given on the command
-    line; NVCACHE_PATH is ignored here, so the demo never fills a real cache. Without a
-    path, the run's temporary directory is removed at the end (also after Ctrl-C) unless
-    --keep; its path is printed first.
-    """
-    temporary = not sim_path and not settings.path_given
-    path = sim_path or (settings.path if settings.path_given else sim.fresh_path())
-    if temporary and not keep:
-        click.echo(f"cache: {path} (temporary: removed at the end; --keep keeps it)", err=as_json)
-    else:
-        click.echo(f"cache: {path}", err=as_json)
-    try:
-        _simulate(path, processes, images, layers, scans, max_mb, seed, skew, duration, analysis_us, us_per_kib,
-                  start_method, progress, compress, as_json, kept=not temporary or keep)
-    finally:
-        if temporary and not keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _simulate(path: str, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
-              skew: float, duration: float, analysis_us: float, us_per_kib: float, start_method: str,
-              progress: Optional[bool], compress: bool, as_json: bool, kept: bool) -> None:
-    tqdm.monitor_interval = 0  # no monitor thread: nothing to inherit if workers fork
-    bar = tqdm(total=scans, unit="scan", desc="scanning", file=sys.stderr, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
-
-    def tick(done: int, _total: int) -> None:
-        bar.update(done - bar.n)
-
-    try:
-        result = sim.run(path, processes=processes, images=images, layers=layers, scans=scans, max_mb=max_mb,
-                         seed=seed, skew=skew, duration=duration, fixed_us=analysis_us, us_per_kib=us_per_kib,
-                         start_method=start_method, compress=compress, progress=tick)
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        bar.close()
-    if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
-        return
-    click.echo(f"{processes} scanner processes, {images} images over {layers} layers "
-               f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB, seed {seed}")
-    click.echo(stat_table(result.stats))
-    click.echo(result_table(result))
-    if (result.counter_hits, result.counter_misses) != (result.hits, result.misses):
-        click.echo(f"warning: the cache counted {result.counter_hits} hits and {result.counter_misses} misses, "
-                   f"the trace {result.hits} and {result.misses}", err=True)
-    if kept:
-        click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
-    else:
-        click.echo(f"removing {path} (run with --keep to inspect it)")
+from . import climetrics, clisim  # noqa: E402,F401  (register `metrics` and `simulate` on the group)
 
 
 def main() -> None:

@@ -35,12 +35,15 @@ class FirstOpenCheck:
     Either way the mark is consumed: if this process dies before closing
     cleanly, the next first opener walks the file. The verdict is kept per
     file identity, so an open retried under the exclusive lock (which finds
-    the mark consumed) does not walk the same file again.
+    the mark consumed) does not walk the same file again. ``consume=False``
+    (a read-only opener): the caller consumes the mark itself, once the open
+    succeeded, so that an open refused for damage changes no file.
     """
 
-    def __init__(self, path: str, walk: Callable[[], Optional[str]]) -> None:
+    def __init__(self, path: str, walk: Callable[[], Optional[str]], consume: bool = True) -> None:
         self.path = path
         self.walk = walk
+        self.consume = consume
         self._verdict: Optional[Tuple[Dict[str, int], Optional[str]]] = None  # (file mark, problem)
 
     def __call__(self) -> Optional[str]:
@@ -50,7 +53,8 @@ class FirstOpenCheck:
             mark = file_mark(os.stat(data_path))
         except FileNotFoundError:  # removed meanwhile (its directory too, maybe): the caller looks again
             return f"{DATA_FILE} vanished"
-        consume_clean_mark(self.path)
+        if self.consume:
+            consume_clean_mark(self.path)
         if trusted:
             self._verdict = (mark, None)
         elif self._verdict is None or self._verdict[0] != mark:

@@ -23,5 +23,11 @@ class CacheTimeout(CacheError):
     """A lock could not be taken within ``lock_timeout`` seconds."""
 
 
+class CacheDamaged(CacheError):
+    """The cache, or a record in it, is damaged or not this version's, and this handle does not
+    repair (``LayerCache(..., repair=False)``): nothing was changed. The message says what is
+    wrong; a ``repair=True`` cache (the default, or ``nvcache repair``) rebuilds or drops it."""
+
+
 class StaleReader(CacheError):
     """Internal: a read met a reader whose environment another thread had just replaced."""

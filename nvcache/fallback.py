@@ -79,6 +79,7 @@ SIZE_MASK = (1 << ENC_SHIFT) - 1
 DICT_PREFIX = b"dict"
 CURRENT_DICT = b"dictionary"
 TRAININGS = b"trainings"
+BOUND = b"bound"  # the cache's bound in stored bytes (<Q): one bound per cache, whoever opened it
 _DICT_ID = struct.Struct(">H")
 _U16 = struct.Struct("<H")
 
@@ -303,6 +304,17 @@ class Index:
         txn.put(CURRENT_DICT, _U16.pack(number), db=self.meta)
         return number
 
+    def bound(self, txn: Any) -> int:
+        """The cache's bound in stored bytes as recorded in the file (0: none recorded yet)."""
+        raw = txn.get(BOUND, None, self.meta)
+        return 0 if raw is None else int(_U64.unpack(raw)[0])  # malformed: struct.error, damage
+
+    def set_bound(self, txn: Any, max_bytes: int) -> None:
+        """Record the cache's bound; every process's next write evicts to it."""
+        if not 0 < max_bytes <= MAX_RECORD:
+            raise ValueError(f"a bound is between 1 byte and {MAX_RECORD}, not {max_bytes}")
+        txn.put(BOUND, _U64.pack(max_bytes), db=self.meta)
+
     def trainings(self, txn: Any) -> int:
         """How many dictionary trainings processes have claimed in this file (one per generation)."""
         raw = txn.get(TRAININGS, None, self.meta)
@@ -432,6 +444,25 @@ class Index:
         if txn.get(key, None, self.idx) is not None:
             return -1
         size = len(data)
+        count, total = self._evict(txn, victims)
+        born = time.time_ns()
+        last = last_ns or born
+        check = xxhash.xxh3_64_intdigest(data)
+        txn.put(key, _HDR.pack(size, refs, last, check, born, lid_len) + name, db=self.idx)
+        write_chunks(txn, self.dat, key, data, check, born, enc)
+        txn.put(_TS.pack(self.policy.rank(refs, last)) + key, b"", db=self.lru)
+        txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
+        return len(victims)
+
+    def evict(self, txn: Any, victims: Sequence[Tuple[bytes, int, int]]) -> int:
+        """Evict ``victims`` (from :meth:`victims`, same transaction) without adding a record: a
+        smaller bound applied at once. Returns how many were evicted."""
+        count, total = self._evict(txn, victims)
+        txn.put(RECORDS, _PAIR.pack(count, total), db=self.meta)
+        return len(victims)
+
+    def _evict(self, txn: Any, victims: Sequence[Tuple[bytes, int, int]]) -> Tuple[int, int]:
+        """Delete ``victims`` and count the evictions; the record counters after them (not stored)."""
         count, total = self.records(txn)
         if victims:
             for vkey, vrank, vsize in victims:
@@ -443,14 +474,7 @@ class Index:
                 count -= 1
                 total -= vsize
             txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)
-        born = time.time_ns()
-        last = last_ns or born
-        check = xxhash.xxh3_64_intdigest(data)
-        txn.put(key, _HDR.pack(size, refs, last, check, born, lid_len) + name, db=self.idx)
-        write_chunks(txn, self.dat, key, data, check, born, enc)
-        txn.put(_TS.pack(self.policy.rank(refs, last)) + key, b"", db=self.lru)
-        txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
-        return len(victims)
+        return count, total
 
     def remove(self, txn: Any, key: bytes) -> bool:
         """Delete one record; False when it is absent."""

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 import lmdb
 
-from .cache import LayerCache, _bound
+from .cache import DEFAULT_MB, LayerCache, _bound
 from .cachedir import (CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_DIR, FORMAT_VERSION, USERS_FILE, VERSION_FILE,
                        format_dir, read_version)
 from .errors import CacheError
@@ -70,7 +70,8 @@ class ReadOnlyCache:
     """The cache at ``path`` as it is, read without joining it: nothing on disk is created or changed.
 
     It offers what an import's fit check asks of a :class:`~nvcache.LayerCache`:
-    ``enabled``, ``max_bytes`` (from ``max_mb``, validated alike), ``contains``
+    ``enabled``, ``max_bytes`` (``max_mb``, validated alike; None: the bound the
+    cache stores, or a new cache's default), ``contains``
     and ``stats``. No cache there, another format version, or a data.mdb
     that cannot be opened as nvcache's, reads as empty: opening it for the
     import would create or rebuild it. ``note`` then says why (else None).
@@ -79,10 +80,11 @@ class ReadOnlyCache:
     Raises CacheError when the directory or its files cannot be read at all.
     """
 
-    def __init__(self, path: str, max_mb: float = 1000, *, lock_timeout: float = 10.0,
+    def __init__(self, path: str, max_mb: Optional[float] = None, *, lock_timeout: float = 10.0,
                  core: Optional[ModuleType] = None) -> None:
         self.path = path
-        self.max_bytes = _bound(max_mb)
+        self._given = max_mb is not None
+        self.max_bytes = _bound(DEFAULT_MB if max_mb is None else max_mb)
         self.enabled = self.max_bytes > 0
         self.lock_timeout = float(lock_timeout)
         self.core: ModuleType = core or LayerCache._core
@@ -126,6 +128,9 @@ class ReadOnlyCache:
             index = self.core.Index(*[env.open_db(name, create=False) for name in DB_NAMES])
             with env.begin() as txn:
                 index.counters(txn)  # a damaged or foreign meta database fails here
+                stored = index.bound(txn)
+            if stored and not self._given:
+                self.max_bytes = stored
         except (lmdb.NotFoundError, lmdb.ReadonlyError) + CORRUPTION_ERRORS as exc:
             env.close()
             self.note = f"its {DATA_FILE} is not a usable nvcache file ({exc}): opening it would rebuild it"
@@ -192,11 +197,12 @@ class ReadOnlyCache:
 
 
 # -- importing into a directory ---------------------------------------------------------------
-def import_into(src: str, path: str, max_mb: float, *, skip_missing: bool = False, skip_damaged: bool = False,
+def import_into(src: str, path: str, max_mb: Optional[float], *, skip_missing: bool = False, skip_damaged: bool = False,
                 dry_run: bool = False, lock_timeout: float = 10.0,
                 cache_class: Type[LayerCache] = LayerCache) -> ImportResult:
     """:func:`~nvcache.seedfmt.import_seed` into the cache directory ``path``, opened as
-    ``cache_class`` with the bound ``max_mb``.
+    ``cache_class`` with the bound ``max_mb`` (None: the one the cache stores; given, it becomes
+    the cache's bound).
 
     A dry run only reads ``path`` through a :class:`ReadOnlyCache`: nothing
     is created or changed there, and no cache counts as empty (the view's

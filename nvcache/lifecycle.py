@@ -18,22 +18,24 @@ import logging
 import os
 import time
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import lmdb
 
 from . import deepcheck, formats
-from .cachedir import (MARK_BOOT, USERS_FILE, claim_users, format_dir, last_user, mark_clean,
-                       prepare_format_directory)
-from .errors import CacheError, CacheTimeout
-from .locking import FileLock, fork_generation, open_lock_file
+from .cachedir import (CLEAN_FILE, DATA_FILE, MARK_BOOT, USERS_FILE, claim_users, closed_cleanly,
+                       consume_clean_mark, file_mark, format_dir, last_user, mark_clean, prepare_directory,
+                       prepare_format_directory, write_atomically)
+from .errors import CacheDamaged, CacheError, CacheTimeout
+from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
 from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
-from .writemap import NoRoom, map_size_for, writemap_wanted
+from .writemap import NoRoom, first_map_size, grown_map_size, writemap_wanted
 
 log = logging.getLogger("nvcache")
 
-# Errors after which the environment must be reopened (not rebuilt).
-REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError)
+# Errors after which the environment must be reopened (not rebuilt). MapResizedError: another
+# process grew data.mdb past our map (see writemap.py); reads and writes reopen and go on.
+REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.BadDbiError, lmdb.MapResizedError)
 
 # Buffered accesses are written at least this often while a process is active.
 APPLY_AFTER_NS = 1_000_000_000
@@ -43,15 +45,35 @@ APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a ke
 OPEN, REOPEN, REBUILD = 0, 1, 2
 
 
+def existing_directory(path: str) -> None:
+    """prepare_directory for a cache that does not repair: the same checks, but nothing is made."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        raise CacheError(f"no nvcache cache at {path}: there is no such directory") from None
+    except OSError as exc:
+        raise CacheError(f"cannot look at {path}: {exc.strerror}") from None
+    prepare_directory(path)
+
+
 class Lifecycle:
     """One directory's files in this process over time (the Store adds the verbs)."""
 
     def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
-                 lock_timeout: float) -> None:
+                 lock_timeout: float, repair: bool = True) -> None:
         self.path = path
+        # False (LayerCache(..., repair=False)): a reader that never writes a byte of the files and
+        # raises CacheDamaged where a writer would rebuild (see _rebuild, _failure, _leave).
+        self.repair = repair
+        # A reader's consumed clean mark (its bytes, data.mdb's mark then, its mode and owner), put
+        # back by _leave.
+        self._clean_mark: Optional[Tuple[bytes, Dict[str, int], Tuple[int, int, int]]] = None
         self.core = core
-        self.map_size = map_size_for(max_bytes)
-        self.writemap = writemap_wanted(path, self.map_size)
+        # The cache's bound as this process last saw it in the file (its own until then): the
+        # file's is the one every write obeys (see Store.set_bound).
+        self.bound = max_bytes
+        self.map_size = first_map_size(max_bytes)  # what a new file starts with; see _grow_map
+        self.writemap = writemap_wanted(path)
         self.durable = durable
         self.force_sync = False
         self.users = 0
@@ -70,8 +92,10 @@ class Lifecycle:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
             self._users_ident = self.lock.ident
-            self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None)
-            formats.remove_unused(path)  # an older release's cache that nobody uses any more (logs, never raises)
+            self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check, self.repair)
+                             if first else None)
+            if self.repair:  # (a reader changes nothing on disk, an older format's files included)
+                formats.remove_unused(path)  # an older release's cache nobody uses any more (never raises)
         except BaseException as exc:
             self._close_files()
             self.lock.close()
@@ -89,6 +113,10 @@ class Lifecycle:
         try:
             # The directory may have been replaced since the lock opened it (see _follow_directory).
             problem = "moved" if self.lock.moved() else self._open(check)
+            if problem == MARK_BOOT and not self.repair:
+                problem = None  # a reader writes nothing: the boot record is the next writer's (see _open_locked)
+            if problem is None and not self.repair:
+                self._keep_clean_mark(check)
         finally:
             self.lock.release()
         if problem is None:
@@ -97,12 +125,31 @@ class Lifecycle:
         self.lock.acquire(True)
         try:
             self._open_locked(check)
+            if not self.repair:
+                self._keep_clean_mark(check)
         finally:
             self.lock.release()
 
+    def _keep_clean_mark(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
+        """A reader that opened first consumes the clean mark only once its open succeeded (an open
+        refused for damage changes no file), and only a valid one (a stale or garbled mark is no
+        mark: nobody can trust it), keeping its bytes to put back at close (_leave)."""
+        if check is None or not closed_cleanly(self.lock.dir):
+            return
+        kept = None
+        try:
+            with os.fdopen(open_nofollow(os.path.join(self.lock.dir, CLEAN_FILE), os.O_RDONLY), "rb") as f:
+                st = os.fstat(f.fileno())
+                kept = (f.read(4096), file_mark(os.stat(os.path.join(self.lock.dir, DATA_FILE))),
+                        (st.st_mode & 0o7777, st.st_uid, st.st_gid))
+        except (OSError, CacheError):
+            pass
+        consume_clean_mark(self.lock.dir)
+        self._clean_mark = kept
+
     def _open(self, check: Optional[deepcheck.FirstOpenCheck]) -> Optional[str]:
         files, problem = open_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap,
-                                    self.durable, check, self.path)
+                                    self.durable, check, self.path, readonly=not self.repair)
         if files is not None:
             if self.lock.moved():  # replaced while we opened it (only possible without /proc)
                 files.close()
@@ -122,6 +169,10 @@ class Lifecycle:
             raise CacheError(f"cache directory {self.path} kept being replaced")
         if problem == MARK_BOOT:
             assert self.files is not None
+            if not self.repair:
+                # A reader never writes non-durably, so it need not record itself, nor this boot:
+                # the files are usable as they are, and the next writer updates the record.
+                return
             try:
                 write_boot(self.files, self.durable, self.lock.timeout)
             except NoRoom as exc:  # the next use reopens without the write map
@@ -139,16 +190,27 @@ class Lifecycle:
             self.core.Index)
 
     def _rebuild(self, reason: str) -> None:
-        """Empty and recreate the cache; the caller holds the exclusive lock."""
+        """Empty and recreate the cache; the caller holds the exclusive lock.
+
+        Without ``repair`` the files stay as they are: CacheDamaged (or CacheError for no cache).
+        """
+        if not self.repair:
+            if reason == "new":
+                raise CacheError(f"no nvcache cache in {self.path} (a cache opened with repair=False creates none)")
+            raise CacheDamaged(f"the cache in {self.path} is damaged or cannot be used as it is: {reason} "
+                               "(left unchanged: opened with repair=False)")
         if reason == "new":
             log.info("creating cache in %s", self.path)
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
         self._close_files()
+        self.map_size = first_map_size(self.bound)
         self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,
-                               self.path))
+                               self.path, self.bound))
 
     def _use(self, files: Files) -> None:
+        if files.bound:
+            self.bound = files.bound
         self.files = files
         self.reader = files.reader
         self.writemap = files.writemap
@@ -240,6 +302,8 @@ class Lifecycle:
             self._rebuild("damage found while in use")
         else:
             self._open_locked(check)
+            if not self.repair:
+                self._keep_clean_mark(check)
 
     def _join_users(self, timeout: Optional[float]) -> bool:
         """Hold ``users`` of the directory we lock (a fresh descriptor); True when no other process has it."""
@@ -264,14 +328,32 @@ class Lifecycle:
         data.mdb), and this process joins the new directory's users; if it is
         their first, the new cache gets the first opener's check.
         """
-        if not self.lock.rebind(prepare_format_directory, timeout):
+        if not self.lock.rebind(prepare_format_directory if self.repair else existing_directory, timeout):
             return None  # the path names our directory again: nothing to follow
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)
         self.state = REOPEN  # what was found in the old directory's file does not carry over
         self._suspect = False
+        self._clean_mark = None
         first = self._join_users(timeout)
-        return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check) if first else None
+        return deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check, self.repair) if first else None
+
+    def _grow_map(self, timeout: Optional[float] = None) -> None:
+        """A write found the map full: reopen with a larger one (we hold the exclusive lock).
+
+        Under the write map LMDB extends data.mdb to the new map at once;
+        other processes meet the longer file as MapResizedError at their
+        next transaction and reopen (REOPEN_ERRORS).
+        """
+        files = self._files_locked()
+        current = files.map_size
+        grown = grown_map_size(current, self.bound)
+        (log.info if grown <= 2 * current else log.warning)(
+            "cache in %s: data.mdb's map grows from %d to %d MiB (bound %d MiB)",
+            self.path, current >> 20, grown >> 20, self.bound >> 20)
+        self.map_size = grown
+        self.state = max(self.state, REOPEN)
+        self._reopen_locked(timeout)
 
     def _stop_writemap(self, why: str, timeout: Optional[float] = None) -> None:
         """Commit with pwrite from now on in this process (we hold the exclusive lock)."""
@@ -287,13 +369,17 @@ class Lifecycle:
         """
         if reader is not None and reader is not self.reader:
             return CacheError(f"cache operation failed in {self.path}: {exc}")
+        if isinstance(exc, CORRUPTION_ERRORS) and not self.repair:  # reported, never rebuilt
+            self.state = max(self.state, REOPEN)
+            return CacheDamaged(f"the cache in {self.path} is damaged: {exc} (left unchanged: opened with "
+                                "repair=False)")
         if isinstance(exc, CORRUPTION_ERRORS):
             self.state = REBUILD
             log.warning("cache in %s is damaged (%s); it will be rebuilt", self.path, exc)
             return CacheError(f"cache in {self.path} is damaged: {exc}")
         if isinstance(exc, REOPEN_ERRORS):
             self.state = max(self.state, REOPEN)
-        if isinstance(exc, lmdb.MapFullError):
+        if isinstance(exc, lmdb.MapFullError):  # (writes grow the map and retry: see Store._write)
             return CacheError(f"cache file in {self.path} reached its map size")
         if isinstance(exc, lmdb.DiskError) or getattr(exc, "errno", None) == errno.ENOSPC:
             return CacheError(f"no space left for the cache in {self.path}")
@@ -312,17 +398,22 @@ class Lifecycle:
         """(st_dev, st_ino) of the directory this store locks now (it follows a replaced one)."""
         return self.lock.ident
 
-    def grow(self, max_bytes: int, durable: bool, timeout: float) -> None:
-        """Another cache on this path joins: its bound may need a larger map, its durability a sync."""
+    def join(self, durable: bool) -> None:
+        """Another cache on this path joins: its durability may need a sync after each write."""
         self.force_sync = self.force_sync or (durable and not self.durable)
-        if map_size_for(max_bytes) > self.map_size:
-            self.lock.acquire(True, timeout)
-            try:
-                self.map_size = map_size_for(max_bytes)
-                self.writemap = writemap_wanted(self.path, self.map_size)
-                self._close_files()  # the next use reopens with the larger map
-            finally:
-                self.lock.release()
+
+    def allow_repair(self, timeout: float) -> None:
+        """A repair=True cache joins this store, opened by a repair=False one: from the next use on
+        it has a writer (and repairs), as a store opened with repair=True."""
+        if self.repair:
+            return
+        self.lock.acquire(True, timeout)
+        try:
+            self.repair = True
+            self._clean_mark = None  # a writer uses the file now: its last user marks it, as usual
+            self._close_files()  # the next use reopens with a writer
+        finally:
+            self.lock.release()
 
     def final_flush(self) -> bool:
         """The last user's flush: False (logged) when the buffer could not be written yet."""
@@ -379,6 +470,22 @@ class Lifecycle:
         try:
             if not last_user(self._users_fd):
                 return  # others still use it
+            if not self.repair:  # a reader puts back the mark it consumed, if the file is as it was then
+                if self._clean_mark is not None and not self._suspect and not self.lock.moved():
+                    body, mark, (mode, uid, gid) = self._clean_mark
+                    try:
+                        if file_mark(os.stat(os.path.join(self.lock.dir, DATA_FILE))) == mark:
+                            write_atomically(self.lock.dir, CLEAN_FILE, body)
+                            fd = open_nofollow(os.path.join(self.lock.dir, CLEAN_FILE), os.O_RDONLY)
+                            try:
+                                os.fchmod(fd, mode)
+                                if (uid, gid) != (os.geteuid(), os.getegid()):
+                                    os.fchown(fd, uid, gid)  # as root only (else an OSError: logged)
+                            finally:
+                                os.close(fd)
+                    except (OSError, CacheError) as exc:
+                        log.debug("could not put back the clean mark of %s: %s", self.path, exc)
+                return
             if not self._replaced() and not self._suspect and not self.lock.moved():
                 mark_clean(self.lock.dir)
         finally:

@@ -29,7 +29,7 @@ from .cachedir import (BOOT_KEY, CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION
 from .codec import Codec
 from .errors import CacheError, StaleReader
 from .locking import READERS_FILE, BadTable, FileLock, ReaderTable, open_nofollow
-from .writemap import PAGES_PER_KEY, Reservation
+from .writemap import PAGE_SIZE, PAGES_PER_KEY, Reservation
 
 log = logging.getLogger("nvcache")
 
@@ -45,7 +45,8 @@ CORRUPTION_ERRORS = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundEr
 class Files:
     """One open data.mdb and what goes with it (see the module docstring)."""
 
-    __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap", "codec")
+    __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap", "codec",
+                 "bound")
 
     def __init__(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
         self.env = env
@@ -58,6 +59,12 @@ class Files:
         self.room: Optional[Reservation] = None
         self.writemap = False
         self.codec: Codec = None  # type: ignore[assignment]  # set by _adopt before anyone reads it
+        self.bound = 0  # the cache's bound recorded in the file when it was opened (0: none)
+
+    @property
+    def map_size(self) -> int:
+        """The map this process opened (at least data.mdb's length then)."""
+        return int(self.env.info()["map_size"])
 
     def close(self) -> None:
         """Close everything; the caller holds the lock's mutex (no transaction is in flight).
@@ -80,10 +87,22 @@ class Files:
             os.close(fd)
 
 
-def environment(path: str, map_size: int, durable: bool, create: bool, writemap: bool) -> Any:
-    """py-lmdb's environment on ``<path>/data.mdb``, without LMDB's lock table (see locking.py)."""
+def environment(path: str, map_size: int, durable: bool, create: bool, writemap: bool,
+                readonly: bool = False) -> Any:
+    """py-lmdb's environment on ``<path>/data.mdb``, without LMDB's lock table (see locking.py).
+
+    The map is ``map_size`` or the file's length, whichever is larger: under
+    the write map LMDB truncates the file to the map, and a shorter map would
+    cut pages other processes map (SIGBUS) or reserved (holes again). Files
+    grow only under the exclusive lock, and opening takes at least the shared
+    one, so the length read here stays the longest any process maps.
+    """
+    try:
+        length = os.stat(os.path.join(path, DATA_FILE)).st_size
+    except FileNotFoundError:
+        length = 0
     return lmdb.Environment(
-        path, map_size=map_size, subdir=True, readonly=False, create=create,
+        path, map_size=max(map_size, length), subdir=True, readonly=readonly, create=create,
         lock=False, sync=durable, metasync=durable, max_dbs=len(DB_NAMES),
         max_spare_txns=4, readahead=False, mode=0o640, writemap=writemap)
 
@@ -115,15 +134,19 @@ def _codec(files: Files, lock: FileLock) -> Codec:
     return codec
 
 
-def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
-           durable: bool, label: str) -> Files:
-    """Give freshly opened files their reader, writer, data.mdb descriptor and reservation."""
+def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, writemap: bool,
+           durable: bool, label: str, readonly: bool = False) -> Files:
+    """Give freshly opened files their reader, writer, data.mdb descriptor and reservation.
+
+    ``readonly``: a reader only (no writer, no write map, no claimed slot, which is a write
+    into ``readers``): it reads under the shared flock and never changes a byte of the files.
+    """
     env, table = files.env, files.table
     try:
-        if core.FAST_READS:
+        if core.FAST_READS and not readonly:
             table.claim()  # no free slot: this process reads under the flock
         try:
-            files.writer = core.Writer(env, writemap, durable)
+            files.writer = None if readonly else core.Writer(env, writemap, durable)
         except lmdb.Error as exc:
             raise CacheError(f"cannot open cache {label}: no write environment ({exc})") from exc
         # The compiled Reader reads through the Writer's environment: one mapping for both.
@@ -136,13 +159,13 @@ def _adopt(files: Files, path: str, core: ModuleType, lock: FileLock, map_size: 
         raise
     files.writemap = writemap
     if writemap:
-        files.room = Reservation(files.data_fd, map_size, files.writer.last_page)
+        files.room = Reservation(files.data_fd, files.map_size, files.writer.last_page)
     return files
 
 
 def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool, durable: bool,
                first_open_check: Optional[Callable[[], Optional[str]]],
-               label: str) -> Tuple[Optional[Files], Optional[str]]:
+               label: str, readonly: bool = False) -> Tuple[Optional[Files], Optional[str]]:
     """Open the cache in ``path``: (files, None) when usable, (files, MARK_BOOT) when only its boot
     record must be updated, (None, why it must be rebuilt) otherwise. ``path``
     is the locked directory (``FileLock.dir``); ``label`` names it in messages.
@@ -151,6 +174,8 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
     check (see :class:`nvcache.deepcheck.FirstOpenCheck`) says whether the
     file may be mapped at all. Shortages (descriptors, memory) and other
     failures that say nothing about the file raise CacheError instead.
+    ``readonly``: open for reading only (see :func:`_adopt`); nothing is written, not even by
+    LMDB (which would write meta pages into an empty data.mdb opened for writing).
     """
     version = read_version(path)
     data_path = os.path.join(path, DATA_FILE)
@@ -171,12 +196,13 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         table = ReaderTable(path, create=False)
     except BadTable as exc:  # other CacheErrors (no descriptors, no memory) are not damage
         return None, f"readers table: {exc}"
-    if writemap and os.path.getsize(data_path) > map_size:
-        # A larger-bound process (pwrite commits) filled more than our map: LMDB would grow
-        # our map to match, beyond what the Reservation reserves for.
+    if readonly:
         writemap = False
+        if os.path.getsize(data_path) < 2 * PAGE_SIZE:
+            table.close()
+            return None, f"{DATA_FILE} is shorter than its two meta pages"
     try:
-        env = environment(path, map_size, durable, create=False, writemap=writemap)
+        env = environment(path, map_size, durable, create=False, writemap=writemap, readonly=readonly)
     except lmdb.Error as exc:
         table.close()
         if isinstance(exc, CORRUPTION_ERRORS) or not os.path.exists(data_path):
@@ -188,6 +214,7 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         index = core.Index(*dbs)
         with env.begin() as txn:
             index.counters(txn)  # fails on a damaged or foreign meta database
+            bound = index.bound(txn)
             boot = txn.get(BOOT_KEY, None, dbs[3])
             nonce = txn.get(READERS_KEY, None, dbs[3])
         problem = None
@@ -207,13 +234,15 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         env.close()
         table.close()
         return None, problem
-    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable, label)
+    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label, readonly)
+    files.bound = bound
     return files, boot_problem(boot, durable)
 
 
 def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
-                 durable: bool, label: str) -> Files:
-    """Empty ``path`` and create a new cache in it; the caller holds the exclusive lock."""
+                 durable: bool, label: str, bound: int) -> Files:
+    """Empty ``path`` and create a new cache bounded to ``bound`` stored bytes in it; the caller
+    holds the exclusive lock."""
     table = env = None
     try:
         for name in (VERSION_FILE, DATA_FILE, CLEAN_FILE, READERS_FILE):
@@ -225,6 +254,7 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             dbs = [env.open_db(name, txn=txn, create=True) for name in DB_NAMES]
             index = core.Index(*dbs)
             index.init_counters(txn)
+            index.set_bound(txn, bound)
             txn.put(BOOT_KEY, boot_record(None, durable), db=dbs[3])
             txn.put(READERS_KEY, table.nonce, db=dbs[3])
         if durable:
@@ -242,7 +272,9 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
         if table is not None:
             table.close()
         raise CacheError(f"cannot create cache in {label}: {exc}") from exc
-    return _adopt(Files(env, index, dbs[3], table), path, core, lock, map_size, writemap, durable, label)
+    files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label)
+    files.bound = bound
+    return files
 
 
 def write_boot(files: Files, durable: bool, timeout: float) -> None:

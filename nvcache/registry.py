@@ -23,10 +23,10 @@ import threading
 from types import ModuleType
 from typing import List, Optional, Tuple
 
-from .cachedir import format_dir, prepare_format_directory
+from .cachedir import DATA_FILE, VERSION_FILE, format_dir, prepare_format_directory
 from .errors import CacheError
 from .locking import fork_generation
-from .lifecycle import REOPEN
+from .lifecycle import REOPEN, existing_directory
 from .store import Store
 
 log = logging.getLogger("nvcache")
@@ -46,10 +46,34 @@ def _find(path: str, ident: Tuple[int, int]) -> Optional[Store]:
     return None
 
 
-def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_timeout: float) -> Store:
+def _exists(path: str) -> bool:
+    """Whether ``path`` exists; CacheError when that cannot be told (permissions): not "no"."""
+    try:
+        os.lstat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise CacheError(f"cannot look at {path}: {exc.strerror}") from None
+
+
+def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_timeout: float,
+            repair: bool = True) -> Store:
     """The store of the cache path ``path`` (created 0o750 when missing, with this format's
-    directory in it), with one more user."""
-    prepare_format_directory(format_dir(path))
+    directory in it), with one more user.
+
+    ``repair=False``: nothing is created, and a new store only reads (see Lifecycle.repair). One
+    store serves every cache of the path in the process: when a repair=True cache joins a store
+    opened by a repair=False one, the store repairs from then on (each cache's own verbs still
+    follow its own ``repair``).
+    """
+    if repair:
+        prepare_format_directory(format_dir(path))
+    else:
+        existing_directory(path)
+        if not any(_exists(os.path.join(format_dir(path), name)) for name in (VERSION_FILE, DATA_FILE)):
+            raise CacheError(f"no nvcache cache in {path} (a cache opened with repair=False creates none)")
+        existing_directory(format_dir(path))
     try:
         st = os.stat(format_dir(path))
     except OSError as exc:  # removed again right after it was made
@@ -57,13 +81,15 @@ def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_tim
     with _lock:
         store = _find(path, (st.st_dev, st.st_ino))
         if store is None:
-            store = Store(path, core, max_bytes, durable, lock_timeout)
+            store = Store(path, core, max_bytes, durable, lock_timeout, repair)
             _stores.append(store)
         elif store.core is not core:  # its index and buffer are the other core's objects
             raise CacheError(f"{path} is already open in this process with the other core "
                              f"({store.core.__name__})")
         else:  # inherited through fork, the store reopens itself at first use
-            store.grow(max_bytes, durable, lock_timeout)
+            store.join(durable)
+            if repair:
+                store.allow_repair(lock_timeout)
         store.users += 1
         return store
 

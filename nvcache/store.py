@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import lmdb
 
 from .codec import RAW, REFRESH_EVERY, SAMPLES, due_generation, train
+from .fallback import HEADER_SIZE
 from .errors import CacheError, RecordTooLarge, StaleReader
 from .lifecycle import REBUILD, Lifecycle
 from .opening import CORRUPTION_ERRORS, Files
@@ -32,6 +33,11 @@ log = logging.getLogger("nvcache")
 
 # What an index operation raises on bad stored bytes (arguments were checked by the front).
 DATA_ERRORS = (lmdb.Error,) + CORRUPTION_ERRORS
+# A read that meets these goes on with the current files: another thread replaced ours
+# (StaleReader), or another process grew data.mdb past our map (reopened first: REOPEN_ERRORS).
+RETRY_ERRORS = (StaleReader, lmdb.MapResizedError)
+# Retries of one write that found the map full or grown: each reopens with a larger map.
+_MAP_RETRIES = 8
 
 
 def _decoded(reader: Any, data: Any, enc: int) -> Any:
@@ -69,7 +75,8 @@ class Store(Lifecycle):
         again = lambda reader: _decoded_found(reader, reader.lookup(key, timeout))  # noqa: E731
         try:
             found = reader.lookup(key, timeout)
-        except StaleReader:  # replaced meanwhile
+        except RETRY_ERRORS as exc:  # replaced meanwhile, or the map outgrown
+            self._retrying(exc)
             return self._via_reader(again, timeout)  # type: ignore[no-any-return]
         except DATA_ERRORS as exc:
             raise self._failure(exc, reader) from exc
@@ -85,7 +92,8 @@ class Store(Lifecycle):
         reader = self.reader
         try:
             key, data, born, enc = reader.find(layer_id, kind, timeout)
-        except StaleReader:
+        except RETRY_ERRORS as exc:
+            self._retrying(exc)
             return self._via_reader(
                 lambda reader: _decoded_named(reader, reader.find(layer_id, kind, timeout)), timeout)
         except DATA_ERRORS as exc:
@@ -117,8 +125,8 @@ class Store(Lifecycle):
             reader = self.reader
             try:
                 return bool(reader.contains(key, timeout))
-            except StaleReader:
-                pass  # replaced meanwhile: the slow way below
+            except RETRY_ERRORS as exc:
+                self._retrying(exc)  # replaced meanwhile: the slow way below
             except DATA_ERRORS as exc:
                 raise self._failure(exc, reader) from exc
         return bool(self._via_reader(lambda reader: reader.contains(key, timeout), timeout))
@@ -130,11 +138,17 @@ class Store(Lifecycle):
             reader = self.reader
             try:
                 return read(reader)
-            except StaleReader:
-                continue  # another thread closed it meanwhile: its reopen is due or done
+            except RETRY_ERRORS as exc:
+                self._retrying(exc)  # another thread closed it meanwhile: its reopen is due or done
+                continue
             except DATA_ERRORS as exc:
                 raise self._failure(exc, reader) from exc
         raise CacheError(f"the cache in {self.path} could not be reopened; the next call tries again")
+
+    def _retrying(self, exc: BaseException) -> None:
+        """A read will be retried after ``exc`` (one of RETRY_ERRORS): reopen first if it asks so."""
+        if isinstance(exc, lmdb.MapResizedError):
+            self._failure(exc)  # sets REOPEN
 
     def cache_data(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The seed's dump (counters and records, next victim first) from the newest file."""
@@ -151,26 +165,32 @@ class Store(Lifecycle):
 
     def _read(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
         """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
-        self._current(True, timeout)
-        lock = self.lock
-        lock.acquire(False, timeout)
-        try:
-            files = self._files_locked()
-            txn = files.env.begin()
+        for attempt in range(_MAP_RETRIES):
+            self._current(True, timeout)
+            lock = self.lock
+            lock.acquire(False, timeout)
             try:
-                return read(files.index, txn)
+                files = self._files_locked()
+                txn = files.env.begin()
+                try:
+                    return read(files.index, txn)
+                finally:
+                    txn.abort()
+            except lmdb.MapResizedError as exc:  # another process grew the file: reopen, read again
+                failure = self._failure(exc)
+                if attempt + 1 >= _MAP_RETRIES:
+                    raise failure from exc
+            except DATA_ERRORS as exc:
+                raise self._failure(exc) from exc
             finally:
-                txn.abort()
-        except DATA_ERRORS as exc:
-            raise self._failure(exc) from exc
-        finally:
-            lock.release()
+                lock.release()
+        raise AssertionError("unreachable")
 
     # -- writes -------------------------------------------------------------------------
-    def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, max_bytes: int, keep: frozenset,
+    def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, keep: frozenset,
                refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True,
                train: bool = True) -> int:
-        """Add a record, evicting by the policy to stay within ``max_bytes`` stored bytes: the number
+        """Add a record, evicting by the policy to stay within the cache's bound: the number
         evicted, or -1 (and no change) when the name exists. ``compress``: store it zstd-compressed
         when that is smaller (see codec.py; compressed here, before the lock). Raises
         RecordTooLarge for stored bytes above the bound, and CacheFull when only kept records
@@ -179,10 +199,10 @@ class Store(Lifecycle):
         codec = self.reader.codec
         enc, stored = codec.encode(data) if compress else (RAW, data)
         codec.puts += 1
-        if len(stored) > max_bytes:
+        if len(stored) > self.bound:  # checked again in the transaction, against the file's bound
             raise RecordTooLarge(f"record of {len(stored)} bytes stored ({len(data)} put) exceeds the cache "
-                                 f"bound of {max_bytes}")
-        evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, max_bytes, keep,
+                                 f"bound of {self.bound}")
+        evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, keep,
                               refs, last_ns, timeout=timeout)
         if compress and train and codec.puts >= REFRESH_EVERY:
             self._dictionary_due(codec, timeout)
@@ -193,15 +213,16 @@ class Store(Lifecycle):
         return len(self.reader.codec.encode(data)[1])
 
     def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any, enc: int,
-                stored: Any, codec: Any, max_bytes: int, keep: frozenset, refs: int, last_ns: int) -> int:
+                stored: Any, codec: Any, keep: frozenset, refs: int, last_ns: int) -> int:
         index = files.index
         if index.exists(txn, key):
             return -1
         if enc > 1 and codec is not files.codec:  # compressed for a file replaced since: its dictionaries
             enc, stored = files.codec.encode(data, 0)  # are not this one's (no dictionary: nothing to load)
-            if len(stored) > max_bytes:
-                raise RecordTooLarge(f"record of {len(stored)} bytes stored exceeds the cache bound of {max_bytes}")
+        max_bytes = self.bound = index.bound(txn) or self.bound  # the file's bound (none in older files)
         size = len(stored)
+        if size > max_bytes:
+            raise RecordTooLarge(f"record of {size} bytes stored exceeds the cache bound of {max_bytes}")
         # Before the victims are chosen (the buffer changes their order), and only when this insert
         # evicts or the buffer is due: rewriting hundreds of buffered headers on every put that
         # fits would cost more than the put.
@@ -233,6 +254,33 @@ class Store(Lifecycle):
         if data is False or (enc and files.codec.decode(enc, data, lambda n: index.dictionary(txn, n)) is None):
             return bool(index.remove(txn, key))
         return False
+
+    def drop_all_damaged(self, timeout: Optional[float] = None) -> List[str]:
+        """Remove every record whose bytes fail their checksum or do not decode (the repair's first
+        step, in one write); the names of those removed."""
+        return self._write(self._drop_all_damaged, timeout=timeout, native=False)  # type: ignore[no-any-return]
+
+    def _drop_all_damaged(self, files: Files, txn: Any) -> List[str]:
+        self._flush(files, txn)
+        index = files.index
+        with txn.cursor(index.idx) as cur:
+            keys = [(bytes(key), bytes(hdr)) for key, hdr in cur]
+        dropped = []
+        for key, hdr in keys:
+            if self._drop_damaged(files, txn, key):
+                dropped.append(hdr[HEADER_SIZE:].decode("ascii", "replace"))
+        return dropped
+
+    def rebuild(self, reason: str, timeout: Optional[float] = None) -> None:
+        """Empty and recreate the cache now (a repair of damage that dropping records cannot fix)."""
+        if self.state:
+            self._refresh(timeout)
+        self.lock.acquire(True, timeout)
+        try:
+            self._rebuild(reason)
+            self._suspect = False  # a new file: what verify() found was in the old one
+        finally:
+            self.lock.release()
 
     # -- compression dictionaries ---------------------------------------------------------
     def _dictionary_due(self, codec: Any, timeout: Optional[float]) -> None:
@@ -308,6 +356,26 @@ class Store(Lifecycle):
     def _add_counters(self, files: Files, txn: Any, hits: int, misses: int) -> None:
         self._flush(files, txn)
         files.index.apply(txn, {}, hits, misses)
+
+    def set_bound(self, max_bytes: int, timeout: Optional[float] = None) -> Tuple[int, int]:
+        """Record ``max_bytes`` as the cache's bound and evict down to it at once, so that one bound
+        holds from now on for every process: (the bound it replaced, 0 if none; records evicted).
+        Kept records are evicted too: the bound is the cache's, ``keep`` only a put's."""
+        return self._write(self._set_bound, max_bytes, timeout=timeout, native=False)  # type: ignore[no-any-return]
+
+    def _set_bound(self, files: Files, txn: Any, max_bytes: int) -> Tuple[int, int]:
+        index = files.index
+        old = index.bound(txn)
+        if old != max_bytes:
+            self._flush(files, txn)  # the buffered references order the victims
+            victims = index.victims(txn, 0, max_bytes, frozenset())
+            self._reserve(files, (len(victims) + 1) * PAGES_PER_KEY)
+            index.evict(txn, victims)
+            index.set_bound(txn, max_bytes)
+            self.bound = files.bound = max_bytes
+            return old, len(victims)
+        self.bound = max_bytes
+        return old, 0
 
     def clear(self, timeout: Optional[float] = None) -> None:
         """Remove every record (counters stay)."""
@@ -396,6 +464,8 @@ class Store(Lifecycle):
         """
         if self.state:
             self._refresh(timeout)
+        if not self.repair:  # opened by LayerCache(..., repair=False): no writer, and none wanted
+            raise CacheError(f"the cache in {self.path} was opened with repair=False, which only reads")
         lock = self.lock
         wait = lock.timeout if timeout is None else timeout
         now = time.monotonic()
@@ -403,7 +473,7 @@ class Store(Lifecycle):
         lock.acquire(True, timeout)
         try:
             self._look_at_directory(now)
-            attempt = 0
+            attempt = remapped = 0
             while True:
                 attempt += 1
                 self._taken = None
@@ -425,6 +495,23 @@ class Store(Lifecycle):
                         txn.commit()
                     finally:
                         files.table.leave_write()
+                except RecordTooLarge:  # (a ValueError too, but the caller's record, not damage)
+                    self._untake()
+                    raise
+                except (lmdb.MapFullError, lmdb.MapResizedError) as exc:  # nothing was written
+                    self._untake()
+                    remapped += 1
+                    failure = self._failure(exc)  # a grown file (MapResizedError) sets REOPEN
+                    if remapped > _MAP_RETRIES:
+                        raise failure from exc
+                    try:
+                        if isinstance(exc, lmdb.MapFullError):
+                            self._grow_map(timeout)
+                        else:
+                            self._reopen_locked(timeout)
+                    except OSError as err:
+                        raise CacheError(f"cache operation failed in {self.path}: {err}") from err
+                    continue
                 except DATA_ERRORS as exc:
                     self._untake()
                     failure = self._failure(exc)

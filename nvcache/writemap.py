@@ -7,7 +7,7 @@ that moment: on a full disk that is SIGBUS, which would kill the scanner. So bef
 transaction changes anything the store fallocates what it can use (:class:`Reservation`),
 and a full disk becomes ENOSPC there, a CacheError before anything changed. Only on
 filesystems where an fallocated block stays writable without new space (not copy-on-write
-ones), and only with the common map size.
+ones). The map's size, and how it grows with the file, is here too.
 """
 
 from __future__ import annotations
@@ -17,13 +17,36 @@ import os
 import struct
 from typing import Callable
 
-# The map is address space, not disk: data.mdb grows only as pages are
-# written. Every process uses the same size unless a bound needs more.
-MIN_MAP_SIZE = 64 << 30
+# The map grows with the file: it starts at MAP_MARGIN (or the limit, if smaller), doubles
+# when a write finds it full, and stops doubling at map_limit(bound). Under the write map
+# LMDB makes data.mdb as long as the map, so `ls -l` and copy tools that do not keep holes
+# see at most the limit: 2 x the bound + 64 MiB (churn measured 1.7 x at 64 MiB and 2.6 x at
+# 16 MiB, reservations included; DEVELOPERS.md). Past the limit the map grows by a quarter
+# at a time, logged, so that a put still never fails for want of address space.
+MAP_MARGIN = 64 << 20
+_MAP_STEP = 1 << 20  # map sizes are whole MiB
 
 
-def map_size_for(max_bytes: int) -> int:
-    return max(MIN_MAP_SIZE, 4 * max_bytes + (1 << 30))
+def _whole_mib(size: int) -> int:
+    return -(-size // _MAP_STEP) * _MAP_STEP
+
+
+def map_limit(bound: int) -> int:
+    """The size data.mdb stays within for a cache bounded to ``bound`` stored bytes."""
+    return _whole_mib(2 * bound + MAP_MARGIN)
+
+
+def first_map_size(bound: int) -> int:
+    """The map a new cache starts with."""
+    return min(MAP_MARGIN, map_limit(bound))
+
+
+def grown_map_size(current: int, bound: int) -> int:
+    """The map after a write found ``current`` full: doubled up to the limit, then a quarter more."""
+    limit = map_limit(bound)
+    if current < limit:
+        return min(_whole_mib(2 * current), limit)
+    return _whole_mib(current + max(current // 4, MAP_MARGIN))
 
 
 PAGE_SIZE = 4096  # LMDB's page size on x86-64 and aarch64 Linux with 4 KiB pages
@@ -53,17 +76,18 @@ def filesystem_type(path: str) -> int:
         return 0
 
 
-def writemap_wanted(path: str, map_size: int) -> bool:
+def writemap_wanted(path: str) -> bool:
     """Whether this process writes through LMDB's write map (see :class:`Reservation`).
 
-    Off when ``NVCACHE_WRITEMAP=0``, on filesystems not known to keep
-    fallocated blocks writable, and for maps larger than the common size:
-    LMDB truncates the file to the opener's map size, and a larger-map
-    process's reserved pages beyond it would become holes again.
+    Off when ``NVCACHE_WRITEMAP=0`` and on filesystems not known to keep
+    fallocated blocks writable. (LMDB truncates data.mdb to the opener's
+    map size: every environment is therefore opened with a map at least as
+    long as the file, see ``opening.environment``, and grown only under the
+    exclusive lock, so no process's reserved pages become holes again.)
     """
     if os.environ.get("NVCACHE_WRITEMAP", "1").strip() == "0":
         return False
-    if map_size != MIN_MAP_SIZE or not hasattr(os, "posix_fallocate"):
+    if not hasattr(os, "posix_fallocate"):
         return False
     return filesystem_type(path) in _SAFE_FILESYSTEMS
 
@@ -98,8 +122,8 @@ class Reservation:
         one per dirty page at most (and a transaction cannot dirty more than
         every page of the trees), so blocks up to ``used + min(pages, 2 * used)
         + data`` suffice. Only growth is ever needed: no process deallocates
-        (every write-map process truncates to the same map size), and a
-        rebuilt file gets a new Reservation.
+        (no environment is opened shorter than the file), and a rebuilt or
+        grown file gets a new Reservation.
 
         Raises NoRoom when the disk cannot give that: the caller then commits
         with pwrite instead, which reuses LMDB's free pages and meets a full

@@ -98,13 +98,14 @@ def test_stat_table_is_the_reference_layout(filled):
         ("cache_misses", 1), ("cache_hits", 3), ("record_count", 4), ("record_total_size", sum(SIZES))]
 
 
-def test_path_and_bound_come_from_the_environment(filled):
-    result = run(["stat", "--json"], env={"NVCACHE_PATH": filled, "MAX_CACHE_RECORD_MB": "5"})
-    assert json.loads(result.stdout)["record_count"] == 4
-    # MAX_CACHE_RECORD_MB=0 means disabled, which the seed shows as None.
-    result = run(["stat", "--json"], env={"NVCACHE_PATH": filled, "MAX_CACHE_RECORD_MB": "0"})
-    assert json.loads(result.stdout)["record_count"] is None
-    assert "disables the cache" in result.stderr
+def test_the_path_comes_from_the_environment_and_the_bound_from_the_cache(filled):
+    """Read-only commands show the cache with its own stored bound: a scanner's MAX_CACHE_RECORD_MB
+    (even 0, which disables the cache in that scanner) neither changes nor hides it."""
+    for bound in ("5", "0"):
+        result = run(["stat", "--json"], env={"NVCACHE_PATH": filled, "MAX_CACHE_RECORD_MB": bound})
+        assert result.exit_code == 0 and json.loads(result.stdout)["record_count"] == 4
+    with LayerCache(filled, repair=False) as cache:
+        assert cache.max_bytes == 1024 * 1024  # the bound `filled` was made with
 
 
 def test_data_is_exactly_cache_data_json(filled):
@@ -142,22 +143,59 @@ def test_show_sorts_and_limits(filled):
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", t) for t in times)
 
 
+def _record_bound(path: str, max_bytes: int) -> None:
+    """Write a bound into the file's meta database directly (no process has the cache open)."""
+    import lmdb
+    import struct
+    env = lmdb.open(format_dir(path), max_dbs=4, lock=False, map_size=1 << 30)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"bound", struct.pack("<Q", max_bytes), db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+
+
 def test_verify_exit_status(filled, tmp_path):
     ok = run(["--path", filled, "verify"])
     assert ok.exit_code == 0 and ok.stdout.startswith("ok: 4 records")
-    # A bound below what the cache holds is a problem the core's check reports.
-    over = run(["--path", filled, "verify", "--max-mb", "0.001"])
+    # Records above the stored bound (which set_bound never leaves) is a problem verify reports.
+    _record_bound(filled, 1000)
+    over = run(["--path", filled, "verify"])
     assert over.exit_code == 1 and "above the bound" in over.stdout
     missing = run(["--path", str(tmp_path / "none"), "verify"])
     assert missing.exit_code == 1 and "no nvcache cache" in missing.stdout
 
 
-def test_verify_reports_damage_the_core_repaired_on_open(filled):
+def test_resize_sets_the_bound_every_process_obeys(filled):
+    """`nvcache resize` stores the bound and evicts down to it at once; read-only commands and
+    the metrics report the stored bound, and a cache opened without one uses it."""
+    result = run(["--path", filled, "resize", "0.002"])  # 2097 bytes of 2250: the two never read go
+    assert result.exit_code == 0, result.output
+    assert "bound 1 MiB -> 2097 bytes; evicted 2 records" in result.stdout
+    stats = json.loads(run(["--path", filled, "stat", "--json"]).stdout)
+    assert stats["record_count"] == 2 and stats["record_total_size"] == SIZES[0] + SIZES[2]
+    assert _samples(run(["--path", filled, "metrics"]).stdout)["nvcache_bound_bytes"] == 2097
+    with LayerCache(filled) as cache:
+        assert cache.max_bytes == 2097
+    again = run(["--path", filled, "resize", "0.002"])
+    assert again.exit_code == 0 and "nothing changed" in again.stdout
+    assert run(["--path", filled, "verify"]).exit_code == 0
+
+
+def test_verify_reports_damage_and_leaves_it_repair_rebuilds(filled):
     with open(os.path.join(format_dir(filled), "data.mdb"), "r+b") as f:
         f.write(b"\xff" * 8192)  # both LMDB meta pages
+    with open(os.path.join(format_dir(filled), "data.mdb"), "rb") as f:
+        damaged = f.read(3 * 4096)
     result = run(["--path", filled, "verify"])
     assert result.exit_code == 1
-    assert "the core reported: emptying cache" in result.stdout
+    assert "is damaged" in result.stderr and "deep check at first open: a damaged page" in result.stderr
+    assert "repair` fixes it" in result.stderr
+    with open(os.path.join(format_dir(filled), "data.mdb"), "rb") as f:
+        assert f.read(3 * 4096) == damaged  # read-only: not rebuilt (tests/test_repair.py hashes every file)
+    repaired = run(["--path", filled, "repair"])
+    assert repaired.exit_code == 0 and "at open: emptying cache" in repaired.stdout
+    assert run(["--path", filled, "verify"]).stdout == "ok: 0 records, 0 bytes, no problems\n"
 
 
 def test_clear_asks_first(filled):
@@ -300,7 +338,7 @@ def test_metrics_exposition_parses_back(cache_dir):
         cache.get(DIGESTS[0])  # evicted: a miss
         stats, evictions = cache.stats(), cache.evictions()
     assert evictions == 1
-    result = run(["--path", cache_dir, "metrics", "--max-mb", "0.002"])
+    result = run(["--path", cache_dir, "metrics"])  # the bound is the one the cache stores
     assert result.exit_code == 0
     samples = _samples(result.stdout)
     assert samples == {
@@ -330,10 +368,13 @@ def test_verbose_logs_to_stderr(tmp_path):
 
 
 def test_bad_bound_is_a_clean_error(filled):
-    result = run(["--path", filled, "stat", "--max-mb", "-1"])  # a bad option value: a usage error
-    assert result.exit_code == 2 and "'--max-mb'" in result.stderr and "'-1' is not a plain decimal" in result.stderr
-    result = run(["--path", filled, "stat", "--max-mb", "99999999"])  # a number, out of range
+    result = run(["--path", filled, "resize", "--", "-1"])  # a bad value: a usage error
+    assert result.exit_code == 2 and "'MB'" in result.stderr and "'-1' is not a plain decimal" in result.stderr
+    result = run(["--path", filled, "resize", "99999999"])  # a number, out of range
     assert result.exit_code == 1 and "max_mb must be" in result.stderr
+    result = run(["--path", filled, "resize", "0"])  # would disable, not bound
+    assert result.exit_code == 2 and "disable" in result.stderr
+    assert run(["--path", filled, "stat", "--max-mb", "1"]).exit_code == 2  # read-only: no bound to give
 
 
 def test_simulate_through_the_cli(tmp_path):
@@ -441,21 +482,23 @@ def test_cli_leaves_the_callers_logging_alone(tmp_path):
     assert (logger.level, list(logger.handlers)) == before
 
 
-def test_a_bad_max_cache_record_mb_is_named_as_the_variable(filled, monkeypatch):
+def test_a_bad_max_cache_record_mb_is_named_as_the_variable(filled, monkeypatch, tmp_path):
+    """import takes its bound from --max-mb or MAX_CACHE_RECORD_MB (as the scanners do)."""
+    from nvcache.seedfmt import SEED_VERSION
+    src = str(tmp_path / "never-written")  # a seed cache the scanner never wrote: empty
+    os.makedirs(os.path.join(src, "ref"))
+    with open(os.path.join(src, "version"), "w") as f:
+        json.dump(SEED_VERSION, f)
     monkeypatch.setenv("MAX_CACHE_RECORD_MB", "abc")
-    result = run(["--path", filled, "stat"])
+    result = run(["--path", filled, "import", "--dry-run", src])
     assert result.exit_code == 2 and "MAX_CACHE_RECORD_MB" in result.stderr and "'abc'" in result.stderr
     assert "--max-mb" not in result.stderr
-    result = run(["--path", filled, "stat", "--max-mb", "1_0"])  # given as an option: named as the option
+    result = run(["--path", filled, "import", "--dry-run", "--max-mb", "1_0", src])  # named as the option
     assert result.exit_code == 2 and "'--max-mb'" in result.stderr and "MAX_CACHE_RECORD_MB" not in result.stderr
     monkeypatch.setenv("MAX_CACHE_RECORD_MB", "2.5")
-    assert run(["--path", filled, "stat"]).exit_code == 0
-
-
-def test_verify_with_a_zero_bound_says_it_disables_the_cache(filled):
-    result = run(["--path", filled, "verify", "--max-mb", "0"])
-    assert result.exit_code == 2 and "disables the cache" in result.stderr
-    assert "core reported" not in result.output
+    assert run(["--path", filled, "import", "--dry-run", src]).exit_code == 0
+    monkeypatch.setenv("MAX_CACHE_RECORD_MB", "abc")
+    assert run(["--path", filled, "stat"]).exit_code == 0  # read-only commands do not read it
 
 
 def test_simulate_prints_an_inspect_command_that_works_as_typed(tmp_path):

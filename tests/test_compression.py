@@ -306,7 +306,7 @@ def test_a_put_compressed_for_files_replaced_since_is_encoded_again(make_cache):
     name, n = cache._core.record_name(lid(9), "layer_file")
     key = cache._core.name_key(name)
     assert store._write(store._insert, key, name, n, data, enc, stored, other._store.reader.codec,
-                        cache.max_bytes, frozenset(), 0, 0) == 0
+                        frozenset(), 0, 0) == 0
     assert encoding_of(cache, lid(9)) == 1 and cache.get(lid(9)) == data and cache.verify() == []
 
 

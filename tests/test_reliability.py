@@ -1485,7 +1485,7 @@ def test_a_full_disk_under_the_write_map_is_an_error_not_sigbus(Cache, small_tmp
     store reserved the blocks first. The control run (no reservation) shows the hazard is real
     on this file system; the store's own run must end in CacheErrors or pwrite commits."""
     from nvcache import writemap
-    if not writemap.writemap_wanted(str(small_tmpfs), writemap.MIN_MAP_SIZE):
+    if not writemap.writemap_wanted(str(small_tmpfs)):
         pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
     control_root = small_tmpfs / "control"
     control_root.mkdir()
@@ -1500,19 +1500,23 @@ def test_a_full_disk_under_the_write_map_is_an_error_not_sigbus(Cache, small_tmp
     assert control.kind == "signal" and control.value == signal.SIGBUS, control
 
 
-def test_a_file_larger_than_the_map_is_written_without_the_write_map(Cache, cache_dir):
-    """A process with a bound above 15.75 GiB uses a larger map and pwrite commits; once the
-    file outgrows the common map, a write-map process would reserve too little: it must not
-    use the write map then."""
+def test_a_file_longer_than_the_map_is_mapped_whole_and_never_cut(Cache, cache_dir):
+    """LMDB truncates data.mdb to a write-map opener's map: an opener whose own size is shorter
+    than the file (another process grew it) must map the whole file, or it would cut pages that
+    process maps (SIGBUS there) or reserved. It keeps the write map and its reservation covers
+    the longer map."""
     from nvcache import writemap
     with Cache(cache_dir, 1) as cache:
         if not cache._store.writemap:
             pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
         cache.put(lid(1), b"r")
-    os.truncate(os.path.join(format_dir(cache_dir), "data.mdb"), writemap.MIN_MAP_SIZE + (1 << 20))  # sparse
+    data = os.path.join(format_dir(cache_dir), "data.mdb")
+    longer = writemap.first_map_size(MiB) + (3 << 20)
+    os.truncate(data, longer)  # sparse: what a process with a grown map leaves
     with Cache(cache_dir, 1) as cache:
-        assert cache._store.writemap is False
+        assert cache._store.writemap is True and cache._store.files.map_size == longer
         assert cache.get(lid(1)) == b"r" and cache.put(lid(2), b"s") and cache.verify() == []
+        assert os.path.getsize(data) == longer
 
 
 def test_disk_full_at_creation(Cache, small_tmpfs):

@@ -15,7 +15,6 @@ import pytest
 from nvcache import CacheError, CacheTimeout
 from nvcache.cachedir import format_dir
 
-from test_api import _committed_map_size
 from test_removal import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
 
 MiB = 1024 * 1024
@@ -107,18 +106,24 @@ def test_each_cache_on_a_shared_path_waits_its_own_lock_timeout(Cache, cache_dir
     patient.close()
 
 
-def test_a_larger_bound_on_a_shared_path_gets_a_map_that_holds_it(Cache, cache_dir):
-    """The store's map is sized by the first cache's bound; a second cache with a bound that needs
-    more makes the store reopen with a larger map, and its records fit."""
+def test_a_second_cache_with_a_larger_bound_makes_it_the_caches(Cache, cache_dir, caplog):
+    """Two caches of one path in one process share a store: the second's larger bound becomes the
+    cache's bound (logged with both values), both obey it, and the map grows to hold it."""
+    from nvcache import writemap
     small = Cache(cache_dir, 1)
     small.put(lid(1), b"r")
-    big_mb = 20_000  # 4 x 20,000 MiB + 1 GiB: more than the common 64 GiB map
-    big = Cache(cache_dir, big_mb)
+    big_mb = 20_000
+    with caplog.at_level("WARNING", logger="nvcache"):
+        big = Cache(cache_dir, big_mb)
     try:
-        assert big.put(lid(2), os.urandom(2 * MiB))  # larger than the small cache's whole bound
+        assert "bound changed from 1 MiB to 20000 MiB" in caplog.text
+        assert small.max_bytes == big.max_bytes == big_mb * MiB
+        for i in range(40):  # 80 MiB: more than the first map holds
+            assert small.put(lid(100 + i), os.urandom(2 * MiB))  # larger than the old bound
         assert big.get(lid(1)) == b"r" and small.get(lid(1)) == b"r"
-        assert _committed_map_size(os.path.join(format_dir(cache_dir), "data.mdb")) >= 4 * big_mb * MiB + (1 << 30)
-        assert big.verify() == []
+        length = os.path.getsize(os.path.join(format_dir(cache_dir), "data.mdb"))
+        assert 80 * MiB < length <= writemap.map_limit(big_mb * MiB)
+        assert big.verify() == [] and small.stats()["record_count"] == 41
     finally:
         big.close()
         small.close()
