@@ -1023,11 +1023,15 @@ cdef class Reader:
 
     cdef object _read_waiting(self, int what, object arg, object timeout):
         lock = self.lock
-        lock.acquire(False, timeout)
         try:
-            return self._read(what, arg)
-        finally:
-            lock.release()
+            lock.acquire(False, timeout)
+            try:
+                return self._read(what, arg)
+            finally:
+                lock.release()  # Python: a pending signal's handler runs as it starts
+        except BaseException:
+            lock.recover()  # then nothing stays held (locking.py)
+            raise
 
     cdef object _guarded(self, int what, object arg, object timeout):
         """``_read`` under the thread mutex and the slot handshake, else the shared flock."""
@@ -1076,25 +1080,29 @@ cdef class Reader:
         cdef uint64_t c[5]
         cdef int rc
         lock = self.lock
-        lock.acquire(False, timeout)
         try:
-            if self.env is None:
-                raise StaleReader("the environment was replaced")
-            if self._ctxn != NULL:
-                rc = mdb_txn_renew(self._ctxn)
-                if rc == MDB_MAP_RESIZED:
-                    raise _mdb_error(rc, "mdb_txn_renew")
-                if rc == 0:
-                    try:
-                        _counters_c(self._ctxn, self._meta, c, True)
-                        _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)
-                    finally:
-                        mdb_txn_reset(self._ctxn)
-                    return {"cache_hits": c[2], "cache_misses": c[3], "cache_records": records,
-                            "record_total_size": c[1]}
-                self._close_c()  # this environment is unusable: fallback.Reader from now on
-        finally:
-            lock.release()
+            lock.acquire(False, timeout)
+            try:
+                if self.env is None:
+                    raise StaleReader("the environment was replaced")
+                if self._ctxn != NULL:
+                    rc = mdb_txn_renew(self._ctxn)
+                    if rc == MDB_MAP_RESIZED:
+                        raise _mdb_error(rc, "mdb_txn_renew")
+                    if rc == 0:
+                        try:
+                            _counters_c(self._ctxn, self._meta, c, True)
+                            _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)
+                        finally:
+                            mdb_txn_reset(self._ctxn)
+                        return {"cache_hits": c[2], "cache_misses": c[3], "cache_records": records,
+                                "record_total_size": c[1]}
+                    self._close_c()  # this environment is unusable: fallback.Reader from now on
+            finally:
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
         return self._py.cache_data(timeout)  # under its own hold of the lock
 
 

@@ -613,30 +613,40 @@ class Reader:
 
     def _read_waiting(self, what: int, arg: Any, timeout: Optional[float]) -> Any:
         lock = self.lock
-        lock.acquire(False, timeout)
         try:
-            return self._read(what, arg)
-        finally:
-            lock.release()
+            lock.acquire(False, timeout)
+            try:
+                return self._read(what, arg)
+            finally:
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def _guarded(self, what: int, arg: Any, timeout: Optional[float] = None) -> Any:
         """``_read`` under the thread mutex and the shared flock (waiting only when contended)."""
         mutex = self.mutex
-        if not mutex.acquire(False):
-            return self._read_waiting(what, arg, timeout)
-        if self.env is None:
-            mutex.release()
-            raise StaleReader("the environment was replaced")
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            mutex.release()
-            return self._read_waiting(what, arg, timeout)
-        try:
-            return self._read(what, arg)
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            mutex.release()
+            if not mutex.acquire(False):
+                return self._read_waiting(what, arg, timeout)
+            if self.env is None:
+                mutex.release()
+                raise StaleReader("the environment was replaced")
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                mutex.release()
+                return self._read_waiting(what, arg, timeout)
+            try:
+                return self._read(what, arg)
+            finally:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                finally:
+                    mutex.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def lookup(self, key: bytes, timeout: Optional[float] = None) -> Tuple[Any, int, int]:
         """(stored bytes, born_ns, encoding) of the record of ``key``; (None, 0, 0) when absent,
@@ -661,14 +671,18 @@ class Reader:
     def cache_data(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """``Index.cache_data`` under the shared flock (a long read: writers wait on the flock)."""
         lock = self.lock
-        lock.acquire(False, timeout)
         try:
-            if self.env is None:
-                raise StaleReader("the environment was replaced")
-            txn = self.env.begin()
+            lock.acquire(False, timeout)
             try:
-                return self.index.cache_data(txn)
+                if self.env is None:
+                    raise StaleReader("the environment was replaced")
+                txn = self.env.begin()
+                try:
+                    return self.index.cache_data(txn)
+                finally:
+                    txn.abort()
             finally:
-                txn.abort()
-        finally:
-            lock.release()
+                lock.release()
+        except BaseException:
+            lock.recover()
+            raise

@@ -143,11 +143,15 @@ class ReadOnlyCache:
     def _with_lock(self, read: Callable[[], Any]) -> Any:
         lock = self._lock
         assert lock is not None
-        lock.acquire(False, self.lock_timeout)
         try:
-            return read()
-        finally:
-            lock.release()
+            lock.acquire(False, self.lock_timeout)
+            try:
+                return read()
+            finally:
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def _read(self, read: Callable[[Any, Any], Any], empty: Any) -> Any:
         """``read(index, txn)`` in one read transaction under the shared flock; ``empty`` without a cache."""

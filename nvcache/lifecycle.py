@@ -59,6 +59,8 @@ def existing_directory(path: str) -> None:
 class Lifecycle:
     """One directory's files in this process over time (the Store adds the verbs)."""
 
+    _txn: Any = None  # the store's write transaction in progress (see _abandon_write)
+
     def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
                  lock_timeout: float, repair: bool = True) -> None:
         self.path = path
@@ -88,6 +90,7 @@ class Lifecycle:
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._users_fd = -1
         self.lock = FileLock(format_dir(path), lock_timeout)  # this format's directory in the path
+        self.lock.on_recover = self._abandon_write
         try:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
             first = claim_users(self._users_fd, path, lock_timeout)
@@ -109,26 +112,30 @@ class Lifecycle:
     def _first_open(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
         # Usually the shared lock suffices; a rebuild or a boot-record update needs the
         # exclusive one, and then everything is checked again.
-        self.lock.acquire(False)
         try:
-            # The directory may have been replaced since the lock opened it (see _follow_directory).
-            problem = "moved" if self.lock.moved() else self._open(check)
-            if problem == MARK_BOOT and not self.repair:
-                problem = None  # a reader writes nothing: the boot record is the next writer's (see _open_locked)
-            if problem is None and not self.repair:
-                self._keep_clean_mark(check)
-        finally:
-            self.lock.release()
-        if problem is None:
-            return
-        self._close_files()
-        self.lock.acquire(True)
-        try:
-            self._open_locked(check)
-            if not self.repair:
-                self._keep_clean_mark(check)
-        finally:
-            self.lock.release()
+            self.lock.acquire(False)
+            try:
+                # The directory may have been replaced since the lock opened it (see _follow_directory).
+                problem = "moved" if self.lock.moved() else self._open(check)
+                if problem == MARK_BOOT and not self.repair:
+                    problem = None  # a reader writes nothing: the boot record is the next writer's (see _open_locked)
+                if problem is None and not self.repair:
+                    self._keep_clean_mark(check)
+            finally:
+                self.lock.release()
+            if problem is None:
+                return
+            self._close_files()
+            self.lock.acquire(True)
+            try:
+                self._open_locked(check)
+                if not self.repair:
+                    self._keep_clean_mark(check)
+            finally:
+                self.lock.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def _keep_clean_mark(self, check: Optional[deepcheck.FirstOpenCheck]) -> None:
         """A reader that opened first consumes the clean mark only once its open succeeded (an open
@@ -263,20 +270,24 @@ class Lifecycle:
         threads that found the store stale at once reopen it once (the
         condition is checked again inside).
         """
-        self.lock.acquire(True, timeout)  # in a forked child, its own fresh mutex and descriptor
         try:
-            if self.generation != fork_generation():
-                self._after_fork_locked(timeout)
-            elif self.state or self._replaced():
-                self._reopen_locked(timeout)
-        except OSError as exc:  # a file vanished or the machine is short of something: not ours to raise
-            self.state = max(self.state, REOPEN)
-            raise CacheError(f"cannot reopen the cache in {self.path}: {exc}") from exc
+            self.lock.acquire(True, timeout)  # in a forked child, its own fresh mutex and descriptor
+            try:
+                if self.generation != fork_generation():
+                    self._after_fork_locked(timeout)
+                elif self.state or self._replaced():
+                    self._reopen_locked(timeout)
+            except OSError as exc:  # a file vanished or the machine is short of something: not ours to raise
+                self.state = max(self.state, REOPEN)
+                raise CacheError(f"cannot reopen the cache in {self.path}: {exc}") from exc
+            except BaseException:
+                self.state = max(self.state, REOPEN)  # whatever failed is retried by the next call
+                raise
+            finally:
+                self.lock.release()
         except BaseException:
-            self.state = max(self.state, REOPEN)  # whatever failed is retried by the next call
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
             raise
-        finally:
-            self.lock.release()
 
     def _after_fork_locked(self, timeout: Optional[float]) -> None:
         # The mapping and buffer are the parent's: drop them, never use them again. Until the
@@ -407,13 +418,17 @@ class Lifecycle:
         it has a writer (and repairs), as a store opened with repair=True."""
         if self.repair:
             return
-        self.lock.acquire(True, timeout)
         try:
-            self.repair = True
-            self._clean_mark = None  # a writer uses the file now: its last user marks it, as usual
-            self._close_files()  # the next use reopens with a writer
-        finally:
-            self.lock.release()
+            self.lock.acquire(True, timeout)
+            try:
+                self.repair = True
+                self._clean_mark = None  # a writer uses the file now: its last user marks it, as usual
+                self._close_files()  # the next use reopens with a writer
+            finally:
+                self.lock.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held
+            raise
 
     def final_flush(self) -> bool:
         """The last user's flush: False (logged) when the buffer could not be written yet."""
@@ -435,27 +450,63 @@ class Lifecycle:
         if self._users_fd < 0:
             return
         try:
+            self.lock.recover()  # what an interrupted call of this thread left held
             if self.generation == fork_generation() and self.files is not None:
                 self._leave()
         finally:
             # With the mutex (bounded): no other thread may be inside a transaction of these files.
             # A thread that kept it past the timeout may be inside one: then leave the files and
             # descriptors to the garbage collector rather than pull them away.
-            if self.lock.mutex.acquire(True, self.lock.timeout):
-                try:
-                    self._close_files()
-                finally:
-                    self.lock.mutex.release()
-                self.lock.close()
-                fd, self._users_fd = self._users_fd, -1
-                os.close(fd)
-            else:
-                log.warning("closed %s while another thread still used it: its resources stay open",
-                            self.path)
+            try:
+                if self.lock.mutex.acquire(True, self.lock.timeout):
+                    try:
+                        self._close_files()
+                    finally:
+                        self.lock.mutex.release()
+                    self.lock.close()
+                    fd, self._users_fd = self._users_fd, -1
+                    os.close(fd)
+                else:
+                    log.warning("closed %s while another thread still used it: its resources stay open",
+                                self.path)
+            except BaseException:
+                self.lock.recover()  # a signal's exception may have escaped with the lock held
+                raise
+
+    def _abandon_write(self) -> None:
+        """FileLock.recover's part here (we hold the mutex): abort the write transaction an
+        interrupted call left open (the next write would begin another on the same environment),
+        and clear the readers table's writer flag it left raised."""
+        txn, self._txn = self._txn, None
+        try:
+            if txn is not None:
+                txn.abort()
+        finally:
+            files = self.files
+            if files is not None:
+                files.table.abandon_write(self.lock.fd)
 
     def buffer_summary(self) -> str:
         buf = self.buffer
         return f"{len(buf.pending)} records' references, {buf.hits} hits, {buf.misses} misses"
+
+    def _put_back_clean_mark(self) -> None:
+        """A reader that consumed the clean mark at its first open puts it back, if the file is as it was."""
+        if self._clean_mark is None or self._suspect or self.lock.moved():
+            return
+        body, mark, (mode, uid, gid) = self._clean_mark
+        try:
+            if file_mark(os.stat(os.path.join(self.lock.dir, DATA_FILE))) == mark:
+                write_atomically(self.lock.dir, CLEAN_FILE, body)
+                fd = open_nofollow(os.path.join(self.lock.dir, CLEAN_FILE), os.O_RDONLY)
+                try:
+                    os.fchmod(fd, mode)
+                    if (uid, gid) != (os.geteuid(), os.getegid()):
+                        os.fchown(fd, uid, gid)  # as root only (else an OSError: logged)
+                finally:
+                    os.close(fd)
+        except (OSError, CacheError) as exc:
+            log.debug("could not put back the clean mark of %s: %s", self.path, exc)
 
     def _leave(self) -> None:
         """If this is the last process using the cache, record that it closed cleanly.
@@ -464,30 +515,21 @@ class Lifecycle:
         only walks the file once more.
         """
         try:
-            self.lock.acquire(True, 0)
-        except CacheTimeout:
-            return
-        try:
-            if not last_user(self._users_fd):
-                return  # others still use it
-            if not self.repair:  # a reader puts back the mark it consumed, if the file is as it was then
-                if self._clean_mark is not None and not self._suspect and not self.lock.moved():
-                    body, mark, (mode, uid, gid) = self._clean_mark
-                    try:
-                        if file_mark(os.stat(os.path.join(self.lock.dir, DATA_FILE))) == mark:
-                            write_atomically(self.lock.dir, CLEAN_FILE, body)
-                            fd = open_nofollow(os.path.join(self.lock.dir, CLEAN_FILE), os.O_RDONLY)
-                            try:
-                                os.fchmod(fd, mode)
-                                if (uid, gid) != (os.geteuid(), os.getegid()):
-                                    os.fchown(fd, uid, gid)  # as root only (else an OSError: logged)
-                            finally:
-                                os.close(fd)
-                    except (OSError, CacheError) as exc:
-                        log.debug("could not put back the clean mark of %s: %s", self.path, exc)
+            try:
+                self.lock.acquire(True, 0)
+            except CacheTimeout:
                 return
-            if not self._replaced() and not self._suspect and not self.lock.moved():
-                mark_clean(self.lock.dir)
-        finally:
-            self.lock.release()
+            try:
+                if not last_user(self._users_fd):
+                    return  # others still use it
+                if not self.repair:  # a reader puts back the mark it consumed, if the file is as it was then
+                    self._put_back_clean_mark()
+                    return
+                if not self._replaced() and not self._suspect and not self.lock.moved():
+                    mark_clean(self.lock.dir)
+            finally:
+                self.lock.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 

@@ -25,6 +25,14 @@ of the flock):
 
 Every wait is bounded by ``timeout`` seconds and then raises CacheTimeout,
 so a process stopped while holding the lock cannot hang the others.
+
+A signal handler's exception (KeyboardInterrupt) can land anywhere, also right
+after the mutex was taken and before any ``try`` (CPython runs pending handlers
+when a C call returns). So the mutex is an RLock, which records its owner
+atomically with the acquisition, and every lock user ends in
+:meth:`FileLock.recover` when anything escapes it: whatever this thread still
+holds then (mutex, flock, the readers table's writer flag, a write
+transaction) was left by an interrupted call and is released there.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import platform
 import shutil
 import stat
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -54,7 +63,7 @@ def _after_fork_in_child() -> None:
     _fork_generation += 1
     for lock in list(_locks):
         # The parent's mutex may have been held by a thread that does not exist here.
-        lock.mutex = threading.Lock()
+        lock.mutex = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -147,6 +156,26 @@ def _proc_works() -> bool:
 _PROC_WORKS = _proc_works()
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _nested_call() -> bool:
+    """Whether this thread is inside a cache call that was suspended to run a signal handler
+    that called the cache again: beyond the caller's run of nvcache frames, another one.
+
+    Only asked when this thread holds the mutex while it should not (rare): the hold then
+    belongs to that outer call, which goes on after the handler, and must be left alone.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _identity(fd: int) -> Tuple[int, int]:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino)
@@ -161,7 +190,10 @@ class FileLock:
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
-        self.mutex = threading.Lock()
+        # Reentrant only for its owner record (_is_owned): no call takes it twice.
+        self.mutex = threading.RLock()
+        # What recover() must undo besides the flock (the store's write transaction, the table's flag).
+        self.on_recover: Optional[Callable[[], None]] = None
         self.fd = open_directory(path)
         self.ident = _identity(self.fd)
         self._generation = _fork_generation
@@ -258,37 +290,42 @@ class FileLock:
         """Take the mutex, then the flock; raise CacheTimeout after ``timeout`` seconds.
 
         ``timeout`` defaults to the lock's own; 0 tries once without waiting.
+        Whatever escapes leaves nothing held (see recover). Callers wrap the
+        acquisition and their release in ``except BaseException: recover()``:
+        a signal can also land right after this returns.
         """
         timeout = self.timeout if timeout is None else timeout
         mutex = self.mutex
-        if not (mutex.acquire(True, timeout) if timeout > 0 else mutex.acquire(False)):
-            raise CacheTimeout(f"another thread held the cache lock for {timeout} s")
-        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
+            if mutex._is_owned():  # type: ignore[attr-defined]
+                if _nested_call():
+                    raise CacheError("the cache was called from a signal handler that interrupted one of "
+                                     "its calls; that call still holds the lock")
+                self.recover()  # left held by an interrupted call whose own recovery was interrupted
+            if not (mutex.acquire(True, timeout) if timeout > 0 else mutex.acquire(False)):
+                raise CacheTimeout(f"another thread held the cache lock for {timeout} s")
+            op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             if self.fd < 0:
                 raise CacheError("the cache is closed")
             if self._generation != _fork_generation:
                 self._reopen_after_fork()
-            fcntl.flock(self.fd, op | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._wait(op, timeout)
+            try:
+                fcntl.flock(self.fd, op | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait(op, timeout)
         except BaseException:
-            mutex.release()
+            self.recover()
             raise
 
     def _wait(self, op: int, timeout: float) -> None:
-        # The first try failed already (the caller's); the mutex is released if this one fails too.
+        # The first try failed already (the caller's); acquire releases the mutex if this one fails too.
         try:
             if timeout <= 0:
                 raise CacheTimeout(f"{self.path} is locked by another process")
             time.sleep(self._POLL_MIN)
             self._flock_until(self.fd, time.monotonic() - self._POLL_MIN + timeout, op)
         except CacheTimeout as exc:
-            self.mutex.release()
             raise CacheTimeout(f"{exc} for {timeout} s" if timeout > 0 else str(exc)) from None
-        except BaseException:
-            self.mutex.release()
-            raise
 
     def release(self) -> None:
         try:
@@ -296,22 +333,51 @@ class FileLock:
         finally:
             self.mutex.release()
 
+    def recover(self) -> bool:
+        """Release what an interrupted call of this thread left held; True when there was something.
+
+        Calls do not nest, so a mutex this thread owns when an exception
+        escapes a lock user (or when it calls in again) belongs to no live
+        call, unless a signal handler called the cache from inside a call
+        (that call's hold is left alone). Each step runs even if a second
+        signal interrupts the one before.
+        """
+        mutex = self.mutex
+        if not mutex._is_owned() or _nested_call():  # type: ignore[attr-defined]
+            return False
+        try:
+            if self.on_recover is not None:
+                self.on_recover()  # with the mutex and (if we had it) the flock still held
+        finally:
+            try:
+                if self.fd >= 0:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                while mutex._is_owned():  # type: ignore[attr-defined]
+                    mutex.release()
+        return True
+
     def close(self) -> None:
         """Close the descriptor, with the mutex held so that no thread is between flocks.
 
         If another thread keeps the mutex past the timeout, the descriptor is
         left open (closing it could let that thread flock a reused number).
         """
-        if not self.mutex.acquire(True, self.timeout):
-            return
         try:
-            if self.fd >= 0:
-                try:
-                    os.close(self.fd)
-                finally:
-                    self.fd = -1
-        finally:
-            self.mutex.release()
+            self.recover()
+            if not self.mutex.acquire(True, self.timeout):
+                return
+            try:
+                if self.fd >= 0:
+                    try:
+                        os.close(self.fd)
+                    finally:
+                        self.fd = -1
+            finally:
+                self.mutex.release()
+        except BaseException:
+            self.recover()
+            raise
 
 
 # -- the readers table: reads without a system call ------------------------------------
@@ -351,14 +417,16 @@ NONCE_OFFSET = len(TABLE_MAGIC)
 FAST_READS_SUPPORTED = (platform.machine().lower() in ("x86_64", "amd64")
                         and hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK"))
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86-64
-_fence_lock = threading.Lock()
 
 
 def _fence() -> None:
     # acquire + release of a CPython lock: lock-prefixed read-modify-writes, each a full
     # barrier on x86-64, so the flag store above is visible before the slot loads below.
-    _fence_lock.acquire()
-    _fence_lock.release()
+    # A fresh lock each time: a shared one that a signal's exception left held between the
+    # two calls hung every later writer of the process (found by tests/test_interrupt.py).
+    lock = threading.Lock()
+    lock.acquire()
+    lock.release()
 
 
 _tables: "weakref.WeakSet[ReaderTable]" = weakref.WeakSet()
@@ -380,6 +448,7 @@ class ReaderTable:
         self.path = os.path.join(path, READERS_FILE)
         self.slot = -1
         self._claim_fd = -1
+        self.raised = False  # this process set the writer flag and has not cleared it yet
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = open_nofollow(self.path, flags)
@@ -468,6 +537,7 @@ class ReaderTable:
         spin; otherwise a slot set for more than 2 ms has its owner checked.
         """
         mm = self.mm
+        self.raised = True  # first: recover() then clears a flag that a signal kept us from clearing
         mm[FLAG_OFFSET] = 1
         _fence()
         # Readers only ever set the first byte of a slot they claimed: look at those first.
@@ -491,7 +561,7 @@ class ReaderTable:
                     mm[pos] = 0
                     checked.pop(pos)
                 elif (timeout <= 0 and now - start > 0.0001) or (now >= deadline and now - first > 0.002):
-                    mm[FLAG_OFFSET] = 0
+                    self.leave_write()
                     raise CacheTimeout(f"a reader of {os.path.dirname(self.path)} stayed inside a read for "
                                        f"{max(timeout, now - start):.3g} s")
                 else:
@@ -501,6 +571,19 @@ class ReaderTable:
 
     def leave_write(self) -> None:
         self.mm[FLAG_OFFSET] = 0
+        self.raised = False
+
+    def abandon_write(self, fd: int) -> None:
+        """After an interrupted write (recover): clear the flag we raised, if no other writer has
+        come since. Only while we hold the exclusive flock of ``fd`` (taken here if free): else
+        another process's writer may have raised it for itself, and it clears it."""
+        if not self.raised:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        self.leave_write()
 
     def close(self) -> None:
         self._drop_claim()
@@ -511,8 +594,6 @@ class ReaderTable:
 
 
 def _tables_after_fork_in_child() -> None:
-    global _fence_lock
-    _fence_lock = threading.Lock()  # a parent thread may have been inside _fence()
     # The claim's OFD lock belongs to the open file, which the child shares with its parent:
     # drop our copy at once, or the parent's slot would look alive after the parent died.
     for table in list(_tables):

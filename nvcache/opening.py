@@ -112,17 +112,21 @@ def _codec(files: Files, lock: FileLock) -> Codec:
     env, index = files.env, files.index
 
     def load(number: int) -> Optional[bytes]:  # a dictionary first met in a record: outside any lock
-        lock.acquire(False, None)
         try:
-            txn = env.begin()
+            lock.acquire(False, None)
             try:
-                return index.dictionary(txn, number)  # type: ignore[no-any-return]
+                txn = env.begin()
+                try:
+                    return index.dictionary(txn, number)  # type: ignore[no-any-return]
+                finally:
+                    txn.abort()
+            except lmdb.Error as exc:  # closed under us (replaced): the read is retried on the new files
+                raise StaleReader(f"the environment was replaced ({exc})") from exc
             finally:
-                txn.abort()
-        except lmdb.Error as exc:  # closed under us (replaced): the read is retried on the new files
-            raise StaleReader(f"the environment was replaced ({exc})") from exc
-        finally:
-            lock.release()
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     codec = Codec(load)
     txn = env.begin()

@@ -166,8 +166,18 @@ class Store(Lifecycle):
     def _read(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
         """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
         for attempt in range(_MAP_RETRIES):
-            self._current(True, timeout)
-            lock = self.lock
+            try:
+                return self._read_once(read, timeout)
+            except lmdb.MapResizedError as exc:  # another process grew the file: reopen, read again
+                failure = self._failure(exc)
+                if attempt + 1 >= _MAP_RETRIES:
+                    raise failure from exc
+        raise AssertionError("unreachable")
+
+    def _read_once(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
+        self._current(True, timeout)
+        lock = self.lock
+        try:
             lock.acquire(False, timeout)
             try:
                 files = self._files_locked()
@@ -176,15 +186,15 @@ class Store(Lifecycle):
                     return read(files.index, txn)
                 finally:
                     txn.abort()
-            except lmdb.MapResizedError as exc:  # another process grew the file: reopen, read again
-                failure = self._failure(exc)
-                if attempt + 1 >= _MAP_RETRIES:
-                    raise failure from exc
+            except lmdb.MapResizedError:
+                raise  # (an lmdb.Error: not a failure, _read reopens and retries)
             except DATA_ERRORS as exc:
                 raise self._failure(exc) from exc
             finally:
                 lock.release()
-        raise AssertionError("unreachable")
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     # -- writes -------------------------------------------------------------------------
     def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, keep: frozenset,
@@ -275,12 +285,16 @@ class Store(Lifecycle):
         """Empty and recreate the cache now (a repair of damage that dropping records cannot fix)."""
         if self.state:
             self._refresh(timeout)
-        self.lock.acquire(True, timeout)
         try:
-            self._rebuild(reason)
-            self._suspect = False  # a new file: what verify() found was in the old one
-        finally:
-            self.lock.release()
+            self.lock.acquire(True, timeout)
+            try:
+                self._rebuild(reason)
+                self._suspect = False  # a new file: what verify() found was in the old one
+            finally:
+                self.lock.release()
+        except BaseException:
+            self.lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     # -- compression dictionaries ---------------------------------------------------------
     def _dictionary_due(self, codec: Any, timeout: Optional[float]) -> None:
@@ -470,75 +484,82 @@ class Store(Lifecycle):
         wait = lock.timeout if timeout is None else timeout
         now = time.monotonic()
         deadline = now + wait
-        lock.acquire(True, timeout)
         try:
-            self._look_at_directory(now)
-            attempt = remapped = 0
-            while True:
-                attempt += 1
-                self._taken = None
-                try:
-                    if self.state or self._replaced():
-                        self._reopen_locked(timeout)
-                    files = self._files_locked()
-                    # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
-                    files.table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
+            lock.acquire(True, timeout)
+            try:
+                self._look_at_directory(now)
+                attempt = remapped = 0
+                while True:
+                    attempt += 1
+                    self._taken = None
                     try:
-                        if files.room is not None:
-                            files.room.begin()
-                        txn = files.writer.begin() if native else files.env.begin(write=True)
-                        try:
-                            result = op(files, txn, *args)
-                        except BaseException:
-                            txn.abort()
-                            raise
-                        txn.commit()
-                    finally:
-                        files.table.leave_write()
-                except RecordTooLarge:  # (a ValueError too, but the caller's record, not damage)
-                    self._untake()
-                    raise
-                except (lmdb.MapFullError, lmdb.MapResizedError) as exc:  # nothing was written
-                    self._untake()
-                    remapped += 1
-                    failure = self._failure(exc)  # a grown file (MapResizedError) sets REOPEN
-                    if remapped > _MAP_RETRIES:
-                        raise failure from exc
-                    try:
-                        if isinstance(exc, lmdb.MapFullError):
-                            self._grow_map(timeout)
-                        else:
+                        if self.state or self._replaced():
                             self._reopen_locked(timeout)
-                    except OSError as err:
-                        raise CacheError(f"cache operation failed in {self.path}: {err}") from err
-                    continue
-                except DATA_ERRORS as exc:
-                    self._untake()
-                    failure = self._failure(exc)
-                    if attempt >= 2 or self.state != REBUILD:
-                        raise failure from exc
-                    continue
-                except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
-                    self._untake()
-                    try:
-                        self._stop_writemap(str(exc), timeout)
-                    except OSError as err:
-                        raise CacheError(f"cache operation failed in {self.path}: {err}") from err
-                    continue
-                except OSError as exc:  # a file vanished under a reopen, or a shortage
-                    self._untake()
-                    raise CacheError(f"cache operation failed in {self.path}: {exc}") from exc
-                except BaseException:
-                    self._untake()
-                    raise
-                if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
-                    try:
-                        files.env.sync(True)
-                    except lmdb.Error as exc:
-                        raise self._failure(exc) from exc
-                return result
-        finally:
-            lock.release()
+                        files = self._files_locked()
+                        # What is left of the caller's timeout (0 stays 0: bookkeeping never waits).
+                        files.table.enter_write(max(deadline - time.monotonic(), 0.0) if wait > 0 else 0.0)
+                        try:
+                            if files.room is not None:
+                                files.room.begin()
+                            txn = files.writer.begin() if native else files.env.begin(write=True)
+                            self._txn = txn  # for recover() (no signal is run between the two stores)
+                            try:
+                                result = op(files, txn, *args)
+                            except BaseException:
+                                self._txn = None
+                                txn.abort()
+                                raise
+                            self._txn = None
+                            txn.commit()
+                        finally:
+                            files.table.leave_write()
+                    except RecordTooLarge:  # (a ValueError too, but the caller's record, not damage)
+                        self._untake()
+                        raise
+                    except (lmdb.MapFullError, lmdb.MapResizedError) as exc:  # nothing was written
+                        self._untake()
+                        remapped += 1
+                        failure = self._failure(exc)  # a grown file (MapResizedError) sets REOPEN
+                        if remapped > _MAP_RETRIES:
+                            raise failure from exc
+                        try:
+                            if isinstance(exc, lmdb.MapFullError):
+                                self._grow_map(timeout)
+                            else:
+                                self._reopen_locked(timeout)
+                        except OSError as err:
+                            raise CacheError(f"cache operation failed in {self.path}: {err}") from err
+                        continue
+                    except DATA_ERRORS as exc:
+                        self._untake()
+                        failure = self._failure(exc)
+                        if attempt >= 2 or self.state != REBUILD:
+                            raise failure from exc
+                        continue
+                    except NoRoom as exc:  # nothing was written: retry with pwrite (once: it is off now)
+                        self._untake()
+                        try:
+                            self._stop_writemap(str(exc), timeout)
+                        except OSError as err:
+                            raise CacheError(f"cache operation failed in {self.path}: {err}") from err
+                        continue
+                    except OSError as exc:  # a file vanished under a reopen, or a shortage
+                        self._untake()
+                        raise CacheError(f"cache operation failed in {self.path}: {exc}") from exc
+                    except BaseException:
+                        self._untake()
+                        raise
+                    if self.force_sync:  # committed: a failed fsync must not re-apply the buffer
+                        try:
+                            files.env.sync(True)
+                        except lmdb.Error as exc:
+                            raise self._failure(exc) from exc
+                    return result
+            finally:
+                lock.release()
+        except BaseException:
+            lock.recover()  # a signal's exception may have escaped with the lock held (locking.py)
+            raise
 
     def _untake(self) -> None:
         taken, self._taken = self._taken, None

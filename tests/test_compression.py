@@ -121,11 +121,11 @@ def test_no_lock_is_held_while_compressing_or_decompressing(make_cache, monkeypa
     encode, decode = codec.Codec.encode, codec.Codec.decode
 
     def watched_encode(self, data, number=None):
-        held.append(("encode", lock.mutex.locked()))
+        held.append(("encode", lock.mutex._is_owned()))
         return encode(self, data, number)
 
     def watched_decode(self, enc, stored, load=None):
-        held.append(("decode", lock.mutex.locked()))
+        held.append(("decode", lock.mutex._is_owned()))
         return decode(self, enc, stored, load)
     monkeypatch.setattr(codec.Codec, "encode", watched_encode)
     monkeypatch.setattr(codec.Codec, "decode", watched_decode)
