@@ -1156,7 +1156,10 @@ cdef class Writer:
         if self._env == NULL:
             raise _lmdb.Error("the write environment is closed")
         if self._txn != NULL:
-            raise _lmdb.BadTxnError("a write transaction is already open")
+            # Writes are one at a time under the exclusive lock and the mutex, which the caller
+            # holds: a transaction still open here was left by a call a signal interrupted.
+            mdb_txn_abort(self._txn)
+            self._txn = NULL
         cdef int rc = mdb_txn_begin(self._env, NULL, 0, &self._txn)
         if rc != 0:
             self._txn = NULL

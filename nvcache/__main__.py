@@ -1,6 +1,6 @@
 """``python -m nvcache``: the same commands as the ``nvcache`` console script."""
 
-from .cli import main
+from .console import main
 
 if __name__ == "__main__":
     main()

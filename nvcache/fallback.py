@@ -548,6 +548,10 @@ class Writer:
     def begin(self) -> Any:
         return self.env.begin(write=True)
 
+    def abort(self) -> None:
+        """Nothing to do: a py-lmdb transaction that nobody holds any more aborts when freed (the
+        compiled Writer keeps its own, which an interrupted store aborts here)."""
+
     def close(self) -> None:
         self.env = None
 

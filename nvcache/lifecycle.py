@@ -478,13 +478,19 @@ class Lifecycle:
         interrupted call left open (the next write would begin another on the same environment),
         and clear the readers table's writer flag it left raised."""
         txn, self._txn = self._txn, None
+        files = self.files
         try:
             if txn is not None:
                 txn.abort()
         finally:
-            files = self.files
-            if files is not None:
-                files.table.abandon_write(self.lock.fd)
+            try:
+                # A signal may land between the writer's begin() and the store's note of it: the
+                # compiled writer's own transaction would then stay open without this.
+                if files is not None and files.writer is not None:
+                    files.writer.abort()
+            finally:
+                if files is not None:
+                    files.table.abandon_write(self.lock.fd)
 
     def buffer_summary(self) -> str:
         buf = self.buffer

@@ -501,13 +501,17 @@ class Store(Lifecycle):
                         try:
                             if files.room is not None:
                                 files.room.begin()
-                            txn = files.writer.begin() if native else files.env.begin(write=True)
-                            self._txn = txn  # for recover() (no signal is run between the two stores)
+                            txn = None
                             try:
+                                txn = files.writer.begin() if native else files.env.begin(write=True)
+                                self._txn = txn  # for recover()
                                 result = op(files, txn, *args)
                             except BaseException:
                                 self._txn = None
-                                txn.abort()
+                                if txn is not None:
+                                    txn.abort()
+                                elif native:  # a signal as begin() returned: the compiled writer holds
+                                    files.writer.abort()  # its own (a py-lmdb one aborts when freed)
                                 raise
                             self._txn = None
                             txn.commit()

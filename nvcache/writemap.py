@@ -17,12 +17,13 @@ import os
 import struct
 from typing import Callable
 
-# The map grows with the file: it starts at MAP_MARGIN (or the limit, if smaller), doubles
+# The map grows with the file: it starts at FIRST_MAP (or the limit, if smaller), doubles
 # when a write finds it full, and stops doubling at map_limit(bound). Under the write map
 # LMDB makes data.mdb as long as the map, so `ls -l` and copy tools that do not keep holes
-# see at most the limit: 2 x the bound + 64 MiB (churn measured 1.7 x at 64 MiB and 2.6 x at
-# 16 MiB, reservations included; DEVELOPERS.md). Past the limit the map grows by a quarter
+# see at most twice what the cache has needed, and never more than the limit: 2 x the bound
+# + 64 MiB (DEVELOPERS.md has the churn figures). Past the limit the map grows by a quarter
 # at a time, logged, so that a put still never fails for want of address space.
+FIRST_MAP = 8 << 20
 MAP_MARGIN = 64 << 20
 _MAP_STEP = 1 << 20  # map sizes are whole MiB
 
@@ -38,7 +39,7 @@ def map_limit(bound: int) -> int:
 
 def first_map_size(bound: int) -> int:
     """The map a new cache starts with."""
-    return min(MAP_MARGIN, map_limit(bound))
+    return min(FIRST_MAP, map_limit(bound))
 
 
 def grown_map_size(current: int, bound: int) -> int:

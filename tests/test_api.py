@@ -738,8 +738,8 @@ def test_a_new_caches_file_is_short_whatever_its_bound(Cache, cache_dir, max_mb)
         bound = cache.max_bytes
     assert bound == int(max_mb * MiB)
     data = os.path.join(format_dir(cache_dir), "data.mdb")
-    assert _committed_map_size(data) == writemap.first_map_size(bound) == 64 * MiB
-    assert os.path.getsize(data) <= 64 * MiB
+    assert _committed_map_size(data) == writemap.first_map_size(bound) == 8 * MiB
+    assert os.path.getsize(data) <= 8 * MiB
 
 
 def test_planted_data_symlink_is_replaced_not_followed(Cache, cache_dir, tmp_path):

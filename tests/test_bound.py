@@ -149,22 +149,22 @@ def test_resize_evicts_down_to_the_new_bound_at_once(Cache, cache_dir):
 
 
 def test_a_grown_file_is_reopened_by_processes_that_mapped_it_shorter(Cache, cache_dir, core_env):
-    """A peer maps the 64 MiB file; this process writes 96 MiB, growing the map past it. The peer's
+    """A peer maps the new 8 MiB file; this process writes 24 MiB, growing the map past it. The peer's
     next read and its next write meet the longer file (MapResizedError in LMDB) and go on."""
     peer = Peer(cache_dir, 200, core_env)
     try:
         assert peer.ask("put 1 1000") is True
         assert peer.ask("stats")["map_size"] == writemap.first_map_size(200 * MiB)
         with Cache(cache_dir, 200) as cache:
-            for i in range(100, 196):  # 96 MiB, incompressible
+            for i in range(100, 124):  # 24 MiB, incompressible
                 assert cache.put(f"sha256:{i:064d}", incompressible(MiB, i))
             grown = cache._store.files.map_size
         assert writemap.first_map_size(200 * MiB) < grown <= writemap.map_limit(200 * MiB)
-        assert peer.ask(f"get 195 {MiB}") is True  # a read past its old map
+        assert peer.ask(f"get 123 {MiB}") is True  # a read past its old map
         assert peer.ask("put 2 1000") is True  # a write past it
         stats = peer.ask("stats")
-        assert stats["map_size"] >= grown and stats["record_count"] == 98
-        assert all(peer.ask(f"get {i} {MiB}") for i in range(100, 196))
+        assert stats["map_size"] >= grown and stats["record_count"] == 26
+        assert all(peer.ask(f"get {i} {MiB}") for i in range(100, 124))
     finally:
         peer.close()
     assert os.path.getsize(os.path.join(format_dir(cache_dir), "data.mdb")) <= writemap.map_limit(200 * MiB)

@@ -96,6 +96,7 @@ def campaign(path: str, env: Dict[str, str], rounds: int, seed: int, unstick: bo
         "stuck": len(stuck),
         "stuck_kinds": sorted({k for r in stuck for k in r["stuck"]}),
         "stuck_where": sorted({r["where"] for r in stuck}),
+        "stuck_details": [r["stuck"] for r in stuck][:3],
         "unstuck_by_hand": sum(1 for r in stuck if r.get("after_unstick") == {}),
         "worker_errors": final["errors"],
         "worker_first_errors": final["first_errors"],

@@ -184,6 +184,10 @@ def test_the_cli_extra_adds_a_working_command(venv: str, wheel: str, tmp_path: A
         with nvcache.LayerCache({cache!r}, 1) as cache:
             assert cache.put("sha256:" + "ef" * 32, b"record")
         """, str(tmp_path))
+    bare = subprocess.run([os.path.join(venv, "bin", "nvcache"), "--path", cache, "stat"], capture_output=True,
+                          text=True, cwd=str(tmp_path))  # without the extra: one line says what to install
+    assert bare.returncode == 1 and "pip install 'nvcache[cli]'" in bare.stderr, bare.stderr
+    assert "Traceback" not in bare.stderr
     _run([sys.executable, "-m", "pip", "--python", os.path.join(venv, "bin", "python"), "install", "-q",
           "--disable-pip-version-check", wheel + "[cli]"], "pip install of the wheel's [cli] extra")
     env = dict(os.environ, MAX_CACHE_RECORD_MB="1")
