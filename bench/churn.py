@@ -69,13 +69,14 @@ def run_churn(path: str, core: str = "ext", bound_mb: float = 64, factor: float 
     ``max_file`` is the largest disk use of data.mdb seen (allocated blocks, capped by its size).
     """
     from nvcache import CacheError
+    from nvcache.cachedir import format_dir
 
     rng = random.Random(seed)
     bound = int(bound_mb * MiB)
     blob = random.Random(seed + 1).randbytes(SIZE_BANDS[-1][2] + MiB)
     cls = cache_class(core)
     cache = cls(path, bound_mb)
-    data_file = os.path.join(path, "data.mdb")
+    data_file = os.path.join(format_dir(path), "data.mdb")
     target = int(factor * bound)
     step = max(target // samples, 1)
     recent: List[str] = []

@@ -94,7 +94,8 @@ def _writemap_child(phase: str, writemap: bool, n: int, path: str) -> Dict[str, 
         puts.append((time.perf_counter_ns() - t0) / 1000)
     problems = cache.verify()
     peer.close()
-    st = os.stat(os.path.join(path, "data.mdb"))
+    from nvcache.cachedir import format_dir
+    st = os.stat(os.path.join(format_dir(path), "data.mdb"))
     return {"writemap": writemap, "records": n, "put_evict_us": statistics.median(puts) / 1000,
             "apply_per_key_us": statistics.median(apply) / 1000,
             "get_hit_median_us": statistics.median(lat) / 1000, "get_hit_mean_us": statistics.mean(lat) / 1000,

@@ -1,6 +1,8 @@
 """The cache directory's files and marks, apart from LMDB's data.mdb itself.
 
-A directory holds ``data.mdb`` (LMDB), ``version`` (the format, JSON),
+The cache path holds one directory per format, ``<path>/v<FORMAT_VERSION>``
+(:func:`format_dir`; older formats are removed once unused, see
+:mod:`nvcache.formats`). A format directory holds ``data.mdb`` (LMDB), ``version`` (the format, JSON),
 ``readers`` (the readers table, :mod:`nvcache.locking`), ``users`` (every
 process using the cache holds a shared flock on it, so the first opener
 knows it is alone) and ``clean`` (data.mdb's identity and mtime when its
@@ -28,10 +30,12 @@ log = logging.getLogger("nvcache")
 # 2: record bytes in chunks of at most 64 KiB; 3: the readers table; 4: size and checksum in front
 # of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots;
 # 6: a birth stamp (born_ns) in the idx header and in front of chunk 0, so buffered references
-# apply only to the record they were counted against
-FORMAT_VERSION = 6
-FORMAT_DESCRIPTION = ("nvcache LMDB layout: idx (with birth), dat (chunked, size+checksum+birth first), lru, "
-                      "meta; readers table")
+# apply only to the record they were counted against; 7: records may be zstd-compressed (written under 6
+# by session 6, which a raw-only format-6 release reads as damaged), and the files live in <path>/v7/
+FORMAT_VERSION = 7
+FORMAT_DIR = f"v{FORMAT_VERSION}"  # this format's directory in the cache path: the one place it is named
+FORMAT_DESCRIPTION = ("nvcache LMDB layout: idx (with birth), dat (chunked, size+checksum+birth first, raw or "
+                      "zstd), lru, meta; readers table")
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"
@@ -60,6 +64,17 @@ def prepare_directory(path: str) -> None:
         raise CacheError(f"cache path {path} is not a directory")
     if st.st_uid not in (os.geteuid(), 0):
         raise CacheError(f"cache directory {path} is owned by uid {st.st_uid}, not by this user or root")
+
+
+def format_dir(path: str) -> str:
+    """This format's directory in the cache path ``path``: where every file of the cache is."""
+    return os.path.join(path, FORMAT_DIR)
+
+
+def prepare_format_directory(directory: str) -> None:
+    """Create (0o750) or check the format directory ``directory`` and the cache path holding it."""
+    prepare_directory(os.path.dirname(directory))
+    prepare_directory(directory)
 
 
 def read_version(path: str) -> Optional[int]:

@@ -6,7 +6,7 @@ same layout and row order. Everything goes through :class:`LayerCache`'s
 public API.
 
 Read-only commands never create a cache: a path without ``version`` and
-``data.mdb`` is reported like the seed reports a scanner without a cache
+``data.mdb`` in this format's directory (``<path>/v<N>``) is reported like the seed reports a scanner without a cache
 (``None`` values), through a disabled ``LayerCache`` (bound 0), which
 touches nothing on disk. They open a cache with ``repair=False``: a damaged
 one is reported (exit status 1, the damage on stderr) and left byte for
@@ -33,14 +33,15 @@ from prettytable import PrettyTable
 from . import __version__
 from .cache import DEFAULT_PATH, LayerCache, _mib_text, parse_mib
 from .controller import STAT_FIELDS, controller_stat
+from .cachedir import DATA_FILE, FORMAT_DIR
 from .errors import CacheDamaged, CacheError
+from .formats import note_for
 from .importtarget import has_cache, import_into
 from .seedfmt import SeedFormatError, export_seed
 
 SHOW_COLUMNS = ("layer_id", "size", "reference_count", "last_referred")
 # Natural direction per sort key: the next victim, the biggest, the most used first.
 SORT_DESCENDING = {"last_referred": False, "layer_id": False, "size": True, "reference_count": True}
-DATA_FILE = "data.mdb"
 SEED_INDEX = "cacher.json"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -152,6 +153,8 @@ def open_cache(path: str, repair: bool = False) -> Iterator[LayerCache]:
                         path, path)
         else:
             log.info("no nvcache cache at %s", path)
+        if note_for(path):
+            log.warning("%s", note_for(path))
     cache = LayerCache(path, None if found else 0, repair=repair)
     try:
         yield cache
@@ -286,7 +289,7 @@ def verify(settings: Settings) -> None:
     is (`nvcache repair` fixes it).
     """
     if not has_cache(settings.path):
-        click.echo(f"no nvcache cache at {settings.path} (its version or {DATA_FILE} is missing)")
+        click.echo(f"no nvcache cache at {settings.path} (no {FORMAT_DIR}/version or {FORMAT_DIR}/{DATA_FILE})")
         sys.exit(1)
     # Read-only: damage found while opening is CacheDamaged (_friendly: stderr, exit status 1).
     with open_cache(settings.path) as cache:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .cache import LayerCache
-from .cachedir import DATA_FILE
+from .cachedir import DATA_FILE, format_dir
 from .cli import Settings, _friendly, cli, log, pass_settings
 from .errors import CacheError
 from .importtarget import has_cache
@@ -56,7 +56,7 @@ class CacheCollector:
                     return None
                 stats = cache.stats()
                 evictions = cache.evictions() or 0
-                st = os.stat(os.path.join(self.path, DATA_FILE))
+                st = os.stat(os.path.join(format_dir(self.path), DATA_FILE))
                 size = min(st.st_size, st.st_blocks * 512)  # on disk: with a write map the file is sparse
                 return stats, evictions, cache.max_bytes, size
             except (CacheError, OSError) as exc:

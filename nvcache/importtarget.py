@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 import lmdb
 
 from .cache import DEFAULT_MB, LayerCache, _bound
-from .cachedir import CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION, USERS_FILE, VERSION_FILE, read_version
+from .cachedir import (CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_DIR, FORMAT_VERSION, USERS_FILE, VERSION_FILE,
+                       format_dir, read_version)
 from .errors import CacheError
 from .locking import READERS_FILE, FileLock
 from .opening import CORRUPTION_ERRORS
@@ -35,18 +36,20 @@ from .seedfmt import ImportResult, import_seed
 
 log = logging.getLogger("nvcache.importtarget")
 
-# What opening a cache may create in its directory (the directory lock is the directory itself).
+# What opening a cache may create in its format directory (the directory lock is the directory itself).
 CACHE_FILES = frozenset({DATA_FILE, VERSION_FILE, USERS_FILE, CLEAN_FILE, READERS_FILE})
 
 
 def has_cache(path: str) -> bool:
-    """Whether ``path`` holds an nvcache cache (both ``version`` and ``data.mdb``).
+    """Whether the cache path ``path`` holds a cache of this format (both ``version`` and ``data.mdb``
+    in its format directory, ``<path>/v<FORMAT_VERSION>``; an older release's files are not one).
 
     False only when there is none there. A path this process cannot look
     into (permissions), or one that is not a directory, raises CacheError
     saying which: "no cache" would be a wrong diagnosis.
     """
-    for where in (path, os.path.join(path, VERSION_FILE), os.path.join(path, DATA_FILE)):
+    directory = format_dir(path)
+    for where in (path, directory, os.path.join(directory, VERSION_FILE), os.path.join(directory, DATA_FILE)):
         try:
             st = os.stat(where)
         except FileNotFoundError:
@@ -58,8 +61,8 @@ def has_cache(path: str) -> bool:
             raise CacheError(f"{path} is not a directory (a cache is a directory)") from None
         except OSError as exc:
             raise CacheError(f"cannot look into {path}: {exc.strerror or exc}") from None
-        if where == path and not stat.S_ISDIR(st.st_mode):
-            raise CacheError(f"{path} is not a directory (a cache is a directory)")
+        if where in (path, directory) and not stat.S_ISDIR(st.st_mode):
+            raise CacheError(f"{where} is not a directory (a cache is a directory, its files in {FORMAT_DIR}/)")
     return True
 
 
@@ -94,7 +97,7 @@ class ReadOnlyCache:
         if not os.path.isdir(path) or not has_cache(path):
             self.note = f"no nvcache cache at {path}: it counts as empty"
             return
-        self._lock = FileLock(path, self.lock_timeout)
+        self._lock = FileLock(format_dir(path), self.lock_timeout)
         try:
             self._with_lock(self._open)
         except BaseException:
@@ -235,9 +238,9 @@ def import_into(src: str, path: str, max_mb: Optional[float], *, skip_missing: b
 
 # -- undoing a created cache ----------------------------------------------------------------
 def existing(path: str) -> Tuple[Optional[Set[str]], List[str]]:
-    """What is at ``path`` before a cache is opened there: its entries (None: no directory) and
-    the directories ``os.makedirs`` would create for it, deepest first."""
-    path = os.path.abspath(path)
+    """What is at the cache path ``path`` before a cache is opened there: its format directory's
+    entries (None: no directory) and the directories opening would create, deepest first."""
+    path = format_dir(os.path.abspath(path))
     missing: List[str] = []
     probe = path
     while not os.path.lexists(probe):
@@ -261,7 +264,7 @@ def remove_created(path: str, before: Tuple[Optional[Set[str]], List[str]]) -> L
     Left alone, with a warning, when another process has joined the cache
     meanwhile (it holds ``users``): its records are not ours to remove.
     """
-    path = os.path.abspath(path)
+    path = format_dir(os.path.abspath(path))
     entries, made_dirs = before
     removed: List[str] = []
     users = os.path.join(path, USERS_FILE)

@@ -22,9 +22,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import lmdb
 
-from . import deepcheck
+from . import deepcheck, formats
 from .cachedir import (CLEAN_FILE, DATA_FILE, MARK_BOOT, USERS_FILE, claim_users, closed_cleanly,
-                       consume_clean_mark, file_mark, last_user, mark_clean, prepare_directory, write_atomically)
+                       consume_clean_mark, file_mark, format_dir, last_user, mark_clean, prepare_directory,
+                       prepare_format_directory, write_atomically)
 from .errors import CacheDamaged, CacheError, CacheTimeout
 from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
 from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
@@ -88,7 +89,7 @@ class Lifecycle:
         self._users_ident: Tuple[int, int] = (-1, -1)  # the directory whose users we joined
         self._suspect = False  # verify() found problems: no clean mark, so the next first opener checks
         self._users_fd = -1
-        self.lock = FileLock(path, lock_timeout)
+        self.lock = FileLock(format_dir(path), lock_timeout)  # this format's directory in the path
         self.lock.on_recover = self._abandon_write
         try:
             self._users_fd = open_lock_file(os.path.join(self.lock.dir, USERS_FILE))
@@ -96,6 +97,8 @@ class Lifecycle:
             self._users_ident = self.lock.ident
             self._first_open(deepcheck.FirstOpenCheck(self.lock.dir, self._deep_check, self.repair)
                              if first else None)
+            if self.repair:  # (a reader changes nothing on disk, an older format's files included)
+                formats.remove_unused(path)  # an older release's cache nobody uses any more (never raises)
         except BaseException as exc:
             self._close_files()
             self.lock.close()
@@ -336,7 +339,7 @@ class Lifecycle:
         data.mdb), and this process joins the new directory's users; if it is
         their first, the new cache gets the first opener's check.
         """
-        if not self.lock.rebind(prepare_directory if self.repair else existing_directory, timeout):
+        if not self.lock.rebind(prepare_format_directory if self.repair else existing_directory, timeout):
             return None  # the path names our directory again: nothing to follow
         log.warning("cache directory %s was removed or replaced under this process; "
                     "using the cache found there now", self.path)

@@ -23,7 +23,7 @@ import threading
 from types import ModuleType
 from typing import List, Optional, Tuple
 
-from .cachedir import DATA_FILE, VERSION_FILE, prepare_directory
+from .cachedir import DATA_FILE, VERSION_FILE, format_dir, prepare_format_directory
 from .errors import CacheError
 from .locking import fork_generation
 from .lifecycle import REOPEN, existing_directory
@@ -59,7 +59,8 @@ def _exists(path: str) -> bool:
 
 def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_timeout: float,
             repair: bool = True) -> Store:
-    """The store of the directory ``path`` (created 0o750 when missing), with one more user.
+    """The store of the cache path ``path`` (created 0o750 when missing, with this format's
+    directory in it), with one more user.
 
     ``repair=False``: nothing is created, and a new store only reads (see Lifecycle.repair). One
     store serves every cache of the path in the process: when a repair=True cache joins a store
@@ -67,13 +68,14 @@ def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_tim
     follow its own ``repair``).
     """
     if repair:
-        prepare_directory(path)
+        prepare_format_directory(format_dir(path))
     else:
         existing_directory(path)
-        if not any(_exists(os.path.join(path, name)) for name in (VERSION_FILE, DATA_FILE)):
+        if not any(_exists(os.path.join(format_dir(path), name)) for name in (VERSION_FILE, DATA_FILE)):
             raise CacheError(f"no nvcache cache in {path} (a cache opened with repair=False creates none)")
+        existing_directory(format_dir(path))
     try:
-        st = os.stat(path)
+        st = os.stat(format_dir(path))
     except OSError as exc:  # removed again right after it was made
         raise CacheError(f"cannot use cache directory {path}: {exc.strerror}") from None
     with _lock:

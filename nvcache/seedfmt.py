@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 from . import codec
 from .cache import LayerCache
 from .errors import CacheError
+from .formats import holds_nvcache
 
 if TYPE_CHECKING:
     from .importtarget import ReadOnlyCache
@@ -256,7 +257,7 @@ def read_index(src: str, skip_missing: bool = False, skip_damaged: bool = False)
     if not os.path.isdir(src):
         raise SeedFormatError(f"{src} is not a directory")
     index_path = os.path.join(src, INDEX_FILE)
-    if not os.path.exists(index_path) and os.path.exists(os.path.join(src, "data.mdb")):
+    if not os.path.exists(index_path) and holds_nvcache(src):
         raise SeedFormatError(f"{src} is an nvcache cache, not the seed scanner's layout")
     version = _read_json(os.path.join(src, VERSION_FILE), "version file")
     if not isinstance(version, dict) or version.get("version") != SEED_VERSION["version"]:
@@ -532,7 +533,7 @@ def _prepare_destination(dst: str, force: bool) -> bool:
     if not os.path.isdir(dst):
         raise SeedFormatError(f"{dst} exists and is not a directory")
     entries = set(os.listdir(dst))
-    if "data.mdb" in entries:
+    if holds_nvcache(dst):
         raise SeedFormatError(f"{dst} holds an nvcache cache; export to the seed layout elsewhere")
     if entries - {INDEX_FILE, REF_DIR, LOCK_FILE, VERSION_FILE, "data"}:
         raise SeedFormatError(f"{dst} is not empty and does not look like a seed cache directory")

@@ -29,6 +29,7 @@ import traceback
 
 import nvcache
 from nvcache import CacheError, CacheTimeout, locking
+from nvcache.cachedir import format_dir
 
 PACKAGE = os.path.dirname(os.path.abspath(nvcache.__file__))
 MAX_MB = 1.0
@@ -120,7 +121,7 @@ class Worker:
         t.join()
         if "err" in box:
             out["thread"] = box["err"]
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(format_dir(self.path), os.O_RDONLY | os.O_DIRECTORY)  # the lock: the format directory
         try:
             def free() -> bool:
                 try:
@@ -134,7 +135,7 @@ class Worker:
         finally:
             os.close(fd)
         try:
-            tfd = os.open(os.path.join(self.path, locking.READERS_FILE), os.O_RDONLY)
+            tfd = os.open(os.path.join(format_dir(self.path), locking.READERS_FILE), os.O_RDONLY)
         except FileNotFoundError:
             tfd = -1
         if tfd >= 0:

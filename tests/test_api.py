@@ -15,6 +15,7 @@ import pytest
 import nvcache
 import nvcache.cachedir
 from nvcache import CacheError, CacheFull, RecordTooLarge
+from nvcache.cachedir import format_dir
 from payloads import incompressible
 
 MiB = 1024 * 1024
@@ -585,7 +586,7 @@ def test_reopen_keeps_records_and_counts(Cache, cache_dir):
 def test_bad_version_empties_with_warning(Cache, cache_dir, caplog):
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
-    vfile = os.path.join(cache_dir, "version")
+    vfile = os.path.join(format_dir(cache_dir), "version")
     assert json.load(open(vfile))["version"] == nvcache.cachedir.FORMAT_VERSION
     for content in ('{"version": 0, "description": "initial implementation"}', "garbage", None):
         if content is None:
@@ -616,7 +617,7 @@ def test_corrupt_data_file_is_rebuilt_at_open(Cache, cache_dir, caplog):
     with Cache(cache_dir, 1) as cache:
         for i in range(50):
             cache.put(lid(i), os.urandom(500))
-    with open(os.path.join(cache_dir, "data.mdb"), "r+b") as f:
+    with open(os.path.join(format_dir(cache_dir), "data.mdb"), "r+b") as f:
         f.write(os.urandom(3 * 4096))  # both meta pages and the first data page
     with caplog.at_level(logging.WARNING, logger="nvcache"):
         with Cache(cache_dir, 1) as cache:
@@ -634,7 +635,7 @@ def tamper(cache_dir: str, db: str, key: bytes, value: bytes) -> None:
         "env = lmdb.Environment(d, max_dbs=4, lock=False, map_size=1 << 36)\n"
         "h = env.open_db(db, create=False)\n"
         "with env.begin(write=True) as t: t.put(k, v, db=h)\n")
-    subprocess.run([sys.executable, "-c", code, cache_dir, db, key.hex(), value.hex()], check=True)
+    subprocess.run([sys.executable, "-c", code, format_dir(cache_dir), db, key.hex(), value.hex()], check=True)
 
 
 def _stored_born(cache, layer_id: str) -> bytes:
@@ -699,10 +700,10 @@ def test_deep_check_policy_at_first_open(Cache, cache_dir, monkeypatch):
     assert calls == [1]
     monkeypatch.setattr(deepcheck, "ALWAYS_CHECK_BYTES", 0)  # as if the file were large
     with Cache(cache_dir, 1) as cache:  # clean mark matches: trusted, and consumed at open
-        assert not os.path.exists(os.path.join(cache_dir, "clean"))
+        assert not os.path.exists(os.path.join(format_dir(cache_dir), "clean"))
         assert cache.get(DIGEST) == b"r"
     assert calls == [1]
-    assert os.path.exists(os.path.join(cache_dir, "clean"))  # rewritten by the clean close
+    assert os.path.exists(os.path.join(format_dir(cache_dir), "clean"))  # rewritten by the clean close
     with Cache(cache_dir, 1):
         second = Cache(cache_dir, 1)  # not the first opener in this process: no check either
         second.close()
@@ -736,7 +737,7 @@ def test_a_new_caches_file_is_short_whatever_its_bound(Cache, cache_dir, max_mb)
         assert cache.put(DIGEST, b"r")  # a commit, which rewrites a meta page
         bound = cache.max_bytes
     assert bound == int(max_mb * MiB)
-    data = os.path.join(cache_dir, "data.mdb")
+    data = os.path.join(format_dir(cache_dir), "data.mdb")
     assert _committed_map_size(data) == writemap.first_map_size(bound) == 8 * MiB
     assert os.path.getsize(data) <= 8 * MiB
 
@@ -746,7 +747,7 @@ def test_planted_data_symlink_is_replaced_not_followed(Cache, cache_dir, tmp_pat
         cache.put(DIGEST, b"r")
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    data = os.path.join(cache_dir, "data.mdb")
+    data = os.path.join(format_dir(cache_dir), "data.mdb")
     os.unlink(data)
     os.symlink(victim, data)
     with Cache(cache_dir, 1) as cache:
@@ -770,7 +771,7 @@ def test_opener_that_dies_leaves_no_clean_mark(Cache, cache_dir, monkeypatch):
     monkeypatch.setattr(deepcheck, "ALWAYS_CHECK_BYTES", 0)  # large-file policy: trust a matching mark
     with Cache(cache_dir, 1) as cache:
         cache.put(DIGEST, b"r")
-    assert os.path.exists(os.path.join(cache_dir, "clean"))
+    assert os.path.exists(os.path.join(format_dir(cache_dir), "clean"))
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child: opens alone, then dies without closing
         opened = Cache(cache_dir, 1)  # kept referenced: no close before the exit
@@ -797,7 +798,7 @@ def test_a_full_map_grows_and_every_put_is_stored(Cache, cache_dir, monkeypatch)
         assert cache._store.files.map_size >= 4 * MiB and cache.verify() == []
         assert all(cache.get(lid(i)) == incompressible(3000, i % 256) for i in range(1000))
         assert cache.stats()["record_count"] == 1000
-        assert os.path.getsize(os.path.join(cache_dir, "data.mdb")) <= writemap.map_limit(cache.max_bytes)
+        assert os.path.getsize(os.path.join(format_dir(cache_dir), "data.mdb")) <= writemap.map_limit(cache.max_bytes)
     finally:
         cache.close()
 

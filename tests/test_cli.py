@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nvcache import LayerCache
 from nvcache.cli import cli, stat_table
+from nvcache.cachedir import format_dir
 from payloads import incompressible
 
 # The controller's `show scan cache-stat` output, from the reference page.
@@ -146,7 +147,7 @@ def _record_bound(path: str, max_bytes: int) -> None:
     """Write a bound into the file's meta database directly (no process has the cache open)."""
     import lmdb
     import struct
-    env = lmdb.open(path, max_dbs=4, lock=False, map_size=1 << 30)
+    env = lmdb.open(format_dir(path), max_dbs=4, lock=False, map_size=1 << 30)
     try:
         with env.begin(write=True) as txn:
             txn.put(b"bound", struct.pack("<Q", max_bytes), db=env.open_db(b"meta", txn=txn))
@@ -182,15 +183,15 @@ def test_resize_sets_the_bound_every_process_obeys(filled):
 
 
 def test_verify_reports_damage_and_leaves_it_repair_rebuilds(filled):
-    with open(os.path.join(filled, "data.mdb"), "r+b") as f:
+    with open(os.path.join(format_dir(filled), "data.mdb"), "r+b") as f:
         f.write(b"\xff" * 8192)  # both LMDB meta pages
-    with open(os.path.join(filled, "data.mdb"), "rb") as f:
+    with open(os.path.join(format_dir(filled), "data.mdb"), "rb") as f:
         damaged = f.read(3 * 4096)
     result = run(["--path", filled, "verify"])
     assert result.exit_code == 1
     assert "is damaged" in result.stderr and "deep check at first open: a damaged page" in result.stderr
     assert "repair` fixes it" in result.stderr
-    with open(os.path.join(filled, "data.mdb"), "rb") as f:
+    with open(os.path.join(format_dir(filled), "data.mdb"), "rb") as f:
         assert f.read(3 * 4096) == damaged  # read-only: not rebuilt (tests/test_repair.py hashes every file)
     repaired = run(["--path", filled, "repair"])
     assert repaired.exit_code == 0 and "at open: emptying cache" in repaired.stdout
@@ -348,7 +349,7 @@ def test_metrics_exposition_parses_back(cache_dir):
         "nvcache_records": 4.0,
         "nvcache_record_bytes": 2000.0,
         "nvcache_bound_bytes": float(int(0.002 * 1024 * 1024)),
-        "nvcache_data_file_bytes": float(_on_disk(os.path.join(cache_dir, "data.mdb"))),
+        "nvcache_data_file_bytes": float(_on_disk(os.path.join(format_dir(cache_dir), "data.mdb"))),
     }
     assert (stats["cache_hits"], stats["cache_misses"]) == (1, 1)
     families = {f.name: f.type for f in text_string_to_metric_families(result.stdout)}
@@ -419,7 +420,7 @@ def test_simulate_uses_a_fresh_directory_by_default(tmp_path, monkeypatch):
     result = run(["--path", str(chosen), "simulate", "-p", "1", "--images", "4", "--layers", "12", "--scans", "5",
                   "--no-progress", "--json"])
     assert json.loads(result.stdout)["path"] == str(chosen)
-    assert (chosen / "data.mdb").is_file()
+    assert os.path.isfile(os.path.join(format_dir(str(chosen)), "data.mdb"))
 
 
 # -- the real console script ----------------------------------------------------------------------

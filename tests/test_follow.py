@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from nvcache.cachedir import format_dir
 from test_removal import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
 
 CHILD = r"""
@@ -102,7 +103,7 @@ def test_a_directory_removed_during_the_first_openers_walk_is_left_for_the_new_o
         z = subprocess.Popen([sys.executable, "-c", WRITER, path, "3000"], env=core_env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while not os.path.exists(os.path.join(path, "version")) and time.monotonic() < deadline:
+        while not os.path.exists(os.path.join(format_dir(path), "version")) and time.monotonic() < deadline:
             time.sleep(0.005)  # Z has made its cache and is writing
         x.stdin.write("go\n")  # X's walk ends: it opens and writes while Z writes
         x.stdin.flush()
@@ -156,7 +157,7 @@ def test_two_threads_closing_caches_of_one_path_close_the_store_once(Cache, cach
     a = Cache(cache_dir, 1, lock_timeout=20)
     a.put("sha256:a", b"A")
     assert a.get("sha256:a") == b"A"  # a buffered hit: the last close must flush it
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, cache_dir], env=core_env,
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, format_dir(cache_dir)], env=core_env,
                               stdout=subprocess.PIPE, text=True)
     errors = []
 

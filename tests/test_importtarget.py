@@ -7,6 +7,7 @@ Over both cores (``Cache``), plus the CLI (package core). Each test compares the
 
 import hashlib
 import os
+import stat
 from typing import Any, Dict, Optional, Tuple
 
 import pytest
@@ -16,6 +17,7 @@ from nvcache import CacheError
 from nvcache.cli import cli
 from nvcache.importtarget import ReadOnlyCache, existing, import_into, remove_created
 from nvcache.seedfmt import SeedFormatError
+from nvcache.cachedir import FORMAT_DIR, format_dir
 
 from test_seedfmt import RECORDS, build_seed
 from payloads import incompressible
@@ -28,6 +30,8 @@ def listing(path: str) -> Optional[Dict[str, Tuple[int, int, str]]]:
     """Every entry of ``path``: (size, mtime_ns, digest of its bytes, '' for a directory); None if absent.
 
     data.mdb is sparse under the write map (64 GiB): its first 4 MiB hold every page of these caches.
+    Directories are listed too, their entries as ``<dir>/<name>`` (the cache's files are in its
+    format directory).
     """
     if not os.path.lexists(path):
         return None
@@ -40,6 +44,8 @@ def listing(path: str) -> Optional[Dict[str, Tuple[int, int, str]]]:
             with open(full, "rb") as f:
                 digest = hashlib.sha256(f.read(4 << 20)).hexdigest()
         out[name] = (st.st_size, st.st_mtime_ns, digest)
+        if stat.S_ISDIR(st.st_mode):
+            out.update({f"{name}/{sub}": entry for sub, entry in (listing(full) or {}).items()})
     return out
 
 
@@ -62,7 +68,7 @@ def test_the_view_reads_a_cache_without_changing_a_byte(Cache, core, cache_dir):
         cache.get("sha256:" + "9" * 64)
         stats = cache.stats()
     before = listing(cache_dir)
-    assert "clean" in before  # closed cleanly: a LayerCache opening it would consume the mark
+    assert f"{FORMAT_DIR}/clean" in before  # closed cleanly: a LayerCache opening it would consume the mark
     with ReadOnlyCache(cache_dir, 1, core=core) as view:
         assert view.enabled and view.note is None
         assert view.contains(RECORDS[0][0]) and not view.contains(RECORDS[1][0])
@@ -90,7 +96,7 @@ def test_the_view_of_no_cache_is_empty_and_creates_nothing(core, tmp_path):
 def test_the_view_of_an_older_format_is_what_the_import_would_start_from(Cache, core, cache_dir):
     with Cache(cache_dir, 1) as cache:
         cache.put(RECORDS[0][0], b"held")
-    with open(os.path.join(cache_dir, "version"), "w") as f:
+    with open(os.path.join(format_dir(cache_dir), "version"), "w") as f:
         f.write('{"version": 1}')
     before = listing(cache_dir)
     with ReadOnlyCache(cache_dir, 1, core=core) as view:
@@ -102,7 +108,7 @@ def test_the_view_of_an_older_format_is_what_the_import_would_start_from(Cache, 
 def test_the_view_of_damaged_files_is_empty_and_they_stay_damaged(Cache, core, cache_dir):
     with Cache(cache_dir, 1) as cache:
         cache.put(RECORDS[0][0], b"held")
-    with open(os.path.join(cache_dir, "data.mdb"), "r+b") as f:
+    with open(os.path.join(format_dir(cache_dir), "data.mdb"), "r+b") as f:
         f.write(b"\xff" * 8192)  # both LMDB meta pages
     before = listing(cache_dir)
     with ReadOnlyCache(cache_dir, 1, core=core) as view:
@@ -225,15 +231,15 @@ def test_a_failed_import_into_an_existing_cache_keeps_it(Cache, seed, cache_dir)
 def test_remove_created_leaves_a_cache_someone_uses(Cache, tmp_path):
     target = str(tmp_path / "nv")
     before = existing(target)
-    assert before == (None, [target])
+    assert before == (None, [format_dir(target), target])
     cache = Cache(target, 1)  # holds the cache's users file, as any process using it does
     try:
         assert remove_created(target, before) == []
-        assert os.path.isfile(os.path.join(target, "data.mdb"))
+        assert os.path.isfile(os.path.join(format_dir(target), "data.mdb"))
     finally:
         cache.close()
     assert sorted(remove_created(target, before)) == sorted(
-        ["clean", "data.mdb", "readers", "users", "version", target])
+        ["clean", "data.mdb", "readers", "users", "version", format_dir(target), target])
     assert not os.path.exists(target)
 
 

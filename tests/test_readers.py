@@ -18,6 +18,7 @@ import pytest
 import nvcache
 from nvcache import CacheTimeout
 from nvcache.locking import CLAIMED_OFFSET, FAST_READS_SUPPORTED, SLOT_SIZE, SLOTS, SLOTS_OFFSET, ReaderTable
+from nvcache.cachedir import format_dir
 
 pytestmark = pytest.mark.skipif(not FAST_READS_SUPPORTED, reason="reads without the flock need x86-64 Linux")
 
@@ -28,7 +29,7 @@ def _compiled():
 
 
 def _slot_byte(path, slot):
-    with open(os.path.join(path, "readers"), "rb") as f:
+    with open(os.path.join(format_dir(path), "readers"), "rb") as f:
         f.seek(SLOTS_OFFSET + slot * SLOT_SIZE)
         return f.read(1)[0]
 
@@ -123,7 +124,7 @@ def test_writers_look_at_every_claimed_slot_and_only_those(Cache, cache_dir, cor
     try:
         owner.put("sha256:a", b"A")
         first = owner._store.files.table.slot
-        tables = [ReaderTable(cache_dir, create=False) for _ in range(5)]
+        tables = [ReaderTable(format_dir(cache_dir), create=False) for _ in range(5)]
         slots = [t.claim() for t in tables]
         assert [first] + slots == list(range(6))
         mm = tables[0].mm
@@ -131,7 +132,7 @@ def test_writers_look_at_every_claimed_slot_and_only_those(Cache, cache_dir, cor
         # Give slot 4 back (it stays marked): a writer with the compiled core claims it, so the
         # last claimed slot, 5, stays ours and is the one a reader sits in below.
         tables.pop(3).close()
-        probe = ReaderTable(cache_dir, create=False)
+        probe = ReaderTable(format_dir(cache_dir), create=False)
         assert probe.claim() == 4  # the lowest free one
         probe.close()
         stray = SLOTS_OFFSET + 700 * SLOT_SIZE
@@ -188,7 +189,7 @@ def test_a_forked_child_reads_with_its_own_slot(cache_dir):
         assert os.waitpid(pid, 0)[1] == 0
         assert child_slot >= 0 and child_slot != parent_slot
         # The child is gone; the parent's slot must still look owned to a writer.
-        table = ReaderTable(cache_dir, create=False)
+        table = ReaderTable(format_dir(cache_dir), create=False)
         try:
             assert table._owner_alive(parent_slot)
             assert not table._owner_alive(child_slot)
@@ -206,13 +207,13 @@ def test_a_replaced_readers_table_makes_the_cache_start_over(Cache, cache_dir, c
     try:
         first.put("sha256:old", b"old")
         assert first.get("sha256:old") == b"old"
-        table = os.path.join(cache_dir, "readers")
+        table = os.path.join(format_dir(cache_dir), "readers")
         if how == "delete":
             os.unlink(table)
         else:  # another cache's table, valid in itself, moved in
             other_dir = cache_dir + "-other"
             Cache(other_dir, 1).close()
-            os.replace(os.path.join(other_dir, "readers"), table)
+            os.replace(os.path.join(format_dir(other_dir), "readers"), table)
         code = ("import sys, nvcache\n"
                 "with nvcache.LayerCache(sys.argv[1], 1) as second:\n"
                 "    assert second.get('sha256:old') is None, 'did not start over'\n"

@@ -53,6 +53,7 @@ import pytest
 import nvcache
 from nvcache import CacheError, CacheFull, CacheTimeout, RecordTooLarge
 from nvcache.locking import FLAG_OFFSET, SLOT_SIZE, SLOTS, SLOTS_OFFSET
+from nvcache.cachedir import FORMAT_DIR, format_dir
 from payloads import incompressible
 
 MiB = 1024 * 1024
@@ -697,11 +698,12 @@ def test_corruption_campaign(Cache, tmp_path, core):
             n += 1
             path = str(tmp_path / f"c{n}")
             populate(Cache, path)
-            seen_files.update(os.listdir(path))
-            if fname not in os.listdir(path):
-                pytest.fail(f"{fname} is not in a cache directory any more: {os.listdir(path)}")
+            files = format_dir(path)
+            seen_files.update(os.listdir(files))
+            if fname not in os.listdir(files):
+                pytest.fail(f"{fname} is not in a cache directory any more: {os.listdir(files)}")
             seed = rng.randrange(1 << 30)
-            what = damage(path, fname, kind, random.Random(seed))
+            what = damage(files, fname, kind, random.Random(seed))
             victim = run_forked(_victim(Cache, path), timeout=120)
             follow = run_forked(_follow_up(Cache, path), timeout=120)
             outcome = classify(victim, follow)
@@ -815,14 +817,14 @@ time.sleep(120)
 
 def reader_slots_set(path: str) -> int:
     """How many readers are inside a read without the flock (slots set in the readers table)."""
-    with open(os.path.join(path, "readers"), "rb") as f:
+    with open(os.path.join(format_dir(path), "readers"), "rb") as f:
         table = f.read()
     return sum(1 for i in range(SLOTS) if table[SLOTS_OFFSET + i * SLOT_SIZE])
 
 
 def writer_flag_raised(path: str) -> bool:
     """Whether a writer is inside its transaction (the readers table's writer flag)."""
-    with open(os.path.join(path, "readers"), "rb") as f:
+    with open(os.path.join(format_dir(path), "readers"), "rb") as f:
         f.seek(FLAG_OFFSET)
         return f.read(1) == b"\1"
 
@@ -832,7 +834,7 @@ def lock_state(path: str) -> str:
 
     Shared: a reader holds the directory's flock, or is inside a read through its slot.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(format_dir(path), os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -868,7 +870,7 @@ def assert_times_out(fn: Callable[[], Any], what: str) -> None:
 
 
 def _stopped_holder(path: str, mode: str, procs: List[subprocess.Popen]) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, path, mode, str(FLAG_OFFSET)],
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, format_dir(path), mode, str(FLAG_OFFSET)],
                               stdout=subprocess.PIPE, text=True)
     procs.append(holder)
     assert holder.stdout.readline().strip() == "locked"
@@ -1117,10 +1119,12 @@ def test_second_uid_makes_its_own_cache_with_tight_modes(Cache, open_tmp):
             return cache.get(lid(1)) == b"mine"
     out = run_forked(as_uid(NOBODY, use))
     assert out.kind == "ok" and out.value is True, out
-    st = os.lstat(path)
-    assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o750
-    for name in os.listdir(path):
-        fst = os.lstat(os.path.join(path, name))
+    for directory in (path, format_dir(path)):
+        st = os.lstat(directory)
+        assert st.st_uid == NOBODY and stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750
+    assert os.listdir(path) == [FORMAT_DIR]
+    for name in os.listdir(format_dir(path)):
+        fst = os.lstat(os.path.join(format_dir(path), name))
         assert fst.st_uid == NOBODY, name
         assert stat.S_ISREG(fst.st_mode), name
         assert stat.S_IMODE(fst.st_mode) == 0o640, (name, oct(fst.st_mode))
@@ -1136,13 +1140,15 @@ def test_modes_respect_a_stricter_umask(Cache, cache_dir, umask, dir_mode, file_
         os.umask(umask)
         with Cache(cache_dir, 1) as cache:
             cache.put(lid(1), b"r")
-        return sorted(os.listdir(cache_dir))
+        return sorted(os.listdir(format_dir(cache_dir)))
     out = run_forked(make)
     assert out.kind == "ok", out
     assert {"data.mdb", "version", "users"} <= set(out.value)
+    assert os.listdir(cache_dir) == [FORMAT_DIR]
     assert stat.S_IMODE(os.lstat(cache_dir).st_mode) == dir_mode
+    assert stat.S_IMODE(os.lstat(format_dir(cache_dir)).st_mode) == dir_mode
     for name in out.value:
-        mode = os.lstat(os.path.join(cache_dir, name)).st_mode
+        mode = os.lstat(os.path.join(format_dir(cache_dir), name)).st_mode
         assert stat.S_ISREG(mode), name
         assert stat.S_IMODE(mode) == file_mode, (name, oct(mode))
 
@@ -1161,6 +1167,7 @@ def test_planted_symlink_inside_never_leads_a_write_out(Cache, tmp_path, name, v
             cache.put(lid(1), record(1, 5000))
     else:
         path.mkdir(mode=0o750)
+        os.mkdir(format_dir(str(path)), mode=0o750)
     victim = tmp_path / "victim"
     if victim_kind == "empty":
         victim.write_bytes(b"")
@@ -1170,12 +1177,13 @@ def test_planted_symlink_inside_never_leads_a_write_out(Cache, tmp_path, name, v
         src = tmp_path / "src"
         with Cache(str(src), 1) as cache:
             cache.put(lid(2), record(2, 5000))
-        with open(src / "data.mdb", "rb") as f:  # the used part (the file may be a sparse map)
-            victim.write_bytes(f.read(lmdb_used_bytes(str(src / "data.mdb"))))
+        src_data = os.path.join(format_dir(str(src)), "data.mdb")
+        with open(src_data, "rb") as f:  # the used part (the file may be a sparse map)
+            victim.write_bytes(f.read(lmdb_used_bytes(src_data)))
     os.chmod(victim, 0o644)
     before = victim.read_bytes()
     vst = os.stat(victim)
-    planted = path / name
+    planted = path / FORMAT_DIR / name
     if planted.exists() or planted.is_symlink():
         planted.unlink()
     planted.symlink_to(victim)
@@ -1502,7 +1510,7 @@ def test_a_file_longer_than_the_map_is_mapped_whole_and_never_cut(Cache, cache_d
         if not cache._store.writemap:
             pytest.skip("no write map here (NVCACHE_WRITEMAP=0 or an unsupported file system)")
         cache.put(lid(1), b"r")
-    data = os.path.join(cache_dir, "data.mdb")
+    data = os.path.join(format_dir(cache_dir), "data.mdb")
     longer = writemap.first_map_size(MiB) + (3 << 20)
     os.truncate(data, longer)  # sparse: what a process with a grown map leaves
     with Cache(cache_dir, 1) as cache:
@@ -1608,7 +1616,8 @@ def test_many_openers(Cache, cache_dir, core, children):
         dump = cache.cache_data()
         assert st_["record_count"] == len(dump["cache_records"])
         assert st_["record_total_size"] == sum(r_["size"] for r_ in dump["cache_records"]) <= cache.max_bytes
-    leftovers = sorted(set(os.listdir(cache_dir)) - allowed)
+    assert os.listdir(cache_dir) == [FORMAT_DIR]
+    leftovers = sorted(set(os.listdir(format_dir(cache_dir))) - allowed)
     # A process killed between writing a temp file and renaming it may leave one; never more.
     assert len(leftovers) <= kills, leftovers
     assert all(name.startswith(".") for name in leftovers), leftovers
@@ -1625,8 +1634,8 @@ def test_lock_file_removed_while_held_still_excludes(Cache, cache_dir, children)
         time.sleep(0.2)
         assert catch_holding(pid, cache_dir, "exclusive"), "never caught the writer inside a put"
         for name in ("lock", "users", "clean"):  # what a cleaner may unlink; nvcache locks the directory
-            if os.path.exists(os.path.join(cache_dir, name)):
-                os.unlink(os.path.join(cache_dir, name))
+            if os.path.exists(os.path.join(format_dir(cache_dir), name)):
+                os.unlink(os.path.join(format_dir(cache_dir), name))
         result, took = timed(lambda: Cache(cache_dir, 4, lock_timeout=TIMEOUT).put(lid(9), b"w"))
         assert isinstance(result, CacheTimeout), \
             f"a second writer went ahead ({result!r}) while the first was inside a put"
@@ -1648,7 +1657,7 @@ def test_a_page_with_a_wrong_number_is_rebuilt_at_open(Cache, tmp_path, kind):
     the file (SIGBUS under the write map). The deep check compares every page's number."""
     path = str(tmp_path / "c")
     populate(Cache, path)
-    target = os.path.join(path, "data.mdb")
+    target = os.path.join(format_dir(path), "data.mdb")
     pages = live_pages(target)[kind]
     assert pages, kind
     victim = random.Random(7).choice(pages)
@@ -1716,7 +1725,7 @@ def test_silent_bit_rot_after_a_clean_close(Cache, tmp_path, core):
         path = str(tmp_path / f"b{n}")
         populate(Cache, path)
         seed = rng.randrange(1 << 30)
-        what = damage(path, "data.mdb", "bit-rot-mtime-kept", random.Random(seed))
+        what = damage(format_dir(path), "data.mdb", "bit-rot-mtime-kept", random.Random(seed))
         victim = run_forked(_victim(Cache, path), timeout=120)
         follow = run_forked(_follow_up(Cache, path), timeout=120)
         outcome = classify(victim, follow)
@@ -1750,13 +1759,13 @@ def test_a_shortage_of_descriptors_never_empties_the_cache(Cache, cache_dir, cor
     """EMFILE while opening version, readers or data.mdb is an error, never damage to rebuild."""
     with Cache(cache_dir, 4) as cache:
         cache.put(lid(1), record(1, 1000))
-        ino = os.stat(os.path.join(cache_dir, "data.mdb")).st_ino
+        ino = os.stat(os.path.join(format_dir(cache_dir), "data.mdb")).st_ino
         outcomes = set()
         for spare in range(0, 16):  # a fresh process, each step of its open short in turn
             out = subprocess.run([sys.executable, "-c", SHORT_OF_DESCRIPTORS, cache_dir, str(spare), lid(1)],
                                  env=core_env, capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, (spare, out.stderr[-2000:])
             outcomes.add(out.stdout.strip())
-            assert os.stat(os.path.join(cache_dir, "data.mdb")).st_ino == ino, f"rebuilt with {spare} spare"
+            assert os.stat(os.path.join(format_dir(cache_dir), "data.mdb")).st_ino == ino, f"rebuilt with {spare} spare"
         assert outcomes == {"cache_error", "ok"}, outcomes  # some were short, some had enough
         assert cache.get(lid(1)) == record(1, 1000) and cache.verify() == []

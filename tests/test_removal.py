@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from nvcache.cachedir import format_dir
 from payloads import incompressible
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the children import worker.record_for from here
@@ -437,7 +438,7 @@ def test_close_behind_a_held_lock_keeps_buffered_hits_and_misses(Cache, cache_di
                                    str(misses)], env=core_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         assert getter.stdout.readline().strip() == "gets done", getter.stderr.read()
-        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, cache_dir], env=core_env,
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, format_dir(cache_dir)], env=core_env,
                                   stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "locked"
         if stopped:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 
+from nvcache.cachedir import FORMAT_DIR, format_dir
+
 import nvcache
 from nvcache import CacheDamaged, CacheError
 from test_api import _stored_born, tamper
@@ -66,6 +68,8 @@ def snapshot(path: str) -> Dict[str, str]:
         st = os.lstat(full)
         what = "dir" if os.path.isdir(full) else file_digest(full)
         out[name] = f"{st.st_mode:o} {st.st_uid} {what}"
+        if what == "dir" and not os.path.islink(full):  # the format directory's files: "v7/data.mdb"
+            out.update({f"{name}/{sub}": entry for sub, entry in snapshot(full).items()})
     return out
 
 
@@ -76,27 +80,27 @@ def filled(Cache: type, path: str, n: int = 12) -> None:
 
 
 def _meta_pages(path: str) -> str:
-    with open(os.path.join(path, "data.mdb"), "r+b") as f:
+    with open(os.path.join(format_dir(path), "data.mdb"), "r+b") as f:
         f.write(b"\xff" * 8192)  # both LMDB meta pages
     return "deep check at first open"
 
 
 def _version(number: int) -> Callable[[str], str]:
     def run(path: str) -> str:
-        with open(os.path.join(path, "version"), "w") as f:
+        with open(os.path.join(format_dir(path), "version"), "w") as f:
             json.dump({"version": number, "description": "another format"}, f)
         return f"format version {number} is not"
     return run
 
 
 def _readers_garbled(path: str) -> str:
-    with open(os.path.join(path, "readers"), "r+b") as f:
+    with open(os.path.join(format_dir(path), "readers"), "r+b") as f:
         f.write(b"not a table at all")
     return "readers table"
 
 
 def _readers_missing(path: str) -> str:
-    os.unlink(os.path.join(path, "readers"))
+    os.unlink(os.path.join(format_dir(path), "readers"))
     return "readers table"
 
 
@@ -104,7 +108,7 @@ def _readers_foreign(path: str) -> str:
     # Another cache's table: processes may still read through ours, so only a new data.mdb is safe.
     other = path + "-other"
     nvcache.LayerCache(other, 1).close()
-    shutil.copyfile(os.path.join(other, "readers"), os.path.join(path, "readers"))
+    shutil.copyfile(os.path.join(format_dir(other), "readers"), os.path.join(format_dir(path), "readers"))
     shutil.rmtree(other)
     return "does not belong to data.mdb"
 
@@ -149,7 +153,7 @@ def test_read_only_cache_only_reads(Cache, cache_dir):
         assert cache.get(lid(1)) and cache.get("sha256:" + "e" * 64) is None
         stats = cache.stats()
     before = snapshot(cache_dir)
-    assert "clean" in before  # closed cleanly: a read-only first opener consumes and puts back this mark
+    assert f"{FORMAT_DIR}/clean" in before  # closed cleanly: a read-only first opener consumes and puts back this mark
     with Cache(cache_dir, 1, repair=False) as cache:
         assert cache.repair is False and len(cache) == 12 and cache.verify() == []
         assert cache.get(lid(3)) == record(3, 203) and cache.peek(lid(4)) == record(4, 204)
@@ -199,7 +203,7 @@ def test_read_only_open_leaves_the_boot_record_to_the_next_writer(Cache, cache_d
     assert snapshot(cache_dir) == before
     with Cache(cache_dir, 1, durable=True) as cache:  # a writer records the new boot
         assert cache.get(DIGEST) == b"durable"
-    assert snapshot(cache_dir)["data.mdb"] != before["data.mdb"]
+    assert snapshot(cache_dir)[f"{FORMAT_DIR}/data.mdb"] != before[f"{FORMAT_DIR}/data.mdb"]
 
 
 def test_read_only_reports_a_reboot_after_non_durable_writes(Cache, cache_dir, monkeypatch):
@@ -329,12 +333,12 @@ def test_read_only_corruption_campaign(Cache, tmp_path, core):
     for n, (fname, kind) in enumerate(corruption_cases()):
         path = str(tmp_path / f"c{n}")
         populate(Cache, path)
-        what = damage(path, fname, kind, random.Random(rng.randrange(1 << 30)))
+        what = damage(format_dir(path), fname, kind, random.Random(rng.randrange(1 << 30)))
         before = snapshot(path)
         victim = run_forked(_read_only_victim(Cache, path), timeout=120)
         after = snapshot(path)
         if fname == "users":
-            before.pop("users", None), after.pop("users", None)
+            before.pop(f"{FORMAT_DIR}/users", None), after.pop(f"{FORMAT_DIR}/users", None)
         follow = run_forked(_follow_up(Cache, path), timeout=120)
         v = victim.value if victim.kind == "ok" else {}
         outcome = ("crashed" if victim.crashed else "wrong-bytes" if v.get("wrong") else

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from nvcache import CacheFull
+from nvcache.cachedir import format_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "worker.py")
@@ -236,7 +237,7 @@ def test_rebuild_by_another_process_is_noticed(Cache, cache_dir, core_env):
     cache = Cache(cache_dir, 1)
     try:
         cache.put("sha256:before", b"old")
-        with open(os.path.join(cache_dir, "version"), "w") as f:
+        with open(os.path.join(format_dir(cache_dir), "version"), "w") as f:
             f.write("garbage")
         code = ("import sys, nvcache\n"
                 "c = nvcache.LayerCache(sys.argv[1], 1)\n"
@@ -330,7 +331,7 @@ def test_threads_racing_a_rebuild_by_another_process(Cache, cache_dir, core_env)
     code = ("import os, sys, nvcache\n"
             "path = sys.argv[1]\n"
             "for i in range(int(sys.argv[2])):\n"
-            "    os.unlink(os.path.join(path, 'version'))\n"
+            "    os.unlink(os.path.join(nvcache.cachedir.format_dir(path), 'version'))\n"
             "    c = nvcache.LayerCache(path, 0.1); c.put('sha256:r%d' % i, b'x'); c.close()\n")
 
     def rebuild():
@@ -359,7 +360,7 @@ def test_a_rebuild_elsewhere_is_seen_by_put_len_and_the_dump(Cache, cache_dir, c
     cache = Cache(cache_dir, 1)
     try:
         cache.put("sha256:kept", b"old")
-        os.unlink(os.path.join(cache_dir, "version"))
+        os.unlink(os.path.join(format_dir(cache_dir), "version"))
         code = ("import sys, nvcache\n"
                 "with nvcache.LayerCache(sys.argv[1], 1) as c:\n"
                 "    assert len(c) == 0, 'not rebuilt'\n"

@@ -23,6 +23,7 @@ import nvcache
 from nvcache import _index as compiled  # a missing build fails here, never skips
 from nvcache import fallback
 from nvcache.errors import StaleReader
+from nvcache.cachedir import format_dir
 from payloads import incompressible
 
 texts = st.one_of(st.text(max_size=40), st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7f),
@@ -348,7 +349,7 @@ def test_one_path_one_core_per_process(tmp_path):
 
 def _data_mappings(path):
     """Start addresses of this process's mappings of ``path``/data.mdb."""
-    target = os.path.join(os.path.realpath(path), "data.mdb")
+    target = os.path.join(format_dir(os.path.realpath(path)), "data.mdb")
     with open("/proc/self/maps") as f:
         return {line.split("-", 1)[0] for line in f if line.rstrip("\n").endswith(" " + target)}
 

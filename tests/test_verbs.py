@@ -13,6 +13,7 @@ import time
 import pytest
 
 from nvcache import CacheError, CacheTimeout
+from nvcache.cachedir import format_dir
 
 from test_removal import LOCK_HOLDER  # a process holding the directory's flock and the writer flag
 
@@ -87,7 +88,7 @@ def test_each_cache_on_a_shared_path_waits_its_own_lock_timeout(Cache, cache_dir
     patient = Cache(cache_dir, 1, lock_timeout=30)
     hasty = Cache(cache_dir, 1, lock_timeout=0.2)
     patient.put(lid(1), b"r")
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, cache_dir], env=core_env,
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, format_dir(cache_dir)], env=core_env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -120,7 +121,7 @@ def test_a_second_cache_with_a_larger_bound_makes_it_the_caches(Cache, cache_dir
         for i in range(40):  # 80 MiB: more than the first map holds
             assert small.put(lid(100 + i), os.urandom(2 * MiB))  # larger than the old bound
         assert big.get(lid(1)) == b"r" and small.get(lid(1)) == b"r"
-        length = os.path.getsize(os.path.join(cache_dir, "data.mdb"))
+        length = os.path.getsize(os.path.join(format_dir(cache_dir), "data.mdb"))
         assert 80 * MiB < length <= writemap.map_limit(big_mb * MiB)
         assert big.verify() == [] and small.stats()["record_count"] == 41
     finally:
