@@ -799,7 +799,7 @@ cdef class Reader:
 
     cdef public object lock, mutex, env
     cdef public object codec  # the decoder of this environment's records: set and used by the store
-    cdef object _try_acquire, _release  # the mutex's bound methods, looked up once
+    cdef object _try_acquire, _release, _is_owned  # the mutex's bound methods, looked up once
     cdef public Index index
     cdef public int fd
     cdef object _py  # fallback.Reader over the same environment: reads when ours is unusable
@@ -817,6 +817,7 @@ cdef class Reader:
         self.mutex = lock.mutex
         self._try_acquire = self.mutex.acquire
         self._release = self.mutex.release
+        self._is_owned = self.mutex._is_owned
         self.env = env
         self.index = index
         self._py = _twin.Reader(lock, env, index.twin)
@@ -1036,7 +1037,9 @@ cdef class Reader:
     cdef object _guarded(self, int what, object arg, object timeout):
         """``_read`` under the thread mutex and the slot handshake, else the shared flock."""
         release = self._release
-        if not self._try_acquire(False):
+        # Owned already: a signal handler calling in during one of this thread's calls (the mutex
+        # is reentrant), or a hold an interrupted call left: FileLock.acquire tells which.
+        if self._is_owned() or not self._try_acquire(False):
             return self._read_waiting(what, arg, timeout)
         if self.env is None:
             release()

@@ -177,23 +177,18 @@ class LayerCache:
         cannot be written now (the lock stays busy) is logged, and this
         process then obeys the stored bound: the cache never has two.
         """
-        files = store.files
-        recorded = files is not None and files.bound > 0
         if not self.repair:  # a read-only handle writes nothing: it obeys what is stored
             return
-        if given is None:
-            if recorded:
-                return
-            given = store.bound  # an older release's file: record the one this process uses
-        elif recorded and store.bound == given:
+        if store.recorded_bound and given in (None, store.bound):
             return
-        try:
-            old, evicted = store.set_bound(given, self.lock_timeout)
+        wanted = store.bound if given is None else given  # None: record ours only if the file has none
+        try:  # compared again in the write: another process may have recorded one since
+            old, evicted = store.set_bound(wanted, self.lock_timeout, unless_recorded=given is None)
         except CacheError as exc:
             log.warning("cache in %s: could not record the bound %s (%s); using the stored %s", self.path,
-                        _mib_text(given), exc, _mib_text(store.bound))
+                        _mib_text(wanted), exc, _mib_text(store.bound))
             return
-        if old and old != given:
+        if given is not None and old and old != given:
             log.warning("cache in %s: bound changed from %s to %s by this process%s", self.path,
                         _mib_text(old), _mib_text(given), f"; evicted {evicted} records" if evicted else "")
 
@@ -590,7 +585,7 @@ class LayerCache:
         if store is None:
             return []
         store.flush(self.lock_timeout)
-        problems = store.check(self.max_bytes, self.lock_timeout)
+        problems = store.check(self.lock_timeout)
         version = read_version(store.lock.dir)
         if version != FORMAT_VERSION:
             problems.append(f"version file says {version!r}, expected {FORMAT_VERSION}")

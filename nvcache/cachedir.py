@@ -83,23 +83,34 @@ def read_version(path: str) -> Optional[int]:
     A shortage of descriptors or memory raises CacheError instead: it says
     nothing about the file, and None would empty the cache.
     """
+    version = _version_doc(path).get("version")
+    return version if type(version) is int else None
+
+
+def recorded_bound(path: str) -> int:
+    """The cache's bound as ``<path>/version`` last recorded it (0: none). A copy of data.mdb's,
+    kept outside it so that a rebuild of a damaged file keeps the bound an operator set."""
+    bound = _version_doc(path).get("bound")
+    return bound if type(bound) is int and bound > 0 else 0
+
+
+def _version_doc(path: str) -> Dict[str, object]:
     try:
         fd = open_nofollow(os.path.join(path, VERSION_FILE), os.O_RDONLY)
     except CacheError as exc:
         if is_resource_error(exc):
             raise
-        return None
+        return {}
     try:
         with os.fdopen(fd, "rb") as f:
             doc = json.loads(f.read(4096))
-        version = doc.get("version") if isinstance(doc, dict) else None
-        return version if type(version) is int else None
+        return doc if isinstance(doc, dict) else {}
     except OSError as exc:
         if is_resource_error(exc):
             raise CacheError(f"cannot read {path}/{VERSION_FILE}: {exc.strerror}") from exc
-        return None
+        return {}
     except ValueError:
-        return None
+        return {}
 
 
 def write_atomically(path: str, name: str, body: bytes) -> None:
@@ -123,8 +134,9 @@ def remove_entry(path: str) -> None:
         shutil.rmtree(path)  # does not follow symlinks inside
 
 
-def write_version(path: str) -> None:
-    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION}).encode()
+def write_version(path: str, bound: int) -> None:
+    """Record the format, and the cache's bound beside data.mdb's (see recorded_bound)."""
+    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION, "bound": bound}).encode()
     write_atomically(path, VERSION_FILE, body)
 
 

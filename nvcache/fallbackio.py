@@ -116,7 +116,9 @@ class Reader:
         """``_read`` under the thread mutex and the shared flock (waiting only when contended)."""
         mutex = self.mutex
         try:
-            if not mutex.acquire(False):
+            # Owned already: a signal handler calling in during one of this thread's calls (the
+            # mutex is reentrant), or a hold an interrupted call left: FileLock.acquire tells which.
+            if mutex._is_owned() or not mutex.acquire(False):
                 return self._read_waiting(what, arg, timeout)
             if self.env is None:
                 mutex.release()

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import lmdb
 
 from . import deepcheck, formats
-from .cachedir import (CLEAN_FILE, DATA_FILE, MARK_BOOT, USERS_FILE, claim_users, closed_cleanly,
+from .cachedir import (CLEAN_FILE, DATA_FILE, MARK_BOOT, USERS_FILE, claim_users, closed_cleanly, recorded_bound,
                        consume_clean_mark, file_mark, format_dir, last_user, mark_clean, prepare_directory,
                        prepare_format_directory, write_atomically)
 from .errors import CacheDamaged, CacheError, CacheTimeout
@@ -211,6 +211,8 @@ class Lifecycle:
         else:
             log.warning("emptying cache in %s: %s", self.path, reason)
         self._close_files()
+        # The bound the cache had (damage in data.mdb does not lose it), else this process's.
+        self.bound = recorded_bound(self.lock.dir) or self.bound
         self.map_size = first_map_size(self.bound)
         self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,
                                self.path, self.bound))
@@ -448,6 +450,10 @@ class Lifecycle:
         Once only: a second call does nothing (its descriptors may belong to other files by then).
         """
         if self._users_fd < 0:
+            return
+        if self.lock.nested():  # a signal handler closing the cache inside one of this thread's calls:
+            log.warning("closed %s inside one of its calls (a signal handler): its resources stay open "
+                        "for that call", self.path)  # that call goes on with these files after it
             return
         try:
             self.lock.recover()  # what an interrupted call of this thread left held

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import CacheError, CacheTimeout
 
@@ -157,20 +157,31 @@ _PROC_WORKS = _proc_works()
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# nvcache's modules that only call the library's API, as any program does (the command, the
+# simulation, the seed tools): their frames say nothing about a call in progress.
+_CALLERS = {os.path.join(_PACKAGE, name + ".py") for name in
+            ("__main__", "console", "cli", "climetrics", "clisim", "simulate", "seedfmt")}
+
+
+def _library_frame(frame: Any) -> bool:
+    name = frame.f_code.co_filename
+    return name.startswith(_PACKAGE) and name not in _CALLERS
 
 
 def _nested_call() -> bool:
     """Whether this thread is inside a cache call that was suspended to run a signal handler
-    that called the cache again: beyond the caller's run of nvcache frames, another one.
+    that called the cache again: beyond the caller's run of library frames, another one.
 
     Only asked when this thread holds the mutex while it should not (rare): the hold then
     belongs to that outer call, which goes on after the handler, and must be left alone.
+    Frames of nvcache's own API callers (the CLI, the simulation) are not library frames:
+    ``python -m nvcache`` is a program calling the library, not a call in progress.
     """
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and _library_frame(frame):
         frame = frame.f_back
     while frame is not None:
-        if frame.f_code.co_filename.startswith(_PACKAGE):
+        if _library_frame(frame):
             return True
         frame = frame.f_back
     return False
@@ -190,7 +201,8 @@ class FileLock:
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
-        # Reentrant only for its owner record (_is_owned): no call takes it twice.
+        # Reentrant only for its owner record (_is_owned, the C RLock's method that threading's
+        # Condition uses too): no call takes it twice (the hot reads ask _is_owned first).
         self.mutex = threading.RLock()
         # What recover() must undo besides the flock (the store's write transaction, the table's flag).
         self.on_recover: Optional[Callable[[], None]] = None
@@ -345,6 +357,10 @@ class FileLock:
         mutex = self.mutex
         if not mutex._is_owned() or _nested_call():  # type: ignore[attr-defined]
             return False
+        if self._generation != _fork_generation:  # a forked child whose reopen failed: the
+            while mutex._is_owned():  # type: ignore[attr-defined]  # descriptor, the flock and
+                mutex.release()  # the table's flag are still its parent's, and stay so
+            return True
         try:
             if self.on_recover is not None:
                 self.on_recover()  # with the mutex and (if we had it) the flock still held
@@ -356,6 +372,11 @@ class FileLock:
                 while mutex._is_owned():  # type: ignore[attr-defined]
                     mutex.release()
         return True
+
+    def nested(self) -> bool:
+        """Whether this thread is inside one of its cache calls right now (a signal handler that
+        interrupted it is calling again): that call's locks and files must be left alone."""
+        return bool(self.mutex._is_owned()) and _nested_call()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Close the descriptor, with the mutex held so that no thread is between flocks.

@@ -269,7 +269,7 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             env = environment(path, map_size, durable, create=False, writemap=True)
             dbs = [env.open_db(name, create=False) for name in DB_NAMES]
             index = core.Index(*dbs)
-        write_version(path)
+        write_version(path, bound)
     except (lmdb.Error, OSError, CacheError) as exc:
         if env is not None:
             env.close()

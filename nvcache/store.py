@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lmdb
 
+from .cachedir import write_version
 from .codec import RAW, REFRESH_EVERY, SAMPLES, due_generation, train
 from .fallback import HEADER_SIZE
 from .errors import CacheError, RecordTooLarge, StaleReader
@@ -159,9 +160,10 @@ class Store(Lifecycle):
         """(record count, total bytes, hits, misses, evictions) from the newest file."""
         return self._read(lambda index, txn: index.counters(txn), timeout)  # type: ignore[no-any-return]
 
-    def check(self, max_bytes: Optional[int], timeout: Optional[float] = None) -> List[str]:
-        """Every problem the index finds in the newest file (see ``Index.check``)."""
-        return list(self._read(lambda index, txn: index.check(txn, max_bytes), timeout))
+    def check(self, timeout: Optional[float] = None) -> List[str]:
+        """Every problem the index finds in the newest file (see ``Index.check``), against the bound
+        the file stores (not the one this process saw last)."""
+        return list(self._read(lambda index, txn: index.check(txn, index.bound(txn) or self.bound), timeout))
 
     def _read(self, read: Callable[[Any, Any], Any], timeout: Optional[float]) -> Any:
         """``read(index, txn)`` in a py-lmdb read transaction under the shared lock (cold reads)."""
@@ -209,9 +211,7 @@ class Store(Lifecycle):
         codec = self.reader.codec
         enc, stored = codec.encode(data) if compress else (RAW, data)
         codec.puts += 1
-        if len(stored) > self.bound:  # checked again in the transaction, against the file's bound
-            raise RecordTooLarge(f"record of {len(stored)} bytes stored ({len(data)} put) exceeds the cache "
-                                 f"bound of {self.bound}")
+        # (Too large is decided in the transaction, against the bound the file stores then.)
         evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, keep,
                               refs, last_ns, timeout=timeout)
         if compress and train and codec.puts >= REFRESH_EVERY:
@@ -371,21 +371,34 @@ class Store(Lifecycle):
         self._flush(files, txn)
         files.index.apply(txn, {}, hits, misses)
 
-    def set_bound(self, max_bytes: int, timeout: Optional[float] = None) -> Tuple[int, int]:
+    @property
+    def recorded_bound(self) -> int:
+        """The bound the file recorded when this process opened it (0: none, an older release's)."""
+        files = self.files
+        return files.bound if files is not None else 0
+
+    def set_bound(self, max_bytes: int, timeout: Optional[float] = None,
+                  unless_recorded: bool = False) -> Tuple[int, int]:
         """Record ``max_bytes`` as the cache's bound and evict down to it at once, so that one bound
         holds from now on for every process: (the bound it replaced, 0 if none; records evicted).
-        Kept records are evicted too: the bound is the cache's, ``keep`` only a put's."""
-        return self._write(self._set_bound, max_bytes, timeout=timeout, native=False)  # type: ignore[no-any-return]
+        Kept records are evicted too: the bound is the cache's, ``keep`` only a put's.
+        ``unless_recorded``: only if the file has none yet (decided in the transaction)."""
+        return self._write(self._set_bound, max_bytes, unless_recorded,  # type: ignore[no-any-return]
+                           timeout=timeout, native=False)
 
-    def _set_bound(self, files: Files, txn: Any, max_bytes: int) -> Tuple[int, int]:
+    def _set_bound(self, files: Files, txn: Any, max_bytes: int, unless_recorded: bool) -> Tuple[int, int]:
         index = files.index
         old = index.bound(txn)
+        if old and unless_recorded:
+            self.bound = old
+            return old, 0
         if old != max_bytes:
             self._flush(files, txn)  # the buffered references order the victims
             victims = index.victims(txn, 0, max_bytes, frozenset())
             self._reserve(files, (len(victims) + 1) * PAGES_PER_KEY)
             index.evict(txn, victims)
             index.set_bound(txn, max_bytes)
+            write_version(self.lock.dir, max_bytes)  # its copy for rebuilds (we hold the exclusive lock)
             self.bound = files.bound = max_bytes
             return old, len(victims)
         self.bound = max_bytes

@@ -252,6 +252,10 @@ def neighbour(path: str, seed: int) -> None:
 
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1)  # the test dumps a hung worker's stacks
+    # A program with Python's Ctrl-C handling, whatever it inherited: Python leaves SIGINT ignored
+    # when it was ignored at exec (a background job of a non-interactive shell, as CI may run
+    # the suite), and the campaign's signals would then never reach the worker.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mode, path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "worker":
         Worker(path, seed, "--unstick" in sys.argv).run()

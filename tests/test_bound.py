@@ -168,3 +168,51 @@ def test_a_grown_file_is_reopened_by_processes_that_mapped_it_shorter(Cache, cac
     finally:
         peer.close()
     assert os.path.getsize(os.path.join(format_dir(cache_dir), "data.mdb")) <= writemap.map_limit(200 * MiB)
+
+
+def test_verify_checks_against_the_bound_stored_now(Cache, cache_dir, core_env):
+    """A process that saw 1 MiB; another raised the bound to 4 MiB and filled 3 MB: verify (and so
+    repair_damage) finds nothing wrong, and a record of 2 MiB fits for this process too."""
+    cache = Cache(cache_dir, 1)
+    try:
+        cache.put("sha256:first", b"r")
+        peer = Peer(cache_dir, 4, core_env)
+        try:
+            for i in range(30):
+                assert peer.ask(f"put {i} 100000") is True
+        finally:
+            peer.close()
+        assert cache.verify() == [] and cache.repair_damage() == []
+        assert cache.stats()["record_count"] == 31
+        assert cache.put("sha256:big", incompressible(2 * MiB, 7))  # too large for the bound it saw
+        assert cache.max_bytes == 4 * MiB
+    finally:
+        cache.close()
+
+
+def test_a_rebuild_keeps_the_bound_an_operator_set(Cache, cache_dir):
+    """The bound is also kept beside data.mdb (in ``version``): a damaged file rebuilt by a process
+    that gives no bound keeps the operator's, not the default."""
+    from nvcache.cachedir import format_dir
+    with Cache(cache_dir, 1) as cache:
+        cache.put("sha256:a", b"r")
+        cache.resize(3)
+    with open(os.path.join(format_dir(cache_dir), "data.mdb"), "r+b") as f:
+        f.write(b"\xff" * 8192)  # both meta pages: the next opener rebuilds
+    with Cache(cache_dir, None) as cache:
+        assert len(cache) == 0 and cache.max_bytes == 3 * MiB
+
+
+def test_an_opener_without_a_bound_never_reverts_one_recorded_since(Cache, cache_dir, core_env):
+    """A read-only handle opened the cache (it records nothing); another process resized it; a
+    cache opened here without a bound then takes the stored one, not what this process saw."""
+    with Cache(cache_dir, 5) as cache:
+        cache.put("sha256:a", b"r")
+    reader = Cache(cache_dir, repair=False)
+    try:
+        Peer(cache_dir, 1, core_env).close()  # records 1 MiB
+        with Cache(cache_dir, None) as cache:
+            assert cache.max_bytes == MiB
+        assert Peer(cache_dir, "none", core_env).opened["bound"] == MiB
+    finally:
+        reader.close()
