@@ -225,14 +225,15 @@ class Store(Lifecycle):
     def _insert(self, files: Files, txn: Any, key: bytes, name: bytes, lid_len: int, data: Any, enc: int,
                 stored: Any, codec: Any, keep: frozenset, refs: int, last_ns: int) -> int:
         index = files.index
-        if index.exists(txn, key):
-            return -1
         if enc > 1 and codec is not files.codec:  # compressed for a file replaced since: its dictionaries
             enc, stored = files.codec.encode(data, 0)  # are not this one's (no dictionary: nothing to load)
         max_bytes = self.bound = index.bound(txn) or self.bound  # the file's bound (none in older files)
         size = len(stored)
-        if size > max_bytes:
-            raise RecordTooLarge(f"record of {size} bytes stored exceeds the cache bound of {max_bytes}")
+        if size > max_bytes:  # first: an existing name does not hide a record that can never fit
+            raise RecordTooLarge(f"record of {size} bytes stored ({len(data)} put) exceeds the cache bound "
+                                 f"of {max_bytes}")
+        if index.exists(txn, key):
+            return -1
         # Before the victims are chosen (the buffer changes their order), and only when this insert
         # evicts or the buffer is due: rewriting hundreds of buffered headers on every put that
         # fits would cost more than the put.

@@ -20,9 +20,9 @@ from typing import Callable
 # The map grows with the file: it starts at FIRST_MAP (or the limit, if smaller), doubles
 # when a write finds it full, and stops doubling at map_limit(bound). Under the write map
 # LMDB makes data.mdb as long as the map, so `ls -l` and copy tools that do not keep holes
-# see at most twice what the cache has needed, and never more than the limit: 2 x the bound
-# + 64 MiB (DEVELOPERS.md has the churn figures). Past the limit the map grows by a quarter
-# at a time, logged, so that a put still never fails for want of address space.
+# see at most twice what the cache has needed, and no more than the limit, 2 x the bound +
+# 64 MiB, unless the map fills there (churn never made it: DEVELOPERS.md has the figures);
+# then it grows by a quarter at a time, logged, so that a put never fails for want of it.
 FIRST_MAP = 8 << 20
 MAP_MARGIN = 64 << 20
 _MAP_STEP = 1 << 20  # map sizes are whole MiB

@@ -29,7 +29,7 @@ T1 = 1727434640_230068879
 def listing(path: str) -> Optional[Dict[str, Tuple[int, int, str]]]:
     """Every entry of ``path``: (size, mtime_ns, digest of its bytes, '' for a directory); None if absent.
 
-    data.mdb is sparse under the write map (64 GiB): its first 4 MiB hold every page of these caches.
+    data.mdb is sparse under the write map (as long as the map): its first 4 MiB hold every page of these caches.
     Directories are listed too, their entries as ``<dir>/<name>`` (the cache's files are in its
     format directory).
     """

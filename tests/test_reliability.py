@@ -437,7 +437,7 @@ def populate(Cache: type, path: str) -> None:
 def lmdb_used_bytes(path: str) -> int:
     """The bytes of an LMDB file in use (up to its last page), read from the newer meta page.
 
-    With a write map the file is as long as the whole map (sparse, 64 GiB): damage aimed at its
+    With a write map the file is as long as the whole map (sparse): damage aimed at its
     size would land in holes. Falls back to the file's size when the meta pages are unreadable.
     """
     with open(path, "rb") as f:

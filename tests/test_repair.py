@@ -3,7 +3,7 @@
 
 A repair=False cache never writes to the cache's files: damage or another format raises
 CacheDamaged and every file stays byte for byte as it was (hashed before and after, holes
-skipped: data.mdb is a 64 GiB sparse file under the write map). repair=True, the default,
+skipped: data.mdb is a sparse file as long as the map under the write map). repair=True, the default,
 rebuilds as before. The CLI runs as real processes (the console script's module, with the core
 chosen through the environment).
 """
