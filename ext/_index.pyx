@@ -41,13 +41,21 @@ cdef extern from "<sys/file.h>" nogil:
 cdef extern from "<sys/stat.h>" nogil:
     cdef struct stat:
         unsigned long st_nlink
-    int fstat(int fd, stat *buf)
+
+# fstat(2) as the system call itself: glibc 2.33 made fstat a symbol of its own version
+# (fstat64@GLIBC_2.33), the one symbol that kept the wheel from manylinux2014 (glibc 2.17).
+# On Linux x86-64 and aarch64 the kernel's struct stat is glibc's.
+cdef extern from "<sys/syscall.h>" nogil:
+    enum:
+        SYS_fstat
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
 
 
 def link_count(int fd):
     """The link count of an open file (0: unlinked); OSError as os.fstat raises it."""
     cdef stat st
-    if fstat(fd, &st) != 0:
+    if syscall(SYS_fstat, fd, &st) != 0:
         PyErr_SetFromErrno(OSError)
     return st.st_nlink
 

@@ -73,7 +73,8 @@ def _site_packages(venv: str) -> str:
 
 
 def test_the_wheel_is_manylinux_carries_liblmdb_and_is_stripped(wheel: str, tmp_path: Any) -> None:
-    assert re.search(r"-manylinux_\d+_\d+_\w+\.whl$", wheel), wheel
+    # manylinux2014 (glibc 2.17): the extension needs no newer glibc symbol (fstat is a syscall)
+    assert re.search(r"[-.]manylinux_2_17_\w+\.whl$", wheel), wheel
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         (ext,) = [n for n in names if re.fullmatch(r"nvcache/_index\..*\.so", n)]
