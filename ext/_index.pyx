@@ -406,7 +406,7 @@ cdef class AccessBuffer:
 
 cdef extern from *:
     """
-    /* The reader's half of the readers-table handshake (nvcache/locking.py): set our slot,
+    /* The reader's half of the readers-table handshake (nvcache/readertable.py): set our slot,
        full fence, then look at the writer flag; the writer does the mirror image. */
     static inline int nvc_enter_read(volatile unsigned char *slot, volatile unsigned char *flag) {
         __atomic_store_n(slot, 1, __ATOMIC_SEQ_CST);
@@ -422,10 +422,10 @@ cdef extern from *:
     void nvc_leave_read(unsigned char *slot) nogil
 
 
-from nvcache.locking import FAST_READS_SUPPORTED, FLAG_OFFSET, SLOTS_OFFSET, SLOT_SIZE
+from nvcache.readertable import FAST_READS_SUPPORTED, FLAG_OFFSET, SLOTS_OFFSET, SLOT_SIZE
 cdef Py_ssize_t _FLAG_OFFSET = FLAG_OFFSET, _SLOTS_OFFSET = SLOTS_OFFSET, _SLOT_SIZE = SLOT_SIZE
 
-# Whether this core reads without the flock when the readers table lets it (see locking.py).
+# Whether this core reads without the flock when the readers table lets it (see readertable.py).
 FAST_READS = FAST_READS_SUPPORTED
 
 

@@ -24,13 +24,12 @@ close), or at least once a second while the process is active (see
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import threading
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
+from .arguments import DEFAULT_MB, as_record, bound_bytes, count_arg, mib_text, parse_mib
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
 from . import codec
 from .controller import controller_json
@@ -41,53 +40,6 @@ from .store import Store, log
 DEFAULT_PATH = "/tmp/images/caches"
 _EMPTY: frozenset = frozenset()
 Record = Union[bytes, bytearray, memoryview]
-
-
-MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
-DEFAULT_MB = 1000  # a new cache's bound when the opener gives none (the CLI's read-only commands)
-_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
-
-
-def parse_mib(raw: str) -> float:
-    """A bound written as text (``MAX_CACHE_RECORD_MB``, ``--max-mb``): plain decimals only, since
-    float() would also take '1_0', '1e3' and 'inf'. ValueError otherwise."""
-    raw = raw.strip()
-    if not _PLAIN_DECIMAL.fullmatch(raw):
-        raise ValueError(f"{raw!r} is not a plain decimal number (like 1000 or 0.5)")
-    return float(raw)
-
-
-def _bound(max_mb: object, what: str = "max_mb") -> int:
-    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)):
-        raise TypeError(f"{what} must be a number of MiB, not {type(max_mb).__name__}")
-    if not math.isfinite(max_mb) or not 0 <= max_mb <= MAX_MB:
-        raise ValueError(f"{what} must be a finite number of MiB in [0, {MAX_MB}], got {max_mb!r}")
-    max_bytes = int(max_mb * 1024 * 1024)
-    if max_mb > 0 and max_bytes == 0:  # 0 disables the cache; a positive bound must hold a byte
-        raise ValueError(f"{what} must be 0 (disabled) or at least one byte (1/1048576 MiB), got {max_mb!r}")
-    return max_bytes
-
-
-def _mib_text(max_bytes: int) -> str:
-    mib = max_bytes / (1 << 20)
-    return f"{mib:g} MiB" if mib >= 1 else f"{max_bytes} bytes"
-
-
-def _count(what: str, value: object, limit: int) -> int:
-    """``value`` as a count in [0, ``limit``): TypeError for a non-int (bool included), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be int, not {type(value).__name__}")
-    if not 0 <= value < limit:
-        raise ValueError(f"{what} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
-    return value
-
-
-def _as_record(record: object) -> Union[bytes, bytearray]:
-    if isinstance(record, (bytes, bytearray)):
-        return record
-    if isinstance(record, memoryview):
-        return record.tobytes()  # any shape or format: its bytes, as len() of them
-    raise TypeError(f"record must be bytes, bytearray or memoryview, not {type(record).__name__}")
 
 
 class LayerCache:
@@ -137,8 +89,8 @@ class LayerCache:
             raise TypeError("path must be str or os.PathLike[str]")
         if not path or "\0" in path:
             raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
-        given = None if max_mb is None else _bound(max_mb)
-        self._max_bytes = _bound(DEFAULT_MB) if given is None else given
+        given = None if max_mb is None else bound_bytes(max_mb)
+        self._max_bytes = bound_bytes(DEFAULT_MB) if given is None else given
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
             raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
         if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
@@ -186,11 +138,11 @@ class LayerCache:
             old, evicted = store.set_bound(wanted, self.lock_timeout, unless_recorded=given is None)
         except CacheError as exc:
             log.warning("cache in %s: could not record the bound %s (%s); using the stored %s", self.path,
-                        _mib_text(wanted), exc, _mib_text(store.bound))
+                        mib_text(wanted), exc, mib_text(store.bound))
             return
         if given is not None and old and old != given:
             log.warning("cache in %s: bound changed from %s to %s by this process%s", self.path,
-                        _mib_text(old), _mib_text(given), f"; evicted {evicted} records" if evicted else "")
+                        mib_text(old), mib_text(given), f"; evicted {evicted} records" if evicted else "")
 
     @property
     def max_bytes(self) -> int:
@@ -213,7 +165,7 @@ class LayerCache:
             max_mb = parse_mib(raw) if raw else 0.0
         except ValueError as exc:
             raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB: {exc}") from None
-        _bound(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
+        bound_bytes(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
         if not max_mb:
             log.info("MAX_CACHE_RECORD_MB is %s: the layer cache is disabled, as in the scanner",
                      "0" if raw else "not set")
@@ -373,7 +325,7 @@ class LayerCache:
                 refs: int, last_ns: int, train: bool = True) -> bool:
         core = self._core
         name, lid = core.record_name(layer_id, kind)
-        data = _as_record(record)
+        data = as_record(record)
         keep_ids = _EMPTY if type(keep) is tuple and not keep else core.keep_set(keep)
         store = self._opened()
         if store is None:
@@ -400,8 +352,8 @@ class LayerCache:
         its records' sizes with the current one);
         eviction, ``RecordTooLarge`` and ``CacheFull`` work as in put.
         """
-        _count("reference_count", reference_count, 1 << 64)
-        _count("last_referred_ns", last_referred_ns, 1 << 64)
+        count_arg("reference_count", reference_count, 1 << 64)
+        count_arg("last_referred_ns", last_referred_ns, 1 << 64)
         if last_referred_ns == 0:
             raise ValueError("last_referred_ns must be > 0")
         # No dictionary is trained meanwhile: an import measured its fit with the dictionary it has.
@@ -409,8 +361,8 @@ class LayerCache:
 
     def add_counters(self, hits: int, misses: int) -> None:
         """Add ``hits`` and ``misses`` to the cache's counters (for imports); they saturate at 2**64-1."""
-        _count("hits", hits, 1 << 63)
-        _count("misses", misses, 1 << 63)
+        count_arg("hits", hits, 1 << 63)
+        count_arg("misses", misses, 1 << 63)
         store = self._opened()
         if store is None:
             return
@@ -430,8 +382,8 @@ class LayerCache:
         cache's own export, changes nothing. Returns (records raised, hits
         added, misses added); (0, 0, 0) when disabled.
         """
-        _count("hits", hits, 1 << 63)
-        _count("misses", misses, 1 << 63)
+        count_arg("hits", hits, 1 << 63)
+        count_arg("misses", misses, 1 << 63)
         if isinstance(records, (str, bytes)):
             raise TypeError("records must be an iterable of (layer_id, kind, reference_count, last_referred_ns)")
         entries: List[Tuple[bytes, int, int]] = []
@@ -441,8 +393,8 @@ class LayerCache:
                                 f"last_referred_ns), got {record!r:.80}")
             layer_id, kind, refs, last_ns = record
             key = self._key(layer_id, kind)
-            _count("reference_count", refs, 1 << 64)
-            if _count("last_referred_ns", last_ns, 1 << 64) == 0:
+            count_arg("reference_count", refs, 1 << 64)
+            if count_arg("last_referred_ns", last_ns, 1 << 64) == 0:
                 raise ValueError("last_referred_ns must be > 0")
             entries.append((key, refs, last_ns))
         store = self._opened()
@@ -523,7 +475,7 @@ class LayerCache:
         """Make ``max_mb`` the cache's bound for every process, evicting down to it now (kept
         records too: the bound is the cache's). Returns (the bound it replaced in bytes, records
         evicted). ``nvcache resize`` does this; a cache opened with ``max_mb`` does it too."""
-        new = _bound(max_mb)
+        new = bound_bytes(max_mb)
         if not new:
             raise ValueError("a cache's bound must be positive: 0 disables a cache in one process, "
                              "it is not a size")
@@ -543,7 +495,7 @@ class LayerCache:
     def stored_size(self, record: Record) -> int:
         """How many bytes ``record`` would take in this cache if put now: what counts against
         the bound and shows as its ``size`` (its length when ``compress=False`` or disabled)."""
-        data = _as_record(record)
+        data = as_record(record)
         store = self._opened()
         if store is None or not self.compress:
             return len(data)
@@ -559,7 +511,7 @@ class LayerCache:
         process stored a newer one meanwhile (which is then used).
         Records made with an older dictionary stay readable.
         """
-        data = None if samples is None else [bytes(_as_record(s)) for s in samples]
+        data = None if samples is None else [bytes(as_record(s)) for s in samples]
         store = self._opened()
         if store is None:
             return 0

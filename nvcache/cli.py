@@ -31,7 +31,8 @@ import click
 from prettytable import PrettyTable
 
 from . import __version__
-from .cache import DEFAULT_PATH, LayerCache, _mib_text, parse_mib
+from .arguments import mib_text, parse_mib
+from .cache import DEFAULT_PATH, LayerCache
 from .controller import STAT_FIELDS, controller_stat
 from .cachedir import DATA_FILE, FORMAT_DIR
 from .errors import CacheDamaged, CacheError
@@ -378,9 +379,9 @@ def resize(settings: Settings, mb: str) -> None:
         old, evicted = cache.resize(max_mb)
         new = cache.max_bytes
     if old == new:
-        click.echo(f"{settings.path}: the bound is {_mib_text(new)} already; nothing changed")
+        click.echo(f"{settings.path}: the bound is {mib_text(new)} already; nothing changed")
     else:
-        click.echo(f"{settings.path}: bound {_mib_text(old) if old else 'unrecorded'} -> {_mib_text(new)}; "
+        click.echo(f"{settings.path}: bound {mib_text(old) if old else 'unrecorded'} -> {mib_text(new)}; "
                    f"evicted {evicted} records")
 
 

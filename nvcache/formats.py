@@ -39,7 +39,8 @@ from typing import List, Optional, Tuple
 
 from .cachedir import CLEAN_FILE, DATA_FILE, FORMAT_VERSION, USERS_FILE, VERSION_FILE, remove_entry
 from .errors import CacheError
-from .locking import READERS_FILE, open_directory
+from .locking import open_directory
+from .readertable import READERS_FILE
 
 log = logging.getLogger("nvcache")
 

@@ -26,11 +26,13 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type
 
 import lmdb
 
-from .cache import DEFAULT_MB, LayerCache, _bound
+from .arguments import DEFAULT_MB, bound_bytes
+from .cache import LayerCache
 from .cachedir import (CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_DIR, FORMAT_VERSION, USERS_FILE, VERSION_FILE,
                        format_dir, read_version)
 from .errors import CacheError
-from .locking import READERS_FILE, FileLock
+from .locking import FileLock
+from .readertable import READERS_FILE
 from .opening import CORRUPTION_ERRORS
 from .seedfmt import ImportResult, import_seed
 
@@ -84,7 +86,7 @@ class ReadOnlyCache:
                  core: Optional[ModuleType] = None) -> None:
         self.path = path
         self._given = max_mb is not None
-        self.max_bytes = _bound(DEFAULT_MB if max_mb is None else max_mb)
+        self.max_bytes = bound_bytes(DEFAULT_MB if max_mb is None else max_mb)
         self.enabled = self.max_bytes > 0
         self.lock_timeout = float(lock_timeout)
         self.core: ModuleType = core or LayerCache._core

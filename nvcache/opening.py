@@ -28,7 +28,8 @@ from .cachedir import (BOOT_KEY, CLEAN_FILE, DATA_FILE, DB_NAMES, FORMAT_VERSION
                        boot_problem, boot_record, read_version, remove_entry, write_version)
 from .codec import Codec
 from .errors import CacheError, StaleReader
-from .locking import READERS_FILE, BadTable, FileLock, ReaderTable, open_nofollow
+from .locking import FileLock, open_nofollow
+from .readertable import READERS_FILE, BadTable, ReaderTable
 from .writemap import PAGE_SIZE, PAGES_PER_KEY, Reservation
 
 log = logging.getLogger("nvcache")

@@ -28,7 +28,7 @@ import time
 import traceback
 
 import nvcache
-from nvcache import CacheError, CacheTimeout, locking
+from nvcache import CacheError, CacheTimeout, readertable
 from nvcache.cachedir import format_dir
 
 PACKAGE = os.path.dirname(os.path.abspath(nvcache.__file__))
@@ -135,12 +135,12 @@ class Worker:
         finally:
             os.close(fd)
         try:
-            tfd = os.open(os.path.join(format_dir(self.path), locking.READERS_FILE), os.O_RDONLY)
+            tfd = os.open(os.path.join(format_dir(self.path), readertable.READERS_FILE), os.O_RDONLY)
         except FileNotFoundError:
             tfd = -1
         if tfd >= 0:
             try:
-                if _held_by_others(lambda: os.pread(tfd, 1, locking.FLAG_OFFSET) == b"\0"):
+                if _held_by_others(lambda: os.pread(tfd, 1, readertable.FLAG_OFFSET) == b"\0"):
                     out["flag"] = "the readers table's writer flag stayed raised"
             finally:
                 os.close(tfd)

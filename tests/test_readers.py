@@ -17,7 +17,7 @@ import pytest
 
 import nvcache
 from nvcache import CacheTimeout
-from nvcache.locking import CLAIMED_OFFSET, FAST_READS_SUPPORTED, SLOT_SIZE, SLOTS, SLOTS_OFFSET, ReaderTable
+from nvcache.readertable import CLAIMED_OFFSET, FAST_READS_SUPPORTED, SLOT_SIZE, SLOTS, SLOTS_OFFSET, ReaderTable
 from nvcache.cachedir import format_dir
 
 pytestmark = pytest.mark.skipif(not FAST_READS_SUPPORTED, reason="reads without the flock need x86-64 Linux")

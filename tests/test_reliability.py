@@ -52,7 +52,7 @@ import pytest
 
 import nvcache
 from nvcache import CacheError, CacheFull, CacheTimeout, RecordTooLarge
-from nvcache.locking import FLAG_OFFSET, SLOT_SIZE, SLOTS, SLOTS_OFFSET
+from nvcache.readertable import FLAG_OFFSET, SLOT_SIZE, SLOTS, SLOTS_OFFSET
 from nvcache.cachedir import FORMAT_DIR, format_dir
 from payloads import incompressible
 

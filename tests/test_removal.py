@@ -329,7 +329,7 @@ def test_directory_removed_under_a_live_process(tmp_path, core_env, how):
 # Holds the cache lock as a writer does (exclusive flock, then the readers table's writer flag).
 LOCK_HOLDER = r"""
 import fcntl, os, sys, time
-from nvcache.locking import FLAG_OFFSET
+from nvcache.readertable import FLAG_OFFSET
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 fcntl.flock(fd, fcntl.LOCK_EX)
 table = os.open(os.path.join(sys.argv[1], "readers"), os.O_RDWR)
