@@ -618,22 +618,7 @@ def _victim(Cache: type, path: str) -> Callable[[], Any]:
         except CacheError:
             out["count_at_open"] = None
             out["errors"] += 1
-        for i in range(CORRUPT_KEYS):
-            try:
-                data = cache.get(lid(i))
-            except CacheError:
-                out["errors"] += 1
-                continue
-            if data is None:
-                out["misses"] += 1
-            elif data == record(i, size_of(i, CORRUPT_LO, CORRUPT_HI)):
-                out["hits"] += 1
-            else:
-                out["wrong"] += 1
-        try:
-            out["verify"] = cache.verify()
-        except CacheError as exc:
-            out["verify"] = [f"CacheError: {exc}"]
+        read_back(cache, out)
         new = record(10**6, 777)
         try:
             cache.put(lid(10**6), new)
@@ -677,6 +662,27 @@ def classify(victim: Outcome, follow: Outcome) -> str:
     if v.get("misses"):
         return "served-as-miss"
     return "intact"
+
+
+def read_back(cache: Any, out: Dict[str, Any]) -> None:
+    """Read every record of a corrupted cache into ``out``'s hits, misses, wrong and errors, then
+    its verify() (a CacheError there is reported as its problem)."""
+    for i in range(CORRUPT_KEYS):
+        try:
+            data = cache.get(lid(i))
+        except CacheError:
+            out["errors"] += 1
+            continue
+        if data is None:
+            out["misses"] += 1
+        elif data == record(i, size_of(i, CORRUPT_LO, CORRUPT_HI)):
+            out["hits"] += 1
+        else:
+            out["wrong"] += 1
+    try:
+        out["verify"] = cache.verify()
+    except CacheError as exc:
+        out["verify"] = [f"{type(exc).__name__}: {exc}"]
 
 
 def corruption_cases() -> List[Tuple[str, str]]:

@@ -27,8 +27,8 @@ from nvcache.cachedir import FORMAT_DIR, format_dir
 import nvcache
 from nvcache import CacheDamaged, CacheError
 from test_api import _stored_born, tamper
-from test_reliability import (CORRUPT_HI, CORRUPT_KEYS, CORRUPT_LO, _follow_up, corruption_cases, damage, lid,
-                              populate, record, run_forked, size_of)
+from test_reliability import (_follow_up, corruption_cases, damage, lid,
+                              populate, read_back, record, run_forked)
 
 DIGEST = "sha256:" + "d" * 64
 
@@ -303,22 +303,7 @@ def _read_only_victim(Cache: type, path: str) -> Callable[[], Any]:
             out["open"] = f"{type(exc).__name__}: {exc}"
             return out
         with cache:
-            for i in range(CORRUPT_KEYS):
-                try:
-                    data = cache.get(lid(i))
-                except CacheError:
-                    out["errors"] += 1
-                    continue
-                if data is None:
-                    out["misses"] += 1
-                elif data == record(i, size_of(i, CORRUPT_LO, CORRUPT_HI)):
-                    out["hits"] += 1
-                else:
-                    out["wrong"] += 1
-            try:
-                out["verify"] = cache.verify()
-            except CacheError as exc:
-                out["verify"] = [f"{type(exc).__name__}: {exc}"]
+            read_back(cache, out)
         return out
     return run
 
