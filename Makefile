@@ -25,8 +25,22 @@ $(LMDB_H):
 
 # Editable install: compiles ext/_index.pyx into nvcache/_index*.so.
 $(STAMP): $(BIN)/python pyproject.toml setup.py ext/_index.pyx | $(LMDB_H)
-	$(BIN)/python -m pip install -q -e '.[cli,test,bench]'
+	$(BIN)/python -m pip install -q -e '.[cli,test,bench,remote]'
 	@touch $(STAMP)
+
+# The remote tier's tests start their own redis-server instances (standalone and a three-master
+# cluster, tests/redisservers.py), never the system's service: Debian's redis-server and
+# redis-tools (redis-cli, for `--cluster create`), installed here like liblmdb-dev. Without them
+# (not root, no apt-get) those tests skip and say why.
+REDIS_SERVER := /usr/bin/redis-server
+REDIS_CLI    := /usr/bin/redis-cli
+$(REDIS_SERVER) $(REDIS_CLI):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q redis-server redis-tools || { apt-get update -q && apt-get install -y -q redis-server redis-tools; }; \
+	else \
+	  echo "note: no $@; the remote tier's tests against real Redis servers will skip" >&2; \
+	fi
 
 # `make wheel`: $(WHEELHOUSE)/nvcache-*-manylinux_*.whl, which carries its own liblmdb: auditwheel
 # copies the library into nvcache.libs/ under a hashed soname and points the extension's RUNPATH
@@ -57,7 +71,7 @@ demo: $(STAMP)
 # The whole suite runs over both cores (compiled and pure Python) through
 # the `core` fixture; the second run proves NVCACHE_NO_EXTENSIONS=1 switches
 # the package default and that nothing imports the extension behind its back.
-test: $(STAMP)
+test: $(STAMP) | $(REDIS_SERVER) $(REDIS_CLI)
 	$(PYTEST) -q tests
 	NVCACHE_NO_EXTENSIONS=1 $(PYTEST) -q tests/test_switch.py
 

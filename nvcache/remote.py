@@ -1,0 +1,329 @@
+"""The remote tier: records shared across nodes through Redis or Redis Cluster (redis-py).
+
+``RemoteTier(url)`` with ``url`` one of::
+
+    redis://[:password@]host:port/db      rediss://...  (TLS)      unix:///path/redis.sock[?db=n]
+    redis+cluster://[:password@]host:port[,host:port...]  (redis-py's RedisCluster; rediss+cluster: TLS)
+
+``get(name)`` returns the record's bytes or None; ``put(name, data)`` writes it and returns
+whether it was written. Names are record names (``layer_id + b"_" + kind``, names.record_name);
+keys are ``prefix + name`` (default prefix ``nvcache:``); values are remoterecords.py's format
+(stored form, checksum, name, and with a key a BLAKE2b tag). TTL: none by default, so records
+stay until the server's ``maxmemory-policy`` evicts them: run the server with ``maxmemory`` set
+and ``maxmemory-policy allkeys-lru`` (with ``noeviction``, a full server refuses writes: puts are
+skipped, reads go on).
+
+**Faults never reach the caller.** Every call is bounded by the socket timeouts (``timeout``,
+default 0.2 s, for connecting and for each reply) and redis-py's own retries are switched off,
+so one call waits at most about one timeout (cluster: the redirect it follows). These end as a
+miss or a skipped write, counted in ``remote_errors`` and logged once per state change:
+
+* ``redis.exceptions.RedisError``: ConnectionError (refused, reset, AUTH failed), TimeoutError
+  (a stopped server), ResponseError (``OOM command not allowed``, ``READONLY``, ``MISCONF``,
+  ``CLUSTERDOWN``, a MOVED that redis-py could not follow), every ClusterError;
+* ``redis.exceptions.RedisClusterException`` (not a RedisError: no node reachable at start,
+  slots not covered) and ``OSError`` (a socket error redis-py did not wrap);
+* anything else raised inside a call (a bug here or in redis-py) is also caught and counted,
+  logged with its traceback once: the tier is an optimisation, and a scanner must not fail
+  because of it.
+
+**Circuit breaker.** A fault opens a breaker: for ``backoff`` seconds (default 1 s) calls skip
+the server (``remote_skipped``, about a microsecond each); then one call is let through as a
+probe (the others keep skipping); its success closes the breaker, its failure doubles the
+backoff, up to ``max_backoff`` (default 30 s). Reads and writes have one breaker each: a
+connection-level fault opens both, a refused write (ResponseError: a full or read-only server)
+only the write breaker, so a full server still serves reads.
+
+**Bad values** (remoterecords.BadValue: bad tag, wrong name, bad checksum, truncated) are a
+miss, counted in ``remote_rejected``, logged (with the reason, for the first few) and deleted
+from the server, but only if the key still holds those same bytes (a Lua compare-and-delete),
+so a good value another node wrote meanwhile stays.
+
+Writes are synchronous: a put waits for the server's reply (about 0.1-0.3 ms on a local server,
+bench/remote.py), never longer than the timeout, and nothing runs in the background (nothing
+to restart after a fork, nothing lost at exit). redis-py's connection pools notice a fork and
+reconnect in the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.retry import Retry
+
+from .remoterecords import BadValue, KeyLike, decode_value, encode_stored, encode_value, make_key
+
+log = logging.getLogger("nvcache.remote")
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "nvcache:"
+DEFAULT_TIMEOUT = 0.2
+DEFAULT_BACKOFF = 1.0
+DEFAULT_MAX_BACKOFF = 30.0
+DEFAULT_MAX_RECORD = 64 << 20  # larger records are not shared (a value is one Redis string)
+_LOGGED_REJECTS = 10  # bad values logged one by one; after that, counted only
+
+# Faults of the server or the path to it (see the module docstring).
+FAULTS: Tuple[type, ...] = (RedisError, RedisClusterException, OSError)
+
+# Delete the key only if it still holds the bad value read: a good value written meanwhile stays.
+_DELETE_IF_SAME = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class Breaker:
+    """Closed (calls go through) or open until a time (calls skip, then one probe goes through)."""
+
+    def __init__(self, what: str, backoff: float, max_backoff: float) -> None:
+        self.what = what
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._wait = backoff  # the next opening's length: doubles while probes fail
+        self._until = 0.0  # 0: closed
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._until != 0.0
+
+    def admit(self) -> bool:
+        """Whether a call may go to the server now."""
+        if not self._until:  # closed: the hot path takes no lock
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if not self._until:
+                return True
+            if now < self._until:
+                return False
+            # This call is the probe; the others skip until it has failed or succeeded.
+            self._until = now + self._wait
+            return True
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            opening = not self._until
+            self._wait = self.backoff if opening else min(self._wait * 2, self.max_backoff)
+            self._until = time.monotonic() + self._wait
+            wait = self._wait
+        if opening:
+            log.warning("remote tier: %s fail (%s); skipped for %.1f s, then probed", self.what, reason, wait)
+        else:
+            log.debug("remote tier: %s probe failed (%s); skipped for %.1f s", self.what, reason, wait)
+
+    def succeeded(self) -> None:
+        if not self._until:
+            return
+        with self._lock:
+            was_open = bool(self._until)
+            self._until = 0.0
+            self._wait = self.backoff
+        if was_open:
+            log.warning("remote tier: %s work again", self.what)
+
+
+def _retry_none() -> Retry:
+    # redis-py (>= 6) retries a failed command 3 times with backoff by default: that would
+    # multiply the bounded latency of a dead server by four. The breaker decides when to retry.
+    return Retry(NoBackoff(), 0)
+
+
+def connect(url: str, timeout: float, password: Optional[str] = None) -> Any:
+    """A redis-py client for ``url`` (RedisCluster connects at once and may raise a FAULT)."""
+    common: Dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                                  retry=_retry_none(), health_check_interval=0)
+    if password is not None:
+        common["password"] = password
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        parts = urlsplit(url)
+        nodes: List[ClusterNode] = []
+        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"a cluster URL lists host:port pairs, got {item!r} in {url!r}")
+            nodes.append(ClusterNode(host.strip("[]"), int(port)))
+        if parts.password is not None and password is None:
+            common["password"] = unquote(parts.password)
+        if parts.username:
+            common["username"] = unquote(parts.username)
+        return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"),
+                            require_full_coverage=False, **common)
+    if scheme in ("redis", "rediss", "unix"):
+        return redis.Redis.from_url(url, **common)
+    raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
+
+
+class RemoteTier:
+    """Records shared through one Redis (or Redis Cluster); every call is safe to make."""
+
+    def __init__(self, url: str, *, key: Optional[KeyLike] = None, prefix: str = DEFAULT_PREFIX,
+                 ttl: Optional[float] = None, timeout: float = DEFAULT_TIMEOUT,
+                 backoff: float = DEFAULT_BACKOFF, max_backoff: float = DEFAULT_MAX_BACKOFF,
+                 max_record: int = DEFAULT_MAX_RECORD, password: Optional[str] = None) -> None:
+        if not isinstance(url, str) or "://" not in url:
+            raise ValueError(f"remote URL must be a redis://, rediss://, unix:// or redis+cluster:// URL, got {url!r}")
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        if not timeout > 0 or not 0 < backoff <= max_backoff:
+            raise ValueError("timeout and backoff must be positive, backoff <= max_backoff")
+        self.url = url
+        self.key = make_key(key)
+        self.prefix = prefix.encode("utf-8")
+        self.ttl_ms = int(ttl * 1000) if ttl is not None else None
+        self.timeout = timeout
+        self.max_record = max_record
+        self._password = password
+        self.reads = Breaker("reads", backoff, max_backoff)
+        self.writes = Breaker("writes", backoff, max_backoff)
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self._unexpected_logged = False
+        self.counts: Dict[str, int] = dict(remote_hits=0, remote_misses=0, remote_errors=0,
+                                           remote_skipped=0, remote_rejected=0, remote_puts=0)
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+            raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **kwargs: Any) -> Optional["RemoteTier"]:
+        """The tier ``NVCACHE_REMOTE`` names (None when unset or empty), keyed by
+        ``NVCACHE_REMOTE_KEY`` when set; ``NVCACHE_REMOTE_PREFIX`` and ``NVCACHE_REMOTE_TTL``
+        (seconds) when set. Keyword arguments win over the environment."""
+        url = environ.get("NVCACHE_REMOTE", "")
+        if not url:
+            return None
+        if environ.get("NVCACHE_REMOTE_KEY"):
+            kwargs.setdefault("key", environ["NVCACHE_REMOTE_KEY"])
+        if environ.get("NVCACHE_REMOTE_PREFIX"):
+            kwargs.setdefault("prefix", environ["NVCACHE_REMOTE_PREFIX"])
+        if environ.get("NVCACHE_REMOTE_TTL"):
+            kwargs.setdefault("ttl", float(environ["NVCACHE_REMOTE_TTL"]))
+        return cls(url, **kwargs)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += n
+
+    def stats(self) -> Dict[str, int]:
+        with self._counts_lock:
+            return dict(self.counts)
+
+    def _get_client(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = connect(self.url, self.timeout, self._password)
+                client = self._client
+        return client
+
+    def _call(self, breaker: Breaker, op: Callable[[Any], T], writing: bool,
+              admitted: bool = False) -> Tuple[bool, Optional[T]]:
+        """(True, op's result) or (False, None) when skipped or failed; never raises.
+        ``admitted``: the caller already had the breaker's admission (it may be the probe)."""
+        if not admitted and not breaker.admit():
+            self._count("remote_skipped")
+            return False, None
+        try:
+            result = op(self._get_client())
+        except FAULTS as exc:
+            self._failed(exc, writing)
+            return False, None
+        except Exception as exc:  # noqa: BLE001 - see the module docstring: never reach the scanner
+            if not self._unexpected_logged:
+                self._unexpected_logged = True
+                log.exception("remote tier: unexpected %s", type(exc).__name__)
+            self._failed(exc, writing)
+            return False, None
+        breaker.succeeded()
+        if writing:  # a write that went through proves the connection too
+            self.reads.succeeded()
+        return True, result
+
+    def _failed(self, exc: BaseException, writing: bool) -> None:
+        self._count("remote_errors")
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        if writing and isinstance(exc, ResponseError):
+            # The server answered and refused the write (full, read-only): reads may still work.
+            self.writes.failed(reason)
+            return
+        self.writes.failed(reason)
+        self.reads.failed(reason)
+        if isinstance(exc, RedisClusterException):
+            # A client that could not learn the slots is remade on the next probe.
+            with self._client_lock:
+                self._client = None
+
+    # -- the tier ---------------------------------------------------------------------------
+    def get(self, name: bytes) -> Optional[bytes]:
+        """Record ``name``'s bytes from the server, or None (absent, rejected, skipped, a fault)."""
+        key = self.prefix + name
+        ok, value = self._call(self.reads, lambda c: c.get(key), writing=False)
+        if not ok:
+            return None
+        if value is None:
+            self._count("remote_misses")
+            return None
+        try:
+            data = decode_value(name, value, self.key, self.max_record)
+        except BadValue as exc:
+            self._reject(key, value, str(exc))
+            return None
+        self._count("remote_hits")
+        return data
+
+    def _reject(self, key: bytes, value: bytes, reason: str) -> None:
+        self._count("remote_misses")
+        self._count("remote_rejected")
+        if self.stats()["remote_rejected"] <= _LOGGED_REJECTS:
+            log.warning("remote tier: rejected the value of %r: %s; deleting it", key[:200], reason)
+        self._call(self.writes, lambda c: c.eval(_DELETE_IF_SAME, 1, key, value), writing=True)
+
+    def put(self, name: bytes, data: Any) -> bool:
+        """Write record ``name`` (its bytes ``data``); whether it was written."""
+        if len(data) > self.max_record:
+            self._count("remote_skipped")
+            return False
+        if not self.writes.admit():  # encode nothing for a write that will be skipped
+            self._count("remote_skipped")
+            return False
+        return self._set(name, encode_value(name, data, self.key), admitted=True)
+
+    def put_stored(self, name: bytes, encoding: int, stored: Any) -> bool:
+        """Write record ``name`` from its local stored form, when that is raw (0) or zstd
+        without dictionary (1): no compression again. Other encodings raise ValueError."""
+        return self._set(name, encode_stored(name, encoding, stored, self.key), admitted=False)
+
+    def _set(self, name: bytes, value: bytes, admitted: bool) -> bool:
+        key = self.prefix + name
+        ttl = self.ttl_ms
+        ok, _ = self._call(self.writes, lambda c: c.set(key, value, px=ttl), writing=True, admitted=admitted)
+        if ok:
+            self._count("remote_puts")
+        return ok
+
+    def delete(self, name: bytes) -> bool:
+        """Remove record ``name`` from the server; whether the call went through."""
+        key = self.prefix + name
+        return self._call(self.writes, lambda c: c.delete(key), writing=True)[0]
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection must not raise either
+                pass

@@ -1,0 +1,346 @@
+"""The remote tier (nvcache/remote.py, remoterecords.py) against real redis-server processes.
+
+Every server here is the suite's own (tests/redisservers.py): a standalone one on a loopback port
+and a unix socket, one with requirepass, a three-master cluster, and fresh ones for the faults
+(killed, SIGSTOPped, restarted, full). No Redis is mocked. Latencies of the faults are printed
+(``pytest -s``) and asserted only to be bounded; bench/remote.py measures them properly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any, Iterator
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from nvcache import remoterecords
+from nvcache.remote import RemoteTier
+from nvcache.scanrecords import scan_record
+
+import redisservers as rs
+
+KEY = "a fleet secret of 32+ characters!"
+FAST = dict(timeout=0.2, backoff=0.3, max_backoff=0.6)  # short backoffs keep the file quick
+
+
+def _name() -> bytes:
+    return f"sha256:{uuid.uuid4().hex}".encode() + b"_layer_file"
+
+
+def _record(seed: int = 1) -> bytes:
+    """A scanner-shaped record (compressible, a few KiB)."""
+    return scan_record(f"sha256:{seed:064x}", 6000, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[rs.RedisServer]:
+    rs.require_binaries()
+    s = rs.RedisServer().start()
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def fresh() -> Iterator[rs.RedisServer]:
+    """A server of this test's own, to kill, stop or fill."""
+    rs.require_binaries()
+    s = rs.RedisServer().start()
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[rs.RedisCluster3]:
+    rs.require_binaries()
+    c = rs.RedisCluster3().start()
+    yield c
+    c.cleanup()
+
+
+# -- round trips ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+@pytest.mark.parametrize("key", [None, KEY])
+def test_round_trip(server: rs.RedisServer, via: str, key: Any) -> None:
+    tier = RemoteTier(server.tcp_url if via == "tcp" else server.unix_url, key=key)
+    compressible, incompressible, name1, name2 = _record(3), os.urandom(3000), _name(), _name()
+    assert tier.get(name1) is None
+    assert tier.put(name1, compressible) and tier.put(name2, incompressible)
+    assert tier.get(name1) == compressible and tier.get(name2) == incompressible
+    with server.client() as c:
+        v1, v2 = c.get(b"nvcache:" + name1), c.get(b"nvcache:" + name2)
+    # The remote form: zstd without dictionary when it is smaller, else raw; tagged iff keyed.
+    assert v1[:4] == remoterecords.MAGIC and v1[5] == remoterecords.ZSTD and len(v1) < len(compressible)
+    assert v2[5] == 0  # raw
+    assert v1[4] == (remoterecords.TAGGED if key else 0)
+    assert tier.stats() == dict(remote_hits=2, remote_misses=1, remote_errors=0, remote_skipped=0,
+                                remote_rejected=0, remote_puts=2)
+    tier.close()
+
+
+def test_prefix_ttl_and_env(server: rs.RedisServer) -> None:
+    tier = RemoteTier.from_env({"NVCACHE_REMOTE": server.unix_url, "NVCACHE_REMOTE_KEY": KEY,
+                                "NVCACHE_REMOTE_PREFIX": "fleet7:", "NVCACHE_REMOTE_TTL": "60"})
+    assert tier is not None and tier.key is not None
+    name = _name()
+    assert tier.put(name, b"x" * 500)
+    with server.client() as c:
+        assert 0 < c.pttl(b"fleet7:" + name) <= 60_000
+    assert RemoteTier.from_env({}) is None
+    # Another node with the same key reads it; without the key it reads it too (trusting the checksum).
+    assert RemoteTier(server.tcp_url, key=KEY, prefix="fleet7:").get(name) == b"x" * 500
+    assert RemoteTier(server.tcp_url, prefix="fleet7:").get(name) == b"x" * 500
+
+
+def test_dictionary_encodings_are_not_shipped(server: rs.RedisServer) -> None:
+    tier = RemoteTier(server.unix_url)
+    with pytest.raises(ValueError):
+        tier.put_stored(_name(), 2, b"a frame made with dictionary 1")
+    import zstandard
+    name, data = _name(), b"layer " * 1000
+    assert tier.put_stored(name, 1, zstandard.ZstdCompressor().compress(data))
+    assert tier.get(name) == data
+
+
+# -- tampered values ------------------------------------------------------------------------------
+def _flip(value: bytes, at: int) -> bytes:
+    return value[:at] + bytes([value[at] ^ 0x01]) + value[at + 1:]
+
+
+def _fix_checksum(value: bytes, name_len: int, tagged: bool) -> bytes:
+    """Recompute the checksum of a changed body: only the tag can catch that change."""
+    import xxhash
+    h = remoterecords.HEADER
+    end = len(value) - (remoterecords.TAG_SIZE if tagged else 0)
+    body = value[h.size + name_len:end]
+    return value[:12] + xxhash.xxh3_64_intdigest(body).to_bytes(8, "big") + value[20:]
+
+
+TAMPERS = {
+    "bad tag": (KEY, lambda v, n, other: _fix_checksum(_flip(v, len(v) - 40), len(n), True), "bad tag"),
+    "wrong key": (KEY, lambda v, n, other: remoterecords.encode_value(n, b"poison" * 50, remoterecords.make_key("another key, 16+ bytes")), "bad tag"),
+    "wrong name keyed": (KEY, lambda v, n, other: other, "wrong name"),
+    "truncated keyed": (KEY, lambda v, n, other: v[:-7], "truncated"),
+    "untagged, keyed tier": (KEY, lambda v, n, other: remoterecords.encode_value(n, b"poison" * 50, None), "no tag"),
+    "bad checksum": (None, lambda v, n, other: _flip(v, len(v) - 3), "bad checksum"),
+    "wrong name": (None, lambda v, n, other: other, "wrong name"),
+    "truncated": (None, lambda v, n, other: v[:30], "truncated"),
+    "not ours": (None, lambda v, n, other: b"some other program's value", "not an nvcache"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERS))
+def test_tampered_values_are_misses_and_deleted(server: rs.RedisServer, case: str, caplog: Any) -> None:
+    key, tamper, reason = TAMPERS[case]
+    tier = RemoteTier(server.unix_url, key=key)
+    name, other = _name(), _name()
+    record = _record(5)
+    assert tier.put(name, record) and tier.put(other, _record(6))
+    rkey, okey = b"nvcache:" + name, b"nvcache:" + other
+    with server.client() as c:
+        good = c.get(rkey)
+        bad = tamper(good, name, c.get(okey))
+        assert bad != good
+        c.set(rkey, bad)
+        with caplog.at_level(logging.WARNING, logger="nvcache.remote"):
+            assert tier.get(name) is None
+        assert c.exists(rkey) == 0, "the bad value is deleted"
+        assert c.get(okey) is not None, "only the bad value"
+    assert reason in caplog.text
+    stats = tier.stats()
+    assert stats["remote_rejected"] == 1 and stats["remote_misses"] == 1 and stats["remote_errors"] == 0
+    assert tier.put(name, record) and tier.get(name) == record  # the name works again
+
+
+def test_a_value_changed_after_it_was_read_is_not_deleted(server: rs.RedisServer) -> None:
+    """The delete of a bad value is compare-and-delete: a good value written meanwhile stays."""
+    tier = RemoteTier(server.unix_url, key=KEY)
+    name = _name()
+    with server.client() as c:
+        c.set(b"nvcache:" + name, b"junk value long enough to be read as a header.")
+        value = c.get(b"nvcache:" + name)
+        good = remoterecords.encode_value(name, b"good", tier.key)
+        c.set(b"nvcache:" + name, good)
+        tier._reject(b"nvcache:" + name, value, "test")  # as if the GET had read the junk
+        assert c.get(b"nvcache:" + name) == good
+
+
+def test_oversized_zstd_frame_is_rejected(server: rs.RedisServer) -> None:
+    tier = RemoteTier(server.unix_url, max_record=10_000)
+    name = _name()
+    with server.client() as c:
+        c.set(b"nvcache:" + name, remoterecords.encode_value(name, b"\0" * 100_000, None))
+    assert tier.get(name) is None and tier.stats()["remote_rejected"] == 1
+
+
+# -- AUTH -------------------------------------------------------------------------------------------
+def test_requirepass() -> None:
+    rs.require_binaries()
+    s = rs.RedisServer(password="s3cret-pass").start()
+    try:
+        for url in (s.tcp_url, s.unix_url):
+            tier = RemoteTier(url, key=KEY)
+            name = _name()
+            assert tier.put(name, b"authenticated" * 10) and tier.get(name) == b"authenticated" * 10
+        wrong = RemoteTier(f"redis://:wrong@127.0.0.1:{s.port}/0", **FAST)
+        none = RemoteTier(f"redis://127.0.0.1:{s.port}/0", **FAST)
+        for tier in (wrong, none):
+            assert tier.get(name) is None and not tier.put(name, b"x")
+            assert tier.stats()["remote_errors"] == 1 and tier.stats()["remote_skipped"] == 1
+    finally:
+        s.cleanup()
+
+
+# -- faults ------------------------------------------------------------------------------------------
+def _timed(call: Any) -> Any:
+    t0 = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - t0
+
+
+def test_killed_then_restarted(fresh: rs.RedisServer) -> None:
+    tier = RemoteTier(fresh.tcp_url, **FAST)
+    name = _name()
+    assert tier.put(name, b"before" * 100)
+    fresh.kill()
+    got, first = _timed(lambda: tier.get(name))
+    assert got is None and tier.reads.is_open and tier.writes.is_open
+    _, skipped = _timed(lambda: tier.get(name))
+    assert not tier.put(name, b"x")
+    stats = tier.stats()
+    assert stats["remote_errors"] == 1 and stats["remote_skipped"] == 2
+    print(f"\nkilled server: first get {first * 1e3:.2f} ms, then skipped {skipped * 1e6:.1f} us")
+    fresh.restart()  # empty: nothing persisted
+    time.sleep(FAST["backoff"] + 0.05)
+    assert tier.put(name, b"after" * 100), "the breaker lets the probe through after its backoff"
+    assert not tier.reads.is_open and not tier.writes.is_open
+    assert tier.get(name) == b"after" * 100
+
+
+def test_sigstopped(fresh: rs.RedisServer) -> None:
+    tier = RemoteTier(fresh.unix_url, **FAST)
+    name = _name()
+    assert tier.put(name, b"v" * 1000)
+    fresh.pause()
+    try:
+        got, first = _timed(lambda: tier.get(name))
+        assert got is None and tier.stats()["remote_errors"] == 1
+        assert first < 5 * FAST["timeout"], f"a stopped server cost {first:.3f} s"
+        _, skipped = _timed(lambda: tier.get(name))
+        put_ok, put_skipped = _timed(lambda: tier.put(name, b"w" * 1000))
+        assert not put_ok and tier.stats()["remote_skipped"] == 2
+        print(f"\nSIGSTOPped server: first get {first * 1e3:.1f} ms, then get {skipped * 1e6:.1f} us, "
+              f"put {put_skipped * 1e6:.1f} us (skipped)")
+        time.sleep(FAST["backoff"] + 0.05)
+        got, probe = _timed(lambda: tier.get(name))  # the probe, still stopped: fails, backoff doubles
+        assert got is None and tier.stats()["remote_errors"] == 2
+    finally:
+        fresh.resume()
+    time.sleep(2 * FAST["backoff"] + 0.05)
+    assert tier.get(name) == b"v" * 1000 and not tier.reads.is_open
+
+
+def test_full_server_skips_writes_keeps_reads(fresh: rs.RedisServer) -> None:
+    tier = RemoteTier(fresh.unix_url, **FAST)
+    small = _name()
+    assert tier.put(small, b"small" * 20)
+    with fresh.client() as c:
+        c.config_set("maxmemory", "1mb")
+        c.config_set("maxmemory-policy", "noeviction")
+    big = _name()
+    assert not tier.put(big, os.urandom(800_000)), "OOM command not allowed: the write is skipped"
+    assert tier.stats()["remote_errors"] == 1
+    assert tier.writes.is_open and not tier.reads.is_open
+    assert tier.get(small) == b"small" * 20, "a full server still serves reads"
+    assert not tier.put(_name(), b"x") and tier.stats()["remote_skipped"] == 1
+
+
+def test_bad_urls_are_the_callers_bug() -> None:
+    for url in ("http://x", "localhost:6379", "redis+cluster://nohostport"):
+        with pytest.raises(ValueError):
+            tier = RemoteTier(url)
+            tier._get_client()
+    with pytest.raises(ValueError):
+        RemoteTier("redis://127.0.0.1:1/0", key="short")
+
+
+def test_nothing_listening() -> None:
+    """Connection refused: a miss and a skipped write, the second call costs nothing."""
+    port = rs.free_port()
+    for url in (f"redis://127.0.0.1:{port}/0", f"redis+cluster://127.0.0.1:{port}", "unix:///tmp/nvr-none.sock"):
+        tier = RemoteTier(url, **FAST)
+        assert tier.get(b"a_layer_file") is None and not tier.put(b"a_layer_file", b"x")
+        assert tier.stats()["remote_errors"] == 1 and tier.stats()["remote_skipped"] == 1
+
+
+# -- cluster ------------------------------------------------------------------------------------------
+def test_cluster_a_key_in_each_master(cluster: rs.RedisCluster3) -> None:
+    tier = RemoteTier(cluster.url, key=KEY)
+    placed = {}
+    while len(placed) < 3:
+        name = _name()
+        owner = cluster.owner(key_slot(b"nvcache:" + name))
+        placed.setdefault(owner.port, name)
+    for port, name in placed.items():
+        data = _record(port)
+        assert tier.put(name, data) and tier.get(name) == data
+        owner = next(n for n in cluster.nodes if n.port == port)
+        with owner.client() as c:
+            assert c.exists(b"nvcache:" + name) == 1  # on the master of its slot
+    assert tier.stats()["remote_hits"] == 3 and tier.stats()["remote_errors"] == 0
+
+
+def test_cluster_slot_moved(cluster: rs.RedisCluster3) -> None:
+    """A slot given to another master after the client learned the map: MOVED, followed."""
+    tier = RemoteTier(cluster.url)
+    assert tier.put(_name(), b"learn the slots")
+    name = _name()
+    slot = key_slot(b"nvcache:" + name)
+    old = cluster.owner(slot)
+    new = next(n for n in cluster.nodes if n is not old)
+    with old.client() as c:
+        assert c.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+    with new.client() as c:
+        new_id = c.execute_command("CLUSTER MYID")
+    for node in [new, old] + [n for n in cluster.nodes if n not in (new, old)]:
+        with node.client() as c:
+            c.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+    deadline = time.monotonic() + 10
+    while cluster.owner(slot) is not new and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tier.put(name, b"moved" * 10) and tier.get(name) == b"moved" * 10
+    with new.client() as c:
+        assert c.exists(b"nvcache:" + name) == 1
+    assert tier.stats()["remote_errors"] == 0
+
+
+def test_cluster_master_killed() -> None:
+    rs.require_binaries()
+    c = rs.RedisCluster3().start()
+    try:
+        tier = RemoteTier(c.url, **FAST)
+        names = {}
+        while len(names) < 3:
+            name = _name()
+            names.setdefault(c.owner(key_slot(b"nvcache:" + name)).port, name)
+        for name in names.values():
+            assert tier.put(name, b"c" * 100)
+        victim = c.nodes[1]
+        victim.kill()
+        got, first = _timed(lambda: tier.get(names[victim.port]))
+        assert got is None and tier.stats()["remote_errors"] == 1
+        print(f"\ncluster master killed: first get {first * 1e3:.1f} ms")
+        time.sleep(2 * FAST["max_backoff"])
+        alive = [n for p, n in names.items() if p != victim.port]
+        # Keys on the living masters: the probe may still fail while the client relearns the map;
+        # within a few backoffs they are served again.
+        deadline = time.monotonic() + 10
+        while tier.get(alive[0]) != b"c" * 100 and time.monotonic() < deadline:
+            time.sleep(FAST["max_backoff"])
+        assert tier.get(alive[0]) == b"c" * 100 or tier.get(alive[1]) == b"c" * 100
+    finally:
+        c.cleanup()
