@@ -147,10 +147,13 @@ def _timed_flock(fd: int, op: int, deadline: float) -> bool:
     handoff = _Handoff(fd, op)
     try:
         threading.Thread(target=handoff.run, name="nvcache-claim-wait", daemon=True).start()
-    except BaseException as exc:
+    except RuntimeError as exc:  # no thread to spare (it never ran): the claim machinery's failure
         os.close(handoff.dup)
-        if isinstance(exc, RuntimeError):  # no thread to spare: the claim machinery's failure
-            raise OSError(errno.EAGAIN, f"cannot start a thread to wait for the claim: {exc}") from exc
+        raise OSError(errno.EAGAIN, f"cannot start a thread to wait for the claim: {exc}") from exc
+    except BaseException:
+        # A Ctrl-C inside start(): the thread may be running already, so its duplicate is its
+        # own to close (closing it here could make it lock whatever file reuses the number).
+        handoff.give_up()
         raise
     try:
         handoff.done.wait(left)

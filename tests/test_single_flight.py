@@ -308,15 +308,22 @@ def test_real_sigints_leave_no_claim_held(make_cache, cache_dir, core_env):
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
         assert lines.get(timeout=60).strip() == "ready"
-        interrupted = 0
+        interrupted = lost = 0
         for i in range(40):
             name = f"sha256:{i:064x}"
             proc.stdin.write(name + "\n")
             proc.stdin.flush()
             mine = threads_call(cache, name, lambda name=name: record_for(name), 1, wait=10)
             time.sleep(rng.uniform(0.0, 0.03))
-            os.kill(proc.pid, signal.SIGINT)
-            report = json.loads(lines.get(timeout=30))
+            for _again in range(5):
+                os.kill(proc.pid, signal.SIGINT)
+                try:  # Python drops a KeyboardInterrupt raised inside a finaliser: then again
+                    report = json.loads(lines.get(timeout=3))
+                    break
+                except queue.Empty:
+                    lost += 1
+            else:
+                raise AssertionError(f"the target never reported after 5 SIGINTs; lost {lost}")
             assert join(mine) == [sha(record_for(name))]
             interrupted += report["where"] == "interrupted"
             assert report["held"] == 0 and report["claim_fds"] == [], report
