@@ -438,9 +438,11 @@ def _run(claim: _Claim, local: _Local, out: Outcome, probe: Probe, create_and_pu
             return
         claim.close_fd()
         claim.open()
-        if not _wait(claim, fcntl.LOCK_EX, started, wait):
-            _take_over(claim, out, create_and_put)
-            return
+        if not _timed_flock(claim.fd, fcntl.LOCK_EX, 0.0):
+            out.waited = True  # a newcomer that lost the race to the file now at the path
+            if not _wait(claim, fcntl.LOCK_EX, started, wait):
+                _take_over(claim, out, create_and_put)
+                return
     if _found(out, probe):  # stored since our first probe
         claim.release(True)
         return
