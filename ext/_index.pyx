@@ -738,6 +738,12 @@ cdef class Index:
     def claim_training(self, txn, seen):
         return self.twin.claim_training(txn, seen)
 
+    def flight(self, txn):
+        return self.twin.flight(txn)
+
+    def add_flight(self, txn, waits, takeovers, wait_ns):
+        return self.twin.add_flight(txn, waits, takeovers, wait_ns)
+
     def walk(self, txn, on_group, on_orphan=None):
         """fallback.Index.walk (the C walk serves the dump and the victims)."""
         return self.twin.walk(txn, on_group, on_orphan)

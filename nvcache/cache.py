@@ -27,11 +27,11 @@ from __future__ import annotations
 import os
 import threading
 from types import ModuleType, TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 from .arguments import DEFAULT_MB, as_record, bound_bytes, count_arg, mib_text, parse_mib
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
-from . import codec
+from . import codec, flight
 from .controller import controller_json
 from .errors import CacheDamaged, CacheError
 from . import registry
@@ -321,12 +321,27 @@ class LayerCache:
         """
         return self._insert(layer_id, record, kind, keep, 0, 0)
 
+    def get_or_create(self, layer_id: str, create: Callable[[], Record], kind: str = "layer_file",
+                      keep: Iterable[str] = (), wait: Optional[float] = None) -> bytes:
+        """The record, from the cache or else from ``create()``, which then runs once per node.
+
+        A hit counts as :meth:`get`'s. On a miss one caller per name at a time (threads,
+        processes, PID namespaces) runs ``create()`` (bytes-like, else TypeError and nothing
+        stored), puts the result with ``keep`` and returns it: a miss. The others wait for it,
+        ``wait`` seconds at most (default ``flight.WAIT_FACTOR`` × ``lock_timeout``, also the
+        lease of a hung creator), and get its record as a hit; if it raised or died, one of
+        them creates next. A record that cannot be stored still reaches the waiters. Disabled:
+        calls ``create()``; repair=False: get, else ``create()``, nothing claimed nor stored.
+        Waits are counted in :meth:`flight_stats`. See :mod:`nvcache.flight`.
+        """
+        return flight.get_or_create(self, layer_id, create, kind, keep, wait)
+
     def _insert(self, layer_id: str, record: Record, kind: str, keep: Iterable[str],
-                refs: int, last_ns: int, train: bool = True) -> bool:
+                refs: int, last_ns: int, train: bool = True, kept: Optional[frozenset] = None) -> bool:
         core = self._core
         name, lid = core.record_name(layer_id, kind)
         data = as_record(record)
-        keep_ids = _EMPTY if type(keep) is tuple and not keep else core.keep_set(keep)
+        keep_ids = kept if kept is not None else (_EMPTY if type(keep) is tuple and not keep else core.keep_set(keep))
         store = self._opened()
         if store is None:
             return False
@@ -440,6 +455,15 @@ class LayerCache:
         count, total, hits, misses, _evictions = store.counters(self.lock_timeout)
         return {"cache_hits": hits, "cache_misses": misses, "record_count": count,
                 "record_total_size": total}
+
+    def flight_stats(self) -> Optional[Dict[str, float]]:
+        """get_or_create's waits (calls that found their name claimed), takeovers (waiters that
+        then created the record themselves) and wait_seconds (their total); None when disabled."""
+        store = self._opened()
+        if store is None:
+            return None
+        waits, takeovers, wait_ns = store.flight_counters(self.lock_timeout)
+        return {"waits": waits, "takeovers": takeovers, "wait_seconds": wait_ns / 1e9}
 
     def evictions(self) -> Optional[int]:
         """How many records were evicted to respect the bound (None when disabled)."""

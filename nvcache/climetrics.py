@@ -47,7 +47,7 @@ class CacheCollector:
                 self._cache.close()
                 self._cache = None
 
-    def _read(self) -> Optional[Tuple[Dict[str, Optional[int]], int, int, int]]:
+    def _read(self) -> Optional[Tuple[Dict[str, Optional[int]], int, int, int, Dict[str, float]]]:
         with self._lock:
             self.failure = None
             try:
@@ -58,7 +58,7 @@ class CacheCollector:
                 evictions = cache.evictions() or 0
                 st = os.stat(os.path.join(format_dir(self.path), DATA_FILE))
                 size = min(st.st_size, st.st_blocks * 512)  # on disk: with a write map the file is sparse
-                return stats, evictions, cache.max_bytes, size
+                return stats, evictions, cache.max_bytes, size, cache.flight_stats() or {}
             except (CacheError, OSError) as exc:
                 log.warning("cannot read the cache at %s: %s", self.path, exc)
                 self.failure = exc if isinstance(exc, CacheError) else CacheError(str(exc))
@@ -76,9 +76,9 @@ class CacheCollector:
         yield up
         if got is None:
             return
-        stats, evictions, bound, size = got
+        stats, evictions, bound, size, flights = got
 
-        def family(kind: type, name: str, doc: str, value: Optional[int]) -> Metric:
+        def family(kind: type, name: str, doc: str, value: Optional[float]) -> Metric:
             metric = kind(name, doc, labels=labels)
             metric.add_metric(values, value or 0)
             return metric
@@ -91,6 +91,12 @@ class CacheCollector:
                      stats["record_total_size"])
         yield family(GaugeMetricFamily, "nvcache_bound_bytes", "The cache's bound (stored in it)", bound)
         yield family(GaugeMetricFamily, "nvcache_data_file_bytes", f"Size of {DATA_FILE} on disk", size)
+        yield family(CounterMetricFamily, "nvcache_flight_waits",
+                     "get_or_create calls that waited for another caller's create()", flights.get("waits"))
+        yield family(CounterMetricFamily, "nvcache_flight_takeovers",
+                     "Waits after which the waiter created the record itself", flights.get("takeovers"))
+        yield family(CounterMetricFamily, "nvcache_flight_wait_seconds",
+                     "Total time get_or_create calls waited for another's create()", flights.get("wait_seconds"))
 
 
 def _parse_listen(value: str) -> Tuple[str, int]:
@@ -135,7 +141,7 @@ class _QuietHandler(WSGIRequestHandler):
 @pass_settings
 @_friendly
 def metrics(settings: Settings, listen: Optional[str]) -> None:
-    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size.
+    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size, waits.
 
     Read-only. Printed once: exit status 1 when the cache could not be read (nvcache_up is then 0,
     and the message says why); --listen keeps serving nvcache_up 0 and logs why.

@@ -38,7 +38,9 @@ LMDB layout (format 6; one environment, four named databases):
          dictionaries: ``dict`` + big-endian u16 n -> ``<Q`` xxh3-64 of the
          dictionary, then the dictionary (written once, never changed),
          ``dictionary`` -> ``<H`` the one new records are compressed with, and
-         ``trainings`` -> ``<H`` how many trainings processes have claimed.
+         ``trainings`` -> ``<H`` how many trainings processes have claimed;
+         ``flight`` -> ``<QQQ`` get_or_create's waits, takeovers and nanoseconds waited
+         (absent until the first wait; see :mod:`nvcache.flight`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ SIZE_MASK = (1 << ENC_SHIFT) - 1
 DICT_PREFIX = b"dict"
 CURRENT_DICT = b"dictionary"
 TRAININGS = b"trainings"
+FLIGHT = b"flight"
+_TRIPLE = struct.Struct("<QQQ")
 BOUND = b"bound"  # the cache's bound in stored bytes (<Q): one bound per cache, whoever opened it
 _DICT_ID = struct.Struct(">H")
 _U16 = struct.Struct("<H")
@@ -317,6 +321,17 @@ class Index:
             return False
         txn.put(TRAININGS, _U16.pack(seen + 1), db=self.meta)
         return True
+
+    def flight(self, txn: Any) -> Tuple[int, int, int]:
+        """get_or_create's (waits, takeovers, nanoseconds waited) in this file."""
+        raw = txn.get(FLIGHT, None, self.meta)
+        return _TRIPLE.unpack(raw) if raw is not None and len(raw) == _TRIPLE.size else (0, 0, 0)
+
+    def add_flight(self, txn: Any, waits: int, takeovers: int, wait_ns: int) -> None:
+        """Add to get_or_create's counters (saturating, like the others)."""
+        old = self.flight(txn)
+        new = tuple(min(U64_MAX, a + b) for a, b in zip(old, (waits, takeovers, wait_ns)))
+        txn.put(FLIGHT, _TRIPLE.pack(*new), db=self.meta)
 
     def sample(self, txn: Any, start: bytes, limit: int) -> List[Tuple[Any, int]]:
         """Up to ``limit`` records (stored bytes, encoding) from key ``start`` on (wrapping):

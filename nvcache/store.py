@@ -372,6 +372,18 @@ class Store(Lifecycle):
         self._flush(files, txn)
         files.index.apply(txn, {}, hits, misses)
 
+    def add_flight(self, waits: int, takeovers: int, wait_ns: int, timeout: Optional[float] = None) -> None:
+        """Add to get_or_create's counters (see nvcache.flight)."""
+        self._write(self._add_flight, waits, takeovers, wait_ns, timeout=timeout, native=False)
+
+    def _add_flight(self, files: Files, txn: Any, waits: int, takeovers: int, wait_ns: int) -> None:
+        self._reserve(files, 1)
+        files.index.add_flight(txn, waits, takeovers, wait_ns)
+
+    def flight_counters(self, timeout: Optional[float] = None) -> Tuple[int, int, int]:
+        """get_or_create's (waits, takeovers, nanoseconds waited)."""
+        return self._read(lambda index, txn: index.flight(txn), timeout)  # type: ignore[no-any-return]
+
     @property
     def recorded_bound(self) -> int:
         """The bound the file recorded when this process opened it (0: none, an older release's)."""

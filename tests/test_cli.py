@@ -350,6 +350,9 @@ def test_metrics_exposition_parses_back(cache_dir):
         "nvcache_record_bytes": 2000.0,
         "nvcache_bound_bytes": float(int(0.002 * 1024 * 1024)),
         "nvcache_data_file_bytes": float(_on_disk(os.path.join(format_dir(cache_dir), "data.mdb"))),
+        "nvcache_flight_waits_total": 0.0,  # no get_or_create waited (tests/test_single_flight.py counts some)
+        "nvcache_flight_takeovers_total": 0.0,
+        "nvcache_flight_wait_seconds_total": 0.0,
     }
     assert (stats["cache_hits"], stats["cache_misses"]) == (1, 1)
     families = {f.name: f.type for f in text_string_to_metric_families(result.stdout)}
