@@ -215,13 +215,18 @@ def claim_users(fd: int, path: str, timeout: float) -> bool:
             time.sleep(0.001)
 
 
-def last_user(fd: int) -> bool:
-    """Whether this process is the only user left (then it holds ``users`` exclusively)."""
+def flock_alone(fd: int) -> bool:
+    """Take ``fd``'s flock exclusively if nobody else holds it, without waiting; whether it did."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
+
+
+def last_user(fd: int) -> bool:
+    """Whether this process is the only user left (then it holds ``users`` exclusively)."""
+    return flock_alone(fd)
 
 
 # -- reboots -----------------------------------------------------------------

@@ -27,7 +27,6 @@ deleted file, and the next one would take itself for the cache's only user.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import stat
 import time
 from typing import List, Optional, Tuple
 
-from .cachedir import CLEAN_FILE, DATA_FILE, FORMAT_VERSION, USERS_FILE, VERSION_FILE, remove_entry
+from .cachedir import CLEAN_FILE, DATA_FILE, FORMAT_VERSION, USERS_FILE, VERSION_FILE, flock_alone, remove_entry
 from .errors import CacheError
 from .locking import open_directory
 from .readertable import READERS_FILE
@@ -123,14 +122,6 @@ def remove_unused(path: str, max_age: float = UNUSED_FORMAT_AGE_S) -> List[str]:
     return removed
 
 
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def _newest_mtime(directory: str, names: List[str]) -> float:
     newest = 0.0
     for name in names:
@@ -146,13 +137,13 @@ def _remove_if_unused(path: str, name: str, cutoff: float) -> bool:
     fd = open_directory(where)  # never through a symlink planted as v<N>
     users = -1
     try:
-        if not _try_flock(fd):
+        if not flock_alone(fd):
             return False  # a process of that format is inside a transaction
         try:
             users = os.open(os.path.join(where, USERS_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             pass  # nobody ever joined it (a process about to would follow the moved directory)
-        if users >= 0 and not _try_flock(users):
+        if users >= 0 and not flock_alone(users):
             return False  # a process of that format has it open
         if name == LEGACY:
             if _newest_mtime(where, list(LEGACY_FILES) + [USERS_FILE]) > cutoff:

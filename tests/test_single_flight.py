@@ -10,7 +10,6 @@ import json
 import os
 import queue
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "flight_worker.py")
 sys.path.insert(0, HERE)
 from flight_worker import record_for  # noqa: E402
+from test_sharing import _unshare_works  # noqa: E402 (the same probe of PID namespaces)
 
 NAME = "sha256:" + "ab" * 32
 
@@ -268,16 +268,6 @@ def test_disabled_and_read_only_caches(Cache, cache_dir, make_cache):
     writer.put(NAME, b"stored")
     assert reader.get_or_create(NAME, create) == b"stored" and len(calls) == 2
     assert writer.stats()["cache_misses"] == 0  # a reader counts nothing
-
-
-def _unshare_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    try:
-        return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True,
-                              timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="unshare --pid --fork is refused here (needs root or user namespaces)")
