@@ -153,6 +153,17 @@ def analysis_seconds(size: int, fixed_us: float, us_per_kib: float) -> float:
     return (fixed_us + us_per_kib * size / 1024.0) / 1e6
 
 
+def analyse(layer_id: str, size: int, fixed_us: float, us_per_kib: float) -> bytes:
+    """A scanner's analysis of a layer: its record, returned after the modelled time
+    (``analysis_seconds`` of the record's length; making the record is part of that time)."""
+    t0 = time.perf_counter_ns()
+    record = make_record(layer_id, size)
+    left = analysis_seconds(len(record), fixed_us, us_per_kib) - (time.perf_counter_ns() - t0) / 1e9
+    if left > 0:
+        time.sleep(left)
+    return record
+
+
 # -- offline policies over a trace ---------------------------------------------------
 def _next_uses(trace: Sequence[int]) -> List[float]:
     nxt: List[float] = [_NEVER] * len(trace)
@@ -308,11 +319,7 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
                         continue
                     hits.append(0)
                     t0 = time.perf_counter_ns()
-                    record = make_record(lid, size)  # part of the modelled analysis time
-                    left = analysis_seconds(len(record), plan.fixed_us, plan.us_per_kib) - (
-                        time.perf_counter_ns() - t0) / 1e9
-                    if left > 0:
-                        time.sleep(left)
+                    record = analyse(lid, size, plan.fixed_us, plan.us_per_kib)
                     t1 = time.perf_counter_ns()
                     counts["analysis_ns"] += t1 - t0
                     weight = cache.stored_size(record)  # for the offline models: not timed
@@ -339,6 +346,51 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
         out.put(("error", wid, traceback.format_exc()))
         return
     out.put(("ok", wid, stamps.tobytes(), layers.tobytes(), bytes(hits), counts, stored.tobytes()))
+
+
+def gather(procs: Sequence[Any], out: Any, stop: Callable[[], None],
+           poll: Callable[[], None] = lambda: None) -> Dict[int, Tuple[Any, ...]]:
+    """Start ``procs`` and return each one's report, by worker number: ("ok", wid, ...) on ``out``.
+
+    ``poll()`` is called about every 0.1 s while they run (the progress bar). A worker that fails
+    (reports an error, or dies) raises RuntimeError; ``stop()`` is then called (and always at the
+    end) so the others finish their current scan, and every process is joined, or terminated
+    after 30 s.
+    """
+    for p in procs:
+        p.start()
+    reports: Dict[int, Tuple[Any, ...]] = {}
+    try:
+        while len(reports) < len(procs):
+            try:
+                msg = out.get(timeout=0.1)
+            except queue.Empty:
+                for w, p in enumerate(procs):
+                    if w not in reports and p.exitcode not in (None, 0):
+                        raise RuntimeError(f"scanner process {w} died with exit code {p.exitcode}")
+            else:
+                if msg[0] != "ok":
+                    raise RuntimeError(f"scanner process {msg[1]} failed:\n{msg[2]}")
+                reports[msg[1]] = msg
+            poll()
+    finally:
+        stop()
+        # Keep reading while they exit: a child cannot exit before its report left the pipe.
+        give_up = time.monotonic() + 30
+        for p in procs:
+            while p.is_alive() and time.monotonic() < give_up:
+                p.join(0.05)
+                try:
+                    while True:
+                        msg = out.get_nowait()
+                        if msg[0] == "ok":
+                            reports.setdefault(msg[1], msg)
+                except queue.Empty:
+                    pass
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return reports
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -442,41 +494,16 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
                       scan_list, fixed_us, us_per_kib, started + duration, compress)
     procs = [ctx.Process(target=_worker, args=(w, plan, next_scan, done, out), name=f"nvcache-scanner-{w}")
              for w in range(processes)]
-    for p in procs:
-        p.start()
-    reports: Dict[int, Tuple[Any, ...]] = {}
-    try:
-        while len(reports) < processes:
-            try:
-                msg = out.get(timeout=0.1)
-            except queue.Empty:
-                for w, p in enumerate(procs):
-                    if w not in reports and p.exitcode not in (None, 0):
-                        raise RuntimeError(f"scanner process {w} died with exit code {p.exitcode}")
-            else:
-                if msg[0] != "ok":
-                    raise RuntimeError(f"scanner process {msg[1]} failed:\n{msg[2]}")
-                reports[msg[1]] = msg
-            if progress is not None:
-                progress(min(done.value, scans), scans)
-    finally:
-        with next_scan.get_lock():  # on any failure, let the others stop after their current scan
+
+    def stop() -> None:  # on any failure, let the others stop after their current scan
+        with next_scan.get_lock():
             next_scan.value = max(next_scan.value, scans)
-        # Keep reading while they exit: a child cannot exit before its report left the pipe.
-        give_up = time.monotonic() + 30
-        for p in procs:
-            while p.is_alive() and time.monotonic() < give_up:
-                p.join(0.05)
-                try:
-                    while True:
-                        msg = out.get_nowait()
-                        if msg[0] == "ok":
-                            reports.setdefault(msg[1], msg)
-                except queue.Empty:
-                    pass
-            if p.is_alive():
-                p.terminate()
-                p.join()
+
+    def poll() -> None:
+        if progress is not None:
+            progress(min(done.value, scans), scans)
+
+    reports = gather(procs, out, stop, poll)
     result.wall_s = time.monotonic() - started
     result.scans_done = done.value
     result.stopped_by_deadline = result.scans_done < scans
