@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+from . import fleet
 from .arguments import as_record
 from .errors import CacheError
 from .locking import open_nofollow
@@ -290,15 +291,16 @@ class Outcome:
 
 
 Probe = Callable[[], Tuple[Optional[bytes], int]]
-CreateAndPut = Callable[[], Tuple[bytes, bool]]
+# (record, whether the cache now holds one of the name, born when it was found rather than created:
+# the remote tier's record, nvcache.fleet; None when create() made it)
+CreateAndPut = Callable[[], Tuple[bytes, bool, Optional[int]]]
 
 
 def single_flight(store: Store, key: bytes, probe: Probe, create_and_put: CreateAndPut, wait: float) -> Outcome:
     """Run one get_or_create after its first probe missed (see the module docstring).
 
     ``probe()`` reads the cache uncounted: (bytes or None, born). ``create_and_put()``
-    runs create and puts its result: (bytes, whether the cache now holds a record of the
-    name). The caller counts the outcome.
+    runs create and puts its result (see CreateAndPut). The caller counts the outcome.
     """
     out = Outcome()
     started = time.monotonic()
@@ -330,8 +332,10 @@ def single_flight(store: Store, key: bytes, probe: Probe, create_and_put: Create
 
 def _call(out: Outcome, create_and_put: CreateAndPut) -> bool:
     out.calling = True
-    out.data, stored = create_and_put()
+    out.data, stored, born = create_and_put()
     out.calling = False
+    if born is not None:  # found by the node's creator (in the remote tier): a hit
+        out.hit, out.born = True, born
     return stored
 
 
@@ -473,7 +477,7 @@ def get_or_create(cache: Any, layer_id: str, create: Callable[[], Any], kind: st
             return None, 0
         return data, born
 
-    def create_and_put() -> Tuple[bytes, bool]:
+    def create_local() -> Tuple[bytes, bool]:
         data = created(create)
         try:
             cache._insert(layer_id, data, kind, (), 0, 0, kept=kept)  # False: one exists, which is as good
@@ -481,6 +485,13 @@ def get_or_create(cache: Any, layer_id: str, create: Callable[[], Any], kind: st
         except CacheError as exc:  # too large, full of kept records, disk full, lock busy: still returned
             log.warning("record %s_%s created but not stored: %s", layer_id, kind, exc)
             return data, False
+
+    create_and_put: CreateAndPut
+    if cache._remote is not None:  # the node's creator asks the fleet first (nvcache.fleet)
+        create_and_put = fleet.across(cache, store, key, layer_id, kind, kept, create_local, seconds)
+    else:
+        def create_and_put() -> Tuple[bytes, bool, Optional[int]]:
+            return create_local() + (None,)
 
     data, born = probe()
     if data is not None:
@@ -497,7 +508,7 @@ def get_or_create(cache: Any, layer_id: str, create: Callable[[], Any], kind: st
         store.apply_due()
     if out.waited:
         try:
-            store.add_flight(1, int(out.took_over), out.wait_ns, timeout)
+            store.add_tally(b"flight", (1, int(out.took_over), out.wait_ns), timeout)
         except CacheError as exc:  # a count is never worth failing the call that has its record
             log.warning("could not count a get_or_create wait in %s: %s", store.path, exc)
     return out.data

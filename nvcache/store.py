@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lmdb
 
@@ -372,17 +372,17 @@ class Store(Lifecycle):
         self._flush(files, txn)
         files.index.apply(txn, {}, hits, misses)
 
-    def add_flight(self, waits: int, takeovers: int, wait_ns: int, timeout: Optional[float] = None) -> None:
-        """Add to get_or_create's counters (see nvcache.flight)."""
-        self._write(self._add_flight, waits, takeovers, wait_ns, timeout=timeout, native=False)
+    def add_tally(self, name: bytes, values: Sequence[int], timeout: Optional[float] = None) -> None:
+        """Add to the counters of tally ``name`` (fallback.TALLIES: get_or_create's, the remote tier's)."""
+        self._write(self._add_tally, name, values, timeout=timeout, native=False)
 
-    def _add_flight(self, files: Files, txn: Any, waits: int, takeovers: int, wait_ns: int) -> None:
+    def _add_tally(self, files: Files, txn: Any, name: bytes, values: Sequence[int]) -> None:
         self._reserve(files, 1)
-        files.index.add_flight(txn, waits, takeovers, wait_ns)
+        files.index.add_tally(txn, name, values)
 
-    def flight_counters(self, timeout: Optional[float] = None) -> Tuple[int, int, int]:
-        """get_or_create's (waits, takeovers, nanoseconds waited)."""
-        return self._read(lambda index, txn: index.flight(txn), timeout)  # type: ignore[no-any-return]
+    def tally(self, name: bytes, timeout: Optional[float] = None) -> Tuple[int, ...]:
+        """The counters of tally ``name``."""
+        return self._read(lambda index, txn: index.tally(txn, name), timeout)  # type: ignore[no-any-return]
 
     @property
     def recorded_bound(self) -> int:

@@ -78,7 +78,8 @@ def test_round_trip(server: rs.RedisServer, via: str, key: Any) -> None:
     assert v2[5] == 0  # raw
     assert v1[4] == (remoterecords.TAGGED if key else 0)
     assert tier.stats() == dict(remote_hits=2, remote_misses=1, remote_errors=0, remote_skipped=0,
-                                remote_rejected=0, remote_puts=2)
+                                remote_rejected=0, remote_puts=2, fleet_claims=0, fleet_waits=0,
+                                fleet_takeovers=0)
     tier.close()
 
 
