@@ -16,6 +16,7 @@ import click
 from prettytable import PrettyTable
 from tqdm import tqdm
 
+from . import simfleet
 from . import simulate as sim
 from .cli import Settings, _friendly, cli, pass_settings, self_command, stat_table
 
@@ -47,9 +48,59 @@ def result_table(r: sim.SimResult) -> str:
     return table.get_string()
 
 
+def fleet_table(r: simfleet.FleetResult) -> str:
+    """The comparison of the fleet's modes, one row per mode (simfleet's docstring defines each figure)."""
+    table = PrettyTable(["Mode", "Analyses run", "Duplicated", "Fleet-wide dup.", "Analysis time saved",
+                         "Local hit ratio", "Remote hit ratio", "Local byte-hit (Belady)"])
+    table.align = "r"
+    table.align["Mode"] = "l"
+    for m in r.modes:
+        ran = m.mode != "none"
+        saved = m.time_saved_s / m.analysis_no_cache_s if m.analysis_no_cache_s else 0.0
+        table.add_row([
+            m.label + (" *" if m.stopped_by_deadline else ""),
+            f"{m.analyses} ({m.analyses / m.layers_analysed:.2f}/layer)" if m.layers_analysed else m.analyses,
+            m.duplicated if m.duplicated is not None else "-",
+            m.fleet_duplicated if m.fleet_duplicated is not None else "-",
+            f"{m.time_saved_s:.1f} s ({_pct(saved)})",
+            _pct(m.local_hit_ratio) if ran else "-",
+            _pct(m.remote_hit_ratio) if m.mode == "remote" else "-",
+            f"{_pct(m.local_stored_byte_hit_ratio)} ({_pct(m.optimum_byte_hit_ratio)})" if ran else "-",
+        ])
+    return table.get_string()
+
+
+def fleet_details(r: simfleet.FleetResult) -> str:
+    """What each run did: scans, time, accesses and the counters that back the comparison."""
+    table = PrettyTable(["Mode", "Scans", "Wall", "Accesses (hits + misses)", "Evictions", "Node waits",
+                         "Fleet claims / waits", "Remote puts / errors", "Wrong"])
+    table.align = "r"
+    table.align["Mode"] = "l"
+    for m in r.modes:
+        if m.mode == "none":
+            continue
+        rs = m.remote_stats
+        table.add_row([m.label, m.scans_done, f"{m.wall_s:.1f} s",
+                       f"{m.accesses} ({m.local_hits + m.remote_hits} + {m.analyses})", m.evictions, m.flight_waits,
+                       f"{rs.get('fleet_claims', 0)} / {rs.get('fleet_waits', 0)}" if rs else "-",
+                       f"{rs.get('remote_puts', 0)} / {rs.get('remote_errors', 0)}" if rs else "-",
+                       m.wrong_records])
+    return table.get_string()
+
+
 @cli.command()
-@click.option("--processes", "-p", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-              help="Scanner processes sharing the cache.")
+@click.option("--processes", "-p", type=click.IntRange(min=1), default=None,
+              help="Scanner processes sharing the cache [default: one per core; with --nodes, two per node, "
+                   "and a given number is split over the nodes].")
+@click.option("--nodes", type=click.IntRange(min=1), default=None,
+              help="Simulate a fleet of this many nodes, each with its own cache and scanners, and compare: no "
+                   "sharing, per-node cache, per-node + single-flight, per-node + remote tier + fleet "
+                   "single-flight, on the same scans.")
+@click.option("--remote", "remote_url", default=None, metavar="URL",
+              help="With --nodes: the remote tier's Redis (redis://, unix://, redis+cluster://) [default: a "
+                   "private redis-server of the run's own, when installed]. The run's keys are removed after.")
+@click.option("--remote-mb", type=click.FloatRange(min=1), default=64.0, show_default=True,
+              help="With --nodes and no --remote: the private redis-server's maxmemory (allkeys-lru).")
 @click.option("--images", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Images in the synthetic registry.")
 @click.option("--layers", type=click.IntRange(min=3), default=6000, show_default=True,
@@ -78,7 +129,8 @@ def result_table(r: sim.SimResult) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
 @pass_settings
 @_friendly
-def simulate(settings: Settings, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
+def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int], remote_url: Optional[str],
+             remote_mb: float, images: int, layers: int, scans: int, max_mb: float, seed: int,
              skew: float, duration: float, analysis_us: float, us_per_kib: float, sim_path: Optional[str],
              start_method: str, progress: Optional[bool], compress: bool, keep: bool, as_json: bool) -> None:
     """The main job: scanner processes scanning a synthetic registry through one shared cache.
@@ -91,14 +143,29 @@ def simulate(settings: Settings, processes: int, images: int, layers: int, scans
     line; NVCACHE_PATH is ignored here, so the demo never fills a real cache. Without a
     path, the run's temporary directory is removed at the end (also after Ctrl-C) unless
     --keep; its path is printed first.
+
+    With --nodes N: N node directories under that one, each with its own cache and scanner
+    processes, run once per mode on the same scans (scan i on node i mod N), and a table
+    comparing analyses run, duplicated analyses, time saved, hit ratios per tier and Belady's
+    optimum (nvcache/simfleet.py defines each). --duration then bounds each mode's run.
     """
+    if remote_url is not None and nodes is None:
+        raise click.UsageError("--remote needs --nodes")
+    if nodes is None and processes is None:
+        processes = os.cpu_count() or 1
     temporary = not sim_path and not settings.path_given
     path = sim_path or (settings.path if settings.path_given else sim.fresh_path())
+    what = "cache" if nodes is None else "fleet (a directory per mode and node)"
     if temporary and not keep:
-        click.echo(f"cache: {path} (temporary: removed at the end; --keep keeps it)", err=as_json)
+        click.echo(f"{what}: {path} (temporary: removed at the end; --keep keeps it)", err=as_json)
     else:
-        click.echo(f"cache: {path}", err=as_json)
+        click.echo(f"{what}: {path}", err=as_json)
     try:
+        if nodes is not None:
+            _fleet(path, nodes, processes or 2 * nodes, remote_url, remote_mb, images, layers, scans, max_mb, seed,
+                   skew, duration, analysis_us, us_per_kib, start_method, progress, compress, as_json)
+            return
+        assert processes is not None
         _simulate(path, processes, images, layers, scans, max_mb, seed, skew, duration, analysis_us, us_per_kib,
                   start_method, progress, compress, as_json, kept=not temporary or keep)
     finally:
@@ -138,3 +205,49 @@ def _simulate(path: str, processes: int, images: int, layers: int, scans: int, m
         click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
     else:
         click.echo(f"removing {path} (run with --keep to inspect it)")
+
+
+def _fleet(root: str, nodes: int, processes: int, remote_url: Optional[str], remote_mb: float, images: int,
+           layers: int, scans: int, max_mb: float, seed: int, skew: float, duration: float, analysis_us: float,
+           us_per_kib: float, start_method: str, progress: Optional[bool], compress: bool, as_json: bool) -> None:
+    runs = len(simfleet.MODES) - 1  # "none" is computed, not run
+    tqdm.monitor_interval = 0
+    bar = tqdm(total=scans * runs, unit="scan", desc="fleet", file=sys.stderr, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    offsets: dict = {}
+
+    def tick(mode: str, done: int, _total: int) -> None:
+        base = offsets.setdefault(mode, bar.n)  # the modes run one after another
+        bar.set_description(simfleet.LABELS[mode], refresh=False)
+        bar.update(base + done - bar.n)
+
+    try:
+        result = simfleet.run_fleet(root, nodes=nodes, processes=processes, images=images, layers=layers,
+                                    scans=scans, max_mb=max_mb, seed=seed, skew=skew, duration=duration,
+                                    fixed_us=analysis_us, us_per_kib=us_per_kib, start_method=start_method,
+                                    compress=compress, remote=remote_url, remote_mb=remote_mb, progress=tick)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+        return
+    per_node = ", ".join(str(n) for n in result.processes)
+    if result.remote_private:
+        tier = f"a private redis-server (maxmemory {result.remote_maxmemory_mb:g} MiB, allkeys-lru)"
+    else:
+        tier = (result.remote_url or "").split("@")[-1] or "none"
+    click.echo(f"{nodes} nodes ({per_node} scanner processes), {images} images over {layers} layers "
+               f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB per node, "
+               f"{scans} scans, seed {seed}; remote tier: {tier}")
+    click.echo(fleet_table(result))
+    click.echo(fleet_details(result))
+    for mode, why in result.skipped.items():
+        click.echo(f"{simfleet.LABELS[mode]}: skipped: {why}")
+    if any(m.stopped_by_deadline for m in result.modes):
+        click.echo("* stopped at --duration: fewer scans than planned", err=True)
+    for m in result.modes:
+        if m.mode != "none" and (m.counter_hits, m.counter_misses) != (m.local_hits + m.remote_hits, m.analyses):
+            click.echo(f"warning: {m.label}: the caches counted {m.counter_hits} hits and {m.counter_misses} "
+                       f"misses, the scanners {m.local_hits + m.remote_hits} and {m.analyses}", err=True)

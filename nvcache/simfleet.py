@@ -163,6 +163,7 @@ def _fleet_worker(wid: int, node: int, plan: FleetPlan, next_scan: Any, done: An
         cache = LayerCache(plan.paths[node], plan.max_mb, compress=plan.compress, **kwargs)
         probe = _Probe(plan, node)
         my_scans = plan.scans[node]
+        made: Dict[str, bytes] = {}  # a layer analysed again costs the model's time, not more
         try:
             while time.monotonic() < plan.deadline:
                 with next_scan.get_lock():
@@ -182,7 +183,7 @@ def _fleet_worker(wid: int, node: int, plan: FleetPlan, next_scan: Any, done: An
                         flags.append(probe(lid))
                         analyses.extend((li, start, 0))
                         t1 = time.perf_counter_ns()
-                        record = sim.analyse(lid, size, plan.fixed_us, plan.us_per_kib)
+                        record = sim.analyse(lid, size, plan.fixed_us, plan.us_per_kib, made)
                         t2 = time.perf_counter_ns()
                         counts["analysis_ns"] += t2 - t1
                         spent[0] += t2 - t0
