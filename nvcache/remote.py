@@ -61,7 +61,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from .fallback import REMOTE_TALLY
-from .remoterecords import BadValue, KeyLike, decode_value, encode_stored, encode_value, make_key
+from .remoterecords import BadValue, KeyLike, decode_stored, encode_stored, encode_value, make_key
 
 log = logging.getLogger("nvcache.remote")
 
@@ -292,6 +292,12 @@ class RemoteTier:
     # -- the tier ---------------------------------------------------------------------------
     def get(self, name: bytes) -> Optional[bytes]:
         """Record ``name``'s bytes from the server, or None (absent, rejected, skipped, a fault)."""
+        got = self.get_stored(name)
+        return None if got is None else got[0]
+
+    def get_stored(self, name: bytes) -> Optional[Tuple[bytes, int, bytes]]:
+        """(bytes, encoding, stored form) of record ``name`` (see remoterecords.decode_stored), or
+        None as :meth:`get`: a local store can keep the stored form without compressing again."""
         key = self.prefix + name
         ok, value = self._call(self.reads, lambda c: c.get(key), writing=False)
         if not ok:
@@ -300,12 +306,12 @@ class RemoteTier:
             self.count("remote_misses")
             return None
         try:
-            data = decode_value(name, value, self.key, self.max_record)
+            got = decode_stored(name, value, self.key, self.max_record)
         except BadValue as exc:
             self._reject(key, value, str(exc))
             return None
         self.count("remote_hits")
-        return data
+        return got
 
     def _reject(self, key: bytes, value: bytes, reason: str) -> None:
         self.count("remote_misses")
