@@ -421,12 +421,14 @@ class LayerCache:
         return store.merge_history(entries, hits, misses, self.lock_timeout)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
-        """Remove a record; False if there was none."""
+        """Remove a record (from the remote tier too, if any); False if this node had none."""
         key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return False
         self._writable()
+        if self._remote is not None:  # first: a remote copy would come back at the next miss
+            self._remote.delete(self._core.record_name(layer_id, kind)[0])
         return store.remove(key, self.lock_timeout)
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
@@ -528,11 +530,14 @@ class LayerCache:
         return store.set_bound(new, self.lock_timeout)
 
     def clear(self) -> None:
-        """Remove every record. Hit, miss and eviction counters are kept."""
+        """Remove every record (with a remote tier, every record under its prefix: the fleet's).
+        Hit, miss and eviction counters are kept."""
         store = self._opened()
         if store is None:
             return
         self._writable()
+        if self._remote is not None and self._remote.clear() is None:
+            log.warning("cache in %s: the remote tier's records could not be cleared", self.path)
         store.clear(self.lock_timeout)
 
     def stored_size(self, record: Record) -> int:

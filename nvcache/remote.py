@@ -343,6 +343,22 @@ class RemoteTier:
             self.count("remote_puts")
         return ok
 
+    def clear(self) -> Optional[int]:
+        """Delete every key under this tier's prefix (records and claims, in batches of SCAN);
+        how many, or None when the server could not be asked. Every node's records go."""
+        pattern = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in self.prefix) + b"*"
+
+        def op(client: Any) -> int:
+            removed, batch = 0, []
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(client.unlink(*batch))
+                    batch = []
+            return removed + (int(client.unlink(*batch)) if batch else 0)
+        ok, removed = self._call(self.writes, op, writing=True)
+        return removed if ok else None
+
     def delete(self, name: bytes) -> bool:
         """Remove record ``name`` from the server; whether the call went through."""
         key = self.prefix + name
@@ -380,14 +396,15 @@ class RemoteTier:
         ``used_memory``, ``maxmemory`` (bytes, summed over masters), ``maxmemory_policy`` and
         ``masters``; {} when the server could not be asked (skipped or a fault)."""
         def ask(client: Any) -> Dict[str, Any]:
-            memory = client.info("memory")
-            keys = client.dbsize()
-            if isinstance(client, RedisCluster):  # info() answers per node: {"host:port": {...}}
+            if isinstance(client, RedisCluster):  # asked of every master: {"host:port": {...}}, a sum
+                memory = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+                keys = client.dbsize(target_nodes=RedisCluster.PRIMARIES)
                 masters = [v for v in memory.values() if isinstance(v, dict)]
                 policy = sorted({str(v.get("maxmemory_policy", "?")) for v in masters})
                 return dict(keys=int(keys), used_memory=sum(int(v.get("used_memory", 0)) for v in masters),
                             maxmemory=sum(int(v.get("maxmemory", 0)) for v in masters),
                             maxmemory_policy=",".join(policy), masters=len(masters))
+            memory, keys = client.info("memory"), client.dbsize()
             return dict(keys=int(keys), used_memory=int(memory.get("used_memory", 0)),
                         maxmemory=int(memory.get("maxmemory", 0)),
                         maxmemory_policy=str(memory.get("maxmemory_policy", "?")), masters=1)
