@@ -25,11 +25,11 @@ close), or at least once a second while the process is active (see
 from __future__ import annotations
 
 import os
-import threading
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
-from .arguments import DEFAULT_MB, as_record, bound_bytes, count_arg, mib_text, parse_mib
+from .arguments import (DEFAULT_MB, as_record, bound_bytes, count_arg, env_mib, flag, history_entries, mib_text,
+                        seconds)
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
 from . import codec, fleet, flight
 from .controller import controller_json
@@ -98,22 +98,11 @@ class LayerCache:
             raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
         given = None if max_mb is None else bound_bytes(max_mb)
         self._max_bytes = bound_bytes(DEFAULT_MB) if given is None else given
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
-            raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
-        if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
-            raise ValueError(f"lock_timeout must be between 0 and {int(threading.TIMEOUT_MAX)} seconds, "
-                             f"got {lock_timeout!r}")
-        if not isinstance(durable, bool):
-            raise TypeError(f"durable must be True or False, not {type(durable).__name__}")
+        self.lock_timeout = seconds("lock_timeout", lock_timeout)
         self.path = path
-        self.lock_timeout = float(lock_timeout)
-        self.durable = durable
-        if not isinstance(compress, bool):
-            raise TypeError(f"compress must be True or False, not {type(compress).__name__}")
-        self.compress = compress
-        if not isinstance(repair, bool):
-            raise TypeError(f"repair must be True or False, not {type(repair).__name__}")
-        self.repair = repair
+        self.durable = flag("durable", durable)
+        self.compress = flag("compress", compress)
+        self.repair = flag("repair", repair)
         self.enabled = self._max_bytes > 0
         tier = fleet.open_tier(remote, remote_key)  # bad URLs and keys raise before anything opens
         self._remote = tier if self.enabled and repair else None
@@ -177,15 +166,10 @@ class LayerCache:
         if given:
             raise TypeError(f"from_env() takes the path and the bound from NVCACHE_PATH and MAX_CACHE_RECORD_MB, "
                             f"not from {', '.join(given)}: call LayerCache(path, max_mb, ...) instead")
-        raw = os.environ.get("MAX_CACHE_RECORD_MB", "").strip()
-        try:
-            max_mb = parse_mib(raw) if raw else 0.0
-        except ValueError as exc:
-            raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB: {exc}") from None
-        bound_bytes(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
+        max_mb = env_mib(os.environ, "MAX_CACHE_RECORD_MB")
         if not max_mb:
             log.info("MAX_CACHE_RECORD_MB is %s: the layer cache is disabled, as in the scanner",
-                     "0" if raw else "not set")
+                     "0" if os.environ.get("MAX_CACHE_RECORD_MB", "").strip() else "not set")
         if "remote" not in kwargs and os.environ.get("NVCACHE_REMOTE") and max_mb:
             kwargs["remote"] = fleet.tier_from_env(os.environ)
         return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
@@ -429,19 +413,7 @@ class LayerCache:
         """
         count_arg("hits", hits, 1 << 63)
         count_arg("misses", misses, 1 << 63)
-        if isinstance(records, (str, bytes)):
-            raise TypeError("records must be an iterable of (layer_id, kind, reference_count, last_referred_ns)")
-        entries: List[Tuple[bytes, int, int]] = []
-        for record in records:
-            if not isinstance(record, tuple) or len(record) != 4:
-                raise TypeError(f"each record must be a tuple (layer_id, kind, reference_count, "
-                                f"last_referred_ns), got {record!r:.80}")
-            layer_id, kind, refs, last_ns = record
-            key = self._key(layer_id, kind)
-            count_arg("reference_count", refs, 1 << 64)
-            if count_arg("last_referred_ns", last_ns, 1 << 64) == 0:
-                raise ValueError("last_referred_ns must be > 0")
-            entries.append((key, refs, last_ns))
+        entries = history_entries(records, self._key)
         store = self._opened()
         if store is None:
             return 0, 0, 0
@@ -449,12 +421,14 @@ class LayerCache:
         return store.merge_history(entries, hits, misses, self.lock_timeout)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
-        """Remove a record; False if there was none."""
+        """Remove a record (from the remote tier too, if any); False if this node had none."""
         key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return False
         self._writable()
+        if self._remote is not None:  # first: a remote copy would come back at the next miss
+            self._remote.delete(self._core.record_name(layer_id, kind)[0])
         return store.remove(key, self.lock_timeout)
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
@@ -556,11 +530,14 @@ class LayerCache:
         return store.set_bound(new, self.lock_timeout)
 
     def clear(self) -> None:
-        """Remove every record. Hit, miss and eviction counters are kept."""
+        """Remove every record (with a remote tier, every record under its prefix: the fleet's).
+        Hit, miss and eviction counters are kept."""
         store = self._opened()
         if store is None:
             return
         self._writable()
+        if self._remote is not None and self._remote.clear() is None:
+            log.warning("cache in %s: the remote tier's records could not be cleared", self.path)
         store.clear(self.lock_timeout)
 
     def stored_size(self, record: Record) -> int:

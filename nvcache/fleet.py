@@ -17,9 +17,9 @@
   creator (one per node, :mod:`nvcache.flight`) asks the tier, then claims the name in Redis
   (``SET NX PX``, a lease of ``LEASE`` seconds renewed every third of it while ``create()``
   runs, never past the call's ``wait``). A creator that finds another node's claim waits for
-  that node's record, asking the tier with a backoff from ``POLL_FIRST`` to ``POLL_MAX``; it
-  claims the name itself when the claim is gone without a record (that creator raised, was
-  killed, or its lease ran out), and creates the record without a fleet claim when the wait
+  it to go, asking with a backoff from ``POLL_FIRST`` to ``POLL_MAX`` (the holder shares its
+  record before it lets go), then reads the record; it claims the name itself when the claim is
+  gone without a record (that creator raised, was killed, or its lease ran out), and creates the record without a fleet claim when the wait
   reaches ``FLEET_WAIT_SHARE`` of ``wait`` (so that it, not each waiter of its node, takes over)
   or when Redis cannot answer (then the node's claim is all there is).
 
@@ -131,24 +131,25 @@ def stats(store: Store, timeout: float) -> dict:
 # -- reads and writes --------------------------------------------------------------------------
 def fetch(cache: Any, store: Store, key: bytes, layer_id: str, kind: str,
           kept: frozenset) -> Tuple[Optional[bytes], int]:
-    """A local miss asks the tier: (record, born) with the record now local too, else (None, 0).
+    """A local miss asks the tier: (record, 0) with the record now local too, else (None, 0).
 
-    born is the local record's, for the reference the caller counts; 0 when the local cache
-    could not keep it (the caller's hit then counts without a reference)."""
+    The local record starts with the reference the caller's hit counts (its born, 0, matches
+    no record, so the buffer adds no second one), and keeps the remote stored form (zstd
+    without dictionary, or raw) rather than being compressed again: a remote hit costs one
+    local write, not a compression and a read as well (DEVELOPERS.md, "Remote tier")."""
     tier = cache._remote
-    name = cache._core.record_name(layer_id, kind)[0]
-    data = tier.get(name)
-    born = 0
-    if data is not None:
+    name, lid = cache._core.record_name(layer_id, kind)
+    got = tier.get_stored(name)
+    if got is not None:
+        data, encoding, stored = got
         try:
-            cache._insert(layer_id, data, kind, (), 0, 0, kept=kept)
-            found, born = store.lookup(key, cache.lock_timeout)
-            if type(found) is not bytes:
-                born = 0
+            # train=False: a dictionary is for the records this node compresses, not these.
+            store.insert(key, name, lid, data, kept, 1, time.time_ns(), cache.lock_timeout, cache.compress,
+                         train=False, encoded=(encoding, stored) if cache.compress else None)
         except CacheError as exc:  # too large here, full of kept records, lock busy: still a hit
             log.info("record %s_%s from the remote tier not stored here: %s", layer_id, kind, exc)
     sync(tier, cache._tally, store, cache.lock_timeout)
-    return data, born
+    return (None, 0) if got is None else (got[0], 0)
 
 
 def share(cache: Any, store: Store, layer_id: str, kind: str, data: Any) -> None:
@@ -197,7 +198,7 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
 
     def found() -> Optional[Created]:
         data, born = fetch(cache, store, key, layer_id, kind, kept)
-        return None if data is None else (data, bool(born), born)
+        return None if data is None else (data, store.contains(key, timeout=cache.lock_timeout), born)
 
     def create(claimed: Optional[bytes]) -> Created:
         started = time.monotonic()
@@ -242,23 +243,20 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
             if not waited:
                 waited = True
                 tier.count("fleet_waits")
-            while True:  # another node creates it: wait for its record or for its claim to go
+            while True:  # another node creates it: wait for its claim to go (its record lands first)
                 if time.monotonic() + pause > deadline:
                     log.warning("fleet claim on %r held past the wait; creating it here", name)
                     tier.count("fleet_takeovers")
                     return create(None)
                 time.sleep(pause)
                 pause = min(pause * 2, POLL_MAX)
-                hit = found()
-                if hit is not None:
-                    return hit
                 still = tier.claimed(name)
                 if still is None:
                     return create(None)
                 if not still:
-                    hit = found()  # stored just before it let go
+                    hit = found()
                     if hit is not None:
                         return hit
-                    break  # its creator raised or died: claim it
+                    break  # its creator raised, died or could not share: claim it
 
     return run

@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from . import fleet
-from .arguments import as_record
+from .arguments import as_record, seconds
 from .errors import CacheError
 from .locking import open_nofollow
 from .store import Store, log
@@ -50,13 +50,7 @@ _HEADER = struct.Struct("<4sQQ32s")
 
 def wait_arg(wait: object, lock_timeout: float) -> float:
     """The ``wait`` argument checked like ``lock_timeout``; None: WAIT_FACTOR × lock_timeout."""
-    if wait is None:
-        return WAIT_FACTOR * lock_timeout
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
-        raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
-    if not 0 <= wait <= threading.TIMEOUT_MAX:
-        raise ValueError(f"wait must be between 0 and {int(threading.TIMEOUT_MAX)} seconds, got {wait!r}")
-    return float(wait)
+    return WAIT_FACTOR * lock_timeout if wait is None else seconds("wait", wait)
 
 
 def created(create: Callable[[], Any]) -> bytes:

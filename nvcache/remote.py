@@ -51,6 +51,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -61,7 +62,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from .fallback import REMOTE_TALLY
-from .remoterecords import BadValue, KeyLike, decode_value, encode_stored, encode_value, make_key
+from .remoterecords import BadValue, KeyLike, decode_stored, encode_stored, encode_value, make_key
 
 log = logging.getLogger("nvcache.remote")
 
@@ -171,6 +172,19 @@ def connect(url: str, timeout: float, password: Optional[str] = None) -> Any:
     raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
 
 
+# Every tier of this process: a forked child gets new locks (one may have been held by a thread
+# that does not exist in the child); redis-py's pools notice the fork themselves.
+_tiers: "weakref.WeakSet[RemoteTier]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_tiers):
+        tier._new_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class RemoteTier:
     """Records shared through one Redis (or Redis Cluster); every call is safe to make."""
 
@@ -194,8 +208,8 @@ class RemoteTier:
         self.reads = Breaker("reads", backoff, max_backoff)
         self.writes = Breaker("writes", backoff, max_backoff)
         self._client: Any = None
-        self._client_lock = threading.Lock()
-        self._counts_lock = threading.Lock()
+        self._new_locks()
+        _tiers.add(self)
         self._unexpected_logged = False
         self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._untaken: Dict[str, int] = dict.fromkeys(COUNTERS, 0)  # not yet in a cache's tally
@@ -220,6 +234,12 @@ class RemoteTier:
         return cls(url, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
+    def _new_locks(self) -> None:
+        self._client_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self.reads._lock = threading.Lock()
+        self.writes._lock = threading.Lock()
+
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (one of COUNTERS)."""
         with self._counts_lock:
@@ -292,6 +312,12 @@ class RemoteTier:
     # -- the tier ---------------------------------------------------------------------------
     def get(self, name: bytes) -> Optional[bytes]:
         """Record ``name``'s bytes from the server, or None (absent, rejected, skipped, a fault)."""
+        got = self.get_stored(name)
+        return None if got is None else got[0]
+
+    def get_stored(self, name: bytes) -> Optional[Tuple[bytes, int, bytes]]:
+        """(bytes, encoding, stored form) of record ``name`` (see remoterecords.decode_stored), or
+        None as :meth:`get`: a local store can keep the stored form without compressing again."""
         key = self.prefix + name
         ok, value = self._call(self.reads, lambda c: c.get(key), writing=False)
         if not ok:
@@ -300,12 +326,12 @@ class RemoteTier:
             self.count("remote_misses")
             return None
         try:
-            data = decode_value(name, value, self.key, self.max_record)
+            got = decode_stored(name, value, self.key, self.max_record)
         except BadValue as exc:
             self._reject(key, value, str(exc))
             return None
         self.count("remote_hits")
-        return data
+        return got
 
     def _reject(self, key: bytes, value: bytes, reason: str) -> None:
         self.count("remote_misses")
@@ -336,6 +362,22 @@ class RemoteTier:
         if ok:
             self.count("remote_puts")
         return ok
+
+    def clear(self) -> Optional[int]:
+        """Delete every key under this tier's prefix (records and claims, in batches of SCAN);
+        how many, or None when the server could not be asked. Every node's records go."""
+        pattern = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in self.prefix) + b"*"
+
+        def op(client: Any) -> int:
+            removed, batch = 0, []
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(client.unlink(*batch))
+                    batch = []
+            return removed + (int(client.unlink(*batch)) if batch else 0)
+        ok, removed = self._call(self.writes, op, writing=True)
+        return removed if ok else None
 
     def delete(self, name: bytes) -> bool:
         """Remove record ``name`` from the server; whether the call went through."""
@@ -374,14 +416,15 @@ class RemoteTier:
         ``used_memory``, ``maxmemory`` (bytes, summed over masters), ``maxmemory_policy`` and
         ``masters``; {} when the server could not be asked (skipped or a fault)."""
         def ask(client: Any) -> Dict[str, Any]:
-            memory = client.info("memory")
-            keys = client.dbsize()
-            if isinstance(client, RedisCluster):  # info() answers per node: {"host:port": {...}}
+            if isinstance(client, RedisCluster):  # asked of every master: {"host:port": {...}}, a sum
+                memory = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+                keys = client.dbsize(target_nodes=RedisCluster.PRIMARIES)
                 masters = [v for v in memory.values() if isinstance(v, dict)]
                 policy = sorted({str(v.get("maxmemory_policy", "?")) for v in masters})
                 return dict(keys=int(keys), used_memory=sum(int(v.get("used_memory", 0)) for v in masters),
                             maxmemory=sum(int(v.get("maxmemory", 0)) for v in masters),
                             maxmemory_policy=",".join(policy), masters=len(masters))
+            memory, keys = client.info("memory"), client.dbsize()
             return dict(keys=int(keys), used_memory=int(memory.get("used_memory", 0)),
                         maxmemory=int(memory.get("maxmemory", 0)),
                         maxmemory_policy=str(memory.get("maxmemory_policy", "?")), masters=1)
