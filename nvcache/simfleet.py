@@ -521,19 +521,10 @@ def run_fleet(root: str, *, nodes: int, processes: int, images: int, layers: int
 
 def _drop_prefix(url: str, prefix: str) -> None:
     """Remove this run's keys from a server it was given (it was there before us; leave it as found)."""
-    from .remote import connect
+    from .remote import RemoteTier
+    tier = RemoteTier(url, prefix=prefix, timeout=5.0)
     try:
-        client = connect(url, 5.0)
-        try:
-            batch = []
-            for key in client.scan_iter(match=prefix + "*", count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    client.delete(*batch)
-                    batch.clear()
-            if batch:
-                client.delete(*batch)
-        finally:
-            client.close()
-    except Exception as exc:  # noqa: BLE001 - tidying up must not hide the run's figures
-        log.warning("could not remove this run's keys (%s*) from %s: %s", prefix, url, exc)
+        if tier.clear() is None:
+            log.warning("could not remove this run's keys (%s*) from %s", prefix, url.split("@")[-1])
+    finally:
+        tier.close()
