@@ -248,8 +248,9 @@ class LayerCache:
             else:  # gone meanwhile, or replaced by a healthy one: this read still missed
                 log.warning("record %s_%s read as damaged, but not when it was to be dropped", layer_id, kind)
             data = None
-        if data is None and self._remote is not None:  # a remote hit is stored here and counted as a hit
-            data, born = fleet.fetch(self, store, key, layer_id, kind, _EMPTY)
+        tier = self._remote
+        if data is None and tier is not None and not tier.skipping_reads():  # Redis down: a plain miss
+            data, born = fleet.fetch(self, store, key, layer_id, kind, _EMPTY)  # a remote hit is a hit
         store.buffer.count(key, data, born)
         return data  # type: ignore[no-any-return]
 

@@ -16,12 +16,15 @@
 * **One creator per fleet** (:func:`across`): in :meth:`LayerCache.get_or_create`, the node's
   creator (one per node, :mod:`nvcache.flight`) asks the tier, then claims the name in Redis
   (``SET NX PX``, a lease of ``LEASE`` seconds renewed every third of it while ``create()``
-  runs, never past the call's ``wait``). A creator that finds another node's claim waits for
-  it to go, asking with a backoff from ``POLL_FIRST`` to ``POLL_MAX`` (the holder shares its
-  record before it lets go), then reads the record; it claims the name itself when the claim is
-  gone without a record (that creator raised, was killed, or its lease ran out), and creates the record without a fleet claim when the wait
-  reaches ``FLEET_WAIT_SHARE`` of ``wait`` (so that it, not each waiter of its node, takes over)
-  or when Redis cannot answer (then the node's claim is all there is).
+  runs, never past the call's ``wait``), and looks once more after taking the claim (another
+  node's creator may have shared and let go since). A creator that finds another node's claim
+  polls the claim and the record together, with a backoff from ``POLL_FIRST`` to ``POLL_MAX``
+  (the holder shares its record before it lets go), and reads the record once it is there; it
+  claims the name itself when the claim is gone without a record (that creator raised, was
+  killed, or its lease ran out), and creates the record without a fleet claim when the wait
+  reaches ``FLEET_WAIT_SHARE`` of ``wait`` (so that it, not each waiter of its node, takes
+  over) or when Redis cannot answer (then the node's claim is all there is). A dead Redis
+  costs a local miss one clock read once the read breaker is open (``skipping_reads``).
 
 **Counting.** The tier counts what it does in this process (``RemoteTier.stats()``); those
 counts are added to the cache's ``remote`` tally (kept in the file, summed over the node's
@@ -138,6 +141,8 @@ def fetch(cache: Any, store: Store, key: bytes, layer_id: str, kind: str,
     without dictionary, or raw) rather than being compressed again: a remote hit costs one
     local write, not a compression and a read as well (DEVELOPERS.md, "Remote tier")."""
     tier = cache._remote
+    if tier.skipping_reads():  # Redis is down: a miss costs about what a node-only miss does
+        return None, 0
     name, lid = cache._core.record_name(layer_id, kind)
     got = tier.get_stored(name)
     if got is not None:
@@ -239,6 +244,12 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
             if got is None:  # Redis cannot say: the node's claim is all there is
                 return create(None)
             if got:
+                # Another node's creator may have shared it and let go since our look: its
+                # holder shares before it lets go, so one more look after the claim settles it.
+                hit = found()
+                if hit is not None:
+                    tier.unclaim(name, token)
+                    return hit
                 return create(token)
             if not waited:
                 waited = True
@@ -250,13 +261,19 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
                     return create(None)
                 time.sleep(pause)
                 pause = min(pause * 2, POLL_MAX)
-                still = tier.claimed(name)
-                if still is None:
+                polled = tier.claimed(name)
+                if polled is None:
                     return create(None)
-                if not still:
+                held, there = polled
+                if there:  # shared (even if its holder's release is late or lost)
                     hit = found()
                     if hit is not None:
                         return hit
+                if not held:
+                    if not there:
+                        hit = found()  # shared between the two answers
+                        if hit is not None:
+                            return hit
                     break  # its creator raised, died or could not share: claim it
 
     return run

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
+import itertools
 import threading
 import time
 import weakref
@@ -213,6 +214,8 @@ class RemoteTier:
         self._unexpected_logged = False
         self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._untaken: Dict[str, int] = dict.fromkeys(COUNTERS, 0)  # not yet in a cache's tally
+        self._skip_ticks = itertools.count()  # see _fold_skips
+        self._skip_folds = self._skips_folded = 0
         scheme = url.split("://", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
@@ -246,14 +249,28 @@ class RemoteTier:
             self.counts[name] += n
             self._untaken[name] += n
 
+    def _fold_skips(self) -> None:
+        """Add the reads :meth:`skipping_reads` skipped to the counters (under the counts lock).
+        Those are counted by ``next()`` on an itertools.count, atomic under the GIL and without
+        a lock, since that check is all a miss pays while Redis is down; each fold takes one
+        number of the count too, so skips = the number drawn - folds before it."""
+        drawn = next(self._skip_ticks)
+        skips = drawn - self._skip_folds
+        self._skip_folds += 1
+        new, self._skips_folded = skips - self._skips_folded, skips
+        self.counts["remote_skipped"] += new
+        self._untaken["remote_skipped"] += new
+
     def stats(self) -> Dict[str, int]:
         """This tier's counters since it was made (this process only)."""
         with self._counts_lock:
+            self._fold_skips()
             return dict(self.counts)
 
     def take_counts(self) -> Dict[str, int]:
         """What the counters gained since the last take (for a cache's tally); zeros them."""
         with self._counts_lock:
+            self._fold_skips()
             taken, self._untaken = self._untaken, dict.fromkeys(COUNTERS, 0)
         return taken
 
@@ -401,15 +418,34 @@ class RemoteTier:
         return bool(ok and got)
 
     def unclaim(self, name: bytes, token: bytes) -> None:
-        """Let go of the claim ``token`` holds on ``name`` (another token's claim stays)."""
+        """Let go of the claim ``token`` holds on ``name`` (another token's claim stays). Sent even
+        while the write breaker is open: one bounded call, where a lost release would make every
+        other node wait out the lease."""
         key = self.prefix + _CLAIM + name
-        self._call(self.writes, lambda c: c.eval(_DELETE_IF_SAME, 1, key, token), writing=True)
+        self._call(self.writes, lambda c: c.eval(_DELETE_IF_SAME, 1, key, token), writing=True, admitted=True)
 
-    def claimed(self, name: bytes) -> Optional[bool]:
-        """Whether anyone holds a claim on ``name``; None when the server could not say."""
-        key = self.prefix + _CLAIM + name
-        ok, got = self._call(self.reads, lambda c: c.exists(key), writing=False)
-        return bool(got) if ok else None
+    def claimed(self, name: bytes) -> Optional[Tuple[bool, bool]]:
+        """(whether anyone holds a claim on ``name``, whether its record is there), in one round
+        trip; None when the server could not say."""
+        claim, record = self.prefix + _CLAIM + name, self.prefix + name
+
+        def ask(client: Any) -> Tuple[bool, bool]:
+            pipe = client.pipeline(transaction=False)  # two slots in a cluster: no MULTI
+            pipe.exists(claim)
+            pipe.exists(record)
+            held, there = pipe.execute()
+            return bool(held), bool(there)
+        ok, got = self._call(self.reads, ask, writing=False)
+        return got if ok else None
+
+    def skipping_reads(self) -> bool:
+        """Whether the read breaker is open and it is not yet time to probe: the caller then
+        skips the tier at once (counted as skipped, without a lock), building no call to make."""
+        until = self.reads._until
+        if not until or time.monotonic() >= until:
+            return False
+        next(self._skip_ticks)
+        return True
 
     def info(self) -> Dict[str, Any]:
         """The server's figures: ``keys`` (all keys of the database; a cluster: of every master),

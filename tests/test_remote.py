@@ -373,20 +373,20 @@ def test_info_clear_and_claims(server: rs.RedisServer, cluster: rs.RedisCluster3
         assert mine.put(name, _record(1)) and other.put(name, _record(2)) and globby.put(name, _record(3))
     token = os.urandom(16)
     assert mine.claim(names[0], token, 5.0) is True
-    assert mine.claim(names[0], os.urandom(16), 5.0) is False and mine.claimed(names[0]) is True
+    assert mine.claim(names[0], os.urandom(16), 5.0) is False and mine.claimed(names[0]) == (True, True)
     info = mine.info()
     assert info["keys"] == 91 and info["used_memory"] > 0
     assert info["masters"] == (1 if where == "standalone" else 3)
     assert globby.clear() == 30  # "n*:" is not a pattern: the "nv:" keys stay
     assert mine.clear() == 31  # its records and its claim
-    assert mine.get(names[1]) is None and mine.claimed(names[0]) is False
+    assert mine.get(names[1]) is None and mine.claimed(names[0]) == (False, False)
     assert other.get(names[1]) == _record(2) and mine.info()["keys"] == 30
     assert mine.claim(names[0], token, 5.0) is True and mine.renew(names[0], token, 5.0)
     assert not mine.renew(names[0], os.urandom(16), 5.0)
     mine.unclaim(names[0], os.urandom(16))  # another token's release leaves the claim
-    assert mine.claimed(names[0]) is True
+    assert mine.claimed(names[0]) == (True, False)
     mine.unclaim(names[0], token)
-    assert mine.claimed(names[0]) is False
+    assert mine.claimed(names[0]) == (False, False)
     raw.close()
 
 
