@@ -240,7 +240,7 @@ def _fleet(root: str, nodes: int, processes: int, remote_url: Optional[str], rem
     if result.remote_private:
         tier = f"a private redis-server (maxmemory {result.remote_maxmemory_mb:g} MiB, allkeys-lru)"
     else:
-        tier = (result.remote_url or "").split("@")[-1] or "none"
+        tier = result.remote_url or "none"
     click.echo(f"{nodes} nodes ({per_node} scanner processes), {images} images over {layers} layers "
                f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB per node, "
                f"{scans} scans, seed {seed}; remote tier: {tier}")

@@ -76,6 +76,16 @@ HELD_HERE, HELD_PEER, HELD_REMOTE = 1, 2, 4
 LOCAL_HIT, REMOTE_HIT, ANALYSED = 1, 2, 0
 
 
+def public_url(url: str) -> str:
+    """``url`` without its password (``redis://:secret@host`` -> ``redis://***@host``; a unix
+    URL's query, which may carry ``password=``, dropped): what a report may print."""
+    scheme, sep, rest = url.partition("://")
+    rest = rest.split("?", 1)[0]
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
+
+
 def remote_supported() -> bool:
     """Whether this LayerCache takes ``remote=`` (the remote tier wired into the cache)."""
     return "remote" in inspect.signature(LayerCache.__init__).parameters
@@ -351,7 +361,7 @@ class FleetResult:
     max_bytes: int
     seed: int
     scans_planned: int
-    remote_url: Optional[str] = None
+    remote_url: Optional[str] = None  # without its password (public_url)
     remote_private: bool = False  # the run started its own redis-server
     remote_maxmemory_mb: Optional[float] = None
     modes: List[ModeResult] = field(default_factory=list)
@@ -506,7 +516,7 @@ def run_fleet(root: str, *, nodes: int, processes: int, images: int, layers: int
                 continue
             server = PrivateRedis(os.path.join(root, "redis"), remote_mb).start()
             url, result.remote_private, result.remote_maxmemory_mb = server.url, True, remote_mb
-        result.remote_url = url
+        result.remote_url = public_url(url)
         try:
             args = dict(plan_args, remote_url=url, remote_prefix=f"nvcache-sim:{uuid.uuid4().hex[:12]}:")
             result.modes.append(_run_mode(mode, root, args, split, records, cost, start_method, duration,

@@ -1,6 +1,7 @@
 """The fleet simulation (``nvcache simulate --nodes N``): the duplicate rule, the split of the plan,
 and real runs of every mode over node directories sharing a real redis-server."""
 
+import json
 import os
 from typing import Any, Dict
 
@@ -32,6 +33,13 @@ def test_duplicated_counts_overlaps_in_scope_and_held_records():
     assert simfleet.duplicated([], True, 7) == 0
     # Back to back is not an overlap: the second starts when the first's record is stored.
     assert simfleet.duplicated([(1, 0, 5, 0, 0), (1, 5, 9, 0, 0)], True, 0) == 0
+
+
+def test_a_report_never_shows_the_password():
+    assert simfleet.public_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
+    assert simfleet.public_url("rediss://user:pw@h:1") == "rediss://***@h:1"
+    assert simfleet.public_url("unix:///run/redis.sock?password=s3cret") == "unix:///run/redis.sock"
+    assert simfleet.public_url("redis://h:6379/0") == "redis://h:6379/0"
 
 
 def test_the_plan_is_split_over_the_nodes():
@@ -123,6 +131,22 @@ def test_the_cli_compares_the_modes_with_a_private_server(tmp_path):
     # Its server is gone: killed, its socket removed (the directory stays with the run's caches).
     assert not os.path.exists(root / "redis" / "redis.sock")
     assert sorted(os.listdir(root)) == ["flight", "node", "redis", "remote"]
+
+
+def test_the_cli_uses_a_given_server_and_prints_json(tmp_path, redis_server):
+    args = ["simulate", "--nodes", "2", "-p", "2", "--images", "8", "--layers", "40", "--scans", "30",
+            "--max-mb", "0.02", "--analysis-us", "200", "--us-per-kib", "10", "--no-progress", "--json",
+            "--remote", redis_server.unix_url, "--path", str(tmp_path / "fleet")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [m["mode"] for m in doc["modes"]] == list(simfleet.MODES)
+    assert doc["remote_url"] == redis_server.unix_url and not doc["remote_private"]
+    for m in doc["modes"][1:]:
+        assert m["accesses"] == m["counter_hits"] + m["counter_misses"] == m["local_hits"] + m["remote_hits"] + m["analyses"]
+    assert doc["modes"][3]["analyses"] < doc["modes"][1]["analyses"]
+    with redis_server.client() as c:
+        assert c.dbsize() == 0
 
 
 def test_remote_needs_nodes():
