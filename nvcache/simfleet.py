@@ -187,7 +187,7 @@ def _fleet_worker(wid: int, node: int, plan: FleetPlan, next_scan: Any, done: An
                     lid, size = plan.layer_ids[li], plan.sizes[li]
                     spent = [0]  # analysis and probe time inside the call: not the cache's
 
-                    def analyse() -> bytes:
+                    def analyse(lid: str = lid, size: int = size, li: int = li) -> bytes:  # this access's
                         t0 = time.perf_counter_ns()
                         start = time.monotonic_ns()
                         flags.append(probe(lid))
