@@ -738,11 +738,11 @@ cdef class Index:
     def claim_training(self, txn, seen):
         return self.twin.claim_training(txn, seen)
 
-    def flight(self, txn):
-        return self.twin.flight(txn)
+    def tally(self, txn, name):
+        return self.twin.tally(txn, name)
 
-    def add_flight(self, txn, waits, takeovers, wait_ns):
-        return self.twin.add_flight(txn, waits, takeovers, wait_ns)
+    def add_tally(self, txn, name, values):
+        return self.twin.add_tally(txn, name, values)
 
     def walk(self, txn, on_group, on_orphan=None):
         """fallback.Index.walk (the C walk serves the dump and the victims)."""

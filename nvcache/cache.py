@@ -25,13 +25,13 @@ close), or at least once a second while the process is active (see
 from __future__ import annotations
 
 import os
-import threading
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
-from .arguments import DEFAULT_MB, as_record, bound_bytes, count_arg, mib_text, parse_mib
+from .arguments import (DEFAULT_MB, as_record, bound_bytes, count_arg, env_mib, flag, history_entries, mib_text,
+                        seconds)
 from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
-from . import codec, flight
+from . import codec, fleet, flight
 from .controller import controller_json
 from .errors import CacheDamaged, CacheError
 from . import registry
@@ -77,13 +77,20 @@ class LayerCache:
     consumes the clean mark once its open succeeded and puts the same mark back at close when
     it is the last user and data.mdb is unchanged. One store serves a path in a process: a
     repair=True cache opened there too makes it repair.
+
+    ``remote`` shares records across nodes through Redis: a ``redis://``, ``rediss://``,
+    ``unix://`` or ``redis+cluster://`` URL, or a :class:`~nvcache.remote.RemoteTier`;
+    ``remote_key`` (str or bytes, 16-64 bytes) authenticates its values. A local miss asks the
+    tier, a new put is shared, get_or_create runs one creator per fleet; the tier's faults
+    never reach the caller. None (the default) is a node-only cache. See :mod:`nvcache.fleet`
+    (a disabled or repair=False cache uses no tier).
     """
 
     _core: ModuleType  # the hot index, chosen in nvcache/__init__.py
 
     def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: Optional[float] = None,
                  *, durable: bool = False, lock_timeout: float = 10.0, compress: bool = True,
-                 repair: bool = True) -> None:
+                 repair: bool = True, remote: Any = None, remote_key: Optional[Union[str, bytes]] = None) -> None:
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError("path must be str or os.PathLike[str]")
@@ -91,23 +98,15 @@ class LayerCache:
             raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
         given = None if max_mb is None else bound_bytes(max_mb)
         self._max_bytes = bound_bytes(DEFAULT_MB) if given is None else given
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
-            raise TypeError(f"lock_timeout must be a number of seconds, not {type(lock_timeout).__name__}")
-        if not 0 <= lock_timeout <= threading.TIMEOUT_MAX:
-            raise ValueError(f"lock_timeout must be between 0 and {int(threading.TIMEOUT_MAX)} seconds, "
-                             f"got {lock_timeout!r}")
-        if not isinstance(durable, bool):
-            raise TypeError(f"durable must be True or False, not {type(durable).__name__}")
+        self.lock_timeout = seconds("lock_timeout", lock_timeout)
         self.path = path
-        self.lock_timeout = float(lock_timeout)
-        self.durable = durable
-        if not isinstance(compress, bool):
-            raise TypeError(f"compress must be True or False, not {type(compress).__name__}")
-        self.compress = compress
-        if not isinstance(repair, bool):
-            raise TypeError(f"repair must be True or False, not {type(repair).__name__}")
-        self.repair = repair
+        self.durable = flag("durable", durable)
+        self.compress = flag("compress", compress)
+        self.repair = flag("repair", repair)
         self.enabled = self._max_bytes > 0
+        tier = fleet.open_tier(remote, remote_key)  # bad URLs and keys raise before anything opens
+        self._remote = tier if self.enabled and repair else None
+        self._tally = fleet.Tally()
         self._store: Optional[Store] = None
         self._hot: Optional[Store] = None  # the store for get's counted path; None: get's other path
         self._closed = False
@@ -145,6 +144,11 @@ class LayerCache:
                         mib_text(old), mib_text(given), f"; evicted {evicted} records" if evicted else "")
 
     @property
+    def remote(self) -> Any:
+        """The remote tier this cache uses (a :class:`~nvcache.remote.RemoteTier`), or None."""
+        return self._remote
+
+    @property
     def max_bytes(self) -> int:
         """The cache's bound in stored bytes, as last read from it (0 when disabled)."""
         store = self._store
@@ -153,22 +157,21 @@ class LayerCache:
     @classmethod
     def from_env(cls, **kwargs: Any) -> "LayerCache":
         """A cache configured like the scanner: ``NVCACHE_PATH`` (or the default) and ``MAX_CACHE_RECORD_MB``
-        (a plain decimal number of MiB; unset or 0 disables the cache). ``kwargs``: the other
-        arguments (``durable``, ``lock_timeout``, ``compress``); the path and the bound come
-        from the environment only."""
+        (a plain decimal number of MiB; unset or 0 disables the cache), and the remote tier of
+        ``NVCACHE_REMOTE`` (a URL; unset or empty: none) with ``NVCACHE_REMOTE_KEY``,
+        ``NVCACHE_REMOTE_PREFIX`` and ``NVCACHE_REMOTE_TTL`` (seconds). ``kwargs``: the other
+        arguments (``durable``, ``lock_timeout``, ``compress``, ``remote=`` wins over the
+        environment); the path and the bound come from the environment only."""
         given = sorted(set(kwargs) & {"path", "max_mb"})
         if given:
             raise TypeError(f"from_env() takes the path and the bound from NVCACHE_PATH and MAX_CACHE_RECORD_MB, "
                             f"not from {', '.join(given)}: call LayerCache(path, max_mb, ...) instead")
-        raw = os.environ.get("MAX_CACHE_RECORD_MB", "").strip()
-        try:
-            max_mb = parse_mib(raw) if raw else 0.0
-        except ValueError as exc:
-            raise ValueError(f"MAX_CACHE_RECORD_MB must be a plain decimal number of MiB: {exc}") from None
-        bound_bytes(max_mb, "MAX_CACHE_RECORD_MB")  # its ValueError names the variable
+        max_mb = env_mib(os.environ, "MAX_CACHE_RECORD_MB")
         if not max_mb:
             log.info("MAX_CACHE_RECORD_MB is %s: the layer cache is disabled, as in the scanner",
-                     "0" if raw else "not set")
+                     "0" if os.environ.get("MAX_CACHE_RECORD_MB", "").strip() else "not set")
+        if "remote" not in kwargs and os.environ.get("NVCACHE_REMOTE") and max_mb:
+            kwargs["remote"] = fleet.tier_from_env(os.environ)
         return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------
@@ -191,8 +194,13 @@ class LayerCache:
         self._closed = True
         self._hot = None
         store, self._store = self._store, None
+        tier, self._remote = self._remote, None
         if store is not None:
+            if tier is not None:
+                fleet.sync(tier, self._tally, store, self.lock_timeout, force=True)
             registry.release(store)
+        if tier is not None:
+            tier.close()
 
     def __enter__(self) -> "LayerCache":
         self._opened()
@@ -240,6 +248,8 @@ class LayerCache:
             else:  # gone meanwhile, or replaced by a healthy one: this read still missed
                 log.warning("record %s_%s read as damaged, but not when it was to be dropped", layer_id, kind)
             data = None
+        if data is None and self._remote is not None:  # a remote hit is stored here and counted as a hit
+            data, born = fleet.fetch(self, store, key, layer_id, kind, _EMPTY)
         store.buffer.count(key, data, born)
         return data  # type: ignore[no-any-return]
 
@@ -257,7 +267,7 @@ class LayerCache:
             store = self._opened()
             return None if store is None else self._uncounted(store, key, layer_id, kind)
         key, data, born = store.find(layer_id, kind, self.lock_timeout)  # validated, hashed and read
-        if data is False:
+        if type(data) is not bytes:  # a miss, or a damaged record: asks the remote tier, if any
             data = self._counted(store, key, data, born, layer_id, kind)
             if store.buffer.due:
                 store.apply_due()
@@ -319,7 +329,11 @@ class LayerCache:
         record whose stored (compressed) size is larger than the bound and
         CacheFull when only kept records could make room; both change nothing.
         """
-        return self._insert(layer_id, record, kind, keep, 0, 0)
+        if self._remote is None:
+            return self._insert(layer_id, record, kind, keep, 0, 0)
+        store = self._opened()
+        assert store is not None  # a cache with a tier is enabled
+        return fleet.put(self, store, layer_id, record, kind, keep)
 
     def get_or_create(self, layer_id: str, create: Callable[[], Record], kind: str = "layer_file",
                       keep: Iterable[str] = (), wait: Optional[float] = None) -> bytes:
@@ -399,19 +413,7 @@ class LayerCache:
         """
         count_arg("hits", hits, 1 << 63)
         count_arg("misses", misses, 1 << 63)
-        if isinstance(records, (str, bytes)):
-            raise TypeError("records must be an iterable of (layer_id, kind, reference_count, last_referred_ns)")
-        entries: List[Tuple[bytes, int, int]] = []
-        for record in records:
-            if not isinstance(record, tuple) or len(record) != 4:
-                raise TypeError(f"each record must be a tuple (layer_id, kind, reference_count, "
-                                f"last_referred_ns), got {record!r:.80}")
-            layer_id, kind, refs, last_ns = record
-            key = self._key(layer_id, kind)
-            count_arg("reference_count", refs, 1 << 64)
-            if count_arg("last_referred_ns", last_ns, 1 << 64) == 0:
-                raise ValueError("last_referred_ns must be > 0")
-            entries.append((key, refs, last_ns))
+        entries = history_entries(records, self._key)
         store = self._opened()
         if store is None:
             return 0, 0, 0
@@ -419,12 +421,14 @@ class LayerCache:
         return store.merge_history(entries, hits, misses, self.lock_timeout)
 
     def delete(self, layer_id: str, kind: str = "layer_file") -> bool:
-        """Remove a record; False if there was none."""
+        """Remove a record (from the remote tier too, if any); False if this node had none."""
         key = self._key(layer_id, kind)
         store = self._opened()
         if store is None:
             return False
         self._writable()
+        if self._remote is not None:  # first: a remote copy would come back at the next miss
+            self._remote.delete(self._core.record_name(layer_id, kind)[0])
         return store.remove(key, self.lock_timeout)
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:
@@ -451,7 +455,7 @@ class LayerCache:
         if store is None:
             return {"cache_hits": None, "cache_misses": None, "record_count": None,
                     "record_total_size": None}
-        store.flush(self.lock_timeout)
+        self._flush(store)
         count, total, hits, misses, _evictions = store.counters(self.lock_timeout)
         return {"cache_hits": hits, "cache_misses": misses, "record_count": count,
                 "record_total_size": total}
@@ -462,8 +466,19 @@ class LayerCache:
         store = self._opened()
         if store is None:
             return None
-        waits, takeovers, wait_ns = store.flight_counters(self.lock_timeout)
+        waits, takeovers, wait_ns = store.tally(b"flight", self.lock_timeout)
         return {"waits": waits, "takeovers": takeovers, "wait_seconds": wait_ns / 1e9}
+
+    def remote_stats(self) -> Optional[Dict[str, int]]:
+        """The remote tier's counters kept in the cache (every process of the node that used one;
+        this process's counts written first): remote_hits, remote_misses, remote_errors,
+        remote_skipped, remote_rejected, remote_puts, fleet_claims, fleet_waits and
+        fleet_takeovers (see :mod:`nvcache.fleet`); None when disabled."""
+        store = self._opened()
+        if store is None:
+            return None
+        self._flush(store)
+        return fleet.stats(store, self.lock_timeout)
 
     def evictions(self) -> Optional[int]:
         """How many records were evicted to respect the bound (None when disabled)."""
@@ -489,11 +504,17 @@ class LayerCache:
 
     # -- maintenance ---------------------------------------------------------------
     def flush(self) -> None:
-        """Write this process's buffered accesses (reference counts, hits, misses) now."""
+        """Write this process's buffered accesses (reference counts, hits, misses) and remote
+        tier counts now."""
         store = self._opened()
         if store is None:
             return
+        self._flush(store)
+
+    def _flush(self, store: Store) -> None:
         store.flush(self.lock_timeout)
+        if self._remote is not None:
+            fleet.sync(self._remote, self._tally, store, self.lock_timeout, force=True)
 
     def resize(self, max_mb: float) -> Tuple[int, int]:
         """Make ``max_mb`` the cache's bound for every process, evicting down to it now (kept
@@ -509,11 +530,14 @@ class LayerCache:
         return store.set_bound(new, self.lock_timeout)
 
     def clear(self) -> None:
-        """Remove every record. Hit, miss and eviction counters are kept."""
+        """Remove every record (with a remote tier, every record under its prefix: the fleet's).
+        Hit, miss and eviction counters are kept."""
         store = self._opened()
         if store is None:
             return
         self._writable()
+        if self._remote is not None and self._remote.clear() is None:
+            log.warning("cache in %s: the remote tier's records could not be cleared", self.path)
         store.clear(self.lock_timeout)
 
     def stored_size(self, record: Record) -> int:

@@ -39,8 +39,10 @@ LMDB layout (format 6; one environment, four named databases):
          dictionary, then the dictionary (written once, never changed),
          ``dictionary`` -> ``<H`` the one new records are compressed with, and
          ``trainings`` -> ``<H`` how many trainings processes have claimed;
+         the tallies (``TALLIES``: absent until first added to, saturating u64s):
          ``flight`` -> ``<QQQ`` get_or_create's waits, takeovers and nanoseconds waited
-         (absent until the first wait; see :mod:`nvcache.flight`).
+         (:mod:`nvcache.flight`); ``remote`` -> 9 × ``<Q`` the remote tier's counters
+         (``REMOTE_TALLY``'s names, :mod:`nvcache.fleet`).
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ SIZE_MASK = (1 << ENC_SHIFT) - 1
 DICT_PREFIX = b"dict"
 CURRENT_DICT = b"dictionary"
 TRAININGS = b"trainings"
-FLIGHT = b"flight"
-_TRIPLE = struct.Struct("<QQQ")
+# Tallies: counters that only ever grow, one little-endian u64 each, by meta key.
+REMOTE_TALLY = ("remote_hits", "remote_misses", "remote_errors", "remote_skipped", "remote_rejected",
+                "remote_puts", "fleet_claims", "fleet_waits", "fleet_takeovers")
+TALLIES: Dict[bytes, struct.Struct] = {b"flight": struct.Struct("<3Q"),
+                                       b"remote": struct.Struct(f"<{len(REMOTE_TALLY)}Q")}
 BOUND = b"bound"  # the cache's bound in stored bytes (<Q): one bound per cache, whoever opened it
 _DICT_ID = struct.Struct(">H")
 _U16 = struct.Struct("<H")
@@ -322,16 +327,18 @@ class Index:
         txn.put(TRAININGS, _U16.pack(seen + 1), db=self.meta)
         return True
 
-    def flight(self, txn: Any) -> Tuple[int, int, int]:
-        """get_or_create's (waits, takeovers, nanoseconds waited) in this file."""
-        raw = txn.get(FLIGHT, None, self.meta)
-        return _TRIPLE.unpack(raw) if raw is not None and len(raw) == _TRIPLE.size else (0, 0, 0)
+    def tally(self, txn: Any, name: bytes) -> Tuple[int, ...]:
+        """The counters of tally ``name`` (a key of TALLIES) in this file; zeros when absent."""
+        shape = TALLIES[name]
+        raw = txn.get(name, None, self.meta)
+        return shape.unpack(raw) if raw is not None and len(raw) == shape.size else (0,) * (shape.size // 8)
 
-    def add_flight(self, txn: Any, waits: int, takeovers: int, wait_ns: int) -> None:
-        """Add to get_or_create's counters (saturating, like the others)."""
-        old = self.flight(txn)
-        new = tuple(min(U64_MAX, a + b) for a, b in zip(old, (waits, takeovers, wait_ns)))
-        txn.put(FLIGHT, _TRIPLE.pack(*new), db=self.meta)
+    def add_tally(self, txn: Any, name: bytes, values: Sequence[int]) -> None:
+        """Add ``values`` to tally ``name`` (saturating, like the other counters)."""
+        old = self.tally(txn, name)
+        if len(values) != len(old):
+            raise ValueError(f"tally {name!r} has {len(old)} counters, got {len(values)} values")
+        txn.put(name, TALLIES[name].pack(*(min(U64_MAX, a + max(0, b)) for a, b in zip(old, values))), db=self.meta)
 
     def sample(self, txn: Any, start: bytes, limit: int) -> List[Tuple[Any, int]]:
         """Up to ``limit`` records (stored bytes, encoding) from key ``start`` on (wrapping):

@@ -34,7 +34,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-from .arguments import as_record
+from . import fleet
+from .arguments import as_record, seconds
 from .errors import CacheError
 from .locking import open_nofollow
 from .store import Store, log
@@ -49,13 +50,7 @@ _HEADER = struct.Struct("<4sQQ32s")
 
 def wait_arg(wait: object, lock_timeout: float) -> float:
     """The ``wait`` argument checked like ``lock_timeout``; None: WAIT_FACTOR × lock_timeout."""
-    if wait is None:
-        return WAIT_FACTOR * lock_timeout
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
-        raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
-    if not 0 <= wait <= threading.TIMEOUT_MAX:
-        raise ValueError(f"wait must be between 0 and {int(threading.TIMEOUT_MAX)} seconds, got {wait!r}")
-    return float(wait)
+    return WAIT_FACTOR * lock_timeout if wait is None else seconds("wait", wait)
 
 
 def created(create: Callable[[], Any]) -> bytes:
@@ -290,15 +285,16 @@ class Outcome:
 
 
 Probe = Callable[[], Tuple[Optional[bytes], int]]
-CreateAndPut = Callable[[], Tuple[bytes, bool]]
+# (record, whether the cache now holds one of the name, born when it was found rather than created:
+# the remote tier's record, nvcache.fleet; None when create() made it)
+CreateAndPut = Callable[[], Tuple[bytes, bool, Optional[int]]]
 
 
 def single_flight(store: Store, key: bytes, probe: Probe, create_and_put: CreateAndPut, wait: float) -> Outcome:
     """Run one get_or_create after its first probe missed (see the module docstring).
 
     ``probe()`` reads the cache uncounted: (bytes or None, born). ``create_and_put()``
-    runs create and puts its result: (bytes, whether the cache now holds a record of the
-    name). The caller counts the outcome.
+    runs create and puts its result (see CreateAndPut). The caller counts the outcome.
     """
     out = Outcome()
     started = time.monotonic()
@@ -330,8 +326,10 @@ def single_flight(store: Store, key: bytes, probe: Probe, create_and_put: Create
 
 def _call(out: Outcome, create_and_put: CreateAndPut) -> bool:
     out.calling = True
-    out.data, stored = create_and_put()
+    out.data, stored, born = create_and_put()
     out.calling = False
+    if born is not None:  # found by the node's creator (in the remote tier): a hit
+        out.hit, out.born = True, born
     return stored
 
 
@@ -473,7 +471,7 @@ def get_or_create(cache: Any, layer_id: str, create: Callable[[], Any], kind: st
             return None, 0
         return data, born
 
-    def create_and_put() -> Tuple[bytes, bool]:
+    def create_local() -> Tuple[bytes, bool]:
         data = created(create)
         try:
             cache._insert(layer_id, data, kind, (), 0, 0, kept=kept)  # False: one exists, which is as good
@@ -481,6 +479,13 @@ def get_or_create(cache: Any, layer_id: str, create: Callable[[], Any], kind: st
         except CacheError as exc:  # too large, full of kept records, disk full, lock busy: still returned
             log.warning("record %s_%s created but not stored: %s", layer_id, kind, exc)
             return data, False
+
+    create_and_put: CreateAndPut
+    if cache._remote is not None:  # the node's creator asks the fleet first (nvcache.fleet)
+        create_and_put = fleet.across(cache, store, key, layer_id, kind, kept, create_local, seconds)
+    else:
+        def create_and_put() -> Tuple[bytes, bool, Optional[int]]:
+            return create_local() + (None,)
 
     data, born = probe()
     if data is not None:
@@ -497,7 +502,7 @@ def get_or_create(cache: Any, layer_id: str, create: Callable[[], Any], kind: st
         store.apply_due()
     if out.waited:
         try:
-            store.add_flight(1, int(out.took_over), out.wait_ns, timeout)
+            store.add_tally(b"flight", (1, int(out.took_over), out.wait_ns), timeout)
         except CacheError as exc:  # a count is never worth failing the call that has its record
             log.warning("could not count a get_or_create wait in %s: %s", store.path, exc)
     return out.data

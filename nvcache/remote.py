@@ -60,7 +60,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from .remoterecords import BadValue, KeyLike, decode_value, encode_stored, encode_value, make_key
+from .fallback import REMOTE_TALLY
+from .remoterecords import BadValue, KeyLike, decode_stored, encode_stored, encode_value, make_key
 
 log = logging.getLogger("nvcache.remote")
 
@@ -77,7 +78,14 @@ _LOGGED_REJECTS = 10  # bad values logged one by one; after that, counted only
 FAULTS: Tuple[type, ...] = (RedisError, RedisClusterException, OSError)
 
 # Delete the key only if it still holds the bad value read: a good value written meanwhile stays.
+# (Also lets go of a fleet claim: only the token that took it can delete it.)
 _DELETE_IF_SAME = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Extend a fleet claim's lease, only while this token still holds it.
+_RENEW_IF_SAME = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0")
+# A claim's key: a record name never holds a space (names.py), so no record key can be one.
+_CLAIM = b"claim "
+COUNTERS = REMOTE_TALLY  # the names of the counters, as the cache file's tally keeps them
 
 
 class Breaker:
@@ -189,8 +197,8 @@ class RemoteTier:
         self._client_lock = threading.Lock()
         self._counts_lock = threading.Lock()
         self._unexpected_logged = False
-        self.counts: Dict[str, int] = dict(remote_hits=0, remote_misses=0, remote_errors=0,
-                                           remote_skipped=0, remote_rejected=0, remote_puts=0)
+        self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._untaken: Dict[str, int] = dict.fromkeys(COUNTERS, 0)  # not yet in a cache's tally
         scheme = url.split("://", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
@@ -212,13 +220,28 @@ class RemoteTier:
         return cls(url, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
-    def _count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (one of COUNTERS)."""
         with self._counts_lock:
             self.counts[name] += n
+            self._untaken[name] += n
 
     def stats(self) -> Dict[str, int]:
+        """This tier's counters since it was made (this process only)."""
         with self._counts_lock:
             return dict(self.counts)
+
+    def take_counts(self) -> Dict[str, int]:
+        """What the counters gained since the last take (for a cache's tally); zeros them."""
+        with self._counts_lock:
+            taken, self._untaken = self._untaken, dict.fromkeys(COUNTERS, 0)
+        return taken
+
+    def give_back(self, taken: Dict[str, int]) -> None:
+        """Undo :meth:`take_counts` (the tally could not be written): counted at the next take."""
+        with self._counts_lock:
+            for name, n in taken.items():
+                self._untaken[name] += n
 
     def _get_client(self) -> Any:
         client = self._client
@@ -234,7 +257,7 @@ class RemoteTier:
         """(True, op's result) or (False, None) when skipped or failed; never raises.
         ``admitted``: the caller already had the breaker's admission (it may be the probe)."""
         if not admitted and not breaker.admit():
-            self._count("remote_skipped")
+            self.count("remote_skipped")
             return False, None
         try:
             result = op(self._get_client())
@@ -253,7 +276,7 @@ class RemoteTier:
         return True, result
 
     def _failed(self, exc: BaseException, writing: bool) -> None:
-        self._count("remote_errors")
+        self.count("remote_errors")
         reason = f"{type(exc).__name__}: {exc}"[:300]
         if writing and isinstance(exc, ResponseError):
             # The server answered and refused the write (full, read-only): reads may still work.
@@ -269,24 +292,30 @@ class RemoteTier:
     # -- the tier ---------------------------------------------------------------------------
     def get(self, name: bytes) -> Optional[bytes]:
         """Record ``name``'s bytes from the server, or None (absent, rejected, skipped, a fault)."""
+        got = self.get_stored(name)
+        return None if got is None else got[0]
+
+    def get_stored(self, name: bytes) -> Optional[Tuple[bytes, int, bytes]]:
+        """(bytes, encoding, stored form) of record ``name`` (see remoterecords.decode_stored), or
+        None as :meth:`get`: a local store can keep the stored form without compressing again."""
         key = self.prefix + name
         ok, value = self._call(self.reads, lambda c: c.get(key), writing=False)
         if not ok:
             return None
         if value is None:
-            self._count("remote_misses")
+            self.count("remote_misses")
             return None
         try:
-            data = decode_value(name, value, self.key, self.max_record)
+            got = decode_stored(name, value, self.key, self.max_record)
         except BadValue as exc:
             self._reject(key, value, str(exc))
             return None
-        self._count("remote_hits")
-        return data
+        self.count("remote_hits")
+        return got
 
     def _reject(self, key: bytes, value: bytes, reason: str) -> None:
-        self._count("remote_misses")
-        self._count("remote_rejected")
+        self.count("remote_misses")
+        self.count("remote_rejected")
         if self.stats()["remote_rejected"] <= _LOGGED_REJECTS:
             log.warning("remote tier: rejected the value of %r: %s; deleting it", key[:200], reason)
         self._call(self.writes, lambda c: c.eval(_DELETE_IF_SAME, 1, key, value), writing=True)
@@ -294,10 +323,10 @@ class RemoteTier:
     def put(self, name: bytes, data: Any) -> bool:
         """Write record ``name`` (its bytes ``data``); whether it was written."""
         if len(data) > self.max_record:
-            self._count("remote_skipped")
+            self.count("remote_skipped")
             return False
         if not self.writes.admit():  # encode nothing for a write that will be skipped
-            self._count("remote_skipped")
+            self.count("remote_skipped")
             return False
         return self._set(name, encode_value(name, data, self.key), admitted=True)
 
@@ -311,13 +340,76 @@ class RemoteTier:
         ttl = self.ttl_ms
         ok, _ = self._call(self.writes, lambda c: c.set(key, value, px=ttl), writing=True, admitted=admitted)
         if ok:
-            self._count("remote_puts")
+            self.count("remote_puts")
         return ok
+
+    def clear(self) -> Optional[int]:
+        """Delete every key under this tier's prefix (records and claims, in batches of SCAN);
+        how many, or None when the server could not be asked. Every node's records go."""
+        pattern = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in self.prefix) + b"*"
+
+        def op(client: Any) -> int:
+            removed, batch = 0, []
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(client.unlink(*batch))
+                    batch = []
+            return removed + (int(client.unlink(*batch)) if batch else 0)
+        ok, removed = self._call(self.writes, op, writing=True)
+        return removed if ok else None
 
     def delete(self, name: bytes) -> bool:
         """Remove record ``name`` from the server; whether the call went through."""
         key = self.prefix + name
         return self._call(self.writes, lambda c: c.delete(key), writing=True)[0]
+
+    # -- fleet claims (see nvcache.fleet) ------------------------------------------------------
+    def claim(self, name: bytes, token: bytes, lease_s: float) -> Optional[bool]:
+        """Claim ``name`` for ``lease_s`` seconds (SET NX PX): True when this token took it, False
+        when another holds it, None when the server could not say (skipped or a fault)."""
+        key = self.prefix + _CLAIM + name
+        ms = max(1, int(lease_s * 1000))
+        ok, got = self._call(self.writes, lambda c: c.set(key, token, nx=True, px=ms), writing=True)
+        return bool(got) if ok else None
+
+    def renew(self, name: bytes, token: bytes, lease_s: float) -> bool:
+        """Extend the claim ``token`` holds on ``name`` by ``lease_s``; whether it still held it."""
+        key = self.prefix + _CLAIM + name
+        ms = max(1, int(lease_s * 1000))
+        ok, got = self._call(self.writes, lambda c: c.eval(_RENEW_IF_SAME, 1, key, token, ms), writing=True)
+        return bool(ok and got)
+
+    def unclaim(self, name: bytes, token: bytes) -> None:
+        """Let go of the claim ``token`` holds on ``name`` (another token's claim stays)."""
+        key = self.prefix + _CLAIM + name
+        self._call(self.writes, lambda c: c.eval(_DELETE_IF_SAME, 1, key, token), writing=True)
+
+    def claimed(self, name: bytes) -> Optional[bool]:
+        """Whether anyone holds a claim on ``name``; None when the server could not say."""
+        key = self.prefix + _CLAIM + name
+        ok, got = self._call(self.reads, lambda c: c.exists(key), writing=False)
+        return bool(got) if ok else None
+
+    def info(self) -> Dict[str, Any]:
+        """The server's figures: ``keys`` (all keys of the database; a cluster: of every master),
+        ``used_memory``, ``maxmemory`` (bytes, summed over masters), ``maxmemory_policy`` and
+        ``masters``; {} when the server could not be asked (skipped or a fault)."""
+        def ask(client: Any) -> Dict[str, Any]:
+            if isinstance(client, RedisCluster):  # asked of every master: {"host:port": {...}}, a sum
+                memory = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+                keys = client.dbsize(target_nodes=RedisCluster.PRIMARIES)
+                masters = [v for v in memory.values() if isinstance(v, dict)]
+                policy = sorted({str(v.get("maxmemory_policy", "?")) for v in masters})
+                return dict(keys=int(keys), used_memory=sum(int(v.get("used_memory", 0)) for v in masters),
+                            maxmemory=sum(int(v.get("maxmemory", 0)) for v in masters),
+                            maxmemory_policy=",".join(policy), masters=len(masters))
+            memory, keys = client.info("memory"), client.dbsize()
+            return dict(keys=int(keys), used_memory=int(memory.get("used_memory", 0)),
+                        maxmemory=int(memory.get("maxmemory", 0)),
+                        maxmemory_policy=str(memory.get("maxmemory_policy", "?")), masters=1)
+        ok, got = self._call(self.reads, ask, writing=False)
+        return got if ok and got is not None else {}
 
     def close(self) -> None:
         with self._client_lock:

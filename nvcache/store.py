@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lmdb
 
@@ -201,15 +201,19 @@ class Store(Lifecycle):
     # -- writes -------------------------------------------------------------------------
     def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, keep: frozenset,
                refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True,
-               train: bool = True) -> int:
+               train: bool = True, encoded: Optional[Tuple[int, Any]] = None) -> int:
         """Add a record, evicting by the policy to stay within the cache's bound: the number
         evicted, or -1 (and no change) when the name exists. ``compress``: store it zstd-compressed
         when that is smaller (see codec.py; compressed here, before the lock). Raises
         RecordTooLarge for stored bytes above the bound, and CacheFull when only kept records
         could make room; both change nothing. ``train``: this put may be the one that looks at
-        the file's dictionary and trains the next (imports say no)."""
+        the file's dictionary and trains the next (imports say no). ``encoded``: (encoding,
+        stored bytes) of ``data`` made already, raw or zstd without dictionary (a remote record)."""
         codec = self.reader.codec
-        enc, stored = codec.encode(data) if compress else (RAW, data)
+        if encoded is not None:
+            enc, stored = encoded
+        else:
+            enc, stored = codec.encode(data) if compress else (RAW, data)
         codec.puts += 1
         # (Too large is decided in the transaction, against the bound the file stores then.)
         evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, keep,
@@ -372,17 +376,17 @@ class Store(Lifecycle):
         self._flush(files, txn)
         files.index.apply(txn, {}, hits, misses)
 
-    def add_flight(self, waits: int, takeovers: int, wait_ns: int, timeout: Optional[float] = None) -> None:
-        """Add to get_or_create's counters (see nvcache.flight)."""
-        self._write(self._add_flight, waits, takeovers, wait_ns, timeout=timeout, native=False)
+    def add_tally(self, name: bytes, values: Sequence[int], timeout: Optional[float] = None) -> None:
+        """Add to the counters of tally ``name`` (fallback.TALLIES: get_or_create's, the remote tier's)."""
+        self._write(self._add_tally, name, values, timeout=timeout, native=False)
 
-    def _add_flight(self, files: Files, txn: Any, waits: int, takeovers: int, wait_ns: int) -> None:
+    def _add_tally(self, files: Files, txn: Any, name: bytes, values: Sequence[int]) -> None:
         self._reserve(files, 1)
-        files.index.add_flight(txn, waits, takeovers, wait_ns)
+        files.index.add_tally(txn, name, values)
 
-    def flight_counters(self, timeout: Optional[float] = None) -> Tuple[int, int, int]:
-        """get_or_create's (waits, takeovers, nanoseconds waited)."""
-        return self._read(lambda index, txn: index.flight(txn), timeout)  # type: ignore[no-any-return]
+    def tally(self, name: bytes, timeout: Optional[float] = None) -> Tuple[int, ...]:
+        """The counters of tally ``name``."""
+        return self._read(lambda index, txn: index.tally(txn, name), timeout)  # type: ignore[no-any-return]
 
     @property
     def recorded_bound(self) -> int:

@@ -78,7 +78,8 @@ def test_round_trip(server: rs.RedisServer, via: str, key: Any) -> None:
     assert v2[5] == 0  # raw
     assert v1[4] == (remoterecords.TAGGED if key else 0)
     assert tier.stats() == dict(remote_hits=2, remote_misses=1, remote_errors=0, remote_skipped=0,
-                                remote_rejected=0, remote_puts=2)
+                                remote_rejected=0, remote_puts=2, fleet_claims=0, fleet_waits=0,
+                                fleet_takeovers=0)
     tier.close()
 
 
@@ -353,3 +354,62 @@ def test_cluster_master_killed() -> None:
         assert [tier.get(name) for name in alive] == [b"c" * 100] * 2, "the living masters serve their keys"
     finally:
         c.cleanup()
+
+
+# -- maintenance: info, clear, claims --------------------------------------------------------------
+@pytest.mark.parametrize("where", ["standalone", "cluster"])
+def test_info_clear_and_claims(server: rs.RedisServer, cluster: rs.RedisCluster3, where: str) -> None:
+    """info() sums every master; clear() removes exactly the keys under its own prefix (a prefix
+    with glob characters matches only itself); a claim is held by one token at a time."""
+    url = server.unix_url if where == "standalone" else cluster.url
+    raw = redis.Redis.from_url(url) if where == "standalone" else redis.RedisCluster.from_url(
+        url.replace("redis+cluster://", "redis://"))
+    raw.flushall() if where == "standalone" else raw.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    mine, other, globby = (RemoteTier(url, prefix=p) for p in ("nv:", "other:", "n*:"))
+    names = [_name() for _ in range(30)]
+    for name in names:
+        assert mine.put(name, _record(1)) and other.put(name, _record(2)) and globby.put(name, _record(3))
+    token = os.urandom(16)
+    assert mine.claim(names[0], token, 5.0) is True
+    assert mine.claim(names[0], os.urandom(16), 5.0) is False and mine.claimed(names[0]) is True
+    info = mine.info()
+    assert info["keys"] == 91 and info["used_memory"] > 0
+    assert info["masters"] == (1 if where == "standalone" else 3)
+    assert globby.clear() == 30  # "n*:" is not a pattern: the "nv:" keys stay
+    assert mine.clear() == 31  # its records and its claim
+    assert mine.get(names[1]) is None and mine.claimed(names[0]) is False
+    assert other.get(names[1]) == _record(2) and mine.info()["keys"] == 30
+    assert mine.claim(names[0], token, 5.0) is True and mine.renew(names[0], token, 5.0)
+    assert not mine.renew(names[0], os.urandom(16), 5.0)
+    mine.unclaim(names[0], os.urandom(16))  # another token's release leaves the claim
+    assert mine.claimed(names[0]) is True
+    mine.unclaim(names[0], token)
+    assert mine.claimed(names[0]) is False
+    raw.close()
+
+
+def test_delete_and_clear_reach_the_tier(server: rs.RedisServer, tmp_path: Any) -> None:
+    """LayerCache.delete removes the record from the tier too (else the next miss of any node
+    would bring it back), clear() every record under the tier's prefix; other nodes' local
+    copies stay theirs."""
+    import nvcache
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    nodes = [nvcache.LayerCache(str(tmp_path / n), 16, remote=RemoteTier(server.unix_url, prefix=prefix))
+             for n in ("a", "b", "c")]
+    a, b, c = nodes
+    try:
+        for i in range(20):
+            assert a.put(f"L{i}", _record(i))
+        assert b.get("L3") == _record(3) and b.remote_stats()["remote_hits"] == 1
+        assert a.delete("L3") and not c.contains("L3")
+        assert c.get("L3") is None  # gone from the tier: c's miss finds nothing
+        assert b.get("L3") == _record(3)  # b's own copy is b's
+        with server.client() as raw:
+            assert raw.exists(f"{prefix}L4_layer_file") == 1
+            b.clear()
+            assert list(raw.scan_iter(match=f"{prefix}*")) == []
+        assert len(b) == 0 and a.get("L4") == _record(4)  # a's local copy stays
+        assert c.get("L5") is None
+    finally:
+        for n in nodes:
+            n.close()

@@ -83,7 +83,7 @@ def test_layout_constants():
     for cls, names in (("Index", ("victims", "insert", "remove", "apply", "exists", "history", "records",
                                   "counters", "count", "lookup", "walk", "dump", "cache_data", "check",
                                   "clear", "init_counters", "dictionary", "current_dictionary", "add_dictionary",
-                                  "flight", "add_flight",
+                                  "tally", "add_tally",
                                   "sample")),
                        ("Reader", ("lookup", "find", "lookup_many", "contains", "cache_data", "close", "fast",
                                    "direct", "shared", "codec")),

@@ -1,0 +1,262 @@
+"""The remote tier as the front uses it: a node's cache backed by records the fleet shares.
+
+:class:`~nvcache.remote.RemoteTier` talks to Redis; this module decides *when*, for
+:class:`~nvcache.LayerCache` (the front calls these functions; the store never sees the tier):
+
+* **A local miss asks the tier** (:func:`fetch`). A record found there is put into the local
+  cache (with the caller's ``keep``), read back, and counted as a hit with a reference, exactly
+  as if it had been found locally: the seed's four ``cache-stat`` fields do not tell the tiers
+  apart. A record the local cache cannot hold (larger than its bound, the cache full of kept
+  records) is still returned. A damaged local record is dropped first, then the tier is asked.
+* **A put that is new to this node is shared** (:func:`share`): written to the tier before the
+  put returns, waiting at most the tier's socket timeout (0.2 s by default; a put takes
+  0.1-0.3 ms on a healthy server, DEVELOPERS.md "Remote tier"). A record the local cache refused
+  (RecordTooLarge, CacheFull) is shared all the same, then the error is raised. A put that finds
+  the record already here shares nothing: it was shared when it was first stored.
+* **One creator per fleet** (:func:`across`): in :meth:`LayerCache.get_or_create`, the node's
+  creator (one per node, :mod:`nvcache.flight`) asks the tier, then claims the name in Redis
+  (``SET NX PX``, a lease of ``LEASE`` seconds renewed every third of it while ``create()``
+  runs, never past the call's ``wait``). A creator that finds another node's claim waits for
+  it to go, asking with a backoff from ``POLL_FIRST`` to ``POLL_MAX`` (the holder shares its
+  record before it lets go), then reads the record; it claims the name itself when the claim is
+  gone without a record (that creator raised, was killed, or its lease ran out), and creates the record without a fleet claim when the wait
+  reaches ``FLEET_WAIT_SHARE`` of ``wait`` (so that it, not each waiter of its node, takes over)
+  or when Redis cannot answer (then the node's claim is all there is).
+
+**Counting.** The tier counts what it does in this process (``RemoteTier.stats()``); those
+counts are added to the cache's ``remote`` tally (kept in the file, summed over the node's
+processes: :meth:`LayerCache.remote_stats`) at most once a second while the tier is used, and at
+every flush, stats and close. A tier instance shared by several caches adds each count to one of
+them, whichever writes first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional, Tuple, Union
+
+from .errors import CacheError, CacheFull, RecordTooLarge
+from .fallback import REMOTE_TALLY
+from .store import Store, log
+
+TALLY = b"remote"  # fallback.TALLIES' key of the remote tier's counters
+SYNC_S = 1.0  # the tier's counts reach the cache file at least this often while it is used
+LEASE = 10.0  # a fleet claim lives this long unless renewed: a killed creator's claim ends by then
+POLL_FIRST = 0.005
+POLL_MAX = 0.1
+FLEET_WAIT_SHARE = 0.5
+
+Created = Tuple[bytes, bool, Optional[int]]  # (record, stored locally, born when found rather than created)
+
+
+def open_tier(remote: Any, remote_key: Any) -> Any:
+    """The tier for ``LayerCache(remote=, remote_key=)``: None, a URL (a new RemoteTier), or a
+    RemoteTier used as given. ValueError / TypeError for a bad URL, key or combination; a missing
+    redis-py is logged and the cache works on the node alone (it must not take a scanner down)."""
+    if remote is None:
+        if remote_key is not None:
+            raise ValueError("remote_key is the remote tier's key: it needs remote= as well")
+        return None
+    if isinstance(remote, str):
+        if not remote:
+            raise ValueError("remote must be a redis://, rediss://, unix:// or redis+cluster:// URL, got ''")
+        try:
+            from .remote import RemoteTier
+        except ImportError as exc:
+            log.error("remote tier %s not used: redis-py is not installed (pip install 'nvcache[remote]'): %s",
+                      remote.split("@")[-1], exc)
+            return None
+        return RemoteTier(remote, key=remote_key)
+    tier_type = _tier_type()
+    if tier_type is not None and isinstance(remote, tier_type):
+        if remote_key is not None:
+            raise ValueError("a RemoteTier carries its own key: pass remote_key to RemoteTier, not here")
+        return remote
+    raise TypeError(f"remote must be a URL string or a nvcache.remote.RemoteTier, not {type(remote).__name__}")
+
+
+def tier_from_env(environ: Any) -> Any:
+    """The tier ``NVCACHE_REMOTE`` names (RemoteTier.from_env), or None without redis-py (logged)."""
+    try:
+        from .remote import RemoteTier
+    except ImportError as exc:
+        log.error("NVCACHE_REMOTE not used: redis-py is not installed (pip install 'nvcache[remote]'): %s", exc)
+        return None
+    return RemoteTier.from_env(environ)
+
+
+def _tier_type() -> Optional[type]:
+    try:
+        from .remote import RemoteTier
+    except ImportError:
+        return None
+    return RemoteTier
+
+
+# -- counting --------------------------------------------------------------------------------
+class Tally:
+    """When a cache last added its tier's counts to its file."""
+
+    __slots__ = ("due",)
+
+    def __init__(self) -> None:
+        self.due = time.monotonic() + SYNC_S
+
+
+def sync(tier: Any, tally: Tally, store: Store, timeout: float, force: bool = False) -> None:
+    """Add the tier's new counts to the cache's tally when due (``force``: now). Never raises
+    CacheError: counts that cannot be written now are kept for the next time."""
+    now = time.monotonic()
+    if not force and now < tally.due:
+        return
+    tally.due = now + SYNC_S
+    taken = tier.take_counts()
+    values = [taken[name] for name in REMOTE_TALLY]
+    if not any(values):
+        return
+    try:
+        store.add_tally(TALLY, values, timeout)
+    except CacheError as exc:
+        tier.give_back(taken)
+        log.debug("remote tier's counts not written to %s yet: %s", store.path, exc)
+
+
+def stats(store: Store, timeout: float) -> dict:
+    """The cache's remote tally by name (every process of the node that used a tier)."""
+    return dict(zip(REMOTE_TALLY, store.tally(TALLY, timeout)))
+
+
+# -- reads and writes --------------------------------------------------------------------------
+def fetch(cache: Any, store: Store, key: bytes, layer_id: str, kind: str,
+          kept: frozenset) -> Tuple[Optional[bytes], int]:
+    """A local miss asks the tier: (record, 0) with the record now local too, else (None, 0).
+
+    The local record starts with the reference the caller's hit counts (its born, 0, matches
+    no record, so the buffer adds no second one), and keeps the remote stored form (zstd
+    without dictionary, or raw) rather than being compressed again: a remote hit costs one
+    local write, not a compression and a read as well (DEVELOPERS.md, "Remote tier")."""
+    tier = cache._remote
+    name, lid = cache._core.record_name(layer_id, kind)
+    got = tier.get_stored(name)
+    if got is not None:
+        data, encoding, stored = got
+        try:
+            # train=False: a dictionary is for the records this node compresses, not these.
+            store.insert(key, name, lid, data, kept, 1, time.time_ns(), cache.lock_timeout, cache.compress,
+                         train=False, encoded=(encoding, stored) if cache.compress else None)
+        except CacheError as exc:  # too large here, full of kept records, lock busy: still a hit
+            log.info("record %s_%s from the remote tier not stored here: %s", layer_id, kind, exc)
+    sync(tier, cache._tally, store, cache.lock_timeout)
+    return (None, 0) if got is None else (got[0], 0)
+
+
+def share(cache: Any, store: Store, layer_id: str, kind: str, data: Any) -> None:
+    """Write a record new to this node to the tier (bounded by the tier's timeout; never raises)."""
+    tier = cache._remote
+    tier.put(cache._core.record_name(layer_id, kind)[0], data)
+    sync(tier, cache._tally, store, cache.lock_timeout)
+
+
+def put(cache: Any, store: Store, layer_id: str, record: Any, kind: str, keep: Iterable[str]) -> bool:
+    """:meth:`LayerCache.put` with a tier: the local put, then the record shared (see above)."""
+    try:
+        stored = cache._insert(layer_id, record, kind, keep, 0, 0)
+    except (RecordTooLarge, CacheFull):
+        share(cache, store, layer_id, kind, record)
+        raise
+    if stored:
+        share(cache, store, layer_id, kind, record)
+    return stored
+
+
+# -- one creator per fleet ------------------------------------------------------------------------
+class _Renewer:
+    """Renews a fleet claim every third of its lease until stopped or ``until`` (monotonic)."""
+
+    def __init__(self, tier: Any, name: bytes, token: bytes, until: float) -> None:
+        self.tier, self.name, self.token, self.until = tier, name, token, until
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="nvcache-fleet-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(LEASE / 3):
+            if time.monotonic() >= self.until or not self.tier.renew(self.name, self.token, LEASE):
+                return  # past the wait (waiters take over anyway), or the claim is lost
+
+
+def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept: frozenset,
+           create_local: Callable[[], Tuple[bytes, bool]], wait: float) -> Callable[[], Created]:
+    """The node creator's step of get_or_create with a tier: fetch, else one creator per fleet.
+
+    ``create_local()`` runs create() and the local put: (record, stored). The returned
+    function is what :func:`nvcache.flight.single_flight` runs as the node's creator.
+    """
+    tier = cache._remote
+    name = cache._core.record_name(layer_id, kind)[0]
+
+    def found() -> Optional[Created]:
+        data, born = fetch(cache, store, key, layer_id, kind, kept)
+        return None if data is None else (data, store.contains(key, timeout=cache.lock_timeout), born)
+
+    def create(claimed: Optional[bytes]) -> Created:
+        started = time.monotonic()
+        renewer = None
+        if claimed is not None:
+            tier.count("fleet_claims")
+            renewer = _Renewer(tier, name, claimed, started + wait)
+            try:
+                renewer.thread.start()
+            except RuntimeError as exc:  # no thread to spare: the lease then ends on its own
+                log.warning("fleet claim on %r not renewed: %s", name, exc)
+                renewer = None
+        try:
+            data, stored = create_local()
+        except BaseException:  # create() raised (its caller's to see): let the next creator go
+            if renewer is not None:
+                renewer.stop.set()
+            if claimed is not None:
+                tier.unclaim(name, claimed)
+            raise
+        if renewer is not None:
+            renewer.stop.set()
+        share(cache, store, layer_id, kind, data)
+        if claimed is not None:  # after the share: a waiter that sees the claim gone finds the record
+            tier.unclaim(name, claimed)
+        return data, stored, None
+
+    def run() -> Created:
+        hit = found()
+        if hit is not None:
+            return hit
+        deadline = time.monotonic() + FLEET_WAIT_SHARE * wait
+        token = os.urandom(16)
+        waited = False
+        pause = POLL_FIRST
+        while True:
+            got = tier.claim(name, token, LEASE)
+            if got is None:  # Redis cannot say: the node's claim is all there is
+                return create(None)
+            if got:
+                return create(token)
+            if not waited:
+                waited = True
+                tier.count("fleet_waits")
+            while True:  # another node creates it: wait for its claim to go (its record lands first)
+                if time.monotonic() + pause > deadline:
+                    log.warning("fleet claim on %r held past the wait; creating it here", name)
+                    tier.count("fleet_takeovers")
+                    return create(None)
+                time.sleep(pause)
+                pause = min(pause * 2, POLL_MAX)
+                still = tier.claimed(name)
+                if still is None:
+                    return create(None)
+                if not still:
+                    hit = found()
+                    if hit is not None:
+                        return hit
+                    break  # its creator raised, died or could not share: claim it
+
+    return run
