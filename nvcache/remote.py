@@ -51,6 +51,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -171,6 +172,19 @@ def connect(url: str, timeout: float, password: Optional[str] = None) -> Any:
     raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
 
 
+# Every tier of this process: a forked child gets new locks (one may have been held by a thread
+# that does not exist in the child); redis-py's pools notice the fork themselves.
+_tiers: "weakref.WeakSet[RemoteTier]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_tiers):
+        tier._new_locks()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class RemoteTier:
     """Records shared through one Redis (or Redis Cluster); every call is safe to make."""
 
@@ -194,8 +208,8 @@ class RemoteTier:
         self.reads = Breaker("reads", backoff, max_backoff)
         self.writes = Breaker("writes", backoff, max_backoff)
         self._client: Any = None
-        self._client_lock = threading.Lock()
-        self._counts_lock = threading.Lock()
+        self._new_locks()
+        _tiers.add(self)
         self._unexpected_logged = False
         self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._untaken: Dict[str, int] = dict.fromkeys(COUNTERS, 0)  # not yet in a cache's tally
@@ -220,6 +234,12 @@ class RemoteTier:
         return cls(url, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
+    def _new_locks(self) -> None:
+        self._client_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self.reads._lock = threading.Lock()
+        self.writes._lock = threading.Lock()
+
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (one of COUNTERS)."""
         with self._counts_lock:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -413,3 +415,35 @@ def test_delete_and_clear_reach_the_tier(server: rs.RedisServer, tmp_path: Any) 
     finally:
         for n in nodes:
             n.close()
+
+
+def test_a_forked_child_uses_the_tier(server: rs.RedisServer) -> None:
+    """After fork the child has new locks (one held by a parent thread would never be released
+    there) and redis-py reconnects: the child reads and writes through the same tier object."""
+    tier = RemoteTier(server.unix_url, key=KEY)
+    name, other = _name(), _name()
+    assert tier.put(name, _record(5))
+    holder_done, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # a thread of the parent inside the counters' lock while the fork happens
+        with tier._counts_lock:
+            holder_done.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    holder_done.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: its exit status says what it saw, and it never returns into pytest
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(5)  # a deadlock in the child ends as SIGALRM (-14), not a hung test
+            ok = tier.get(name) == _record(5) and tier.put(other, _record(6)) and tier.stats()["remote_hits"] >= 1
+            os._exit(0 if ok else 1)
+        finally:
+            os._exit(2)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tier.get(other) == _record(6)
