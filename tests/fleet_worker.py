@@ -6,7 +6,7 @@ test's ``core_env`` sets it), prints ``ready``, waits for ``go`` on stdin (so th
 of the fleet starts at once: a barrier), then calls ``get_or_create(name, create, wait=wait)``
 once for each name, each in a thread of its own, all at once.
 
-``create`` appends ``name pid`` to ``log`` (O_APPEND: one line per create() that ran, whoever
+``create`` appends ``name pid time`` (time.time(), comparable across processes) to ``log`` (O_APPEND: one line per create() that ran, whoever
 ran it), sleeps ``sleep`` seconds, then per ``mode``: ``ok`` returns the record, ``raise``
 waits until the file ``gate`` exists and raises ValueError, ``hang`` sleeps an hour (the test
 SIGKILLs it). The record is a deterministic function of the name (``record_for``), so every
@@ -16,8 +16,8 @@ caller's bytes can be checked.
 cache opens: fleet reads no environment variable for it, so the module attribute is patched
 here (fleet reads it at each claim and renewal).
 
-Prints one JSON line: each call's outcome (the record's sha256 or the exception's name) and its
-seconds, and this process's tier counts (``RemoteTier.stats()``).
+Prints one JSON line: each call's outcome (the record's sha256 or the exception's name), its
+seconds and when it returned (time.time()), and this process's tier counts (``RemoteTier.stats()``).
 """
 
 import hashlib
@@ -40,7 +40,7 @@ def make_create(cfg: Dict[str, Any], name: str) -> Any:
     def create() -> bytes:
         fd = os.open(cfg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{name} {os.getpid()}\n".encode())
+            os.write(fd, f"{name} {os.getpid()} {time.time():.6f}\n".encode())
         finally:
             os.close(fd)
         time.sleep(cfg.get("sleep", 0.0))
@@ -74,7 +74,7 @@ def main(cfg: Dict[str, Any]) -> Dict[str, Any]:
             except Exception as exc:
                 outcome = type(exc).__name__
             with lock:
-                results[name] = {"outcome": outcome, "seconds": time.monotonic() - start}
+                results[name] = {"outcome": outcome, "seconds": time.monotonic() - start, "done": time.time()}
 
         threads = [threading.Thread(target=call, args=(name,)) for name in cfg["names"]]
         for t in threads:
