@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 from redis.crc import key_slot
@@ -990,7 +990,8 @@ def test_from_env_with_nvcache_remote(server: rs.RedisServer, Cache: type, tmp_p
 
 def test_remote_none_is_node_only(server: rs.RedisServer, make_cache: Any, tmp_path: Any) -> None:
     """remote=None (the default): nothing reaches Redis (no command at all), the remote counters
-    stay zero, and get_or_create works on the node alone. A disabled cache given a tier uses none."""
+    stay zero, and get_or_create works on the node alone. A disabled or repair=False cache given a
+    tier uses none."""
     watch = server.client()  # one connection for every look (each new one sends a HELLO)
 
     def calls() -> int:  # every command the server ran, but the INFO asking
@@ -1011,6 +1012,8 @@ def test_remote_none_is_node_only(server: rs.RedisServer, make_cache: Any, tmp_p
     assert (stats["cache_hits"], stats["cache_misses"], stats["record_count"]) == (2, 3, 2)
     off = make_cache(0, path=str(tmp_path / "off"), remote=server.unix_url)
     assert off.remote is None and off.put(lid(), b"x") is False and off.get(layer) is None
+    reader = make_cache(4.0, path=str(tmp_path / "plain"), repair=False, remote=server.unix_url)
+    assert reader.remote is None and reader.get(lid()) is None and reader.get(layer) == record(90)
     assert calls() == before, "no command reached the server"
     assert watch.dbsize() == keys
     watch.close()
