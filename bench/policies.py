@@ -808,6 +808,74 @@ def simulate(policy_cls: type, trace: Trace, capacity: int, cost: Sequence[int],
     return out
 
 
+def simulate_buffered(policy_cls: type, trace: Trace, capacity: int, cost: Sequence[int], processes: int,
+                      max_keys: int = 512) -> Outcome:
+    """``simulate`` with nvcache's access buffering, for a :class:`RankPolicy`: ``processes``
+    scanners take the scans in turn (scan k goes to process k mod P) and interleave request by
+    request; each buffers its hits (count and the last request's time per record) and applies them
+    before its own put that evicts, and once ``max_keys`` records are pending (the buffer's 512-key
+    rule; its 1-second rule is left out: at the demo's rate a second is thousands of scans). A
+    record evicted (or evicted and put again) since is skipped, as ``Index.apply`` skips a record
+    born after the references. Other processes' pending hits are not seen by a put: that lag is
+    what this measures. The rank is computed at apply time, from the L of that moment."""
+    t0 = time.perf_counter()
+    p = policy_cls(capacity, trace.stored, cost)
+    held = p.held
+    stored, rec = trace.stored, trace.record_sizes
+    out = Outcome()
+    born: Dict[int, int] = {}
+    pending: List[Dict[int, Tuple[int, int, int]]] = [{} for _ in range(processes)]
+    queues = [[trace.scans[k] for k in range(w, len(trace.scans), processes)] for w in range(processes)]
+    pos = [[0, 0] for _ in range(processes)]  # (scan, layer) of each process
+    clock = 0
+
+    def apply(w: int) -> None:
+        for obj, (n, when, b) in pending[w].items():
+            if obj in held and born[obj] == b:
+                p.refs[obj] += n
+                save, p.clock = p.clock, when
+                r = held[obj] = p.rank(obj, p.refs[obj])
+                p.clock = save
+                heapq.heappush(p.heap, (r, obj))
+        pending[w].clear()
+
+    live = list(range(processes))
+    while live:
+        for w in list(live):
+            si, li = pos[w]
+            if si >= len(queues[w]):
+                live.remove(w)
+                continue
+            scan = queues[w][si]
+            obj = scan[li]
+            pos[w] = [si, li + 1] if li + 1 < len(scan) else [si + 1, 0]
+            clock += 1
+            out.requests += 1
+            out.req_stored += stored[obj]
+            out.req_bytes += rec[obj]
+            out.cost_all_ns += cost[obj]
+            if obj in held:
+                out.hits += 1
+                out.hit_stored += stored[obj]
+                out.hit_bytes += rec[obj]
+                out.cost_saved_ns += cost[obj]
+                n, _when, b = pending[w].get(obj, (0, 0, born[obj]))
+                pending[w][obj] = (n + 1, clock, b)
+                if len(pending[w]) >= max_keys:
+                    apply(w)
+                continue
+            if p.used + stored[obj] > capacity:
+                apply(w)
+            p.clock = clock
+            if p.admit(obj, frozenset(scan)):
+                born[obj] = clock
+            else:
+                out.not_admitted += 1
+    out.evictions = p.evictions
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
 def run_all(trace_names: Sequence[str], policy_names: Sequence[str], factors: Sequence[float], fixed_us: float,
             us_per_kib: float, raw: bool, log: Callable[[str], None]) -> Dict[str, Any]:
     table = policies(fixed_us, us_per_kib)
@@ -883,6 +951,137 @@ def write_markdown(results: Dict[str, Any], path: str, header: str) -> None:
         fh.write("\n".join(lines) + "\n")
 
 
+def summarize(paths: Sequence[str]) -> str:
+    """Markdown summary tables from result files (``--summary a.json b.json``): per policy, the
+    worst stored-byte-hit difference to LRU anywhere, the gap closed and time saved at the demo's
+    bound, and the matrix of every trace x bound."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            r = json.load(fh)
+        runs.append(("raw" if r["run"]["raw"] else "zstd", r["rows"]))
+    pols: List[str] = []
+    for _kind, rows in runs:
+        for x in rows:
+            if x["policy"] not in pols:
+                pols.append(x["policy"])
+    order = list(TRACES)
+    # The target's cells: the demo's bound (zstd: a gap of 0.3 points only; raw: issue 15's 81.5 / 89.7)
+    # and a quarter of it with zstd (about the raw 1x gap).
+    cells_of = [(k, rows, t, f) for k, rows in runs for f in ((1.0, 0.25) if k == "zstd" else (1.0,))
+                for t in ("demo", "burst")]
+    lines = ["| policy | fits the index | worst stored-byte-hit vs LRU, any trace x bound (points) | "
+             + " | ".join(f"gap closed % {k} {t} {f:g}x" for k, _r, t, f in cells_of) + " | "
+             + " | ".join(f"time saved vs LRU {k} {t} {f:g}x" for k, _r, t, f in cells_of) + " |"]
+    lines.append("|---|---|---:|" + "---:|" * (2 * len(cells_of)))
+    table = policies(500.0, 40.0)
+    for pol in pols:
+        cells = [pol, getattr(table.get(pol), "fits", "?")]
+        worst = min(x["vs_lru_points"] for _k, rows in runs for x in rows if x["policy"] == pol)
+        cells.append(f"{worst:+.2f}")
+        found = [next(x for x in rows if x["policy"] == pol and x["trace"] == t and x["factor"] == f)
+                 for _k, rows, t, f in cells_of]
+        cells += [_pct(x["gap_closed"], 0) for x in found]
+        cells += [f"{x['saved_vs_lru_points']:+.1f}" for x in found]
+        lines.append("| " + " | ".join(cells) + " |")
+    for kind, rows in runs:
+        cols = sorted({(x["trace"], x["factor"]) for x in rows}, key=lambda c: (order.index(c[0]), c[1]))
+        for what, key in (("stored byte-hit vs LRU, points (gap closed %)", "vs_lru_points"),
+                          ("time saved vs LRU, points", "saved_vs_lru_points")):
+            lines.append(f"\n{kind}: {what}\n")
+            lines.append("| policy | " + " | ".join(f"{t} {f:g}x" for t, f in cols) + " |")
+            lines.append("|---|" + "---:|" * len(cols))
+            lru = {(x["trace"], x["factor"]): x for x in rows if x["policy"] == "LRU"}
+            lines.append(("| LRU / optimum, % | " if key == "vs_lru_points" else "| LRU's time saved, % | ") + " | ".join(
+                f"{100 * lru[c]['stored_bhr']:.1f} / {100 * lru[c]['optimum']:.1f}" if key == "vs_lru_points"
+                else f"{100 * lru[c]['saved']:.1f}" for c in cols) + " |")
+            for pol in pols:
+                cells = []
+                for c in cols:
+                    x = next(x for x in rows if x["policy"] == pol and (x["trace"], x["factor"]) == c)
+                    v = f"{x[key]:+.2f}" if key == "vs_lru_points" else f"{x[key]:+.1f}"
+                    if key == "vs_lru_points" and x.get("gap_closed") is not None and pol != "LRU":
+                        v += f" ({100 * x['gap_closed']:.0f})"
+                    cells.append(v)
+                lines.append(f"| {pol} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def popularity_oracle(trace: Trace, capacity: int, seed: int = 1) -> int:
+    """Stored bytes hit by the best *static* cache of the demo's trace: the layers of highest request
+    probability (known from the catalogue's Zipf weights) that fit, each missed once (a cold start).
+    On a trace drawn independently from fixed popularities (the demo's), that is about the best an
+    online policy can hope for: the rest of the gap to the optimum is the optimum knowing the future."""
+    cat = sim.build_catalogue(1000, 6000, seed)
+    total_w = sum(cat.weights)
+    prob = [0.0] * len(cat.sizes)
+    for img, w in zip(cat.images, cat.weights):
+        for li in img:
+            prob[li] += w / total_w
+    held, used = set(), 0
+    for li in sorted(range(len(prob)), key=lambda i: (-prob[i], i)):
+        if used + trace.stored[li] <= capacity:
+            held.add(li)
+            used += trace.stored[li]
+    seen, hit = set(), 0
+    for li in trace.requests():
+        if li in held:
+            if li in seen:
+                hit += trace.stored[li]
+            seen.add(li)
+    return hit
+
+
+def extras(fixed_us: float, us_per_kib: float, log: Callable[[str], None]) -> str:
+    """The checks behind policies.md: offline LRU = simulate.lru_byte_hits, what keep adds to LRU, the
+    popularity oracle, and the access buffer's effect on LRU and the chosen policy (1, 2, 8 processes)."""
+    table = policies(fixed_us, us_per_kib)
+    lines = ["## LRU against `simulate.lru_byte_hits` (demo trace)\n",
+             "| sizes | bound | offline LRU without keep (stored bytes hit) | simulate.lru_byte_hits | equal | "
+             "offline LRU with keep | keep adds |", "|---|---:|---:|---:|---|---:|---:|"]
+    oracle = ["\n## The popularity oracle (demo trace)\n",
+              "| sizes | bound | LRU % | static popularity oracle % | optimum % | oracle's share of the gap |",
+              "|---|---:|---:|---:|---:|---:|"]
+    fid = ["\n## The access buffer (offline model, `simulate_buffered`)\n",
+           "Stored-byte-hit % / time saved % of each policy when P processes share the cache and buffer "
+           "their hits (512 keys, applied before their own evicting puts), against the same interleaved "
+           "trace with every hit applied at once (exact).\n",
+           "| trace | policy | P=1 exact | P=1 buffered | P=2 exact | P=2 buffered | P=8 exact | P=8 buffered |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for raw in (False, True):
+        kind = "raw" if raw else "zstd"
+        tr = measure(demo_trace(), raw=raw)
+        cost = [cost_ns(n, fixed_us, us_per_kib) for n in tr.record_sizes]
+        reqs = tr.requests()
+        total = sum(tr.stored[i] for i in reqs)
+        for f in (0.125, 0.25, 0.5, 1, 2, 4):
+            cap = int(DEMO_BOUND * f)
+            a = simulate(LRU, tr, cap, cost, keep_rule=False).hit_stored
+            b = sim.lru_byte_hits(reqs, tr.stored, cap)
+            k = simulate(LRU, tr, cap, cost).hit_stored
+            lines.append(f"| {kind} | {f:g}x | {a} | {b} | {'yes' if a == b else '**NO**'} | {k} | "
+                         f"{100 * (k - a) / total:+.2f} points |")
+            opt = sim.optimum_byte_hits(reqs, tr.stored, cap)
+            orc = popularity_oracle(tr, cap)
+            share = (orc - k) / (opt - k) if opt > k else None
+            oracle.append(f"| {kind} | {f:g}x | {100 * k / total:.2f} | {100 * orc / total:.2f} | "
+                          f"{100 * opt / total:.2f} | {_pct(share, 0)} |")
+        log(f"extras: {kind} demo done")
+    for tname, raw, f in (("demo", True, 1.0), ("burst", True, 1.0), ("demo", False, 0.25), ("burst", False, 0.25)):
+        tr = measure(TRACES[tname](), raw=raw)
+        cost = [cost_ns(n, fixed_us, us_per_kib) for n in tr.record_sizes]
+        cap = int(DEMO_BOUND * f)
+        for name in ("LRU", CHOSEN):
+            cells = []
+            for procs in (1, 2, 8):
+                for keys in (1, 512):
+                    o = simulate_buffered(table[name], tr, cap, cost, procs, max_keys=keys)
+                    cells.append(f"{100 * o.stored_bhr:.2f} / {100 * o.saved:.1f}")
+            fid.append(f"| {tname} {'raw' if raw else 'zstd'} {f:g}x | {name} | " + " | ".join(cells) + " |")
+        log(f"extras: buffered {tname} done")
+    return "\n".join(lines + oracle + fid) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--traces", default=",".join(TRACES))
@@ -894,7 +1093,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="demo and burst at 1x only")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "session8"))
     ap.add_argument("--name", default="policies", help="output file stem")
+    ap.add_argument("--extras", action="store_true", help="write policies-extras.md (checks, oracle, buffering) and stop")
+    ap.add_argument("--summary", nargs="+", metavar="JSON", help="print summary tables of result files and stop")
     args = ap.parse_args(argv)
+    if args.summary:
+        print(summarize(args.summary), end="")
+        return 0
+    if args.extras:
+        text = extras(args.fixed_us, args.us_per_kib, lambda m: print(m, file=sys.stderr, flush=True))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "policies-extras.md"), "w") as fh:
+            fh.write(f"# `bench/policies.py --extras`\n\nCost model {args.fixed_us:g} µs + {args.us_per_kib:g} µs/KiB.\n\n" + text)
+        return 0
     names = list(policies(args.fixed_us, args.us_per_kib))
     chosen = names if args.policies is None else ["LRU"] + [p for p in args.policies.split(",") if p != "LRU"]
     traces = ["demo", "burst"] if args.quick else args.traces.split(",")
