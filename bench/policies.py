@@ -984,6 +984,24 @@ def summarize(paths: Sequence[str]) -> str:
         cells += [_pct(x["gap_closed"], 0) for x in found]
         cells += [f"{x['saved_vs_lru_points']:+.1f}" for x in found]
         lines.append("| " + " | ".join(cells) + " |")
+    shown = ["LRU", CHOSEN, "GDSF-a0.25-c16", "GDSF", "LFU-DA", "LRU-2", "S3-FIFO", "W-TinyLFU", "LFU-history"]
+    for kind, rows in runs:
+        for f in ((1.0, 0.25) if kind == "zstd" else (1.0,)):
+            lines.append(f"\n{kind}, bound {f:g}x the demo's ({DEMO_BOUND * f / 2**20:g} MiB)\n")
+            lines.append("| trace | policy | hit ratio % | byte-hit % (stored) | byte-hit % (record) | time saved % | gap closed % |")
+            lines.append("|---|---|---:|---:|---:|---:|---:|")
+            for t in order:
+                sel = [x for x in rows if x["trace"] == t and x["factor"] == f]
+                if not sel:
+                    continue
+                lines.append(f"| {t} | optimum (byte-level Belady: a bound) / Belady on whole records | | "
+                             f"{100 * sel[0]['optimum']:.2f} / {100 * sel[0]['belady_whole']:.2f} | | | 100 |")
+                for pol in shown:
+                    x = next((x for x in sel if x["policy"] == pol), None)
+                    if x is not None:
+                        name = f"**{pol}**" if pol == CHOSEN else pol
+                        lines.append(f"| {t} | {name} | {100 * x['hit_ratio']:.1f} | {100 * x['stored_bhr']:.2f} | "
+                                     f"{100 * x['record_bhr']:.2f} | {100 * x['saved']:.1f} | {_pct(x.get('gap_closed'), 0)} |")
     for kind, rows in runs:
         cols = sorted({(x["trace"], x["factor"]) for x in rows}, key=lambda c: (order.index(c[0]), c[1]))
         for what, key in (("stored byte-hit vs LRU, points (gap closed %)", "vs_lru_points"),
