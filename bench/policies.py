@@ -46,10 +46,15 @@ heuristic when sizes vary) is shown beside it.
 
 Run::
 
-    .venv/bin/python bench/policies.py                  # every trace, policy and bound (~10 min)
+    .venv/bin/python bench/policies.py                  # every trace, policy and bound (~3 min)
+    .venv/bin/python bench/policies.py --raw --factors 0.5,1,2,4   # records stored raw (~2 min)
     .venv/bin/python bench/policies.py --quick          # demo and burst, 1x bound only
+    .venv/bin/python bench/policies.py --extras         # LRU check, popularity oracle, access buffer
+    .venv/bin/python bench/policies.py --summary A.json B.json      # summary tables of result files
 
-Output: ``bench/results/session8/policies.md`` and ``policies.json`` (``--out`` for another place).
+Output: ``bench/results/session8/policies-zstd.md`` and ``.json`` (``policies-raw.*`` with
+``--raw``; ``--out`` and ``--name`` for another place). ``policies.md`` there is the hand-written
+report built on them: never overwritten.
 """
 
 from __future__ import annotations
@@ -1110,10 +1115,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--raw", action="store_true", help="charge record bytes (simulate --no-compress)")
     ap.add_argument("--quick", action="store_true", help="demo and burst at 1x only")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "session8"))
-    ap.add_argument("--name", default="policies", help="output file stem")
+    ap.add_argument("--name", default=None, help="output file stem (default policies-zstd, or policies-raw)")
     ap.add_argument("--extras", action="store_true", help="write policies-extras.md (checks, oracle, buffering) and stop")
     ap.add_argument("--summary", nargs="+", metavar="JSON", help="print summary tables of result files and stop")
     args = ap.parse_args(argv)
+    if args.name is None:
+        args.name = "policies-raw" if args.raw else "policies-zstd"
+    if args.name == "policies":
+        ap.error("policies.md is the hand-written report: choose another --name")
     if args.summary:
         print(summarize(args.summary), end="")
         return 0
