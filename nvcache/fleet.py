@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Tuple, Union
 
+from .arguments import as_record
 from .errors import CacheError, CacheFull, RecordTooLarge
 from .fallback import REMOTE_TALLY
 from .store import Store, log
@@ -166,13 +167,14 @@ def share(cache: Any, store: Store, layer_id: str, kind: str, data: Any) -> None
 
 def put(cache: Any, store: Store, layer_id: str, record: Any, kind: str, keep: Iterable[str]) -> bool:
     """:meth:`LayerCache.put` with a tier: the local put, then the record shared (see above)."""
+    data = as_record(record)  # its bytes, as the local put takes them (any memoryview's shape)
     try:
-        stored = cache._insert(layer_id, record, kind, keep, 0, 0)
+        stored = cache._insert(layer_id, data, kind, keep, 0, 0)
     except (RecordTooLarge, CacheFull):
-        share(cache, store, layer_id, kind, record)
+        share(cache, store, layer_id, kind, data)
         raise
     if stored:
-        share(cache, store, layer_id, kind, record)
+        share(cache, store, layer_id, kind, data)
     return stored
 
 
@@ -245,8 +247,10 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
                 return create(None)
             if got:
                 # Another node's creator may have shared it and let go since our look: its
-                # holder shares before it lets go, so one more look after the claim settles it.
-                hit = found()
+                # holder shares before it lets go, so one more look after the claim settles it
+                # (EXISTS: a record that is not there is not counted as a second miss).
+                polled = tier.claimed(name)
+                hit = found() if polled is not None and polled[1] else None
                 if hit is not None:
                     tier.unclaim(name, token)
                     return hit

@@ -62,6 +62,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
+from .arguments import as_record
 from .fallback import REMOTE_TALLY
 from .remoterecords import BadValue, KeyLike, decode_stored, encode_stored, encode_value, make_key
 
@@ -181,6 +182,7 @@ _tiers: "weakref.WeakSet[RemoteTier]" = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for tier in list(_tiers):
         tier._new_locks()
+        tier._new_counts()  # the parent's counts are the parent's to write into its tally
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -195,7 +197,7 @@ class RemoteTier:
                  max_record: int = DEFAULT_MAX_RECORD, password: Optional[str] = None) -> None:
         if not isinstance(url, str) or "://" not in url:
             raise ValueError(f"remote URL must be a redis://, rediss://, unix:// or redis+cluster:// URL, got {url!r}")
-        if ttl is not None and not ttl > 0:
+        if ttl is not None and not (isinstance(ttl, (int, float)) and 0 < ttl < 1e12):
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         if not timeout > 0 or not 0 < backoff <= max_backoff:
             raise ValueError("timeout and backoff must be positive, backoff <= max_backoff")
@@ -212,10 +214,7 @@ class RemoteTier:
         self._new_locks()
         _tiers.add(self)
         self._unexpected_logged = False
-        self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._untaken: Dict[str, int] = dict.fromkeys(COUNTERS, 0)  # not yet in a cache's tally
-        self._skip_ticks = itertools.count()  # see _fold_skips
-        self._skip_folds = self._skips_folded = 0
+        self._new_counts()
         scheme = url.split("://", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
@@ -233,10 +232,20 @@ class RemoteTier:
         if environ.get("NVCACHE_REMOTE_PREFIX"):
             kwargs.setdefault("prefix", environ["NVCACHE_REMOTE_PREFIX"])
         if environ.get("NVCACHE_REMOTE_TTL"):
-            kwargs.setdefault("ttl", float(environ["NVCACHE_REMOTE_TTL"]))
+            try:
+                kwargs.setdefault("ttl", float(environ["NVCACHE_REMOTE_TTL"]))
+            except ValueError:
+                raise ValueError(f"NVCACHE_REMOTE_TTL must be a number of seconds, "
+                                 f"got {environ['NVCACHE_REMOTE_TTL']!r}") from None
         return cls(url, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
+    def _new_counts(self) -> None:
+        self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._untaken: Dict[str, int] = dict.fromkeys(COUNTERS, 0)  # not yet in a cache's tally
+        self._skip_ticks = itertools.count()  # see _fold_skips
+        self._skip_folds = self._skips_folded = 0
+
     def _new_locks(self) -> None:
         self._client_lock = threading.Lock()
         self._counts_lock = threading.Lock()
@@ -359,6 +368,7 @@ class RemoteTier:
 
     def put(self, name: bytes, data: Any) -> bool:
         """Write record ``name`` (its bytes ``data``); whether it was written."""
+        data = as_record(data)  # a memoryview's bytes, whatever its shape: its length is theirs
         if len(data) > self.max_record:
             self.count("remote_skipped")
             return False
