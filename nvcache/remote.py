@@ -214,6 +214,7 @@ class RemoteTier:
         self._new_locks()
         _tiers.add(self)
         self._unexpected_logged = False
+        self.last_error: Optional[str] = None  # the last fault, "Type: message" (for tools to report)
         self._new_counts()
         scheme = url.split("://", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
@@ -324,6 +325,7 @@ class RemoteTier:
     def _failed(self, exc: BaseException, writing: bool) -> None:
         self.count("remote_errors")
         reason = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error = reason
         if writing and isinstance(exc, ResponseError):
             # The server answered and refused the write (full, read-only): reads may still work.
             self.writes.failed(reason)
