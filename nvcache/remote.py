@@ -467,7 +467,7 @@ class RemoteTier:
             if isinstance(client, RedisCluster):  # asked of every master: {"host:port": {...}}, a sum
                 memory = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
                 keys = client.dbsize(target_nodes=RedisCluster.PRIMARIES)
-                masters = [v for v in memory.values() if isinstance(v, dict)]
+                masters = [v for v in memory.values() if isinstance(v, dict)] or [memory]  # 1 master: flat
                 policy = sorted({str(v.get("maxmemory_policy", "?")) for v in masters})
                 return dict(keys=int(keys), used_memory=sum(int(v.get("used_memory", 0)) for v in masters),
                             maxmemory=sum(int(v.get("maxmemory", 0)) for v in masters),

@@ -319,3 +319,33 @@ def test_metrics_with_a_dead_or_hung_server_stay_quick(tmp_path, no_remote_env, 
         assert "pw-metrics-secret" not in result.stderr + result.stdout
     finally:
         s.cleanup()
+
+
+def test_remote_stat_of_a_cluster_sums_its_masters(tmp_path, no_remote_env):
+    """Every master is asked (redis-py sends INFO and DBSIZE to a single node unless told)."""
+    rs.require_binaries()
+    cluster = rs.RedisCluster3().start()
+    try:
+        with LayerCache(str(tmp_path / "node"), 16, remote=cluster.url) as cache:
+            for digest in DIGESTS:
+                assert cache.put(digest, incompressible(SIZE, digest))
+            assert cache.remote_stats()["remote_puts"] == len(DIGESTS)
+        sizes = []
+        for node in cluster.nodes:
+            with node.client() as c:
+                sizes.append(c.dbsize())
+                c.config_set("maxmemory", str(16 << 20))
+                c.config_set("maxmemory-policy", "allkeys-lru")
+        assert sum(sizes) == len(DIGESTS) and max(sizes) < len(DIGESTS)  # spread over the masters
+        result = run(["remote-stat", "--remote", cluster.url, "--json"])
+        assert result.exit_code == 0 and result.stderr == ""
+        got = json.loads(result.stdout)
+        assert (got["keys"], got["masters"], got["maxmemory"]) == (len(DIGESTS), 3, 3 * (16 << 20))
+        assert got["maxmemory_policy"] == "allkeys-lru" and got["warning"] is None
+        with cluster.nodes[1].client() as c:
+            c.config_set("maxmemory-policy", "noeviction")
+        result = run(["remote-stat", "--remote", cluster.url, "--json"])
+        assert json.loads(result.stdout)["maxmemory_policy"] == "allkeys-lru,noeviction"
+        assert "maxmemory-policy noeviction evicts nothing" in result.stderr
+    finally:
+        cluster.cleanup()
