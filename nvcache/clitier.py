@@ -75,12 +75,6 @@ def load_tier(url: str, timeout: float, **kwargs: Any) -> Any:
                            f"({exc})") from None
     environ = dict(os.environ)
     environ["NVCACHE_REMOTE"] = url
-    ttl = environ.get("NVCACHE_REMOTE_TTL")
-    if ttl:
-        try:
-            float(ttl)
-        except ValueError:
-            raise click.UsageError(f"NVCACHE_REMOTE_TTL must be a number of seconds, got {ttl!r}") from None
     try:
         parts = urlsplit(url)
         if parts.scheme.lower() in ("redis", "rediss"):

@@ -88,7 +88,9 @@ def two_nodes(tmp_path: Any, url: str) -> Dict[str, Dict[str, Any]]:
         assert cache.get(DIGESTS[1])  # now a local hit
         found = cache.get_many([DIGESTS[2], DIGESTS[4]])  # a remote hit and a remote miss
         assert list(found) == [DIGESTS[2]]
-        made = cache.get_or_create(DIGESTS[3], lambda: incompressible(SIZE, "made"))  # fleet claim, create, share
+        # A local miss; the creator asks the tier (a remote miss), claims the name fleet-wide, checks
+        # once more that no node shared it meanwhile (EXISTS: no miss counted), creates, shares.
+        made = cache.get_or_create(DIGESTS[3], lambda: incompressible(SIZE, "made"))
         assert made == incompressible(SIZE, "made")
         b_evictions = cache.evictions()
     assert b_evictions == 1  # DIGESTS[1] (referred before DIGESTS[2]) made room for DIGESTS[3]
