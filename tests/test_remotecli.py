@@ -351,3 +351,25 @@ def test_remote_stat_of_a_cluster_sums_its_masters(tmp_path, no_remote_env):
         assert "maxmemory-policy noeviction evicts nothing" in result.stderr
     finally:
         cluster.cleanup()
+
+
+def test_remote_stat_of_a_single_master_cluster(no_remote_env):
+    """redis-py returns a single node's INFO flat, not per node: still one master, its figures."""
+    rs.require_binaries()
+    node = rs.RedisServer(cluster=True).start()
+    try:
+        with node.client() as c:
+            c.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 10
+            while c.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, "the one-node cluster did not reach cluster_state:ok"
+                time.sleep(0.05)
+            c.set("a", "1")
+            c.set("b", "2")
+        result = run(["remote-stat", "--remote", f"redis+cluster://127.0.0.1:{node.port}", "--json"])
+        assert result.exit_code == 0, result.stderr
+        got = json.loads(result.stdout)
+        assert (got["keys"], got["masters"], got["maxmemory_policy"]) == (2, 1, "noeviction")
+        assert got["used_memory"] > 0
+    finally:
+        node.cleanup()
