@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 
 import click
 
+from .fleet import redact
+
 INSTALL_REDIS = "pip install 'nvcache[remote]'"
 # Policies under which a full server evicts nvcache's records: allkeys-* always; volatile-* only
 # keys with a TTL, which the records have only when NVCACHE_REMOTE_TTL is set.
@@ -23,27 +25,10 @@ EVICTS_ALL = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 EVICTS_VOLATILE = frozenset({"volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"})
 FIX = "set maxmemory (e.g. `CONFIG SET maxmemory 4gb`) and `maxmemory-policy allkeys-lru` (redis.conf, " \
       "or CONFIG SET then CONFIG REWRITE)"
-_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:password|pass|auth)=)[^&]*")
 
 
 class RedisMissing(click.ClickException):
     """redis-py is not installed (exit status 1, one line)."""
-
-
-def redact(url: str) -> str:
-    """``url`` without its password (``redis://user:***@host:port/0``, ``unix://...?password=***``),
-    to name a tier in messages and labels; the rest as given."""
-    head, sep, query = url.partition("?")
-    scheme, slashes, rest = head.partition("://")
-    if slashes:
-        netloc, slash, path = rest.partition("/")
-        if "@" in netloc:
-            userinfo, hosts = netloc.rsplit("@", 1)
-            user, colon, _password = userinfo.partition(":")
-            # A lone userinfo is redis-py's username, but may be a password written the wrong way.
-            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-        head = f"{scheme}://{netloc}{slash}{path}"
-    return head + sep + _QUERY_SECRET.sub(r"\1***", query)
 
 
 def _secrets(url: str) -> List[str]:
