@@ -54,7 +54,7 @@ the 8-process cells would store bigger records than the 1-process ones for much 
 alike, before the dictionary was trained up front). The reference uses the logged sizes, so
 either way the comparison holds; pre-training only makes the rows comparable with each other.
 
-**Traces** (seeds fixed; lengths chosen so the whole matrix takes about two minutes on 2 cores):
+**Traces** (seeds fixed; lengths chosen so the whole matrix takes two to three minutes on 2 cores):
 
 - ``demo``: ``nvcache simulate``'s defaults: 1,000 images over 6,000 layers (seed 1), its plan of
   12,000 scans (120,697 requests), 2 MiB bound. Compressed, its 5,005 requested records take
@@ -71,10 +71,25 @@ either way the comparison holds; pre-training only makes the rows comparable wit
   of their own (sizes as the demo's application layers). 0.5 MiB.
 - ``churn``: 9,000 requests uniform over 1,000 one-layer images (log-normal record sizes,
   median 2 KB): 0.7 MiB stored through a 0.3 MiB bound.
+- ``mixed`` (processes that differ): two lanes of scans, taken by alternate workers. Lane 0 is
+  the demo plan's scans of its 30 most popular images (nearly all hits: a reader's buffer is
+  applied only when due, 1 s or 512 keys, or at its rare evicting put); lane 1 is 1,500 images
+  never seen before, 2-6 layers of their own each (log-normal, median 2 KB: every layer a miss
+  and a put that evicts). 0.25 MiB. The case where other processes' buffered references are
+  oldest when a put chooses its victims. One worker alternates between the lanes.
+
+``--apply-after-ms`` is a what-if: the workers' access buffers are applied once that old
+instead of the cache's 1 s (``nvcache.lifecycle.APPLY_AFTER_NS``, set in each worker before
+it opens the cache). ``--apply-after-writes K`` emulates, in the worker, the fix proposed in
+bench/results/session8/fidelity.md: after each get, a worker with pending references applies
+them (without waiting for the lock, as a due buffer is applied) once the file's last
+transaction id (LMDB's ``env.info()``) has moved K past where it was at the oldest of them,
+i.e. once K writes (puts, mostly, each evicting a few records) happened meanwhile.
+``--max-mb`` runs every trace at one bound.
 
 Run::
 
-    .venv/bin/python bench/fidelity.py                        # the matrix: 5 traces x 1, 2, 8 processes
+    .venv/bin/python bench/fidelity.py                        # the matrix: 6 traces x 1, 2, 8 processes
     .venv/bin/python bench/fidelity.py --traces demo,churn --procs 8 --json /tmp/fid.json
     .venv/bin/python bench/fidelity.py --md bench/results/session8/fidelity.md
 """
@@ -82,6 +97,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -108,11 +124,13 @@ DEMO_IMAGES, DEMO_LAYERS, DEMO_SCANS, DEMO_MB, SEED = 1000, 6000, 12000, 2.0, 1
 # The bound of the other image traces: about a quarter of what their records take stored
 # (3,000 scans: 2-3 MiB). At the demo's 2 MiB their records nearly all fit, compressed.
 IMAGE_MB = 0.5
+MIXED_MB = 0.25  # the mixed trace's: where its readers' buffered references cost the most (see fidelity.md)
 # New layers' record sizes, (median bytes, sigma) of a log-normal: as the demo's base and
 # application layers (simulate's _BASE_SIZE and _APP_SIZE), and the churn's records.
 BASE_SIZE = (8000.0, 1.2)
 OWN_SIZE = (200.0, 2.0)
 CHURN_SIZE = (2000.0, 1.0)
+NEW_SIZE = (2000.0, 1.5)  # the mixed trace's new images: as the demo's stack layers
 # Outcome of a request's put, in the log.
 NO_PUT, STORED, PRESENT, FULL, TOO_LARGE, FAILED = range(6)
 DICTIONARY_SAMPLES = 500  # records the cache's first dictionary is trained on before a run
@@ -129,6 +147,9 @@ class Trace:
     sizes: Tuple[int, ...]  # make_record's target size of each layer
     scans: Tuple[Tuple[int, ...], ...]
     max_mb: float
+    # Scan indices per lane (None: one lane, every scan in order). Worker w serves lane w % lanes
+    # (with fewer workers than lanes, worker w alternates between lanes w, w + N, ...).
+    lanes: Optional[Tuple[Tuple[int, ...], ...]] = None
 
     @property
     def requests(self) -> int:
@@ -226,6 +247,25 @@ def ohw_trace(scans: int = 3000, once_share: float = 0.6) -> Trace:
     return Trace("ohw", tuple(ids), tuple(sizes), tuple(out), IMAGE_MB)
 
 
+def mixed_trace(readers: int = DEMO_SCANS, new: int = 1500, max_mb: float = MIXED_MB, hot: int = 30) -> Trace:
+    """Two lanes (see the module's docstring): the demo plan's scans of its ``hot`` most popular
+    images, and ``new`` images of 2-6 layers of their own, never seen before."""
+    cat, plan = _demo_parts(readers)
+    top = set(sorted(range(len(cat.images)), key=lambda i: -cat.weights[i])[:hot])
+    out = [cat.images[i] for i in plan if i in top]
+    reading = len(out)
+    rng = random.Random(f"mixed:{SEED}")
+    ids, sizes = list(cat.layer_ids), list(cat.sizes)
+    fresh = iter(_new_ids("mixed", 6 * new, SEED))
+    for _ in range(new):
+        own = list(range(len(ids), len(ids) + rng.randint(2, 6)))
+        ids += [next(fresh) for _ in own]
+        sizes += [_size(rng, NEW_SIZE) for _ in own]
+        out.append(tuple(own))
+    lanes = (tuple(range(reading)), tuple(range(reading, len(out))))
+    return Trace("mixed", tuple(ids), tuple(sizes), tuple(out), max_mb, lanes)
+
+
 def churn_trace(requests: int = 9000, keys: int = 1000, max_mb: float = 0.3) -> Trace:
     rng = random.Random(f"churn:{SEED}")
     sizes = tuple(_size(rng, CHURN_SIZE) for _ in range(keys))
@@ -233,7 +273,7 @@ def churn_trace(requests: int = 9000, keys: int = 1000, max_mb: float = 0.3) -> 
     return Trace("churn", tuple(_new_ids("churn", keys, SEED)), sizes, scans, max_mb)
 
 
-TRACES = ("demo", "demo-tight", "burst", "ohw", "churn")
+TRACES = ("demo", "demo-tight", "burst", "ohw", "churn", "mixed")
 
 
 def build_traces(names: Sequence[str], scale: float = 1.0) -> List[Trace]:
@@ -241,7 +281,8 @@ def build_traces(names: Sequence[str], scale: float = 1.0) -> List[Trace]:
     makers = {"demo": lambda: demo_trace(int(DEMO_SCANS * scale)),
               "demo-tight": lambda: demo_trace(int(3000 * scale), IMAGE_MB, "demo-tight"),
               "burst": lambda: burst_trace(int(3000 * scale)), "ohw": lambda: ohw_trace(int(3000 * scale)),
-              "churn": lambda: churn_trace(int(9000 * scale))}
+              "churn": lambda: churn_trace(int(9000 * scale)),
+              "mixed": lambda: mixed_trace(int(DEMO_SCANS * scale), int(1500 * scale))}
     unknown = set(names) - set(makers)
     if unknown:
         raise SystemExit(f"unknown traces {sorted(unknown)}; known: {', '.join(TRACES)}")
@@ -258,11 +299,29 @@ class Plan:
     records_file: str  # pickle of {layer index: record}
     layer_ids: Tuple[str, ...]
     scans: Tuple[Tuple[int, ...], ...]
+    lanes: Tuple[Tuple[int, ...], ...]
     fixed_us: float
     us_per_kib: float
+    apply_after_ns: Optional[int] = None  # what-if: the access buffer's age limit (None: the cache's own)
+    apply_after_writes: int = 0  # what-if: apply the buffer once the file saw this many writes since
 
 
-def _worker(wid: int, plan: Plan, next_scan: Any, start: Any, out: Any) -> None:
+def _next_scans(wid: int, processes: int, plan: Plan, counters: Sequence[Any]) -> Any:
+    """The scans worker ``wid`` takes, in order: the next of each of its lanes in turn."""
+    mine = [l for l in range(len(plan.lanes)) if l % processes == wid] or [wid % len(plan.lanes)]
+    while mine:
+        for lane in list(mine):
+            counter = counters[lane]
+            with counter.get_lock():
+                k = counter.value
+                counter.value = k + 1
+            if k >= len(plan.lanes[lane]):
+                mine.remove(lane)
+                continue
+            yield plan.lanes[lane][k]
+
+
+def _worker(wid: int, processes: int, plan: Plan, counters: Sequence[Any], start: Any, out: Any) -> None:
     """One scanner: simulate's loop (get; on a miss analyse, then put with keep), every request logged."""
     log = array("q")
     counts = {"errors": 0, "wrong": 0}
@@ -272,16 +331,17 @@ def _worker(wid: int, plan: Plan, next_scan: Any, start: Any, out: Any) -> None:
 
         with open(plan.records_file, "rb") as f:
             records: Dict[int, bytes] = pickle.load(f)
+        if plan.apply_after_ns is not None:  # read when the store makes its buffer, at the first open
+            from nvcache import lifecycle
+            lifecycle.APPLY_AFTER_NS = plan.apply_after_ns
         cache = nvcache.LayerCache(plan.path, plan.max_mb)
         clock = time.time_ns
+        every = plan.apply_after_writes
+        store = cache._store if every else None  # (the what-if reaches into the store: bench only)
+        mark = None
         try:
             start.wait(120)  # every worker has its cache open: they start together
-            while True:
-                with next_scan.get_lock():
-                    i = next_scan.value
-                    next_scan.value = i + 1
-                if i >= len(plan.scans):
-                    break
+            for i in _next_scans(wid, processes, plan, counters):
                 scan = plan.scans[i]
                 keep = [plan.layer_ids[l] for l in scan]
                 for li in scan:
@@ -293,6 +353,17 @@ def _worker(wid: int, plan: Plan, next_scan: Any, start: Any, out: Any) -> None:
                         counts["errors"] += 1
                         data = None
                     t1 = clock()
+                    if store is not None:  # what-if: a buffer due after ``every`` writes by anyone
+                        if not len(store.buffer):
+                            mark = None
+                        else:
+                            txnid = store.files.env.info()["last_txnid"]
+                            if mark is None:
+                                mark = txnid
+                            elif txnid - mark >= every:
+                                store.apply_due()  # (never waits: a busy lock keeps it for the next get)
+                                if not len(store.buffer):
+                                    mark = None
                     if data is not None:
                         if data != records[li]:
                             counts["wrong"] += 1
@@ -329,7 +400,8 @@ def trace_records(trace: Trace) -> Dict[int, bytes]:
 
 def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_kib: float = 40.0,
                 start_method: str = "spawn", timeout: float = 600.0,
-                records: Optional[Dict[int, bytes]] = None, dictionary: bool = True) -> Dict[str, Any]:
+                records: Optional[Dict[int, bytes]] = None, dictionary: bool = True,
+                apply_after_ms: Optional[float] = None, apply_after_writes: int = 0) -> Dict[str, Any]:
     """Run ``trace`` with ``processes`` scanners on a fresh cache; the merged log and the cache's view."""
     import multiprocessing
 
@@ -349,10 +421,13 @@ def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_ki
             if dictionary:  # as a warm cache has: see the module's docstring
                 sample = random.Random(f"dictionary:{SEED}").sample(used, min(len(used), DICTIONARY_SAMPLES))
                 cache.train_dictionary([records[l] for l in sample])
-        plan = Plan(path, trace.max_mb, records_file, trace.layer_ids, trace.scans, fixed_us, us_per_kib)
+        lanes = trace.lanes or (tuple(range(len(trace.scans))),)
+        plan = Plan(path, trace.max_mb, records_file, trace.layer_ids, trace.scans, lanes, fixed_us, us_per_kib,
+                    None if apply_after_ms is None else int(apply_after_ms * 1e6), apply_after_writes)
         ctx = multiprocessing.get_context(start_method)
-        next_scan, start, out = ctx.Value("q", 0), ctx.Barrier(processes + 1), ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(w, plan, next_scan, start, out), name=f"fidelity-{w}")
+        counters = [ctx.Value("q", 0) for _ in lanes]
+        start, out = ctx.Barrier(processes + 1), ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(w, processes, plan, counters, start, out), name=f"fidelity-{w}")
                  for w in range(processes)]
         for p in procs:
             p.start()
@@ -378,8 +453,9 @@ def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_ki
                     raise RuntimeError(f"worker {msg[1]} failed:\n{msg[2]}")
                 reports[msg[1]] = msg
         finally:
-            with next_scan.get_lock():
-                next_scan.value = len(trace.scans)
+            for counter, lane in zip(counters, lanes):
+                with counter.get_lock():
+                    counter.value = len(lane)
             for p in procs:
                 p.join(30)
                 if p.is_alive():
@@ -546,6 +622,15 @@ def measure(trace: Trace, processes: int, **kw: Any) -> Dict[str, Any]:
     for rec in sorted((rec for log in logs for rec in log if rec[8] == STORED), key=lambda rec: rec[6]):
         stored_last[trace.layer_ids[rec[1]]] = rec[7]
     size_mismatches = sum(1 for lid, size in run["present"].items() if stored_last.get(lid) != size)
+    lane_of = {i: k for k, lane in enumerate(trace.lanes or ()) for i in lane}
+    per_lane: List[Dict[str, int]] = [{"requests": 0, "nvcache_hits": 0, "lru_hits": 0} for _ in trace.lanes or ()]
+    for w, log in enumerate(logs):
+        for r, rec in enumerate(log):
+            if per_lane:
+                cell = per_lane[lane_of[rec[0]]]
+                cell["requests"] += 1
+                cell["nvcache_hits"] += rec[4]
+                cell["lru_hits"] += ref["hits"][w][r]
     outcomes = [rec[8] for log in logs for rec in log if not rec[4]]
     stats = run["stats"]
     return {
@@ -562,6 +647,8 @@ def measure(trace: Trace, processes: int, **kw: Any) -> Dict[str, Any]:
                                                                (FAILED, "failed"))},
         "counter_hits": stats.get("cache_hits"), "counter_misses": stats.get("cache_misses"),
         "size_check": {"records": len(run["present"]), "mismatches": size_mismatches},
+        "lanes": per_lane, "apply_after_ms": kw.get("apply_after_ms"),
+        "apply_after_writes": kw.get("apply_after_writes", 0),
         "errors": run["errors"], "wrong": run["wrong"], "wall_s": run["wall_s"],
         "load_before": run["load"][0], "load_after": run["load"][1],
     }
@@ -601,6 +688,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="trace lengths × this (default sizes: module doc)")
     ap.add_argument("--analysis-us", type=float, default=500.0)
     ap.add_argument("--us-per-kib", type=float, default=40.0)
+    ap.add_argument("--apply-after-ms", type=float, default=None,
+                    help="what-if: the workers' access-buffer age limit (default: the cache's own, 1000 ms)")
+    ap.add_argument("--apply-after-writes", type=int, default=0,
+                    help="what-if: a worker also applies its buffer once the file saw this many write "
+                         "transactions since its oldest pending reference (0: no)")
+    ap.add_argument("--max-mb", type=float, default=None, help="every trace at this bound instead of its own")
     ap.add_argument("--json", help="write every cell's figures here")
     ap.add_argument("--md", help="write the markdown report here")
     args = ap.parse_args(argv)
@@ -608,9 +701,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     rows = []
     for trace in build_traces([t for t in args.traces.split(",") if t], args.scale):
+        if args.max_mb is not None:
+            trace = dataclasses.replace(trace, max_mb=args.max_mb)
         records = trace_records(trace)
         for n in procs:
-            row = measure(trace, n, fixed_us=args.analysis_us, us_per_kib=args.us_per_kib, records=records)
+            row = measure(trace, n, fixed_us=args.analysis_us, us_per_kib=args.us_per_kib, records=records,
+                          apply_after_ms=args.apply_after_ms, apply_after_writes=args.apply_after_writes)
             rows.append(row)
             print(f"{row['trace']:6} {n} procs: nvcache {100 * row['nvcache_hit_ratio']:.2f} % "
                   f"exact LRU {100 * row['lru_hit_ratio']:.2f} % ({row['diff_points']:+.2f} points), byte-hit "
