@@ -398,6 +398,12 @@ def trace_records(trace: Trace) -> Dict[int, bytes]:
     return {l: make_record(trace.layer_ids[l], trace.sizes[l]) for l in sorted({l for s in trace.scans for l in s})}
 
 
+def _last_txnid(cache: Any) -> int:
+    """The file's last write transaction id (LMDB's env.info(); reaches into the store: bench only)."""
+    cache.flush()
+    return int(cache._store.files.env.info()["last_txnid"])
+
+
 def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_kib: float = 40.0,
                 start_method: str = "spawn", timeout: float = 600.0,
                 records: Optional[Dict[int, bytes]] = None, dictionary: bool = True,
@@ -421,6 +427,7 @@ def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_ki
             if dictionary:  # as a warm cache has: see the module's docstring
                 sample = random.Random(f"dictionary:{SEED}").sample(used, min(len(used), DICTIONARY_SAMPLES))
                 cache.train_dictionary([records[l] for l in sample])
+            txn_before = _last_txnid(cache)
         lanes = trace.lanes or (tuple(range(len(trace.scans))),)
         plan = Plan(path, trace.max_mb, records_file, trace.layer_ids, trace.scans, lanes, fixed_us, us_per_kib,
                     None if apply_after_ms is None else int(apply_after_ms * 1e6), apply_after_writes)
@@ -469,6 +476,7 @@ def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_ki
             raw.frombytes(reports[wid][2])
             logs.append([tuple(raw[k:k + FIELDS]) for k in range(0, len(raw), FIELDS)])
         with nvcache.LayerCache(path) as cache:
+            writes = _last_txnid(cache) - txn_before
             stats = cache.stats()
             evictions = cache.evictions()
             present = {r["layer_id"].rsplit("_layer_file", 1)[0]: r["size"] for r in cache.cache_data()["cache_records"]}
@@ -478,7 +486,7 @@ def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_ki
         cores = sorted({"compiled" if r[3]["extension"] else "python" for r in reports.values()})
         return {"logs": logs, "max_bytes": max_bytes, "record_size": {l: len(r) for l, r in records.items()},
                 "final_size": final_size, "present": present, "stats": stats, "evictions": evictions,
-                "wall_s": wall, "load": (load_before, load_after), "cores": cores, **counts}
+                "wall_s": wall, "load": (load_before, load_after), "cores": cores, "writes": writes, **counts}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -649,6 +657,7 @@ def measure(trace: Trace, processes: int, **kw: Any) -> Dict[str, Any]:
         "size_check": {"records": len(run["present"]), "mismatches": size_mismatches},
         "lanes": per_lane, "apply_after_ms": kw.get("apply_after_ms"),
         "apply_after_writes": kw.get("apply_after_writes", 0),
+        "write_transactions": run["writes"],
         "errors": run["errors"], "wrong": run["wrong"], "wall_s": run["wall_s"],
         "load_before": run["load"][0], "load_after": run["load"][1],
     }
