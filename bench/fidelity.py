@@ -178,7 +178,10 @@ def demo_trace(scans: int = DEMO_SCANS, max_mb: float = DEMO_MB, name: str = "de
 
 
 def base_of(cat: simulate.Catalogue) -> List[int]:
-    """Each image's number of base layers: the prefix common to every image with its first layer."""
+    """Each image's number of base layers: the prefix common to every image with its first layer.
+
+    An image alone on its base gets its whole length (29 of the demo's 1,000 images, 1.6 % of
+    the scans): rebuilt, such an image is the new base alone."""
     common: Dict[int, Tuple[int, ...]] = {}
     for image in cat.images:
         have = common.get(image[0])
