@@ -12,12 +12,14 @@ touches nothing on disk. They open a cache with ``repair=False``: a damaged
 one is reported (exit status 1, the damage on stderr) and left byte for
 byte as it is; ``nvcache repair`` fixes it. Commands that write (clear,
 import, simulate) repair, as scanners do. ``simulate`` lives in
-:mod:`nvcache.clisim`.
+:mod:`nvcache.clisim`, ``metrics`` in :mod:`nvcache.climetrics`, ``remote-stat`` in
+:mod:`nvcache.cliremote`.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -36,6 +38,7 @@ from .cache import DEFAULT_PATH, LayerCache
 from .controller import STAT_FIELDS, controller_stat
 from .cachedir import DATA_FILE, FORMAT_DIR
 from .errors import CacheDamaged, CacheError
+from .fallback import REMOTE_TALLY
 from .formats import note_for
 from .importtarget import has_cache, import_into
 from .seedfmt import SeedFormatError, export_seed
@@ -193,6 +196,48 @@ def stat_table(stats: Dict[str, Optional[int]]) -> str:
     return table.get_string()
 
 
+# ``stat --all``'s rows after the seed's four, group by group: (row name, key in all_stats' group).
+FLIGHT_ROWS = (("flight_waits", "waits"), ("flight_takeovers", "takeovers"), ("flight_wait_seconds", "wait_seconds"))
+_DIVIDERS = "divider" in inspect.signature(PrettyTable.add_row).parameters  # prettytable >= 3.5
+
+
+def all_stats(cache: LayerCache) -> Dict[str, Any]:
+    """``stat --all --json``: the seed's four fields (as ``stat --json``), then ``flight``
+    (flight_stats()), ``remote`` (remote_stats(): the tally kept in the file), ``evictions``
+    and ``bound_bytes``; null for each without a cache."""
+    stats = cache.stats()
+    out: Dict[str, Any] = {name: stats[name] for name in STAT_FIELDS}
+    out["flight"] = cache.flight_stats()
+    out["remote"] = cache.remote_stats()
+    out["evictions"] = cache.evictions()
+    out["bound_bytes"] = cache.max_bytes if cache.enabled else None
+    return out
+
+
+def all_stat_table(figures: Dict[str, Any]) -> str:
+    """``stat --all``'s table: the seed's four rows exactly as ``stat`` shows them, then one row
+    group each for single flight, the remote tier's tally, evictions and the bound, with
+    nvcache's own numbers (0 stays 0; None without a cache)."""
+    flight, remote = figures["flight"], figures["remote"]
+    groups: List[List[List[Any]]] = [
+        [[name, value] for name, value in controller_stat(figures).items()],
+        [[row, None if flight is None else (f"{flight[key]:.3f}" if key == "wait_seconds" else flight[key])]
+         for row, key in FLIGHT_ROWS],
+        [[name, None if remote is None else remote[name]] for name in REMOTE_TALLY],
+        [["evictions", figures["evictions"]], ["bound_bytes", figures["bound_bytes"]]],
+    ]
+    table = PrettyTable(["Field", "Value"])
+    table.align = "l"
+    for number, group in enumerate(groups):
+        for index, row in enumerate(group):
+            last = index == len(group) - 1 and number < len(groups) - 1
+            if _DIVIDERS:
+                table.add_row(row, divider=last)
+            else:  # an older prettytable: no rules between the groups
+                table.add_row(row)
+    return table.get_string()
+
+
 # -- the group ------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--path", envvar="NVCACHE_PATH", default=DEFAULT_PATH, show_default=True,
@@ -207,10 +252,12 @@ def cli(ctx: click.Context, path: str, verbose: int) -> None:
     Exit status: 0 done (verify: healthy);
     1 the cache is damaged (verify's problems, or damage a read-only command met:
       the message says which, nothing was changed, `nvcache repair` fixes it),
-      or the command failed (the message says why: permissions, not a directory...);
+      or the command failed (the message says why: permissions, not a directory,
+      a remote tier that does not answer, redis-py not installed...);
     2 a usage error.
     Read-only commands (stat, data, show, verify, export, metrics) never write to
     the cache; clear, import, repair and simulate repair damage as scanners do.
+    remote-stat only asks the remote tier's server.
     """
     _setup_logging(ctx, verbose)
     given = ctx.get_parameter_source("path") == click.core.ParameterSource.COMMANDLINE
@@ -219,18 +266,32 @@ def cli(ctx: click.Context, path: str, verbose: int) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the fields as JSON.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also single flight's waits, the remote tier's tally, evictions and the bound.")
 @pass_settings
 @_friendly
-def stat(settings: Settings, as_json: bool) -> None:
+def stat(settings: Settings, as_json: bool, show_all: bool) -> None:
     """Counters, as the controller's `show scan cache-stat` prints them.
 
     The table shows None where the controller does: for a zero (its REST
     struct leaves zeros out) and without a cache. --json prints nvcache's
     own numbers (0 stays 0; null only without a cache), for scripts.
+
+    --all adds row groups after those four: get_or_create's waits
+    (flight_*), the remote tier's tally (remote_*, fleet_*: summed over
+    the node's processes, as kept in the cache; a remote hit is also one
+    of cache_hits), evictions and the bound in stored bytes, with
+    nvcache's own numbers (0 stays 0). --all --json: the four fields,
+    then "flight", "remote", "evictions" and "bound_bytes".
     """
     with open_cache(settings.path) as cache:
-        stats = cache.stats()
-    if as_json:
+        if show_all:
+            figures = all_stats(cache)
+        else:
+            stats = cache.stats()
+    if show_all:
+        click.echo(json.dumps(figures, indent=2) if as_json else all_stat_table(figures))
+    elif as_json:
         click.echo(json.dumps({name: stats[name] for name in STAT_FIELDS}, indent=2))
     else:
         click.echo(stat_table(stats))
@@ -446,7 +507,7 @@ def export_cmd(settings: Settings, dst: str, force: bool, seed_path: Optional[st
                f"{result.hits} hits, {result.misses} misses")
 
 
-from . import climetrics, clisim  # noqa: E402,F401  (register `metrics` and `simulate` on the group)
+from . import climetrics, cliremote, clisim  # noqa: E402,F401  (register `metrics`, `remote-stat`, `simulate`)
 
 
 def main() -> None:

@@ -1,7 +1,11 @@
 """``nvcache metrics``: the cache's figures in Prometheus's text format, printed or served.
 
 Registered on the ``nvcache`` group by :mod:`nvcache.cli`. Read-only: the exporter opens the
-cache with ``repair=False`` and reports what is stored, the cache's own bound included.
+cache with ``repair=False`` and reports what is stored, the cache's own bound included, and the
+remote tier's tally kept in it. With ``--remote`` (or ``NVCACHE_REMOTE``) it also asks the tier's
+server for its keys and memory at each scrape, with the tier's bounded timeouts and breaker (a
+dead server costs a scrape at most about one timeout, 0.2 s, and then nothing while the breaker
+is open).
 """
 
 from __future__ import annotations
@@ -19,8 +23,27 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .cache import LayerCache
 from .cachedir import DATA_FILE, format_dir
 from .cli import Settings, _friendly, cli, log, pass_settings
+from .clitier import RedisMissing, load_tier, quiet_tier_log, redact, remote_option, unreachable
 from .errors import CacheError
+from .fallback import REMOTE_TALLY
 from .importtarget import has_cache
+
+# The remote tally's counters (LayerCache.remote_stats(), kept in the cache file): name -> help.
+REMOTE_COUNTERS = {
+    "remote_hits": "Local misses that the remote tier answered (each also one of nvcache_cache_hits)",
+    "remote_misses": "Remote tier reads that found no record (or a rejected one)",
+    "remote_errors": "Remote tier calls that failed (connection, timeout, refused write)",
+    "remote_skipped": "Remote tier calls skipped (circuit breaker open, record too large to share)",
+    "remote_rejected": "Remote values rejected (bad tag, checksum, name or length) and deleted",
+    "remote_puts": "Records written to the remote tier",
+    "fleet_claims": "Fleet-wide claims taken by this node's creators (get_or_create)",
+    "fleet_waits": "Creators that waited for another node's claimed create()",
+    "fleet_takeovers": "Fleet waits after which this node created the record itself",
+}
+assert tuple(REMOTE_COUNTERS) == REMOTE_TALLY
+# The exporter's tier: the scanners' short timeout; a breaker that probes again within 5 s.
+SCRAPE_TIMEOUT = 0.2
+SCRAPE_BACKOFF = (1.0, 5.0)
 
 
 class CacheCollector:
@@ -30,11 +53,15 @@ class CacheCollector:
     start before any scanner created it) and reopened after a failure.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tier: Any = None, remote_url: str = "") -> None:
         self.path = path
         self._cache: Optional[LayerCache] = None
         self._lock = threading.Lock()  # the HTTP server scrapes from several threads
         self.failure: Optional[CacheError] = None  # why the last scrape could not read the cache
+        self.tier = tier  # a RemoteTier to ask for the server's figures, or None
+        self.remote_url = remote_url
+        self._remote_up: Optional[bool] = None  # at the last scrape (its changes are logged)
+        self._remote_lock = threading.Lock()  # one scrape at a time asks the server
 
     def _open(self) -> Optional[LayerCache]:
         if self._cache is None and has_cache(self.path):
@@ -46,8 +73,10 @@ class CacheCollector:
             if self._cache is not None:
                 self._cache.close()
                 self._cache = None
+        if self.tier is not None:
+            self.tier.close()
 
-    def _read(self) -> Optional[Tuple[Dict[str, Optional[int]], int, int, int, Dict[str, float]]]:
+    def _read(self) -> Optional[Tuple[Dict[str, Optional[int]], int, int, int, Dict[str, float], Dict[str, int]]]:
         with self._lock:
             self.failure = None
             try:
@@ -58,7 +87,8 @@ class CacheCollector:
                 evictions = cache.evictions() or 0
                 st = os.stat(os.path.join(format_dir(self.path), DATA_FILE))
                 size = min(st.st_size, st.st_blocks * 512)  # on disk: with a write map the file is sparse
-                return stats, evictions, cache.max_bytes, size, cache.flight_stats() or {}
+                return (stats, evictions, cache.max_bytes, size, cache.flight_stats() or {},
+                        cache.remote_stats() or {})
             except (CacheError, OSError) as exc:
                 log.warning("cannot read the cache at %s: %s", self.path, exc)
                 self.failure = exc if isinstance(exc, CacheError) else CacheError(str(exc))
@@ -68,6 +98,11 @@ class CacheCollector:
                 return None
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._collect_cache()
+        if self.tier is not None:
+            yield from self._collect_remote()
+
+    def _collect_cache(self) -> Iterator[Metric]:
         labels = ["path"]
         values = [self.path]
         up = GaugeMetricFamily("nvcache_up", "1 when the cache could be read at this scrape", labels=labels)
@@ -76,7 +111,7 @@ class CacheCollector:
         yield up
         if got is None:
             return
-        stats, evictions, bound, size, flights = got
+        stats, evictions, bound, size, flights, remote = got
 
         def family(kind: type, name: str, doc: str, value: Optional[float]) -> Metric:
             metric = kind(name, doc, labels=labels)
@@ -97,6 +132,39 @@ class CacheCollector:
                      "Waits after which the waiter created the record itself", flights.get("takeovers"))
         yield family(CounterMetricFamily, "nvcache_flight_wait_seconds",
                      "Total time get_or_create calls waited for another's create()", flights.get("wait_seconds"))
+        for name, doc in REMOTE_COUNTERS.items():
+            yield family(CounterMetricFamily, f"nvcache_{name}", doc, remote.get(name))
+
+    def _collect_remote(self) -> Iterator[Metric]:
+        """The tier's server, asked now (bounded by the tier's timeout; skipped while its breaker is open)."""
+        with self._remote_lock:
+            info = self.tier.info()
+            up = bool(info)
+            if up != self._remote_up:  # logged when it changes, not at every scrape
+                if not up:
+                    log.warning("%s", unreachable(self.tier, self.remote_url))
+                elif self._remote_up is not None:
+                    log.warning("the remote tier at %s answers again", redact(self.remote_url))
+                self._remote_up = up
+        labels, values = ["remote"], [redact(self.remote_url)]
+        metric = GaugeMetricFamily("nvcache_remote_up", "1 when the remote tier's server answered at this scrape",
+                                   labels=labels)
+        metric.add_metric(values, 1 if up else 0)
+        yield metric
+        if not up:
+            return
+        for name, key, doc in (
+                ("nvcache_remote_keys", "keys", "Keys in the remote tier's database (DBSIZE; a cluster: all masters)"),
+                ("nvcache_remote_used_memory_bytes", "used_memory", "The remote tier's used_memory"),
+        ):
+            metric = GaugeMetricFamily(name, doc, labels=labels)
+            metric.add_metric(values, info[key])
+            yield metric
+        metric = GaugeMetricFamily("nvcache_remote_maxmemory_bytes",
+                                   "The remote tier's maxmemory (0: no limit), with its maxmemory-policy",
+                                   labels=labels + ["policy"])
+        metric.add_metric(values + [info["maxmemory_policy"]], info["maxmemory"])
+        yield metric
 
 
 def _parse_listen(value: str) -> Tuple[str, int]:
@@ -138,15 +206,29 @@ class _QuietHandler(WSGIRequestHandler):
 @cli.command()
 @click.option("--listen", metavar="HOST:PORT", default=None,
               help="Serve /metrics on HOST:PORT until interrupted instead of printing once.")
+@remote_option("Also ask this remote tier's server for its keys and memory at each scrape "
+               "(env NVCACHE_REMOTE; bounded by a 0.2 s timeout).")
 @pass_settings
 @_friendly
-def metrics(settings: Settings, listen: Optional[str]) -> None:
-    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size, waits.
+def metrics(settings: Settings, listen: Optional[str], remote_url: Optional[str]) -> None:
+    """Prometheus text exposition: hits, misses, records, bytes, evictions, bound, data.mdb size, waits,
+    the remote tier's tally; with --remote, the tier's server (keys, memory).
 
     Read-only. Printed once: exit status 1 when the cache could not be read (nvcache_up is then 0,
-    and the message says why); --listen keeps serving nvcache_up 0 and logs why.
+    and the message says why); --listen keeps serving nvcache_up 0 and logs why. A remote tier
+    that does not answer is nvcache_remote_up 0 and a logged warning, not a failure.
     """
-    collector = CacheCollector(settings.path)
+    ctx = click.get_current_context()
+    tier = None
+    if remote_url:
+        quiet_tier_log(ctx, settings.verbose)
+        try:
+            tier = load_tier(remote_url, SCRAPE_TIMEOUT, backoff=SCRAPE_BACKOFF[0], max_backoff=SCRAPE_BACKOFF[1])
+        except RedisMissing as exc:
+            if ctx.get_parameter_source("remote_url") != click.core.ParameterSource.ENVIRONMENT:
+                raise
+            log.warning("NVCACHE_REMOTE is set but not used: %s", exc.message)  # a scanner's setting
+    collector = CacheCollector(settings.path, tier, remote_url or "")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)  # type: ignore[arg-type]
     try:

@@ -36,6 +36,7 @@ them, whichever writes first.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Tuple, Union
@@ -55,6 +56,25 @@ FLEET_WAIT_SHARE = 0.5
 Created = Tuple[bytes, bool, Optional[int]]  # (record, stored locally, born when found rather than created)
 
 
+_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:password|pass|auth)=)[^&]*")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (``redis://user:***@host:port/0``, ``unix://...?password=***``),
+    to name a tier in messages and labels; the rest as given."""
+    head, sep, query = url.partition("?")
+    scheme, slashes, rest = head.partition("://")
+    if slashes:
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            userinfo, hosts = netloc.rsplit("@", 1)
+            user, colon, _password = userinfo.partition(":")
+            # A lone userinfo is redis-py's username, but may be a password written the wrong way.
+            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+        head = f"{scheme}://{netloc}{slash}{path}"
+    return head + sep + _QUERY_SECRET.sub(r"\1***", query)
+
+
 def open_tier(remote: Any, remote_key: Any) -> Any:
     """The tier for ``LayerCache(remote=, remote_key=)``: None, a URL (a new RemoteTier), or a
     RemoteTier used as given. ValueError / TypeError for a bad URL, key or combination; a missing
@@ -70,7 +90,7 @@ def open_tier(remote: Any, remote_key: Any) -> Any:
             from .remote import RemoteTier
         except ImportError as exc:
             log.error("remote tier %s not used: redis-py is not installed (pip install 'nvcache[remote]'): %s",
-                      remote.split("@")[-1], exc)
+                      redact(remote), exc)
             return None
         return RemoteTier(remote, key=remote_key)
     tier_type = _tier_type()

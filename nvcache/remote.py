@@ -214,6 +214,7 @@ class RemoteTier:
         self._new_locks()
         _tiers.add(self)
         self._unexpected_logged = False
+        self.last_error: Optional[str] = None  # the last fault, "Type: message" (for tools to report)
         self._new_counts()
         scheme = url.split("://", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
@@ -324,6 +325,7 @@ class RemoteTier:
     def _failed(self, exc: BaseException, writing: bool) -> None:
         self.count("remote_errors")
         reason = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error = reason
         if writing and isinstance(exc, ResponseError):
             # The server answered and refused the write (full, read-only): reads may still work.
             self.writes.failed(reason)
@@ -465,7 +467,7 @@ class RemoteTier:
             if isinstance(client, RedisCluster):  # asked of every master: {"host:port": {...}}, a sum
                 memory = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
                 keys = client.dbsize(target_nodes=RedisCluster.PRIMARIES)
-                masters = [v for v in memory.values() if isinstance(v, dict)]
+                masters = [v for v in memory.values() if isinstance(v, dict)] or [memory]  # 1 master: flat
                 policy = sorted({str(v.get("maxmemory_policy", "?")) for v in masters})
                 return dict(keys=int(keys), used_memory=sum(int(v.get("used_memory", 0)) for v in masters),
                             maxmemory=sum(int(v.get("maxmemory", 0)) for v in masters),

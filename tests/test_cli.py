@@ -353,6 +353,10 @@ def test_metrics_exposition_parses_back(cache_dir):
         "nvcache_flight_waits_total": 0.0,  # no get_or_create waited (tests/test_single_flight.py counts some)
         "nvcache_flight_takeovers_total": 0.0,
         "nvcache_flight_wait_seconds_total": 0.0,
+        # No remote tier used (tests/test_remotecli.py counts some)
+        **{f"nvcache_{name}_total": 0.0 for name in (
+            "remote_hits", "remote_misses", "remote_errors", "remote_skipped", "remote_rejected", "remote_puts",
+            "fleet_claims", "fleet_waits", "fleet_takeovers")},
     }
     assert (stats["cache_hits"], stats["cache_misses"]) == (1, 1)
     families = {f.name: f.type for f in text_string_to_metric_families(result.stdout)}
