@@ -64,7 +64,7 @@ from redis.retry import Retry
 
 from .arguments import as_record
 from .fallback import REMOTE_TALLY
-from .remoterecords import BadValue, KeyLike, decode_stored, encode_stored, encode_value, make_key
+from .remoterecords import BadValue, KeyLike, decode_value, encode_stored, encode_value, make_key
 
 log = logging.getLogger("nvcache.remote")
 
@@ -340,12 +340,6 @@ class RemoteTier:
     # -- the tier ---------------------------------------------------------------------------
     def get(self, name: bytes) -> Optional[bytes]:
         """Record ``name``'s bytes from the server, or None (absent, rejected, skipped, a fault)."""
-        got = self.get_stored(name)
-        return None if got is None else got[0]
-
-    def get_stored(self, name: bytes) -> Optional[Tuple[bytes, int, bytes]]:
-        """(bytes, encoding, stored form) of record ``name`` (see remoterecords.decode_stored), or
-        None as :meth:`get`: a local store can keep the stored form without compressing again."""
         key = self.prefix + name
         ok, value = self._call(self.reads, lambda c: c.get(key), writing=False)
         if not ok:
@@ -354,12 +348,12 @@ class RemoteTier:
             self.count("remote_misses")
             return None
         try:
-            got = decode_stored(name, value, self.key, self.max_record)
+            data = decode_value(name, value, self.key, self.max_record)
         except BadValue as exc:
             self._reject(key, value, str(exc))
             return None
         self.count("remote_hits")
-        return got
+        return data
 
     def _reject(self, key: bytes, value: bytes, reason: str) -> None:
         self.count("remote_misses")

@@ -146,18 +146,11 @@ def check_value(name: bytes, value: bytes, key: Optional[bytes]) -> Tuple[int, m
 
 def decode_value(name: bytes, value: bytes, key: Optional[bytes], max_record: int) -> bytes:
     """The record bytes in a remote value read for ``name``; BadValue when it must not be used."""
-    return decode_stored(name, value, key, max_record)[0]
-
-
-def decode_stored(name: bytes, value: bytes, key: Optional[bytes], max_record: int) -> Tuple[bytes, int, bytes]:
-    """(record bytes, encoding, stored bytes) of a remote value read for ``name``: the stored form
-    is what a local store can keep as it is (encoding 0 or 1). BadValue when it must not be used."""
     encoding, body = check_value(name, value, key)
     if encoding == RAW:
         if len(body) > max_record:
             raise BadValue(f"record of {len(body)} bytes, above max_record {max_record}")
-        data = bytes(body)
-        return data, RAW, data
+        return bytes(body)
     stored = bytes(body)
     try:
         size = zstandard.frame_content_size(stored)
@@ -168,4 +161,4 @@ def decode_stored(name: bytes, value: bytes, key: Optional[bytes], max_record: i
     data = _codec.decode(ZSTD, stored)
     if data is None or len(data) != size:
         raise BadValue("zstd frame that does not decode")
-    return data, ZSTD, stored
+    return data

@@ -201,19 +201,15 @@ class Store(Lifecycle):
     # -- writes -------------------------------------------------------------------------
     def insert(self, key: bytes, name: bytes, lid_len: int, data: Any, keep: frozenset,
                refs: int = 0, last_ns: int = 0, timeout: Optional[float] = None, compress: bool = True,
-               train: bool = True, encoded: Optional[Tuple[int, Any]] = None) -> int:
+               train: bool = True) -> int:
         """Add a record, evicting by the policy to stay within the cache's bound: the number
         evicted, or -1 (and no change) when the name exists. ``compress``: store it zstd-compressed
         when that is smaller (see codec.py; compressed here, before the lock). Raises
         RecordTooLarge for stored bytes above the bound, and CacheFull when only kept records
         could make room; both change nothing. ``train``: this put may be the one that looks at
-        the file's dictionary and trains the next (imports say no). ``encoded``: (encoding,
-        stored bytes) of ``data`` made already, raw or zstd without dictionary (a remote record)."""
+        the file's dictionary and trains the next (imports say no)."""
         codec = self.reader.codec
-        if encoded is not None:
-            enc, stored = encoded
-        else:
-            enc, stored = codec.encode(data) if compress else (RAW, data)
+        enc, stored = codec.encode(data) if compress else (RAW, data)
         codec.puts += 1
         # (Too large is decided in the transaction, against the bound the file stores then.)
         evicted = self._write(self._insert, key, name, lid_len, data, enc, stored, codec, keep,
