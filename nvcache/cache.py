@@ -64,19 +64,11 @@ class LayerCache:
 
     ``repair=True`` (the default, and what a scanner wants: its cache must never take it down)
     rebuilds a cache found damaged or of another format, and drops a damaged record a read
-    meets. ``repair=False`` opens a reader for tools (the ``nvcache`` CLI's read-only
-    commands): it never writes to the cache's files, so a damaged or foreign cache raises
-    :class:`~nvcache.CacheDamaged` saying what is wrong and stays as it is, and so does a
-    damaged record that a read meets (get, get_many and peek raise). Such a cache only reads:
-    get and get_many count no hit, miss or reference (counting is a write), a boot record
-    that needs updating is left to the next writer, no reader slot is claimed (reads take the
-    shared lock), no missing directory or cache is created (CacheError), and the writing
-    methods (put, restore, delete, clear, add_counters, merge_history, train_dictionary,
-    add_dictionary, repair_damage) raise CacheError. It joins the cache's users like any process
-    (creating the empty lock file ``users`` if it is missing); if it opens first, it
-    consumes the clean mark once its open succeeded and puts the same mark back at close when
-    it is the last user and data.mdb is unchanged. One store serves a path in a process: a
-    repair=True cache opened there too makes it repair.
+    meets. ``repair=False`` opens a reader for tools (the CLI's read-only commands): it never
+    writes to the cache's files, so damage raises :class:`~nvcache.CacheDamaged` and stays as
+    it is; reads count nothing, nothing missing is created (CacheError), and the writing
+    methods raise CacheError. README ("Rules worth knowing") has the details: the users file,
+    the clean mark, one store per path in a process.
 
     ``remote`` shares records across nodes through Redis: a ``redis://``, ``rediss://``,
     ``unix://`` or ``redis+cluster://`` URL, or a :class:`~nvcache.remote.RemoteTier`;
