@@ -53,12 +53,13 @@ class Node:
         """``calls`` of each kind on fresh names from ``base``: (kind, µs, right)."""
         out = []
         for i in range(base, base + calls):
+            made, created = record(i), record(-i)  # made before the clock starts: a scanner's analysis
             us, got = timed(lambda: self.cache.get(f"L{i}"))
             out.append(("get (a miss)", us, got is None))
-            us, got = timed(lambda: self.cache.put(f"L{i}", record(i)))
+            us, got = timed(lambda: self.cache.put(f"L{i}", made))
             out.append(("put", us, got is True))
-            us, got = timed(lambda: self.cache.get_or_create(f"G{i}", lambda: record(-i)))
-            out.append(("get_or_create (a miss)", us, got == record(-i)))
+            us, got = timed(lambda: self.cache.get_or_create(f"G{i}", lambda: created))
+            out.append(("get_or_create (a miss)", us, got == created))
         return out
 
 
@@ -70,6 +71,9 @@ def run_fault(label: str, make: Callable[[], Any], url_of: Callable[[Any], str],
     try:
         url = url_of(server)
         scanner, other = Node(root, "scanner", url), Node(root, "other", url)
+        for node in (scanner, other):  # connected before the fault, as a running scanner is
+            node.cache.put(f"W{base}{id(node)}", b"warm")
+            node.cache.get(f"W{base}")
         fault(server)
         first = scanner.ops(base, 1)
         rest = scanner.ops(base + 1, calls)
@@ -77,9 +81,11 @@ def run_fault(label: str, make: Callable[[], Any], url_of: Callable[[Any], str],
         time.sleep(2.1)  # past the breaker's longest backoff here: the next call is a probe
         other.cache.put(f"H{base}", record(base))  # may itself be the other node's probe
         other.cache.put(f"H{base + 1}", record(base + 1))
+        time.sleep(0.05)
         us_back, got = timed(lambda: scanner.cache.get(f"H{base + 1}"))
         if got is None:  # the scanner's own probe came first and opened nothing: ask once more
-            us_back, got = timed(lambda: scanner.cache.get(f"H{base + 1}"))
+            time.sleep(0.05)
+        us_back, got = timed(lambda: scanner.cache.get(f"H{base + 1}"))
         stats = scanner.cache.remote_stats() or {}
         for kind in ("get (a miss)", "put", "get_or_create (a miss)"):
             f = [(us, ok) for k, us, ok in first if k == kind]
