@@ -109,6 +109,7 @@ RECORDS = b"records"
 ACCESS = b"access"
 EVICTIONS = b"evictions"
 BOUND = _twin.BOUND
+cdef bytes CURRENT_DICT = _twin.CURRENT_DICT
 MAX_RECORD = _twin.MAX_RECORD
 cdef uint64_t _MAX_RECORD = _twin.MAX_RECORD  # a larger size is a damaged header
 ENC_SHIFT = _twin.ENC_SHIFT
@@ -710,7 +711,20 @@ cdef class Index:
         return self.twin.dictionary(txn, number)
 
     def current_dictionary(self, txn):
-        return self.twin.current_dictionary(txn)
+        """fallback.Index.current_dictionary; in C for ours: every put reads it (a newer one is
+        adopted after the commit, not at the process's next REFRESH_EVERY-th put)."""
+        cdef MDB_val k, v
+        cdef const unsigned char *p
+        if type(txn) is not Writer:
+            return self.twin.current_dictionary(txn)
+        k.mv_size = PyBytes_GET_SIZE(CURRENT_DICT)
+        k.mv_data = PyBytes_AS_STRING(CURRENT_DICT)
+        if _check(mdb_get((<Writer>txn)._open_txn(), (<Writer>txn)._meta, &k, &v), "mdb_get") == MDB_NOTFOUND:
+            return 0
+        if v.mv_size != 2:
+            return 0  # as the twin reads a malformed one
+        p = <const unsigned char *>v.mv_data
+        return p[0] | (p[1] << 8)
 
     def add_dictionary(self, txn, body):
         return self.twin.add_dictionary(txn, body)

@@ -228,6 +228,8 @@ class Store(Lifecycle):
         if enc > 1 and codec is not files.codec:  # compressed for a file replaced since: its dictionaries
             enc, stored = files.codec.encode(data, 0)  # are not this one's (no dictionary: nothing to load)
         max_bytes = self.bound = index.bound(txn) or self.bound  # the file's bound (none in older files)
+        if index.current_dictionary(txn) > codec.current:  # another process trained one: adopt it
+            codec.puts = REFRESH_EVERY  # after this commit (insert's _dictionary_due)
         size = len(stored)
         if size > max_bytes:  # first: an existing name does not hide a record that can never fit
             raise RecordTooLarge(f"record of {size} bytes stored ({len(data)} put) exceeds the cache bound "
