@@ -10,6 +10,7 @@ import math
 import re
 import threading
 from typing import Any, Callable, Iterable, List, Tuple, Union
+from urllib.parse import urlsplit
 
 MAX_MB = 1 << 20  # 1 TiB of records: the LMDB map (address space) stays well inside 64-bit limits
 DEFAULT_MB = 1000  # a new cache's bound when the opener gives none (the CLI's read-only commands)
@@ -102,3 +103,60 @@ def history_entries(records: Iterable[Any], key: Callable[[str, str], bytes]) ->
             raise ValueError("last_referred_ns must be > 0")
         entries.append((record_key, refs, last_ns))
     return entries
+
+
+# -- remote tier URLs -------------------------------------------------------------------------
+REMOTE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:password|pass|auth)=)[^&]*")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (``redis://user:***@host:port/0``, ``unix://...?password=***``),
+    to name a tier in messages and labels; the rest as given."""
+    head, sep, query = url.partition("?")
+    scheme, slashes, rest = head.partition("://")
+    if slashes:
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            userinfo, hosts = netloc.rsplit("@", 1)
+            user, colon, _password = userinfo.partition(":")
+            # A lone userinfo is redis-py's username, but may be a password written the wrong way.
+            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+        head = f"{scheme}://{netloc}{slash}{path}"
+    return head + sep + _QUERY_SECRET.sub(r"\1***", query)
+
+
+def cluster_nodes(url: str) -> List[Tuple[str, int]]:
+    """The (host, port) pairs of a ``redis+cluster://`` URL's host list; ValueError otherwise."""
+    nodes = []
+    for item in urlsplit(url).netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a cluster URL lists host:port pairs, got {item!r} in {redact(url)!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+def remote_url(url: object) -> str:
+    """A remote tier's URL, checked before anything connects: TypeError for a non-str, ValueError
+    (naming the URL without its password) for a scheme, host, port or socket path that cannot
+    work. redis-py reads the rest (database, options) when it connects."""
+    if not isinstance(url, str):
+        raise TypeError(f"remote must be a URL string, not {type(url).__name__}")
+    scheme, sep, _rest = url.partition("://")
+    if not sep or scheme.lower() not in REMOTE_SCHEMES:
+        raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {redact(url)!r}")
+    if scheme.lower().endswith("+cluster"):
+        cluster_nodes(url)
+        return url
+    parts = urlsplit(url)
+    try:
+        port = parts.port  # ValueError for a port that is not a number in range
+    except ValueError:
+        raise ValueError(f"remote URL has a bad port: {redact(url)!r}") from None
+    if scheme.lower() == "unix":
+        if not parts.path or port is not None:
+            raise ValueError(f"a unix:// URL names a socket path, got {redact(url)!r}")
+    elif not parts.hostname:
+        raise ValueError(f"remote URL has no host: {redact(url)!r}")
+    return url

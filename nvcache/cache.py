@@ -98,6 +98,7 @@ class LayerCache:
         self.enabled = self._max_bytes > 0
         tier = fleet.open_tier(remote, remote_key)  # bad URLs and keys raise before anything opens
         self._remote = tier if self.enabled and repair else None
+        self._own_tier = isinstance(remote, str)  # made here: closed here (a given one is the caller's)
         self._tally = fleet.Tally()
         self._store: Optional[Store] = None
         self._hot: Optional[Store] = None  # the store for get's counted path; None: get's other path
@@ -191,7 +192,7 @@ class LayerCache:
             if tier is not None:
                 fleet.sync(tier, self._tally, store, self.lock_timeout, force=True)
             registry.release(store)
-        if tier is not None:
+        if tier is not None and self._own_tier:
             tier.close()
 
     def __enter__(self) -> "LayerCache":
@@ -420,8 +421,9 @@ class LayerCache:
         if store is None:
             return False
         self._writable()
-        if self._remote is not None:  # first: a remote copy would come back at the next miss
-            self._remote.delete(self._core.record_name(layer_id, kind)[0])
+        if self._remote is not None and not self._remote.delete(self._core.record_name(layer_id, kind)[0]):
+            log.warning("cache in %s: record %s_%s could not be deleted from the remote tier: it may come "
+                        "back at a miss", self.path, layer_id, kind)  # first: else it would return
         return store.remove(key, self.lock_timeout)
 
     def contains(self, layer_id: str, kind: str = "layer_file") -> bool:

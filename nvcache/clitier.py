@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import click
 
-from .fleet import redact
+from .arguments import redact
 
 INSTALL_REDIS = "pip install 'nvcache[remote]'"
 # Policies under which a full server evicts nvcache's records: allkeys-* always; volatile-* only

@@ -4,13 +4,14 @@
 :class:`~nvcache.LayerCache` (the front calls these functions; the store never sees the tier):
 
 * **A local miss asks the tier** (:func:`fetch`). A record found there is put into the local
-  cache (with the caller's ``keep``), read back, and counted as a hit with a reference, exactly
+  cache (with the caller's ``keep``, its first reference written by that insert) and counted as a
+  hit, exactly
   as if it had been found locally: the seed's four ``cache-stat`` fields do not tell the tiers
   apart. A record the local cache cannot hold (larger than its bound, the cache full of kept
   records) is still returned. A damaged local record is dropped first, then the tier is asked.
 * **A put that is new to this node is shared** (:func:`share`): written to the tier before the
   put returns, waiting at most the tier's socket timeout (0.2 s by default; a put takes
-  0.1-0.3 ms on a healthy server, DEVELOPERS.md "Remote tier"). A record the local cache refused
+  about 50 µs on a healthy local server, bench/results/remote.md). A record the local cache refused
   (RecordTooLarge, CacheFull) is shared all the same, then the error is raised. A put that finds
   the record already here shares nothing: it was shared when it was first stored.
 * **One creator per fleet** (:func:`across`): in :meth:`LayerCache.get_or_create`, the node's
@@ -36,12 +37,11 @@ them, whichever writes first.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Tuple, Union
 
-from .arguments import as_record
+from .arguments import as_record, redact
 from .errors import CacheError, CacheFull, RecordTooLarge
 from .fallback import REMOTE_TALLY
 from .store import Store, log
@@ -54,25 +54,6 @@ POLL_MAX = 0.1
 FLEET_WAIT_SHARE = 0.5
 
 Created = Tuple[bytes, bool, Optional[int]]  # (record, stored locally, born when found rather than created)
-
-
-_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:password|pass|auth)=)[^&]*")
-
-
-def redact(url: str) -> str:
-    """``url`` without its password (``redis://user:***@host:port/0``, ``unix://...?password=***``),
-    to name a tier in messages and labels; the rest as given."""
-    head, sep, query = url.partition("?")
-    scheme, slashes, rest = head.partition("://")
-    if slashes:
-        netloc, slash, path = rest.partition("/")
-        if "@" in netloc:
-            userinfo, hosts = netloc.rsplit("@", 1)
-            user, colon, _password = userinfo.partition(":")
-            # A lone userinfo is redis-py's username, but may be a password written the wrong way.
-            netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-        head = f"{scheme}://{netloc}{slash}{path}"
-    return head + sep + _QUERY_SECRET.sub(r"\1***", query)
 
 
 def open_tier(remote: Any, remote_key: Any) -> Any:
@@ -198,7 +179,10 @@ def put(cache: Any, store: Store, layer_id: str, record: Any, kind: str, keep: I
 
 # -- one creator per fleet ------------------------------------------------------------------------
 class _Renewer:
-    """Renews a fleet claim every third of its lease until stopped or ``until`` (monotonic)."""
+    """Renews a fleet claim every third of its lease until stopped, lost, or ``until`` (monotonic).
+
+    A renewal the server could not answer (a stall, a fault) is tried again a second later while
+    the lease may still hold: one blip must not let the claim lapse under a running create()."""
 
     def __init__(self, tier: Any, name: bytes, token: bytes, until: float) -> None:
         self.tier, self.name, self.token, self.until = tier, name, token, until
@@ -206,9 +190,19 @@ class _Renewer:
         self.thread = threading.Thread(target=self._run, name="nvcache-fleet-lease", daemon=True)
 
     def _run(self) -> None:
-        while not self.stop.wait(LEASE / 3):
-            if time.monotonic() >= self.until or not self.tier.renew(self.name, self.token, LEASE):
-                return  # past the wait (waiters take over anyway), or the claim is lost
+        held_until = time.monotonic() + LEASE  # the lease as last granted (from the claim on)
+        pause = LEASE / 3
+        while not self.stop.wait(pause):
+            now = time.monotonic()
+            if now >= self.until or now >= held_until:
+                return  # past the wait (waiters take over anyway), or the lease ran out unrenewed
+            renewed = self.tier.renew(self.name, self.token, LEASE)
+            if renewed is False:
+                return  # lost: expired, or another holder's now
+            if renewed:
+                held_until, pause = now + LEASE, LEASE / 3
+            else:
+                pause = min(1.0, LEASE / 10)
 
 
 def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept: frozenset,
@@ -216,40 +210,49 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
     """The node creator's step of get_or_create with a tier: fetch, else one creator per fleet.
 
     ``create_local()`` runs create() and the local put: (record, stored). The returned
-    function is what :func:`nvcache.flight.single_flight` runs as the node's creator.
+    function is what :func:`nvcache.flight.single_flight` runs as the node's creator. Whatever
+    ends it between taking a fleet claim and returning (create() raising, a KeyboardInterrupt)
+    lets go of the claim first (a compare-and-delete: safe even if the claim's SET never landed).
     """
     tier = cache._remote
     name = cache._core.record_name(layer_id, kind)[0]
 
     def found() -> Optional[Created]:
         data, born = fetch(cache, store, key, layer_id, kind, kept)
-        return None if data is None else (data, store.contains(key, timeout=cache.lock_timeout), born)
+        if data is None:
+            return None
+        try:
+            stored = store.contains(key, timeout=cache.lock_timeout)
+        except CacheError:  # the lock stayed busy: hand the bytes over through the claim file
+            stored = False
+        return data, stored, born
 
     def create(claimed: Optional[bytes]) -> Created:
-        started = time.monotonic()
+        """create() and the local put; with a fleet claim (``claimed``: its token) renewed meanwhile,
+        then shared and let go. The caller let go of the claim if this raises."""
         renewer = None
         if claimed is not None:
             tier.count("fleet_claims")
-            renewer = _Renewer(tier, name, claimed, started + wait)
+            renewer = _Renewer(tier, name, claimed, time.monotonic() + wait)
             try:
                 renewer.thread.start()
             except RuntimeError as exc:  # no thread to spare: the lease then ends on its own
                 log.warning("fleet claim on %r not renewed: %s", name, exc)
-                renewer = None
         try:
             data, stored = create_local()
-        except BaseException:  # create() raised (its caller's to see): let the next creator go
+        finally:
             if renewer is not None:
                 renewer.stop.set()
-            if claimed is not None:
-                tier.unclaim(name, claimed)
-            raise
-        if renewer is not None:
-            renewer.stop.set()
         share(cache, store, layer_id, kind, data)
-        if claimed is not None:  # after the share: a waiter that sees the claim gone finds the record
-            tier.unclaim(name, claimed)
         return data, stored, None
+
+    def claimed_run(token: bytes) -> Created:
+        # Another node's creator may have shared it and let go since our look: its holder
+        # shares before it lets go, so one more look after the claim settles it (EXISTS first:
+        # a record that is not there is not counted as a second miss).
+        polled = tier.claimed(name)
+        hit = found() if polled is not None and polled[1] else None
+        return hit if hit is not None else create(token)
 
     def run() -> Created:
         hit = found()
@@ -260,19 +263,17 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
         waited = False
         pause = POLL_FIRST
         while True:
-            got = tier.claim(name, token, LEASE)
+            try:
+                got = tier.claim(name, token, LEASE)
+                if got:
+                    out = claimed_run(token)
+                    tier.unclaim(name, token)  # after the share: waiters that see it gone find the record
+                    return out
+            except BaseException:
+                tier.unclaim(name, token)
+                raise
             if got is None:  # Redis cannot say: the node's claim is all there is
                 return create(None)
-            if got:
-                # Another node's creator may have shared it and let go since our look: its
-                # holder shares before it lets go, so one more look after the claim settles it
-                # (EXISTS: a record that is not there is not counted as a second miss).
-                polled = tier.claimed(name)
-                hit = found() if polled is not None and polled[1] else None
-                if hit is not None:
-                    tier.unclaim(name, token)
-                    return hit
-                return create(token)
             if not waited:
                 waited = True
                 tier.count("fleet_waits")
@@ -292,10 +293,6 @@ def across(cache: Any, store: Store, key: bytes, layer_id: str, kind: str, kept:
                     if hit is not None:
                         return hit
                 if not held:
-                    if not there:
-                        hit = found()  # shared between the two answers
-                        if hit is not None:
-                            return hit
-                    break  # its creator raised, died or could not share: claim it
+                    break  # gone without a record: claim it (the look after the claim sees a late one)
 
     return run

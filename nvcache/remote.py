@@ -39,7 +39,7 @@ miss, counted in ``remote_rejected``, logged (with the reason, for the first few
 from the server, but only if the key still holds those same bytes (a Lua compare-and-delete),
 so a good value another node wrote meanwhile stays.
 
-Writes are synchronous: a put waits for the server's reply (about 0.1-0.3 ms on a local server,
+Writes are synchronous: a put waits for the server's reply (about 50 µs on a local server,
 bench/remote.py), never longer than the timeout, and nothing runs in the background (nothing
 to restart after a fork, nothing lost at exit). redis-py's connection pools notice a fork and
 reconnect in the child.
@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import itertools
+import math
 import threading
 import time
 import weakref
@@ -62,9 +63,9 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from .arguments import as_record
+from .arguments import as_record, cluster_nodes, redact, remote_url
 from .fallback import REMOTE_TALLY
-from .remoterecords import BadValue, KeyLike, decode_value, encode_stored, encode_value, make_key
+from .remoterecords import BadValue, KeyLike, TooLarge, decode_value, encode_value, make_key
 
 log = logging.getLogger("nvcache.remote")
 
@@ -91,6 +92,10 @@ _CLAIM = b"claim "
 COUNTERS = REMOTE_TALLY  # the names of the counters, as the cache file's tally keeps them
 
 
+class _Busy(Exception):
+    """Another thread is making the client (RemoteTier._get_client)."""
+
+
 class Breaker:
     """Closed (calls go through) or open until a time (calls skip, then one probe goes through)."""
 
@@ -100,6 +105,7 @@ class Breaker:
         self.max_backoff = max_backoff
         self._wait = backoff  # the next opening's length: doubles while probes fail
         self.until = 0.0  # 0: closed; else the monotonic time until which calls skip (then a probe)
+        self._probing = False  # a probe was let through and has not answered yet
         self._lock = threading.Lock()
 
     @property
@@ -118,12 +124,23 @@ class Breaker:
                 return False
             # This call is the probe; the others skip until it has failed or succeeded.
             self.until = now + self._wait
+            self._probing = True
             return True
 
     def failed(self, reason: str) -> None:
+        """A call failed. Closed: open for ``backoff``. Open: only the probe's failure doubles the
+        wait; calls that were let through before it opened (several threads meeting one stall)
+        leave it as it is, so one blip costs one backoff, not ``max_backoff``."""
         with self._lock:
             opening = not self.until
-            self._wait = self.backoff if opening else min(self._wait * 2, self.max_backoff)
+            probe = self._probing
+            if opening:
+                self._wait = self.backoff
+            elif probe:
+                self._wait = min(self._wait * 2, self.max_backoff)
+            else:
+                return
+            self._probing = False
             self.until = time.monotonic() + self._wait
             wait = self._wait
         if opening:
@@ -137,6 +154,7 @@ class Breaker:
         with self._lock:
             was_open = bool(self.until)
             self.until = 0.0
+            self._probing = False
             self._wait = self.backoff
         if was_open:
             log.warning("remote tier: %s work again", self.what)
@@ -154,24 +172,17 @@ def connect(url: str, timeout: float, password: Optional[str] = None) -> Any:
                                   retry=_retry_none(), health_check_interval=0)
     if password is not None:
         common["password"] = password
-    scheme = url.split("://", 1)[0].lower()
+    scheme = remote_url(url).split("://", 1)[0].lower()
     if scheme in ("redis+cluster", "rediss+cluster"):
         parts = urlsplit(url)
-        nodes: List[ClusterNode] = []
-        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
-            host, _, port = item.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"a cluster URL lists host:port pairs, got {item!r} in {url!r}")
-            nodes.append(ClusterNode(host.strip("[]"), int(port)))
+        nodes = [ClusterNode(host, port) for host, port in cluster_nodes(url)]
         if parts.password is not None and password is None:
             common["password"] = unquote(parts.password)
         if parts.username:
             common["username"] = unquote(parts.username)
         return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"),
                             require_full_coverage=False, **common)
-    if scheme in ("redis", "rediss", "unix"):
-        return redis.Redis.from_url(url, **common)
-    raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
+    return redis.Redis.from_url(url, **common)
 
 
 # Every tier of this process: a forked child gets new locks (one may have been held by a thread
@@ -195,12 +206,18 @@ class RemoteTier:
                  ttl: Optional[float] = None, timeout: float = DEFAULT_TIMEOUT,
                  backoff: float = DEFAULT_BACKOFF, max_backoff: float = DEFAULT_MAX_BACKOFF,
                  max_record: int = DEFAULT_MAX_RECORD, password: Optional[str] = None) -> None:
-        if not isinstance(url, str) or "://" not in url:
-            raise ValueError(f"remote URL must be a redis://, rediss://, unix:// or redis+cluster:// URL, got {url!r}")
-        if ttl is not None and not (isinstance(ttl, (int, float)) and 0 < ttl < 1e12):
-            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-        if not timeout > 0 or not 0 < backoff <= max_backoff:
-            raise ValueError("timeout and backoff must be positive, backoff <= max_backoff")
+        remote_url(url)  # TypeError / ValueError now, naming the URL without its password
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        for what, value in (("ttl", ttl), ("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+            if value is None and what == "ttl":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+            if not 0 < value < 1e9:
+                raise ValueError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+        if backoff > max_backoff:
+            raise ValueError(f"backoff ({backoff}) must not exceed max_backoff ({max_backoff})")
         self.url = url
         self.key = make_key(key)
         self.prefix = prefix.encode("utf-8")
@@ -216,9 +233,9 @@ class RemoteTier:
         self._unexpected_logged = False
         self.last_error: Optional[str] = None  # the last fault, "Type: message" (for tools to report)
         self._new_counts()
-        scheme = url.split("://", 1)[0].lower()
-        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
-            raise ValueError(f"remote URL must be redis://, rediss://, unix:// or redis+cluster://, got {url!r}")
+
+    def __repr__(self) -> str:
+        return f"<RemoteTier {redact(self.url)} prefix={self.prefix!r} keyed={self.key is not None}>"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **kwargs: Any) -> Optional["RemoteTier"]:
@@ -233,11 +250,14 @@ class RemoteTier:
         if environ.get("NVCACHE_REMOTE_PREFIX"):
             kwargs.setdefault("prefix", environ["NVCACHE_REMOTE_PREFIX"])
         if environ.get("NVCACHE_REMOTE_TTL"):
+            raw = environ["NVCACHE_REMOTE_TTL"]
             try:
-                kwargs.setdefault("ttl", float(environ["NVCACHE_REMOTE_TTL"]))
+                ttl = float(raw)
             except ValueError:
-                raise ValueError(f"NVCACHE_REMOTE_TTL must be a number of seconds, "
-                                 f"got {environ['NVCACHE_REMOTE_TTL']!r}") from None
+                ttl = math.nan
+            if not 0 < ttl < 1e9:
+                raise ValueError(f"NVCACHE_REMOTE_TTL must be a positive, finite number of seconds, got {raw!r}")
+            kwargs.setdefault("ttl", ttl)
         return cls(url, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -249,6 +269,7 @@ class RemoteTier:
         self._skip_folds = self._skips_folded = 0
 
     def _new_locks(self) -> None:
+        self._attempt: Optional[threading.Event] = None  # set when the client being made is ready
         self._client_lock = threading.Lock()
         self._counts_lock = threading.Lock()
         self.reads._lock = threading.Lock()
@@ -292,13 +313,31 @@ class RemoteTier:
                 self._untaken[name] += n
 
     def _get_client(self) -> Any:
+        """The client, made by one thread at a time outside the lock (a cluster client connects
+        to its startup nodes in turn): the others wait for that attempt up to ``timeout`` and
+        then skip (_Busy) rather than queue behind it or connect again themselves."""
         client = self._client
-        if client is None:
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is not None:
+                return self._client
+            attempt, mine = self._attempt, self._attempt is None
+            if mine:
+                attempt = self._attempt = threading.Event()
+        assert attempt is not None
+        if not mine:
+            if not attempt.wait(self.timeout) or self._client is None:
+                raise _Busy()
+            return self._client
+        try:
+            client = connect(self.url, self.timeout, self._password)
+            self._client = client
+            return client
+        finally:
             with self._client_lock:
-                if self._client is None:
-                    self._client = connect(self.url, self.timeout, self._password)
-                client = self._client
-        return client
+                self._attempt = None
+            attempt.set()
 
     def _call(self, breaker: Breaker, op: Callable[[Any], T], writing: bool,
               admitted: bool = False) -> Tuple[bool, Optional[T]]:
@@ -309,6 +348,9 @@ class RemoteTier:
             return False, None
         try:
             result = op(self._get_client())
+        except _Busy:  # another thread is connecting: skipped, not failed
+            self.count("remote_skipped")
+            return False, None
         except FAULTS as exc:
             self._failed(exc, writing)
             return False, None
@@ -325,7 +367,7 @@ class RemoteTier:
 
     def _failed(self, exc: BaseException, writing: bool) -> None:
         self.count("remote_errors")
-        reason = f"{type(exc).__name__}: {exc}"[:300]
+        reason = f"{type(exc).__name__}: {exc}".replace(self.url, redact(self.url))[:300]
         self.last_error = reason
         if writing and isinstance(exc, ResponseError):
             # The server answered and refused the write (full, read-only): reads may still work.
@@ -350,6 +392,9 @@ class RemoteTier:
             return None
         try:
             data = decode_value(name, value, self.key, self.max_record)
+        except TooLarge:  # a good value, larger than this tier takes: a miss, left for the others
+            self.count("remote_misses")
+            return None
         except BadValue as exc:
             self._reject(key, value, str(exc))
             return None
@@ -373,11 +418,6 @@ class RemoteTier:
             self.count("remote_skipped")
             return False
         return self._set(name, encode_value(name, data, self.key), admitted=True)
-
-    def put_stored(self, name: bytes, encoding: int, stored: Any) -> bool:
-        """Write record ``name`` from its local stored form, when that is raw (0) or zstd
-        without dictionary (1): no compression again. Other encodings raise ValueError."""
-        return self._set(name, encode_stored(name, encoding, stored, self.key), admitted=False)
 
     def _set(self, name: bytes, value: bytes, admitted: bool) -> bool:
         key = self.prefix + name
@@ -404,9 +444,10 @@ class RemoteTier:
         return removed if ok else None
 
     def delete(self, name: bytes) -> bool:
-        """Remove record ``name`` from the server; whether the call went through."""
+        """Remove record ``name`` from the server; whether the call went through. Sent even while
+        the write breaker is open (one bounded call): a withdrawn record must not come back."""
         key = self.prefix + name
-        return self._call(self.writes, lambda c: c.delete(key), writing=True)[0]
+        return self._call(self.writes, lambda c: c.delete(key), writing=True, admitted=True)[0]
 
     # -- fleet claims (see nvcache.fleet) ------------------------------------------------------
     def claim(self, name: bytes, token: bytes, lease_s: float) -> Optional[bool]:
@@ -417,12 +458,15 @@ class RemoteTier:
         ok, got = self._call(self.writes, lambda c: c.set(key, token, nx=True, px=ms), writing=True)
         return bool(got) if ok else None
 
-    def renew(self, name: bytes, token: bytes, lease_s: float) -> bool:
-        """Extend the claim ``token`` holds on ``name`` by ``lease_s``; whether it still held it."""
+    def renew(self, name: bytes, token: bytes, lease_s: float) -> Optional[bool]:
+        """Extend the claim ``token`` holds on ``name`` by ``lease_s``: True when it still held it,
+        False when it is lost (expired, or another's), None when the server could not say (a fault;
+        sent even while the write breaker is open, so the holder can tell "lost" from "unknown")."""
         key = self.prefix + _CLAIM + name
         ms = max(1, int(lease_s * 1000))
-        ok, got = self._call(self.writes, lambda c: c.eval(_RENEW_IF_SAME, 1, key, token, ms), writing=True)
-        return bool(ok and got)
+        ok, got = self._call(self.writes, lambda c: c.eval(_RENEW_IF_SAME, 1, key, token, ms), writing=True,
+                             admitted=True)
+        return bool(got) if ok else None
 
     def unclaim(self, name: bytes, token: bytes) -> None:
         """Let go of the claim ``token`` holds on ``name`` (another token's claim stays). Sent even

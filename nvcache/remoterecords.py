@@ -77,12 +77,19 @@ class BadValue(ValueError):
     """A remote value that must not be used; ``str()`` says why (logged, counted, deleted)."""
 
 
+class TooLarge(ValueError):
+    """A value whose record is larger than the reader's ``max_record``: not used, not deleted
+    (another node may take records that large)."""
+
+
 def make_key(secret: Optional[KeyLike]) -> Optional[bytes]:
     """The BLAKE2b key for ``secret`` (None: no key). A str is taken as UTF-8. A secret longer
     than BLAKE2b's 64-byte key is hashed down to 64 bytes first (as HMAC shortens long keys);
     one shorter than 16 bytes raises ValueError: it would be guessable."""
     if secret is None:
         return None
+    if not isinstance(secret, (str, bytes, bytearray)):  # bytes(32) would be 32 zero bytes: public
+        raise TypeError(f"remote_key must be str or bytes, not {type(secret).__name__}")
     raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     if len(raw) < KEY_MIN:
         raise ValueError(f"remote_key must be at least {KEY_MIN} bytes, got {len(raw)}")
@@ -149,15 +156,17 @@ def decode_value(name: bytes, value: bytes, key: Optional[bytes], max_record: in
     encoding, body = check_value(name, value, key)
     if encoding == RAW:
         if len(body) > max_record:
-            raise BadValue(f"record of {len(body)} bytes, above max_record {max_record}")
+            raise TooLarge(f"record of {len(body)} bytes, above max_record {max_record}")
         return bytes(body)
     stored = bytes(body)
     try:
         size = zstandard.frame_content_size(stored)
     except zstandard.ZstdError:
         raise BadValue("not a zstd frame") from None
-    if size < 0 or size > max_record:  # -1: unknown size (this module always writes it)
-        raise BadValue(f"zstd frame of content size {size}: unknown or above max_record {max_record}")
+    if size < 0:  # unknown: this module always writes it, so someone else made the frame
+        raise BadValue("zstd frame without its content size")
+    if size > max_record:
+        raise TooLarge(f"zstd frame of content size {size}, above max_record {max_record}")
     data = _codec.decode(ZSTD, stored)
     if data is None or len(data) != size:
         raise BadValue("zstd frame that does not decode")

@@ -1030,3 +1030,119 @@ def test_bad_remote_arguments(Cache: type, tmp_path: Any) -> None:
         Cache(str(tmp_path / "x"), 1.0, remote="redis://127.0.0.1:1/0", remote_key="short")
     with pytest.raises(ValueError):
         Cache(str(tmp_path / "x"), 1.0, remote=RemoteTier("redis://127.0.0.1:1/0"), remote_key=KEY)
+
+
+# -- the review's findings (session 8): each test fails on the code before its fix -------------------
+def test_a_remote_key_of_another_type_is_refused(server: rs.RedisServer, make_cache: Any) -> None:
+    """bytes(32) would have been 32 zero bytes: a key everyone knows."""
+    for bad in (32, 7, True, [0] * 32, 3.5):
+        with pytest.raises(TypeError, match="remote_key must be str or bytes"):
+            make_cache(4.0, remote=server.unix_url, remote_key=bad)
+
+
+def test_urls_are_checked_at_construction_and_never_show_the_password(make_cache: Any, caplog: Any) -> None:
+    for url in ("redis://:S3cretPW@h:notaport/0", "redis+cluster://:S3cretPW@host1:7000,host2",
+                "redis+clustr://:S3cretPW@h:1", "unix://:S3cretPW@h:1"):
+        with pytest.raises(ValueError) as err:
+            make_cache(4.0, remote=url)
+        assert "S3cretPW" not in str(err.value) and "***" in str(err.value), err.value
+    assert "S3cretPW" not in repr(RemoteTier("redis://:S3cretPW@127.0.0.1:1/0"))
+
+
+def test_one_stall_seen_by_many_threads_costs_one_backoff(fresh: rs.RedisServer) -> None:
+    """Eight threads meet the same stall: the breaker opens for ``backoff`` (0.3 s), not doubled
+    once per thread up to max_backoff; only a failed probe doubles it."""
+    import threading
+    tier = RemoteTier(fresh.unix_url, timeout=0.2, backoff=0.3, max_backoff=30.0)
+    assert tier.put(rname(lid()), b"connected")
+    fresh.pause()
+    try:
+        threads = [threading.Thread(target=tier.get, args=(rname(lid()),)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        left = tier.reads.until - time.monotonic()
+        assert 0 < left <= 0.3, left
+    finally:
+        fresh.resume()
+    time.sleep(0.35)
+    assert tier.get(rname(lid())) is None and not tier.reads.is_open  # the probe succeeded
+
+
+def test_a_stall_during_create_does_not_lose_the_fleet_claim(fresh: rs.RedisServer, make_cache: Any,
+                                                              monkeypatch: Any) -> None:
+    """The server stops answering for a moment while create() runs: the renewal that fails is
+    tried again, so the claim outlives its first lease and the other node does not create."""
+    import threading
+    monkeypatch.setattr(fleet, "LEASE", 1.2)  # renewals every 0.4 s; a retry 0.12 s after a fault
+    name, data = lid(), record(31)
+    a = make_cache(4.0, path=str(fresh.dir) + "/a", remote=RemoteTier(fresh.unix_url, **FAST))
+    b = make_cache(4.0, path=str(fresh.dir) + "/b", remote=RemoteTier(fresh.unix_url, **FAST))
+    started = threading.Event()
+
+    def slow() -> bytes:
+        started.set()
+        time.sleep(0.5)
+        fresh.pause()  # the renewal due 0.8 s after the claim times out (0.2 s) in here
+        time.sleep(0.8)
+        fresh.resume()
+        time.sleep(1.6)  # past the lease the last good renewal (0.4 s) gave: only a retry keeps it
+        return data
+
+    t = threading.Thread(target=lambda: a.get_or_create(name, slow, wait=20))
+    t.start()
+    started.wait(5)
+    time.sleep(2.0)  # after the stall and past 1.6 s (0.4 + the lease), inside create()
+    with fresh.client() as c:
+        assert c.exists(claim_key(name)) == 1  # still held
+    assert b.get_or_create(name, never, wait=20) == data  # waited for a's record
+    t.join()
+    assert b.remote_stats()["fleet_waits"] == 1 and b.remote_stats()["fleet_takeovers"] == 0
+
+
+def test_closing_a_cache_leaves_a_tier_it_was_given_open(server: rs.RedisServer, make_cache: Any) -> None:
+    tier = RemoteTier(server.unix_url, **FAST)
+    a = make_cache(4.0, path=str(server.dir) + "/ga", remote=tier)
+    b = make_cache(4.0, path=str(server.dir) + "/gb", remote=tier)
+    name = lid()
+    assert a.put(name, record(5))
+    a.close()
+    assert tier._client is not None  # not closed under b
+    assert b.get(name) == record(5) and tier.stats()["remote_errors"] == 0
+
+
+def test_delete_reaches_the_tier_even_with_the_write_breaker_open(server: rs.RedisServer, make_cache: Any,
+                                                                    caplog: Any) -> None:
+    """A withdrawn record must not come back from the tier: the delete goes past the breaker."""
+    a = make_cache(4.0, path=str(server.dir) + "/da", remote=RemoteTier(server.unix_url, **FAST))
+    b = make_cache(4.0, path=str(server.dir) + "/db", remote=RemoteTier(server.unix_url, **FAST))
+    name = lid()
+    assert a.put(name, record(6))
+    a.remote.writes.failed("a test's stand-in for a refused write")  # open: puts skip now
+    assert a.remote.writes.is_open and a.delete(name)
+    with server.client() as c:
+        assert c.exists(rkey(name)) == 0
+    assert b.get(name) is None
+
+
+def test_an_interrupt_after_the_fleet_claim_lets_it_go(server: rs.RedisServer, make_cache: Any,
+                                                       monkeypatch: Any) -> None:
+    """A KeyboardInterrupt between taking the fleet claim and create() (here: in the look that
+    follows the claim) releases the claim at once, so other nodes need not wait out the lease."""
+    cache = make_cache(4.0, path=str(server.dir) + "/ia", remote=RemoteTier(server.unix_url, **FAST))
+    name = lid()
+    real = RemoteTier.claimed
+
+    def interrupted(self: RemoteTier, n: bytes) -> Any:
+        if self.claim.__self__ is cache.remote and n == rname(name):  # only the look after our claim
+            with server.client() as c:
+                if c.exists(claim_key(name)):
+                    raise KeyboardInterrupt
+        return real(self, n)
+
+    monkeypatch.setattr(RemoteTier, "claimed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_create(name, never)
+    with server.client() as c:
+        assert c.exists(claim_key(name)) == 0

@@ -100,12 +100,15 @@ def test_prefix_ttl_and_env(server: rs.RedisServer) -> None:
 
 
 def test_dictionary_encodings_are_not_shipped(server: rs.RedisServer) -> None:
+    """A value is raw or zstd without dictionary: encoding 2 (a file's dictionary 1) cannot be
+    made, and a zstd frame made elsewhere without one decodes."""
     tier = RemoteTier(server.unix_url)
     with pytest.raises(ValueError):
-        tier.put_stored(_name(), 2, b"a frame made with dictionary 1")
+        remoterecords.encode_stored(_name(), 2, b"a frame made with dictionary 1", None)
     import zstandard
     name, data = _name(), b"layer " * 1000
-    assert tier.put_stored(name, 1, zstandard.ZstdCompressor().compress(data))
+    with server.client() as c:
+        c.set(b"nvcache:" + name, remoterecords.encode_stored(name, 1, zstandard.ZstdCompressor().compress(data), None))
     assert tier.get(name) == data
 
 
@@ -172,12 +175,18 @@ def test_a_value_changed_after_it_was_read_is_not_deleted(server: rs.RedisServer
         assert c.get(b"nvcache:" + name) == good
 
 
-def test_oversized_zstd_frame_is_rejected(server: rs.RedisServer) -> None:
+def test_oversized_zstd_frame_is_not_decoded_nor_deleted(server: rs.RedisServer) -> None:
+    """A frame whose content is larger than this tier's max_record is a miss: never decompressed
+    (a forged frame cannot make a node allocate more), and left in Redis, since a node with a
+    larger max_record may use it (deleting it would make nodes fight over valid records)."""
     tier = RemoteTier(server.unix_url, max_record=10_000)
     name = _name()
     with server.client() as c:
         c.set(b"nvcache:" + name, remoterecords.encode_value(name, b"\0" * 100_000, None))
-    assert tier.get(name) is None and tier.stats()["remote_rejected"] == 1
+        assert tier.get(name) is None
+        assert tier.stats()["remote_misses"] == 1 and tier.stats()["remote_rejected"] == 0
+        assert c.exists(b"nvcache:" + name) == 1
+    assert RemoteTier(server.unix_url).get(name) == b"\0" * 100_000
 
 
 # -- AUTH -------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_remote_stat_needs_a_url(no_remote_env):
     result = run(["remote-stat", "--remote", "redis://127.0.0.1:1/0"], env={"NVCACHE_REMOTE_KEY": "short"})
     assert result.exit_code == 2 and "NVCACHE_REMOTE_KEY must be at least 16 bytes" in result.stderr
     result = run(["remote-stat", "--remote", "redis://127.0.0.1:1/0"], env={"NVCACHE_REMOTE_TTL": "soon"})
-    assert result.exit_code == 2 and "NVCACHE_REMOTE_TTL must be a number of seconds" in result.stderr
+    assert result.exit_code == 2 and "NVCACHE_REMOTE_TTL must be a positive, finite number of seconds" in result.stderr
 
 
 def test_remote_stat_on_a_dead_server_is_one_line_without_the_password(no_remote_env):
