@@ -59,3 +59,34 @@ def make_cache(Cache: type, cache_dir: str) -> Iterator[Callable[..., Any]]:
     yield make
     for cache in opened:
         cache.close()
+
+
+# -- real Redis servers of the suite's own (tests/redisservers.py), shared by the remote tier's tests --
+@pytest.fixture(scope="module")
+def server() -> Iterator[Any]:
+    """A redis-server for the module (standalone: loopback port and unix socket)."""
+    import redisservers as rs
+    rs.require_binaries()
+    s = rs.RedisServer().start()
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def fresh() -> Iterator[Any]:
+    """A redis-server of this test's own, to kill, stop or fill."""
+    import redisservers as rs
+    rs.require_binaries()
+    s = rs.RedisServer().start()
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Three cluster masters on loopback for the module."""
+    import redisservers as rs
+    rs.require_binaries()
+    c = rs.RedisCluster3().start()
+    yield c
+    c.cleanup()

@@ -114,31 +114,6 @@ def never() -> bytes:
     raise AssertionError("create() must not run: the record is in the remote tier")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[rs.RedisServer]:
-    rs.require_binaries()
-    s = rs.RedisServer().start()
-    yield s
-    s.cleanup()
-
-
-@pytest.fixture
-def fresh() -> Iterator[rs.RedisServer]:
-    """A server of this test's own, to kill, stop or fill."""
-    rs.require_binaries()
-    s = rs.RedisServer().start()
-    yield s
-    s.cleanup()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[rs.RedisCluster3]:
-    rs.require_binaries()
-    c = rs.RedisCluster3().start()
-    yield c
-    c.cleanup()
-
-
 @pytest.fixture
 def node(make_cache: Callable[..., Any], tmp_path: Any) -> Callable[..., Any]:
     """``node(label, remote, max_mb=4.0, **kwargs)``: a cache in a node directory of its own."""

@@ -39,31 +39,6 @@ def _record(seed: int = 1) -> bytes:
     return scan_record(f"sha256:{seed:064x}", 6000, seed=seed)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[rs.RedisServer]:
-    rs.require_binaries()
-    s = rs.RedisServer().start()
-    yield s
-    s.cleanup()
-
-
-@pytest.fixture
-def fresh() -> Iterator[rs.RedisServer]:
-    """A server of this test's own, to kill, stop or fill."""
-    rs.require_binaries()
-    s = rs.RedisServer().start()
-    yield s
-    s.cleanup()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[rs.RedisCluster3]:
-    rs.require_binaries()
-    c = rs.RedisCluster3().start()
-    yield c
-    c.cleanup()
-
-
 # -- round trips ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("via", ["tcp", "unix"])
 @pytest.mark.parametrize("key", [None, KEY])

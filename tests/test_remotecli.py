@@ -47,14 +47,6 @@ def samples(text: str) -> Dict[str, float]:
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[rs.RedisServer]:
-    rs.require_binaries()
-    s = rs.RedisServer().start()
-    yield s
-    s.cleanup()
-
-
 @pytest.fixture
 def redis_db(server: rs.RedisServer) -> Iterator[rs.RedisServer]:
     """The module's server, emptied, with its memory settings put back after the test."""
