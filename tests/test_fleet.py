@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "fleet_worker.py")
 sys.path.insert(0, HERE)
 from fleet_worker import record_for  # noqa: E402
+from test_single_flight import Workers as FlightWorkers  # noqa: E402
 
 KEY = "a fleet secret of 32+ characters!"
 FAST = dict(timeout=0.2, backoff=0.3, max_backoff=0.6)
@@ -291,14 +292,11 @@ def test_keep_protects_around_a_remote_hit(server: rs.RedisServer, node: Any) ->
 
 
 # -- many processes, several nodes, one Redis -----------------------------------------------------------
-class Workers:
-    """fleet_worker processes: started, made ready, released together (a barrier), read back."""
+class Workers(FlightWorkers):
+    """fleet_worker processes: started, made ready, released together (a barrier), read back
+    (go, result and close as test_single_flight's flight_worker processes)."""
 
-    def __init__(self, env: Dict[str, str]) -> None:
-        self.env = env
-        self.procs: List[subprocess.Popen] = []
-
-    def start(self, **cfg: Any) -> subprocess.Popen:
+    def start(self, **cfg: Any) -> subprocess.Popen:  # type: ignore[override]
         proc = subprocess.Popen([sys.executable, WORKER, json.dumps(cfg)], env=self.env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(proc)
@@ -308,24 +306,6 @@ class Workers:
     def ready(proc: subprocess.Popen) -> None:
         line = proc.stdout.readline()
         assert line.strip() == "ready", proc.stderr.read()
-
-    @staticmethod
-    def go(*procs: subprocess.Popen) -> None:
-        for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-
-    @staticmethod
-    def result(proc: subprocess.Popen, timeout: float = 60) -> Dict[str, Any]:
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, err
-        return json.loads(out.strip().splitlines()[-1])
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture
