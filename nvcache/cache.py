@@ -72,7 +72,7 @@ class LayerCache:
 
     ``remote`` shares records across nodes through Redis: a ``redis://``, ``rediss://``,
     ``unix://`` or ``redis+cluster://`` URL, or a :class:`~nvcache.remote.RemoteTier`;
-    ``remote_key`` (str or bytes, 16-64 bytes) authenticates its values. A local miss asks the
+    ``remote_key`` (str or bytes, at least 16 bytes) authenticates its values. A local miss asks the
     tier, a new put is shared, get_or_create runs one creator per fleet; the tier's faults
     never reach the caller. None (the default) is a node-only cache. See :mod:`nvcache.fleet`
     (a disabled or repair=False cache uses no tier).
@@ -163,9 +163,12 @@ class LayerCache:
         if not max_mb:
             log.info("MAX_CACHE_RECORD_MB is %s: the layer cache is disabled, as in the scanner",
                      "0" if os.environ.get("MAX_CACHE_RECORD_MB", "").strip() else "not set")
-        if "remote" not in kwargs and os.environ.get("NVCACHE_REMOTE") and max_mb:
+        made = "remote" not in kwargs and bool(os.environ.get("NVCACHE_REMOTE")) and bool(max_mb)
+        if made:
             kwargs["remote"] = fleet.tier_from_env(os.environ)
-        return cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
+        cache = cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
+        cache._own_tier = cache._own_tier or made  # a tier made here is the cache's to close
+        return cache
 
     # -- lifecycle -------------------------------------------------------------
     def _opened(self) -> Optional[Store]:
