@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 from .arguments import as_record, redact
 from .errors import CacheError, CacheFull, RecordTooLarge

@@ -54,7 +54,7 @@ import math
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis

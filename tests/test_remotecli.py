@@ -8,7 +8,6 @@ as the reference, a killed, a SIGSTOPped and a password-protected server. No Red
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
