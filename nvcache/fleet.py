@@ -56,6 +56,16 @@ FLEET_WAIT_SHARE = 0.5
 Created = Tuple[bytes, bool, Optional[int]]  # (record, stored locally, born when found rather than created)
 
 
+def _tier_class(what: str) -> Optional[type]:
+    """nvcache.remote.RemoteTier, or None (logged, naming ``what``) when redis-py is missing."""
+    try:
+        from .remote import RemoteTier
+    except ImportError as exc:
+        log.error("%s not used: redis-py is not installed (pip install 'nvcache[remote]'): %s", what, exc)
+        return None
+    return RemoteTier
+
+
 def open_tier(remote: Any, remote_key: Any) -> Any:
     """The tier for ``LayerCache(remote=, remote_key=)``: None, a URL (a new RemoteTier), or a
     RemoteTier used as given. ValueError / TypeError for a bad URL, key or combination; a missing
@@ -67,15 +77,10 @@ def open_tier(remote: Any, remote_key: Any) -> Any:
     if isinstance(remote, str):
         if not remote:
             raise ValueError("remote must be a redis://, rediss://, unix:// or redis+cluster:// URL, got ''")
-        try:
-            from .remote import RemoteTier
-        except ImportError as exc:
-            log.error("remote tier %s not used: redis-py is not installed (pip install 'nvcache[remote]'): %s",
-                      redact(remote), exc)
-            return None
-        return RemoteTier(remote, key=remote_key)
-    tier_type = _tier_type()
-    if tier_type is not None and isinstance(remote, tier_type):
+        tier_class = _tier_class(f"remote tier {redact(remote)}")
+        return None if tier_class is None else tier_class(remote, key=remote_key)
+    tier_class = _tier_class("remote tier")
+    if tier_class is not None and isinstance(remote, tier_class):
         if remote_key is not None:
             raise ValueError("a RemoteTier carries its own key: pass remote_key to RemoteTier, not here")
         return remote
@@ -84,20 +89,8 @@ def open_tier(remote: Any, remote_key: Any) -> Any:
 
 def tier_from_env(environ: Any) -> Any:
     """The tier ``NVCACHE_REMOTE`` names (RemoteTier.from_env), or None without redis-py (logged)."""
-    try:
-        from .remote import RemoteTier
-    except ImportError as exc:
-        log.error("NVCACHE_REMOTE not used: redis-py is not installed (pip install 'nvcache[remote]'): %s", exc)
-        return None
-    return RemoteTier.from_env(environ)
-
-
-def _tier_type() -> Optional[type]:
-    try:
-        from .remote import RemoteTier
-    except ImportError:
-        return None
-    return RemoteTier
+    tier_class = _tier_class("NVCACHE_REMOTE")
+    return None if tier_class is None else tier_class.from_env(environ)  # type: ignore[attr-defined]
 
 
 # -- counting --------------------------------------------------------------------------------

@@ -1101,3 +1101,22 @@ def test_an_interrupt_after_the_fleet_claim_lets_it_go(server: rs.RedisServer, m
         cache.get_or_create(name, never)
     with server.client() as c:
         assert c.exists(claim_key(name)) == 0
+
+
+def test_without_redis_py_a_cache_given_a_tier_works_on_its_node(tmp_path: Any, core_env: Dict[str, str]) -> None:
+    """redis-py is the ``remote`` extra: without it (hidden here: sys.modules["redis"] = None), a
+    cache given a tier, by argument or by NVCACHE_REMOTE, logs why and works on its node alone."""
+    prog = ("import sys, logging; sys.modules['redis'] = None\n"
+            "logging.basicConfig(level=logging.ERROR)\n"
+            "import os, nvcache\n"
+            "c = nvcache.LayerCache(sys.argv[1], 4, remote='redis://:S3cret@127.0.0.1:1/0')\n"
+            "assert c.remote is None and c.put('sha256:' + 'a' * 64, b'rec') and c.get('sha256:' + 'a' * 64) == b'rec'\n"
+            "c.close(); os.environ.update(NVCACHE_REMOTE='redis://127.0.0.1:1/0', MAX_CACHE_RECORD_MB='4',\n"
+            "                             NVCACHE_PATH=sys.argv[1])\n"
+            "e = nvcache.LayerCache.from_env()\n"
+            "assert e.remote is None and e.get('sha256:' + 'a' * 64) == b'rec'; e.close(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", prog, str(tmp_path / "c")], env=core_env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert out.stderr.count("redis-py is not installed (pip install 'nvcache[remote]')") == 2, out.stderr
+    assert "S3cret" not in out.stderr
