@@ -217,9 +217,9 @@ class LRFU(GhostRank):
         if st[1] != self.clock:  # a hit (the put set last = now)
             st[0] = 1.0 + st[0] * 2.0 ** (-(self.clock - st[1]) / self.H)
             st[1] = self.clock
+        if self.cap is not None and st[0] > 2.0 ** self.cap:
+            st[0] = 2.0 ** self.cap  # what the index recovers from (rank − last) / H: no more
         lg = math.log2(st[0])
-        if self.cap is not None and lg > self.cap:
-            lg = self.cap
         r = (1 << 40) + self.clock + int(self.H * lg)
         if self.cost_k:
             r += int(self.cost_k * self.H * self.ld[obj])
