@@ -12,19 +12,26 @@ Candidates (see ``policies2.md`` for what each measured):
                     their last time) with a ghost table: an evicted record's last reference time is
                     remembered (bounded FIFO in meta) and restored when the layer comes back, so its
                     put counts as a second reference.
-* ``MI-c{c}[-g]``   "mean interval": rank = last − c × mean inter-reference interval, the interval
-                    = (last − first) / refs once referenced again, else a prior T0 (a global in meta:
-                    the running mean of the intervals seen, times 2). c = 0 is LRU, c = 1 with two
-                    references is LRU-2. ``-g``: with the ghost table (first, refs restored).
-* ``LFU-DA-g``      LFU-DA with ghost reference counts restored at the put.
-* ``GDSF-a0.5-c16-g``  the session's choice with ghost counts restored.
-* ``MI-c{c}-g-a``   MI with cost awareness: rank = last − c × interval + k × log2(cost/stored) on the same
-                    clock (k = 1/8 of T0 per doubling of the density): a hybrid of recency-frequency
-                    and GreedyDual's density.
+* ``MI-c2[-g][-k0.5]``  "mean interval": rank = last − 2 × the mean inter-reference interval, the
+                    interval = (last − first) / refs once referenced again, else a prior T0 (a global
+                    in meta: twice the running mean of the intervals seen). c = 0 would be LRU, c = 1
+                    with two references LRU-2. ``-g``: with the ghost table (first, refs restored);
+                    ``-k0.5``: + 0.5 × T0 × log2(cost / stored) (GreedyDual's density on the same clock).
+* ``LRFU-{H}[-g{M}][-cap{C}][-k{K}]``  LRFU as an order key: rank = 2**40 + last + H × log2 CRF,
+                    CRF = 1 + CRF_old × 2**(−(now − last) / H) at each reference; ``-g8``: ghosts
+                    (CRF, last) restored and decayed at the put, the table bounded by 8 × records
+                    held; ``-cap3``: CRF ≤ 2**3 (as the index recovers it from the rank);
+                    ``-k0.2``: + 0.2 × H × log2(cost / stored). ``RECOMMENDED``.
+* ``LFU-DA-g[8]``   LFU-DA with ghost reference counts restored at the put (ghosts 2× / 8×).
+* ``GDSF-a0.5-c16-g``  the session-8 choice with ghost counts restored.
+
+The clock is the request count (``RankPolicy.clock``); in the index it would be ``last_ns``, and H a
+time constant.
 
 Run::
 
-    .venv/bin/python bench/policies2.py                   # the table in policies2.md (~5 min)
+    .venv/bin/python bench/policies2.py --json OUT.json           # policies2.md's table (~1 min)
+    .venv/bin/python bench/policies2.py --sweep --policies A,B --json OUT.json   # every bound (~1 min)
 """
 
 from __future__ import annotations
