@@ -2,6 +2,7 @@
 chosen one above all) keeps the cache's rules: the bound in stored bytes, keep, no record larger
 than the bound. Small traces: a few seconds in all."""
 
+import math
 import os
 import sys
 
@@ -93,3 +94,56 @@ def test_chosen_rank_formula() -> None:
         assert p.rank(obj, 40) == p.L + 16 * p.value(cost[obj], stored[obj])  # frequency capped at 16
     p.L = 12345
     assert p.rank(0, 2) == 12345 + 3 * p.value(cost[0], stored[0])
+
+
+# -- bench/policies2.py: the second round's candidates ----------------------------------------
+import policies2 as Q  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(Q.candidates()))
+def test_round2_bound_and_keep(small: "P.Trace", name: str) -> None:
+    cls = Q.candidates()[name]
+    reqs = small.requests()
+    total = sum(small.stored[i] for i in set(reqs))
+    for fraction in (0.03, 0.2):
+        cap = int(total * fraction)
+        out = P.simulate(cls, small, cap, _cost(small), check=True)  # asserts after every put
+        assert out.hit_stored <= sim.optimum_byte_hits(reqs, small.stored, cap)
+
+
+def test_lrfu_rules(small: "P.Trace") -> None:
+    cls = Q.candidates()[Q.RECOMMENDED]
+    cost = _cost(small)
+    big = max(range(len(small.stored)), key=small.stored.__getitem__)
+    p = cls(small.stored[big] - 1, small.stored, cost)
+    assert not p.admit(big, P.EMPTY) and big not in p.held and p.used == 0  # too large: not admitted
+    # The rank: 2**40 + last + H × min(log2 CRF, cap), CRF = 1 + CRF_old × 2**(-(now − last)/H).
+    p = cls(10**9, small.stored, cost)
+    assert p.admit(0, P.EMPTY)
+    assert p.held[0] == (1 << 40) + p.clock  # CRF 1 at the put
+    t0 = p.clock
+    p.clock += 999  # 999 other requests later (the clock counts requests)
+    p.hit(0)
+    crf = 1 + 2.0 ** (-1000 / cls.H)
+    assert p.held[0] == (1 << 40) + p.clock + int(cls.H * min(math.log2(crf), cls.cap))
+    assert p.clock == t0 + 1000
+    for _ in range(200):
+        p.hit(0)
+    assert p.held[0] == (1 << 40) + p.clock + int(cls.H * cls.cap)  # capped
+    # Ghosts: bounded, and a layer that comes back starts from its decayed CRF, not from 1.
+    runs = []
+    for _ in range(2):
+        q = cls(int(sum(small.stored) * 0.05), small.stored, cost)
+        for scan in small.scans:
+            keep = frozenset(scan)
+            for obj in scan:
+                if obj in q.held:
+                    q.hit(obj)
+                else:
+                    q.admit(obj, keep)
+                assert len(q.ghost) <= q.ghost_mult * max(1, len(q.held))
+                assert not (set(q.ghost) & set(q.held))
+        assert q.evictions > 0 and q.ghost
+        assert all(type(r) is int and 0 <= r <= P.U64_MAX for r in q.held.values())
+        runs.append(dict(q.held))
+    assert runs[0] == runs[1]  # deterministic
