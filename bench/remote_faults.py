@@ -127,13 +127,7 @@ def main() -> None:
         learned the map (the names are new: their slots hold no keys): MOVED, to be followed."""
         names = [b"nvcache:L%d_layer_file" % i for i in range(500, 500 + calls + 1)]
         for slot in sorted({key_slot(n) for n in names})[:5]:
-            old = c.owner(slot)
-            new = next(n for n in c.nodes if n is not old)
-            with new.client() as n_:
-                new_id = n_.execute_command("CLUSTER MYID")
-            for node in [new, old] + [n for n in c.nodes if n not in (new, old)]:
-                with node.client() as n_:
-                    n_.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+            c.move_slot(slot)
 
     cells = [
         ("refused (killed)", single, unix, lambda s: s.kill(), restart, 0),

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 BINARY = "redis-server"
 
@@ -22,6 +22,40 @@ BINARY = "redis-server"
 def available() -> Optional[str]:
     """The redis-server binary's path, or None when it is not installed."""
     return shutil.which(BINARY)
+
+
+def log_tail(directory: str) -> str:
+    """The end of the server's log in ``directory``, for an error message."""
+    try:
+        with open(os.path.join(directory, "redis.log"), "rb") as f:
+            return f.read()[-1500:].decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def launch(binary: str, conf: str, directory: str, ping: Callable[[], bool], timeout: float) -> subprocess.Popen:
+    """Start ``binary conf`` in ``directory`` and return its process once ``ping()`` is true;
+    RuntimeError (the process killed) when it exits or does not answer within ``timeout``. Also
+    tests/redisservers.py's way of starting the suite's servers."""
+    import redis
+
+    with open(os.path.join(directory, "stdout.log"), "ab") as log:
+        proc = subprocess.Popen([binary, conf], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=directory)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}: {log_tail(directory)}")
+        try:
+            if ping():
+                return proc
+        except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise RuntimeError(f"redis-server did not answer within {timeout} s: {log_tail(directory)}")
+        time.sleep(0.02)
 
 
 class PrivateRedis:
@@ -58,30 +92,15 @@ class PrivateRedis:
         binary = available()
         if binary is None:
             raise RuntimeError(f"{BINARY} is not installed")
-        with open(os.path.join(self.dir, "stdout.log"), "ab") as log:
-            self.proc = subprocess.Popen([binary, self.conf], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.dir)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with redis.Redis(unix_socket_path=self.socket, socket_timeout=1) as client:
-                    if client.ping():
-                        return self
-            except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not answer within {timeout} s: {self.log_tail()}")
-            time.sleep(0.02)
+
+        def ping() -> bool:
+            with redis.Redis(unix_socket_path=self.socket, socket_timeout=1) as client:
+                return bool(client.ping())
+        self.proc = launch(binary, self.conf, self.dir, ping, timeout)
+        return self
 
     def log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
-                return f.read()[-1500:].decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
+        return log_tail(self.dir)
 
     def stop(self) -> None:
         """Kill the server (nothing to save: it never persists) and remove its socket."""

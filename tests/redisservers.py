@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 
 import redis
 
+from nvcache import redislocal
+
 _started: List["RedisServer"] = []
 _dirs: List[str] = []
 
@@ -98,32 +100,16 @@ class RedisServer:
 
     # -- the process ---------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        log = open(os.path.join(self.dir, "stdout.log"), "ab")
-        self.proc = subprocess.Popen(["redis-server", self.conf], stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.dir)
-        log.close()
+        def ping() -> bool:
+            with self.client() as c:
+                return bool(c.ping())
+        self.proc = redislocal.launch("redis-server", self.conf, self.dir, ping, timeout)
         if self not in _started:
             _started.append(self)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with self.client() as c:
-                    if c.ping():
-                        return self
-            except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not answer within {timeout} s: {self.log_tail()}")
-            time.sleep(0.02)
+        return self
 
     def log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
-                return f.read()[-1500:].decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
+        return redislocal.log_tail(self.dir)
 
     def pause(self) -> None:
         """SIGSTOP: the kernel still accepts connections, nothing answers (a hung server)."""
@@ -201,6 +187,23 @@ class RedisCluster3:
                     port = int(master[1])
                     return next(n for n in self.nodes if n.port == port)
         raise LookupError(slot)
+
+    def move_slot(self, slot: int) -> RedisServer:
+        """Give ``slot`` (holding no keys) to another master after the clients learned the map, so
+        their next command on it meets MOVED; the new owner, once every node agrees."""
+        old = self.owner(slot)
+        new = next(n for n in self.nodes if n is not old)
+        with old.client() as c:
+            assert c.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        with new.client() as c:
+            new_id = c.execute_command("CLUSTER MYID")
+        for node in [new, old] + [n for n in self.nodes if n not in (new, old)]:
+            with node.client() as c:
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+        deadline = time.monotonic() + 10
+        while self.owner(slot) is not new and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return new
 
     def cleanup(self) -> None:
         for node in self.nodes:

@@ -774,19 +774,7 @@ def test_cluster_two_nodes_share(cluster: rs.RedisCluster3, node: Any) -> None:
     assert a.remote_stats()["fleet_claims"] == 1
 
     moved = lid()
-    slot = key_slot(rkey(moved))
-    old = cluster.owner(slot)
-    new = next(n for n in cluster.nodes if n is not old)
-    with old.client() as c:
-        assert c.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
-    with new.client() as c:
-        new_id = c.execute_command("CLUSTER MYID")
-    for n in [new, old] + [n for n in cluster.nodes if n not in (new, old)]:
-        with n.client() as c:
-            c.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
-    deadline = time.monotonic() + 10
-    while cluster.owner(slot) is not new and time.monotonic() < deadline:
-        time.sleep(0.05)
+    new = cluster.move_slot(key_slot(rkey(moved)))
     assert a.put(moved, record(61))
     assert b.get(moved) == record(61)
     with new.client() as c:

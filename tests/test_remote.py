@@ -286,19 +286,7 @@ def test_cluster_slot_moved(cluster: rs.RedisCluster3) -> None:
     tier = RemoteTier(cluster.url)
     assert tier.put(_name(), b"learn the slots")
     name = _name()
-    slot = key_slot(b"nvcache:" + name)
-    old = cluster.owner(slot)
-    new = next(n for n in cluster.nodes if n is not old)
-    with old.client() as c:
-        assert c.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
-    with new.client() as c:
-        new_id = c.execute_command("CLUSTER MYID")
-    for node in [new, old] + [n for n in cluster.nodes if n not in (new, old)]:
-        with node.client() as c:
-            c.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
-    deadline = time.monotonic() + 10
-    while cluster.owner(slot) is not new and time.monotonic() < deadline:
-        time.sleep(0.05)
+    new = cluster.move_slot(key_slot(b"nvcache:" + name))
     assert tier.put(name, b"moved" * 10) and tier.get(name) == b"moved" * 10
     with new.client() as c:
         assert c.exists(b"nvcache:" + name) == 1
