@@ -176,12 +176,17 @@ def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int],
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _progress_bar(total: int, desc: str, progress: Optional[bool]) -> tqdm:
+    """The run's bar on stderr (``progress`` None: when stderr is a terminal)."""
+    tqdm.monitor_interval = 0  # no monitor thread: nothing to inherit if workers fork
+    return tqdm(total=total, unit="scan", desc=desc, file=sys.stderr, dynamic_ncols=True,
+                disable=None if progress is None else not progress)
+
+
 def _simulate(path: str, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
               skew: float, duration: float, analysis_us: float, us_per_kib: float, start_method: str,
               progress: Optional[bool], compress: bool, as_json: bool, kept: bool) -> None:
-    tqdm.monitor_interval = 0  # no monitor thread: nothing to inherit if workers fork
-    bar = tqdm(total=scans, unit="scan", desc="scanning", file=sys.stderr, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = _progress_bar(scans, "scanning", progress)
 
     def tick(done: int, _total: int) -> None:
         bar.update(done - bar.n)
@@ -214,9 +219,7 @@ def _fleet(root: str, nodes: int, processes: int, remote_url: Optional[str], rem
            layers: int, scans: int, max_mb: float, seed: int, skew: float, duration: float, analysis_us: float,
            us_per_kib: float, start_method: str, progress: Optional[bool], compress: bool, as_json: bool) -> None:
     runs = len(simfleet.MODES) - 1  # "none" is computed, not run
-    tqdm.monitor_interval = 0
-    bar = tqdm(total=scans * runs, unit="scan", desc="fleet", file=sys.stderr, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = _progress_bar(scans * runs, "fleet", progress)
     offsets: dict = {}
 
     def tick(mode: str, done: int, _total: int) -> None:
