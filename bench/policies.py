@@ -72,7 +72,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from nvcache import codec
 from nvcache import simulate as sim
@@ -318,13 +318,21 @@ class RankPolicy(Policy):
                 over -= stored[v]
                 self.evictions += 1
                 self.evicted(r)
+                self.forget(v)
             for entry in passed:
                 heapq.heappush(heap, entry)
-        self.refs[obj] = 0
-        r = self.held[obj] = self.rank(obj, 0)
+        refs = self.refs[obj] = self.arrived(obj)
+        r = self.held[obj] = self.rank(obj, refs)
         heapq.heappush(self.heap, (r, obj))
         self.used += size
         return True
+
+    def forget(self, victim: int) -> None:
+        """Called for each victim after ``evicted`` (bench/policies2.py's ghosts keep it)."""
+
+    def arrived(self, obj: int) -> int:
+        """The reference count a newly admitted record starts with (0; ghosts may restore one)."""
+        return 0
 
 
 class LRU(RankPolicy):

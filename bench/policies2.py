@@ -44,13 +44,12 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import policies as P  # noqa: E402
 from nvcache import simulate as sim  # noqa: E402
 
-import heapq  # noqa: E402
 
 RECOMMENDED = "LRFU-10k-g8-cap3"  # what policies2.md recommends (it does not meet the 50 % target)
 GHOSTS = 2  # ghost table: at most GHOSTS × (records held) names, oldest evicted first
@@ -76,37 +75,10 @@ class GhostRank(P.RankPolicy):
             while len(self.ghost) > limit:
                 self.ghost.popitem(last=False)
 
-    def admit(self, obj: int, keep: FrozenSet[int]) -> bool:  # policies.RankPolicy.admit + forget()
-        self.clock += 1
-        size = self.stored[obj]
-        if not self.room_possible(size, keep):
-            return False
-        over = self.used + size - self.capacity
-        if over > 0:
-            heap, held, stored = self.heap, self.held, self.stored
-            passed = []
-            while over > 0:
-                r, v = heapq.heappop(heap)
-                if held.get(v) != r:
-                    continue
-                if v in keep:
-                    passed.append((r, v))
-                    continue
-                del held[v], self.refs[v]
-                self.used -= stored[v]
-                over -= stored[v]
-                self.evictions += 1
-                self.evicted(r)
-                self.forget(v)
-            for entry in passed:
-                heapq.heappush(heap, entry)
+    def arrived(self, obj: int) -> int:
         g = self.ghost.pop(obj, None) if self.ghosts else None
-        self.refs[obj] = 0 if g is None else self.restored_refs(g)
         self.born(obj, g)
-        r = self.held[obj] = self.rank(obj, self.refs[obj])
-        heapq.heappush(self.heap, (r, obj))
-        self.used += size
-        return True
+        return 0 if g is None else self.restored_refs(g)
 
     def restored_refs(self, g: tuple) -> int:
         return 0
