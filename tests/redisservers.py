@@ -80,8 +80,21 @@ class RedisServer:
                 lines["masterauth"] = password
         lines.update(config or {})
         self.conf = os.path.join(self.dir, "redis.conf")
+        self._lines = lines
+        self._write_conf()
+
+    def _write_conf(self) -> None:
         with open(self.conf, "w") as f:
-            f.writelines(f"{k} {v}\n" for k, v in lines.items())
+            f.writelines(f"{k} {v}\n" for k, v in self._lines.items())
+
+    def _new_ports(self) -> None:
+        """Other ports (free_port's port can be taken, e.g. as a client's ephemeral source port,
+        before the server binds it): a fresh start that met "Address already in use" tries again."""
+        self.port = free_port()
+        self._lines["port"] = str(self.port)
+        if "cluster-port" in self._lines:
+            self._lines["cluster-port"] = str(free_port())
+        self._write_conf()
 
     # -- addresses -----------------------------------------------------------------------
     @property
@@ -99,11 +112,18 @@ class RedisServer:
         return redis.Redis(unix_socket_path=self.socket, password=self.password, socket_timeout=5, **kwargs)
 
     # -- the process ---------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0, new_ports_on_conflict: bool = True) -> "RedisServer":
         def ping() -> bool:
             with self.client() as c:
                 return bool(c.ping())
-        self.proc = redislocal.launch("redis-server", self.conf, self.dir, ping, timeout)
+        for attempt in range(3):
+            try:
+                self.proc = redislocal.launch("redis-server", self.conf, self.dir, ping, timeout)
+                break
+            except RuntimeError as exc:
+                if not new_ports_on_conflict or attempt == 2 or "Address already in use" not in str(exc):
+                    raise
+                self._new_ports()
         if self not in _started:
             _started.append(self)
         return self
@@ -134,7 +154,7 @@ class RedisServer:
             os.unlink(self.socket)
         except FileNotFoundError:
             pass
-        return self.start()
+        return self.start(new_ports_on_conflict=False)  # the same port and socket: clients reconnect
 
     def cleanup(self) -> None:
         self.kill()
