@@ -22,6 +22,7 @@ Run::
 
     .venv/bin/python bench/policies3.py --json OUT.json            # the 8 headline cells
     .venv/bin/python bench/policies3.py --sweep --json OUT.json    # 4 traces x 6 bounds x raw/zstd
+    .venv/bin/python bench/policies3.py --report HEADLINE.json SWEEP.json ...   # lrfu-asbuilt.md's tables
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ class AsBuilt(Tracked, P.RankPolicy):
     """LRFU-10k-cap3 as the index computes it: the rank is the whole state; direct-mapped ghosts."""
 
     G = 65536
+    salt = b""  # --salt: another fixed hash, to see how much the slot placement alone moves the figures
     layer_ids: Sequence[str] = ()  # set per trace (the ghost slot hashes the layer id)
     name = "asbuilt"
     fits = "yes: rank only (u64); a G-slot direct-mapped ghost table in meta"
 
     def __init__(self, capacity: int, stored: Sequence[int], cost: Sequence[int]) -> None:
         super().__init__(capacity, stored, cost)
-        self.slot = [int.from_bytes(xxhash.xxh3_128_digest(lid.encode())[:4], "big") % self.G
+        self.slot = [int.from_bytes(xxhash.xxh3_128_digest(self.salt + lid.encode())[:4], "big") % self.G
                      for lid in self.layer_ids]
         self.ghost: List[Optional[tuple]] = [None] * self.G
         self.put_rank = 0
@@ -129,6 +131,33 @@ class AsBuiltFifo(AsBuilt):
     def arrived(self, obj: int) -> int:
         g = self.fifo.pop(obj, None)
         self.put_rank = self.clock if g is None else access(1, g, self.clock)
+        return 0
+
+
+class AsBuiltExpiring(AsBuilt):
+    """Beyond the specification (exploratory): the direct-mapped table, but a ghost is honoured only while
+    young, as the reference's FIFO of 8 x held names forgets. ``window="evictions"``: the slot also holds the
+    eviction count at its eviction (a counter in meta), honoured while fewer than ``mult`` x held evictions
+    since; ``window="rank"``: honoured while T - ghost rank <= ``age`` x H (no new field)."""
+
+    window = "evictions"
+    mult = 8
+    age = 1.0
+
+    def forget(self, v: int) -> None:
+        self.ghost[self.slot[v]] = (v, self.victim_rank, self.evictions)
+
+    def arrived(self, obj: int) -> int:
+        s, T = self.slot[obj], self.clock
+        g = self.ghost[s]
+        self.put_rank = T
+        if g is not None and g[0] == obj:
+            self.ghost[s] = None
+            young = (self.evictions - g[2] <= self.mult * max(1, len(self.held)) if self.window == "evictions"
+                     else T - g[1] <= self.age * H)
+            if young:
+                self.put_rank = access(1, g[1], T)
+                self.ghost_hits += 1
         return 0
 
 
@@ -189,6 +218,13 @@ def table() -> Dict[str, type]:
         out[n] = type(n.replace("-", "_"), (AsBuilt,), {"G": g, "name": n})
     out["asbuilt-fifo8"] = type("AsBuiltFifo8", (AsBuiltFifo,), {"G": 1, "name": "asbuilt-fifo8"})
     out["asbuilt-allghosts"] = type("AsBuiltAll", (AsBuiltFifo,), {"G": 1, "mult": 10 ** 9, "name": "asbuilt-allghosts"})
+    for g in (16384, 65536):
+        n = f"asbuilt-G{g // 1024}k-ev8"
+        out[n] = type(n.replace("-", "_"), (AsBuiltExpiring,), {"G": g, "name": n})
+    for age in (0.5, 1.0, 2.0):
+        n = f"asbuilt-G64k-age{age:g}"
+        out[n] = type(n.replace("-", "_").replace(".", "_"), (AsBuiltExpiring,),
+                      {"G": 65536, "name": n, "window": "rank", "age": age})
     out["LRU-b64"] = type("LRUb64", (LRUBatched,), {"name": "LRU-b64"})
     out["asbuilt-G64k-b64"] = type("AsBuiltG64kb64", (AsBuiltBatched,), {"G": 65536, "name": "asbuilt-G64k-b64"})
     return out
@@ -233,12 +269,66 @@ def run(names: Sequence[str], cells, log, optimum: bool = True) -> List[dict]:
     return rows
 
 
+def _key(r: dict) -> tuple:
+    return (r["trace"], r["raw"], r["factor"])
+
+
+def _cell(k: tuple) -> str:
+    return f"{k[0]} {'raw' if k[1] else 'zstd'} {k[2]:g}x"
+
+
+def report(headline: str, sweeps: Sequence[str]) -> str:
+    """policies3's markdown tables from a headline run's JSON and sweep JSONs."""
+    rows = json.load(open(headline))["rows"]
+    cells = list(dict.fromkeys(_key(r) for r in rows))
+    pols = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(_key(r), r["policy"]): r for r in rows}
+    out = ["| policy | " + " | ".join(_cell(c) for c in cells) + " |", "|---|" + "---:|" * len(cells)]
+    for p in pols:
+        out.append(f"| {p} | " + " | ".join(
+            f"{100 * by[c, p]['stored_bhr']:.2f} / {100 * by[c, p]['saved']:.1f} / {100 * (by[c, p]['gap_opt'] or 0):.0f}"
+            for c in cells) + " |")
+    out.append("| *optimum* | " + " | ".join(f"{100 * by[c, 'LRU']['optimum']:.2f}" for c in cells) + " |")
+    out += ["", "Records held at the end (as-built: and ghost slots in use / ghost hits):", "",
+            "| policy | " + " | ".join(_cell(c) for c in cells) + " |", "|---|" + "---:|" * len(cells)]
+    for p in pols:
+        out.append(f"| {p} | " + " | ".join(
+            str(by[c, p]["held"]) + (f" ({by[c, p]['ghost_slots_used']} / {by[c, p]['ghost_hits']})"
+                                     if "ghost_slots_used" in by[c, p] else "")
+            for c in cells) + " |")
+    srows = [r for path in sweeps for r in json.load(open(path))["rows"]]
+    if not srows:
+        return "\n".join(out)
+    sby = {(_key(r), r["policy"]): r for r in srows}
+    scells = list(dict.fromkeys(_key(r) for r in srows))
+    out += ["", "Over the 48 cells (4 traces x 6 bounds 0.125x-4x x raw/zstd), stored-byte-hit points:", "",
+            "| policy | worst vs LRU | where | best vs LRU | vs the float reference: lowest | where | highest | where "
+            "| cells more than 1 point from the reference | held at the end: min-max |", "|---|---:|---|---:|---:|---|---:|---|---:|---|"]
+    for p in dict.fromkeys(r["policy"] for r in srows):
+        d = [(100 * (sby[c, p]["stored_bhr"] - sby[c, p]["lru"]), c) for c in scells]
+        e = [(100 * (sby[c, p]["stored_bhr"] - sby[c, RECOMMENDED_REF]["stored_bhr"]), c) for c in scells]
+        held = [sby[c, p]["held"] for c in scells]
+        w, b, lo, hi = min(d), max(d), min(e), max(e)
+        out.append(f"| {p} | {w[0]:+.2f} | {_cell(w[1])} | {b[0]:+.2f} | {lo[0]:+.2f} | {_cell(lo[1])} | {hi[0]:+.2f} "
+                   f"| {_cell(hi[1])} | {sum(abs(x) > 1 for x, _ in e)} | {min(held)}-{max(held)} |")
+    return "\n".join(out)
+
+
+RECOMMENDED_REF = Q.RECOMMENDED
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--policies", default=None)
     ap.add_argument("--sweep", action="store_true", help="4 traces x 6 bounds x raw/zstd")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--salt", default="", help="prefix the hashed layer ids with this (another slot placement)")
+    ap.add_argument("--report", nargs="+", default=None, help="HEADLINE.json SWEEP.json...: print the tables")
     a = ap.parse_args(argv)
+    AsBuilt.salt = a.salt.encode()
+    if a.report:
+        print(report(a.report[0], a.report[1:]))
+        return 0
     names = list(table()) if a.policies is None else ["LRU"] + [n for n in a.policies.split(",") if n != "LRU"]
     if a.sweep:
         cells = [(t, raw, f) for raw in (True, False) for t in P.TRACES for f in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)]
