@@ -183,6 +183,7 @@ cdef inline uint64_t _sat_add(uint64_t a, uint64_t b) noexcept:
 cdef double _LRFU_H = <double>_twin.LRFU.HALF_LIFE
 cdef double _LRFU_CAP_H = <double>(_twin.LRFU.CAP * _twin.LRFU.HALF_LIFE)
 cdef uint64_t _GHOST_SLOTS = _twin.GHOST_SLOTS
+cdef uint64_t _GHOST_WINDOW = _twin.GHOST_WINDOW
 assert _twin.GHOST_SLOTS & (_twin.GHOST_SLOTS - 1) == 0
 
 
@@ -1402,36 +1403,42 @@ cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep
     return vs.chosen
 
 
-cdef uint64_t _take_ghost_w(Writer w, const unsigned char *key, bint *found) except? 0:
-    """Index._take_ghost: the rank ``key`` left when evicted (``found``), removing it."""
+cdef uint64_t _take_ghost_w(Writer w, const unsigned char *key, uint64_t held, bint *found) except? 0:
+    """Index._take_ghost: the rank ``key`` left when evicted, if still recent (``found``), removing it."""
     cdef MDB_txn *txn = w._open_txn()
     cdef MDB_val k, v
     cdef unsigned char slot[4]
+    cdef uint64_t evictions
     _ghost_slot(slot, key)
     k.mv_size = 4
     k.mv_data = slot
     found[0] = False
-    if _check(mdb_get(txn, w._ghost, &k, &v), "mdb_get") != 0 or v.mv_size != KEYLEN + 8:
+    if _check(mdb_get(txn, w._ghost, &k, &v), "mdb_get") != 0 or v.mv_size != KEYLEN + 16:
         return 0
     if memcmp(v.mv_data, key, KEYLEN) != 0:
         return 0
     cdef uint64_t rank = _get_le(<const unsigned char *>v.mv_data + KEYLEN, 8)
+    cdef uint64_t evicted_at = _get_le(<const unsigned char *>v.mv_data + KEYLEN + 8, 8)
     _check(mdb_del(txn, w._ghost, &k, NULL), "mdb_del")
+    _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
+    if evictions - evicted_at > _GHOST_WINDOW * (held if held > 1 else 1):
+        return 0
     found[0] = True
     return rank
 
 
-cdef int _put_ghost_w(Writer w, const unsigned char *key, uint64_t rank) except -1:
-    """What an evicted record leaves in the ghost table: its key and rank, in its slot."""
+cdef int _put_ghost_w(Writer w, const unsigned char *key, uint64_t rank, uint64_t evicted_at) except -1:
+    """What an evicted record leaves in the ghost table: its key, rank and eviction count, in its slot."""
     cdef MDB_val k, v
     cdef unsigned char slot[4]
-    cdef unsigned char value[KEYLEN + 8]
+    cdef unsigned char value[KEYLEN + 16]
     _ghost_slot(slot, key)
     memcpy(value, key, KEYLEN)
     _set_le(value + KEYLEN, rank, 8)
+    _set_le(value + KEYLEN + 8, evicted_at, 8)
     k.mv_size = 4
     k.mv_data = slot
-    v.mv_size = KEYLEN + 8
+    v.mv_size = KEYLEN + 16
     v.mv_data = value
     _check(mdb_put(w._open_txn(), w._ghost, &k, &v, 0), "mdb_put")
     return 0
@@ -1465,19 +1472,19 @@ cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, v
         return -1
     _counters_c(txn, w._meta, c, False)
     if lrfu:  # before the victims leave theirs
-        ghost = _take_ghost_w(w, <const unsigned char *>PyBytes_AS_STRING(key), &ghosted)
+        ghost = _take_ghost_w(w, <const unsigned char *>PyBytes_AS_STRING(key), c[0], &ghosted)
     if n_victims:
+        _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
         for vkey, vrank, vsize in victims:
             _remove_w(w, vkey, vsize)
             _put_lru_w(w, vrank, <const unsigned char *>PyBytes_AS_STRING(vkey), True)
+            evictions = _sat_add(evictions, 1)
             if lrfu:
-                _put_ghost_w(w, <const unsigned char *>PyBytes_AS_STRING(vkey), vrank)
+                _put_ghost_w(w, <const unsigned char *>PyBytes_AS_STRING(vkey), vrank, evictions)
             if c[0] < 1 or c[1] < <uint64_t>vsize:  # a damaged counter: never store a wrapped one
                 raise ValueError("the record counters are smaller than the records they count")
             c[0] -= 1
             c[1] -= vsize
-        _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
-        evictions = _sat_add(evictions, n_victims)
         _put_u64s_w(w, EVICTIONS, &evictions, 1)
     born = _now_ns()
     last = last_ns or born

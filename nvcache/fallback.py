@@ -34,10 +34,12 @@ LMDB layout (format 8; one environment, five named databases):
 ``lru``  big-endian rank + key -> b"": the eviction order of the policy (LRU:
          the rank is last_ns), so a cursor walk from the first entry meets
          the next victim first; equal ranks are ordered by name.
-``ghost`` big-endian u32 slot -> key + ``<Q`` rank: what a policy with ghosts
-         (LRFU) remembers of evicted records, one per slot (the slot is the
-         key's first 32 bits modulo ``GHOST_SLOTS``; a later eviction to the
-         same slot overwrites it). A put of that key again starts from it.
+``ghost`` big-endian u32 slot -> key + ``<QQ`` (rank, the file's eviction count
+         with it): what a policy with ghosts (LRFU) remembers of evicted
+         records, one per slot (the slot is the key's first 32 bits modulo
+         ``GHOST_SLOTS``; a later eviction to the same slot overwrites it). A
+         put of that key takes it, and starts from its rank if fewer than
+         ``GHOST_WINDOW`` × (records held) evictions happened since.
 ``meta`` ``records`` -> ``<QQ`` (count, total stored bytes), ``access`` ->
          ``<QQ`` (hits, misses), ``evictions`` -> ``<Q``, ``bound`` -> ``<Q``
          the cache's bound in stored bytes (every write obeys it); the compression
@@ -100,6 +102,7 @@ TALLIES: Dict[bytes, struct.Struct] = {b"flight": struct.Struct("<3Q"),
 BOUND = b"bound"  # the cache's bound in stored bytes (<Q): one bound per cache, whoever opened it
 POLICY_KEY = b"policy"  # the cache's policy's name (ascii)
 GHOST_SLOTS = 1 << 16  # slots of the ghost table (a power of two)
+GHOST_WINDOW = 8  # a ghost counts for GHOST_WINDOW x (records held) evictions after its own
 _SLOT = struct.Struct(">I")
 _DICT_ID = struct.Struct(">H")
 _U16 = struct.Struct("<H")
@@ -233,14 +236,21 @@ class Index:
         hits, misses = self._pair(txn, ACCESS)
         return min(hits + misses, U64_MAX)
 
-    def _take_ghost(self, txn: Any, key: bytes) -> Optional[int]:
-        """The rank ``key`` left in the ghost table when evicted, removing it; None when absent."""
+    def _take_ghost(self, txn: Any, key: bytes, held: int) -> Optional[int]:
+        """The rank ``key`` left in the ghost table when evicted, if still recent (see GHOST_WINDOW;
+        ``held``: the records in the cache), removing it; None when absent or too old.
+
+        Without the window a ghost would count however long ago it was evicted (slots are only
+        overwritten by collisions), which measured worse than LRFU's history of recent victims."""
         slot = _SLOT.pack(_SLOT.unpack_from(key)[0] % GHOST_SLOTS)
         raw = txn.get(slot, None, self.ghost)
-        if raw is None or len(raw) != KEY_SIZE + _U64.size or bytes(raw[:KEY_SIZE]) != key:
+        if raw is None or len(raw) != KEY_SIZE + _PAIR.size or bytes(raw[:KEY_SIZE]) != key:
             return None
         txn.delete(slot, db=self.ghost)
-        return int(_U64.unpack_from(raw, KEY_SIZE)[0])
+        rank, evicted_at = _PAIR.unpack_from(raw, KEY_SIZE)
+        if not 0 <= self._evictions(txn) - evicted_at <= GHOST_WINDOW * max(1, held):
+            return None
+        return int(rank)
 
     # -- counters: the one reader ---------------------------------------------
     def _pair(self, txn: Any, name: bytes) -> Tuple[int, int]:
@@ -479,7 +489,7 @@ class Index:
             return -1
         size = len(data)
         policy = self.policy
-        ghost = self._take_ghost(txn, key) if policy.ghosts else None  # before the victims leave theirs
+        ghost = self._take_ghost(txn, key, self.records(txn)[0]) if policy.ghosts else None  # before the victims leave theirs
         count, total = self._evict(txn, victims)
         born = time.time_ns()
         last = last_ns or born
@@ -503,18 +513,20 @@ class Index:
         count, total = self.records(txn)
         if victims:
             ghosts = self.policy.ghosts
+            evictions = self._evictions(txn)
             for vkey, vrank, vsize in victims:
                 txn.delete(vkey, db=self.idx)
                 delete_chunks(txn, self.dat, vkey, vsize)
                 txn.delete(_TS.pack(vrank) + vkey, db=self.lru)
+                evictions = min(evictions + 1, U64_MAX)
                 if ghosts:
-                    txn.put(_SLOT.pack(_SLOT.unpack_from(vkey)[0] % GHOST_SLOTS), vkey + _U64.pack(vrank),
-                            db=self.ghost)
+                    txn.put(_SLOT.pack(_SLOT.unpack_from(vkey)[0] % GHOST_SLOTS),
+                            vkey + _PAIR.pack(vrank, evictions), db=self.ghost)
                 if count < 1 or total < vsize:  # a damaged counter: never store a wrapped one
                     raise ValueError("the record counters are smaller than the records they count")
                 count -= 1
                 total -= vsize
-            txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)
+            txn.put(EVICTIONS, _U64.pack(evictions), db=self.meta)
         return count, total
 
     def remove(self, txn: Any, key: bytes) -> bool:

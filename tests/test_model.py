@@ -29,7 +29,7 @@ from payloads import incompressible
 BOUND = 1000
 IDS = [f"sha256:{i:02d}" for i in range(8)]
 KINDS = ["layer_file", "secrets"]
-H, CAP, SLOTS = 10_000, 3, 1 << 16  # LRFU's half-life (requests), log2 cap, ghost slots
+H, CAP, SLOTS, WINDOW = 10_000, 3, 1 << 16, 8  # LRFU's half-life (requests), log2 cap, ghost slots and window
 
 
 def lrfu(rank: int, n: int, clock: int) -> int:
@@ -65,7 +65,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache = self.Cache(self.dir, BOUND / (1024 * 1024), policy=self.policy)
         assert self.cache.max_bytes == BOUND and self.cache.policy == self.policy
         self.records: Dict[str, Rec] = {}
-        self.ghosts: Dict[int, Tuple[str, int]] = {}  # LRFU: slot -> (name, rank) of an evicted record
+        # LRFU: slot -> (name, rank, evictions counted with it) of an evicted record
+        self.ghosts: Dict[int, Tuple[str, int, int]] = {}
         self.hits = self.misses = self.evictions = 0
         self.seq = 0
 
@@ -118,11 +119,13 @@ class CacheMachine(RuleBasedStateMachine):
             ghost = self.ghosts.get(slot(i, kind))
             if ghost is not None and ghost[0] == name:
                 del self.ghosts[slot(i, kind)]  # taken back before the victims leave theirs
+                if self.evictions - ghost[2] > WINDOW * max(1, len(self.records)):
+                    ghost = None  # too many evictions since: forgotten
             else:
                 ghost = None
             for victim in victims:
-                self.ghosts[slot(*victim.split("_", 1))] = (victim, self.records.pop(victim).rank)
-            self.evictions += len(victims)
+                self.evictions += 1
+                self.ghosts[slot(*victim.split("_", 1))] = (victim, self.records.pop(victim).rank, self.evictions)
             rec = self.records[name] = Rec(data, self._tick())
             rec.rank = self.clock if ghost is None else lrfu(ghost[1], 1, self.clock)
 

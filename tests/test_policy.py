@@ -152,3 +152,22 @@ def test_the_policy_is_the_file_s_across_processes(cache_dir, core_env, Cache):
         assert cache.contains("sha256:0")  # hit 120 times: LRFU keeps it through 40 puts into 10 places
         assert len(cache) == 10 and cache.verify() == []
         assert names(cache)[-1] == "sha256:0"
+
+
+@pytest.mark.parametrize("churn, remembered", [(3, True), (20, False)])
+def test_a_ghost_counts_for_a_window_of_evictions(Cache, cache_dir, churn, remembered):
+    """A ghost is honoured while fewer than GHOST_WINDOW x (records held) evictions followed its
+    own: here 8 x 1 (one record held when it returns). After 3 it still lifts the returning record
+    above a new one; after 20 the record starts afresh (a tie with a new one, by name)."""
+    hot = "sha256:0hot"
+    with Cache(cache_dir, 2 * RECORD / MiB, policy="lrfu") as cache:
+        put_all(cache, [hot])
+        for _ in range(20):
+            assert cache.get(hot) is not None
+        put_all(cache, ["sha256:a"])
+        put_all(cache, ["sha256:b"], keep=["sha256:a"])  # evicts hot: eviction 1, its ghost
+        put_all(cache, [f"sha256:c{n}" for n in range(churn)])  # one eviction each
+        assert cache.evictions() == 1 + churn
+        cache.delete(f"sha256:c{churn - 1}")
+        put_all(cache, [hot, "sha256:z"], keep=[hot])
+        assert names(cache) == (["sha256:z", hot] if remembered else [hot, "sha256:z"])
