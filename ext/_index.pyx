@@ -600,8 +600,10 @@ def _by_name(entry):
     return (<bytes>entry[1])[HEADER:]
 
 
-cdef int _walk_c(MDB_txn *txn, MDB_dbi lru, MDB_dbi idx, _group_fn on_group, object ctx) except -1:
-    """Call ``on_group(ctx, group)`` for each group of equal rank, next victim first, in name order.
+cdef int _walk_c(MDB_txn *txn, MDB_dbi lru, MDB_dbi idx, _group_fn on_group, object ctx,
+                 bint by_name) except -1:
+    """Call ``on_group(ctx, group)`` for each group of equal rank, next victim first, in name order
+    (not ``by_name``: each record its own group, in key order; fallback.Index.walk).
 
     A group is a list of (key, idx header) as bytes; ``on_group`` returning 1
     stops the walk. An lru entry without its record is skipped (verify
@@ -623,7 +625,7 @@ cdef int _walk_c(MDB_txn *txn, MDB_dbi lru, MDB_dbi idx, _group_fn on_group, obj
             if _check(mdb_get(txn, idx, &k, &hv), "mdb_get") == 0 and hv.mv_size > HEADER:
                 if k.mv_size != KEYLEN:  # only a damaged or foreign file has other keys
                     raise _lmdb.CorruptedError(f"an lru entry with a {k.mv_size}-byte record key")
-                if group and memcmp(lk.mv_data, group_rank, RANK) != 0:
+                if group and (not by_name or memcmp(lk.mv_data, group_rank, RANK) != 0):
                     if len(group) > 1:
                         group.sort(key=_by_name)
                     if on_group(ctx, group):
@@ -696,6 +698,7 @@ cdef class Index:
 
     cdef public object idx, dat, lru, meta, ghost, twin
     cdef bint _lrfu  # the policy: LRFU (clocked, with ghosts), else LRU
+    cdef bint _by_name  # its ties_by_name
 
     def __init__(self, idx, dat, lru, meta, ghost):
         self.idx = idx
@@ -705,6 +708,7 @@ cdef class Index:
         self.ghost = ghost
         self.twin = _twin.Index(idx, dat, lru, meta, ghost)
         self._lrfu = False
+        self._by_name = True
 
     # -- the policy (fallback.Index's) --------------------------------------------
     @property
@@ -714,6 +718,7 @@ cdef class Index:
     def use_policy(self, name):
         self.twin.use_policy(name)
         self._lrfu = self.twin.policy is _twin.LRFU
+        self._by_name = self.twin.policy.ties_by_name
 
     def stored_policy(self, txn):
         return self.twin.stored_policy(txn)
@@ -826,7 +831,7 @@ cdef class Index:
     def victims(self, txn, uint64_t size, uint64_t max_bytes, frozenset keep):
         """The records (key, rank, size) to evict so that ``size`` more bytes fit (see fallback.py)."""
         if type(txn) is Writer:
-            return _victims_w(<Writer>txn, size, max_bytes, keep)
+            return _victims_w(<Writer>txn, size, max_bytes, keep, self._by_name)
         return self.twin.victims(txn, size, max_bytes, keep)
 
     def insert(self, txn, bytes key, bytes name, uint64_t lid_len, data, victims, uint64_t refs=0,
@@ -1171,7 +1176,8 @@ cdef class Reader:
                     if rc == 0:
                         try:
                             _counters_c(self._ctxn, self._meta, c, True)
-                            _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records)
+                            _walk_c(self._ctxn, self._lru, self._idx, _dump_group, records,
+                                    self.index._by_name)
                         finally:
                             mdb_txn_reset(self._ctxn)
                         return {"cache_hits": c[2], "cache_misses": c[3], "cache_records": records,
@@ -1385,7 +1391,7 @@ cdef object _delete_w(Writer w, bytes key):
     return True
 
 
-cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep):
+cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep, bint by_name):
     """Index.victims: the C walk with the eviction callback."""
     cdef MDB_txn *txn = w._open_txn()
     cdef uint64_t c[2]
@@ -1397,7 +1403,7 @@ cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep
         return vs.chosen
     vs.keep = keep
     vs.freed = 0
-    _walk_c(txn, w._lru, w._idx, _take_victims, vs)
+    _walk_c(txn, w._lru, w._idx, _take_victims, vs, by_name)
     if vs.freed < vs.over:
         raise CacheFull(f"cannot make room for {size} bytes within {max_bytes}: the rest is kept")
     return vs.chosen

@@ -396,13 +396,15 @@ class Index:
     # -- the walk: the one home of the eviction order ----------------------------
     def walk(self, txn: Any, on_group: Callable[[List[Tuple[bytes, bytes]]], Any],
              on_orphan: Optional[Callable[[bytes], None]] = None) -> None:
-        """Call ``on_group`` with each group of equal rank, next victim first, in name order.
+        """Call ``on_group`` with each group of equal rank, next victim first, in name order
+        (a policy without ``ties_by_name``: each record is its own group, in key order).
 
         A group is a list of (lru key, idx header), the record's key being
         ``lru key[RANK_SIZE:]``; ``on_group`` returning true stops the walk. An lru
         entry without its record goes to ``on_orphan`` (verify reports it;
         the others skip it).
         """
+        by_name = self.policy.ties_by_name
         cur = txn.cursor(self.lru)
         try:
             more = cur.first()
@@ -415,7 +417,7 @@ class Index:
                     if on_orphan is not None:
                         on_orphan(lk)
                     continue
-                if group and lk[:RANK_SIZE] != group[0][0][:RANK_SIZE]:
+                if group and (not by_name or lk[:RANK_SIZE] != group[0][0][:RANK_SIZE]):
                     if len(group) > 1:
                         group.sort(key=_by_name)
                     if on_group(group):

@@ -26,12 +26,15 @@ class LRU:
     misses applied so far, the ``access`` counters: it only grows, whichever
     process counts), which insert and apply then read; policies with
     ``ghosts`` leave each victim's rank in the ghost table and get it back in
-    ``admit`` when the record returns.
+    ``admit`` when the record returns. ``ties_by_name``: records of equal rank
+    go by name (the seed's order for equal last references); else in key order,
+    the ``lru`` table's own, so a walk never gathers a group of equal ranks.
     """
 
     name = "lru"
     clocked = False
     ghosts = False
+    ties_by_name = True
 
     @staticmethod
     def admit(last_ns: int, tick: int, ghost: Optional[int]) -> int:
@@ -66,6 +69,7 @@ class LRFU:
     name = "lrfu"
     clocked = True
     ghosts = True
+    ties_by_name = False  # puts between two requests share a rank: an import's thousands
     HALF_LIFE = 10_000
     CAP = 3
 

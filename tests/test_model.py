@@ -80,8 +80,8 @@ class CacheMachine(RuleBasedStateMachine):
         return self.seq
 
     def _order(self) -> List[str]:
-        if self.policy == "lrfu":
-            return sorted(self.records, key=lambda n: (self.records[n].rank, n))
+        if self.policy == "lrfu":  # ties in key order
+            return sorted(self.records, key=lambda n: (self.records[n].rank, record_key(*n.split("_", 1))))
         return sorted(self.records, key=lambda n: (self.records[n].seq, n))
 
     @property

@@ -10,6 +10,7 @@ import pytest
 
 import nvcache
 from nvcache.cachedir import FORMAT_DIR, DATA_FILE
+from nvcache.names import record_key
 from payloads import incompressible
 
 RECORD = 1000  # incompressible: stored as given
@@ -19,6 +20,13 @@ MiB = 1024 * 1024
 def put_all(cache, ids, keep=()):
     for i in ids:
         assert cache.put(i, incompressible(RECORD, i), keep=keep) is True
+
+
+def after(layer_id):
+    """A layer id whose record key sorts after ``layer_id``'s: LRFU orders equal ranks by key, so
+    a record put afresh next to it goes second."""
+    return next(i for i in (f"sha256:new{n}" for n in range(100))
+                if record_key(i, "layer_file") > record_key(layer_id, "layer_file"))
 
 
 def names(cache):
@@ -73,6 +81,19 @@ def test_a_rebuilt_cache_keeps_its_policy(Cache, cache_dir):
         assert cache.verify() == []
 
 
+def test_lrfu_never_gathers_equal_ranks(Cache, cache_dir):
+    """Puts with no request between them share LRFU's rank (the request clock stands still), as
+    in an import: ties go in key order, and the dump lists them so (LRU's go by name)."""
+    ids = [f"sha256:{n}" for n in range(50)]
+    with Cache(cache_dir, 1, policy="lrfu") as cache:
+        put_all(cache, ids)
+        assert names(cache) == sorted(ids, key=lambda i: record_key(i, "layer_file"))
+    with Cache(os.path.join(cache_dir, "lru"), 1) as cache:
+        for i in ids:
+            cache.restore(i, incompressible(RECORD, i), reference_count=1, last_referred_ns=10**18)
+        assert names(cache) == sorted(ids, key=lambda i: i + "_layer_file")  # the record name
+
+
 @pytest.mark.parametrize("policy, survives", [("lru", False), ("lrfu", True)])
 def test_a_popular_record_outlives_a_scan_of_new_ones_only_under_lrfu(Cache, cache_dir, policy, survives):
     """A base layer hit often, then 300 layers each seen once (a wave of one-off images): LRU
@@ -111,8 +132,8 @@ def test_an_evicted_record_comes_back_with_its_history_under_lrfu(Cache, cache_d
 @pytest.mark.parametrize("forget", ["clear", "delete"])
 def test_clear_and_delete_leave_no_ghost(Cache, cache_dir, forget):
     """A ghost is what an eviction leaves; clear() drops the ghosts, and a deleted record
-    leaves none: put again, the record starts afresh (ties with a new one go by name)."""
-    hot = "sha256:0hot"  # sorts before sha256:a...: equal ranks put it first
+    leaves none: put again, the record starts afresh (a tie with a new one, in key order)."""
+    hot = "sha256:hot"
     with Cache(cache_dir, 2 * RECORD / MiB, policy="lrfu") as cache:
         put_all(cache, [hot])
         for _ in range(20):
@@ -128,8 +149,8 @@ def test_clear_and_delete_leave_no_ghost(Cache, cache_dir, forget):
         else:
             cache.delete(hot)
             cache.delete("sha256:b")
-        put_all(cache, [hot, "sha256:a1"])
-        assert names(cache) == [hot, "sha256:a1"]
+        put_all(cache, [hot, after(hot)])
+        assert names(cache) == [hot, after(hot)]
         assert cache.verify() == []
 
 
@@ -158,8 +179,8 @@ def test_the_policy_is_the_file_s_across_processes(cache_dir, core_env, Cache):
 def test_a_ghost_counts_for_a_window_of_evictions(Cache, cache_dir, churn, remembered):
     """A ghost is honoured while fewer than GHOST_WINDOW x (records held) evictions followed its
     own: here 8 x 1 (one record held when it returns). After 3 it still lifts the returning record
-    above a new one; after 20 the record starts afresh (a tie with a new one, by name)."""
-    hot = "sha256:0hot"
+    above a new one; after 20 the record starts afresh (a tie with a new one, in key order)."""
+    hot = "sha256:hot"
     with Cache(cache_dir, 2 * RECORD / MiB, policy="lrfu") as cache:
         put_all(cache, [hot])
         for _ in range(20):
@@ -169,5 +190,5 @@ def test_a_ghost_counts_for_a_window_of_evictions(Cache, cache_dir, churn, remem
         put_all(cache, [f"sha256:c{n}" for n in range(churn)])  # one eviction each
         assert cache.evictions() == 1 + churn
         cache.delete(f"sha256:c{churn - 1}")
-        put_all(cache, [hot, "sha256:z"], keep=[hot])
-        assert names(cache) == (["sha256:z", hot] if remembered else [hot, "sha256:z"])
+        put_all(cache, [hot, after(hot)], keep=[hot])
+        assert names(cache) == ([after(hot), hot] if remembered else [hot, after(hot)])
