@@ -175,14 +175,15 @@ class ReplayResult:
 
 
 def replay_policy(work: Workload, path: str, max_mb: float, policy: Optional[str], fixed_us: float,
-                  us_per_kib: float, stored: Sequence[int]) -> PolicyResult:
+                  us_per_kib: float, stored: Sequence[int], cache_class: type = LayerCache) -> PolicyResult:
     """Replay ``work`` through a LayerCache at ``path`` (a new directory) opened with ``policy``.
 
-    ``stored``: each layer's stored size (what :func:`replay` measured). Records are made again
+    ``stored``: each layer's stored size (what :func:`replay` measured); ``cache_class``: LayerCache
+    or a subclass (the tests' one per core). Records are made again
     at each miss (about 20 µs for 8 KB), so a trace of any size replays in bounded memory."""
     cost = [sim.analysis_seconds(n, fixed_us, us_per_kib) for n in work.sizes]
     ids, sizes = work.layer_ids, work.sizes
-    with LayerCache(path, max_mb, **sim.policy_kwargs(policy)) as cache:
+    with cache_class(path, max_mb, **sim.policy_kwargs(policy)) as cache:
         result = PolicyResult(sim.policy_of(cache))
         before = cache.evictions() or 0
         for _image, layers in work.scans:
@@ -219,7 +220,7 @@ def replay_policy(work: Workload, path: str, max_mb: float, policy: Optional[str
 
 def replay(work: Workload, max_mb: float = DEFAULT_MAX_MB, policies: Optional[Sequence[str]] = None,
            fixed_us: float = DEFAULT_FIXED_US, us_per_kib: float = DEFAULT_US_PER_KIB,
-           tmp_dir: Optional[str] = None) -> ReplayResult:
+           tmp_dir: Optional[str] = None, cache_class: type = LayerCache) -> ReplayResult:
     """Replay ``work`` once per policy (default: every one of ``simulate.known_policies()``) at a
     bound of ``max_mb`` MiB, and compute Belady's figures on the same trace and bound.
 
@@ -232,7 +233,7 @@ def replay(work: Workload, max_mb: float = DEFAULT_MAX_MB, policies: Optional[Se
         sim.policy_kwargs(name)  # an unknown name fails before anything runs
     root = tempfile.mkdtemp(prefix="nvcache-replay-", dir=tmp_dir)
     try:
-        with LayerCache(os.path.join(root, "sizes"), max_mb) as probe:  # what a record really takes
+        with cache_class(os.path.join(root, "sizes"), max_mb) as probe:  # what a record really takes
             max_bytes = probe.max_bytes
             stored = [probe.stored_size(record_bytes(lid, n)) for lid, n in zip(work.layer_ids, work.sizes)]
         trace = work.requests
@@ -244,7 +245,7 @@ def replay(work: Workload, max_mb: float = DEFAULT_MAX_MB, policies: Optional[Se
             result.belady_byte_hit_ratio = sim.belady_byte_hits(trace, stored, max_bytes) / result.requested_stored
         for i, name in enumerate(names):
             result.policies.append(replay_policy(work, os.path.join(root, f"{i}-{name}"), max_mb, name, fixed_us,
-                                                 us_per_kib, stored))
+                                                 us_per_kib, stored, cache_class))
         return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
