@@ -164,7 +164,8 @@ def markdown(results: Dict[str, Any], info: Dict[str, Any]) -> str:
                          f"{_pct(r['optimum_byte_hit_ratio'], 2)} | | 100 | | |")
             lines.append(f"| {r['trace']} | *Belady, whole records (heuristic)* | | "
                          f"{_pct(r['belady_byte_hit_ratio'], 2)} | | | | |")
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
