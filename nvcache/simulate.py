@@ -144,7 +144,7 @@ def known_policies() -> Tuple[str, ...]:
     return tuple(getattr(nvcache, "POLICIES", ("lru",)))
 
 
-def policy_kwargs(policy: Optional[str]) -> Dict[str, str]:
+def policy_kwargs(policy: Optional[str]) -> Dict[str, Any]:
     """LayerCache's arguments for ``policy``: none for None (the policy the cache stored, LRU for a
     new one), nor for "lru" on a LayerCache that has no policy argument (no ``nvcache.POLICIES``):
     it is then the only policy, and the cache opens as before."""

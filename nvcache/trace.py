@@ -127,9 +127,9 @@ def parse_line(text: str, path: str = "<trace>", line: int = 0) -> Optional[Requ
     if not size_text.isascii() or not size_text.isdigit() or int(size_text) <= 0:
         raise TraceFormatError(path, line, f"size {size_text!r} is not an integer above 0", body)
     for what, value in (("layer_id", layer_id), ("image", image)):
-        problem = _name_problem(what, value)
-        if problem:  # a tab or other whitespace inside a field
-            raise TraceFormatError(path, line, problem, body)
+        bad = _name_problem(what, value)
+        if bad:  # a tab or other whitespace inside a field
+            raise TraceFormatError(path, line, bad, body)
     return Request(t, layer_id, int(size_text), image)
 
 
