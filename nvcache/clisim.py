@@ -165,6 +165,8 @@ def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int],
         raise click.UsageError("--remote needs --nodes")
     if nodes is not None and (trace_out is not None or policy != "lru"):
         raise click.UsageError("--trace-out and --policy are for a single node's run: not with --nodes")
+    if trace_out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace_out))):
+        raise click.BadParameter(f"the directory of {trace_out} does not exist", param_hint="'--trace-out'")
     if nodes is None and processes is None:
         processes = os.cpu_count() or 1
     temporary = not sim_path and not settings.path_given
@@ -211,6 +213,10 @@ def _simulate(path: str, processes: int, images: int, layers: int, scans: int, m
                          progress=tick)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        if trace_out is None:
+            raise
+        raise click.ClickException(f"--trace-out {trace_out}: {exc}") from exc  # could not be written
     finally:
         bar.close()
     if as_json:

@@ -248,3 +248,5 @@ def test_replay_command_errors(tmp_path):
     assert run(["replay", str(ok), "--policy", "nope"]).exit_code == 2
     assert run(["replay", str(ok), "--max-mb", "0"]).exit_code == 2
     assert run(["simulate", "--nodes", "2", "--trace-out", str(tmp_path / "x")]).exit_code == 2
+    result = run(["simulate", "-p", "1", "--scans", "3", "--trace-out", str(tmp_path / "no" / "such.trace")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
