@@ -250,3 +250,27 @@ def test_replay_command_errors(tmp_path):
     assert run(["simulate", "--nodes", "2", "--trace-out", str(tmp_path / "x")]).exit_code == 2
     result = run(["simulate", "-p", "1", "--scans", "3", "--trace-out", str(tmp_path / "no" / "such.trace")])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_every_policy_is_asked_for_by_name(Cache, tmp_path, monkeypatch):
+    """With more than one policy (nvcache.POLICIES), each replay opens its cache with its name."""
+    import nvcache
+    opened = []
+
+    class Named(Cache):  # stands for a LayerCache with the policy argument
+        def __init__(self, path, max_mb=None, policy=None, **kwargs):
+            super().__init__(path, max_mb, **kwargs)
+            opened.append(policy)
+            self._named = policy or "lru"
+
+        @property
+        def policy(self):
+            return self._named
+
+    monkeypatch.setattr(nvcache, "POLICIES", ("lru", "other"), raising=False)
+    assert sim.known_policies() == ("lru", "other") and sim.policy_kwargs("other") == {"policy": "other"}
+    reqs = [tr.Request(i, f"L{i % 3}", 100, "img") for i in range(6)]
+    result = rp.replay(rp.load(reqs), max_mb=0.01, tmp_dir=str(tmp_path), cache_class=Named)
+    assert [p.policy for p in result.policies] == ["lru", "other"] and opened == [None, "lru", "other"]
+    assert [p.hits for p in result.policies] == [3, 3]
+    assert result.as_dict()["policies"][1]["gap_closed"] is None  # no gap: both at the optimum
