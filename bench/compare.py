@@ -4,6 +4,8 @@ Peers (same operations, same keys, same record bytes):
 
 * ``nvcache``            - LayerCache with the compiled core (``nvcache._index``);
 * ``nvcache-py``         - LayerCache bound to the pure-Python twin (``nvcache.fallback``);
+* ``nvcache-lrfu``       - LayerCache with the compiled core and ``policy="lrfu"`` (issue 15's target:
+                           its put and get within 10 % of ``nvcache``'s, the LRU cache);
 * ``lmdb``               - raw py-lmdb, LMDB's default locking (``lock=True``): read txn + get,
                            write txn + put; the floor;
 * ``lmdb-nolock``        - raw py-lmdb opened with ``lock=False`` and no other lock (one process only:
@@ -71,7 +73,7 @@ from seedcache import SeedCache  # noqa: E402
 
 MiB = 1 << 20
 KIND = "layer_file"
-PEERS = ["nvcache", "nvcache-py", "lmdb", "lmdb-nolock", "lmdb-nolock+flock",
+PEERS = ["nvcache", "nvcache-py", "nvcache-lrfu", "lmdb", "lmdb-nolock", "lmdb-nolock+flock",
          "diskcache-lru", "diskcache-default", "seed-json"]
 MP_PEERS = [p for p in PEERS if p != "lmdb-nolock"]  # lock=False without a lock is unsafe with writers
 OPS = ["open", "get-hit", "get-miss", "put-new", "put-evict", "delete", "dump"]
@@ -178,10 +180,11 @@ class Peer:
 class NvPeer(Peer):
     dump_label = "cache_data()"
 
-    def __init__(self, path: str, core: str) -> None:
+    def __init__(self, path: str, core: str, policy: str = "lru") -> None:
         super().__init__(path)
-        self.name = "nvcache" if core == "ext" else "nvcache-py"
+        self.name = ("nvcache" if core == "ext" else "nvcache-py") + ("" if policy == "lru" else f"-{policy}")
         self.core_name = core
+        self.policy = policy
         self.cls = churn.cache_class(core)
         self.max_mb = 1024.0
         self.cache: Any = None
@@ -191,7 +194,7 @@ class NvPeer(Peer):
         self.open()
 
     def open(self) -> None:
-        self.cache = self.cls(self.path, self.max_mb)
+        self.cache = self.cls(self.path, self.max_mb, policy=self.policy)
 
     def close(self) -> None:
         if self.cache is not None:
@@ -507,6 +510,8 @@ def make_peer(name: str, path: str) -> Peer:
         return NvPeer(path, "ext")
     if name == "nvcache-py":
         return NvPeer(path, "py")
+    if name == "nvcache-lrfu":
+        return NvPeer(path, "ext", "lrfu")
     if name == "lmdb":
         return LmdbPeer(path, lock=True, flock=False)
     if name == "lmdb-nolock":
@@ -1424,7 +1429,7 @@ def _skip_reason(results: Dict[str, Any], n: int, peer: str) -> str:
     return "-"
 
 
-COLORS = {"nvcache": "#1f77b4", "nvcache-py": "#aec7e8", "lmdb": "#2ca02c", "lmdb-nolock": "#98df8a",
+COLORS = {"nvcache": "#1f77b4", "nvcache-py": "#aec7e8", "nvcache-lrfu": "#9467bd", "lmdb": "#2ca02c", "lmdb-nolock": "#98df8a",
           "lmdb-nolock+flock": "#17becf", "diskcache-lru": "#d62728", "diskcache-default": "#ff9896",
           "seed-json": "#7f7f7f"}
 

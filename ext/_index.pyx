@@ -25,6 +25,7 @@ cdef extern from "Python.h":
     void *PyUnicode_DATA(object o)
 from libc.stdint cimport uint16_t, uint64_t
 from libc.stdio cimport snprintf
+from libc.math cimport floor, log2, pow
 from libc.string cimport memcmp, memcpy
 
 import xxhash
@@ -78,15 +79,16 @@ cdef extern from "<time.h>" nogil:
 
 # -- the layout (fallback.py's docstring), named once --------------------------------------------
 
-# The idx header <QQQQQH> (fallback._HDR): byte offsets of its fields, then the name.
+# The idx header <QQQQQQH> (fallback._HDR): byte offsets of its fields, then the name.
 cdef enum:
     H_SIZE = 0
     H_REFS = 8
     H_LAST = 16
     H_CHECK = 24
     H_BORN = 32
-    H_LID = 40
-    HEADER = 42
+    H_RANK = 40
+    H_LID = 48
+    HEADER = 50
 # The prefix of chunk 0 in dat <QQQ> (fallback._PREFIX): size word (encoding << ENC_SHIFT | size),
 # checksum, born_ns.
 cdef enum:
@@ -176,24 +178,45 @@ cdef inline uint64_t _sat_add(uint64_t a, uint64_t b) noexcept:
     return a + b if a + b >= a else 0xFFFFFFFFFFFFFFFFULL
 
 
-# -- the policy (fallback.LRU): the eviction order and what an access changes --------------------
+# -- the policies (nvcache/policy.py): LRU ranks by last_ns; LRFU's rank in C -----------------------
 
-cdef inline uint64_t _policy_rank(uint64_t refs, uint64_t last_ns) noexcept:
-    """The u64 that orders the lru table: LRU ranks by the last reference."""
-    return last_ns
+cdef double _LRFU_H = <double>_twin.LRFU.HALF_LIFE
+cdef double _LRFU_CAP_H = <double>(_twin.LRFU.CAP * _twin.LRFU.HALF_LIFE)
+cdef uint64_t _GHOST_SLOTS = _twin.GHOST_SLOTS
+cdef uint64_t _GHOST_WINDOW = _twin.GHOST_WINDOW
+assert _twin.GHOST_SLOTS & (_twin.GHOST_SLOTS - 1) == 0
 
 
-cdef inline void _policy_access(uint64_t *refs, uint64_t *last_ns, uint64_t n, uint64_t when) noexcept:
-    """``n`` buffered references, the last at ``when``: refs += n (saturating), last = max."""
-    refs[0] = _sat_add(refs[0], n)
-    if when > last_ns[0]:  # else another process applied a later access
-        last_ns[0] = when
+cdef inline uint64_t _lrfu_access(uint64_t rank, uint64_t n, uint64_t tick) noexcept:
+    """policy.LRFU.access: the same double operations in the same order, floored."""
+    cdef double x = <double>(<long long>(rank - tick)) / _LRFU_H
+    cdef double crf = <double>n + (0.0 if x < -64.0 else pow(2.0, x))
+    cdef double v = _LRFU_H * log2(crf)
+    if v > _LRFU_CAP_H:
+        v = _LRFU_CAP_H
+    return _sat_add(tick, <uint64_t>floor(v))
+
+
+cdef inline uint64_t _policy_access(bint lrfu, uint64_t rank, uint64_t last_ns, uint64_t n,
+                                    uint64_t tick) noexcept:
+    """The rank after ``n`` references, the record's last reference now at ``last_ns``."""
+    return _lrfu_access(rank, n, tick) if lrfu else last_ns
+
+
+cdef inline void _ghost_slot(unsigned char *slot, const unsigned char *key) noexcept:
+    """The ghost table's key of a record key: its first 32 bits modulo GHOST_SLOTS, big-endian."""
+    cdef uint64_t n = ((<uint64_t>key[0] << 24) | (<uint64_t>key[1] << 16) | (<uint64_t>key[2] << 8)
+                       | key[3]) % _GHOST_SLOTS
+    slot[0] = (n >> 24) & 0xFF
+    slot[1] = (n >> 16) & 0xFF
+    slot[2] = (n >> 8) & 0xFF
+    slot[3] = n & 0xFF
 
 
 # -- names, headers, times ---------------------------------------------------------------------
 
 cdef bytes _header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t born_ns,
-                   uint64_t lid, const unsigned char *name, Py_ssize_t name_len):
+                   uint64_t rank, uint64_t lid, const unsigned char *name, Py_ssize_t name_len):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, HEADER + name_len)
     cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
     _set_u64_at(p, H_SIZE, size)
@@ -201,6 +224,7 @@ cdef bytes _header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t chec
     _set_u64_at(p, H_LAST, last_ns)
     _set_u64_at(p, H_CHECK, check)
     _set_u64_at(p, H_BORN, born_ns)
+    _set_u64_at(p, H_RANK, rank)
     _set_le(p + H_LID, lid, 2)
     memcpy(p + HEADER, name, name_len)
     return out
@@ -285,25 +309,30 @@ def checksum(data):
 
 
 def pack_header(uint64_t size, uint64_t refs, uint64_t last_ns, uint64_t check, uint64_t born_ns,
-                uint64_t lid_len, bytes name):
+                uint64_t rank, uint64_t lid_len, bytes name):
     if lid_len > 0xFFFF:
         raise OverflowError("layer_id length out of range")
-    return _header(size, refs, last_ns, check, born_ns, lid_len,
+    return _header(size, refs, last_ns, check, born_ns, rank, lid_len,
                    <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
 
 
 def unpack_header(hdr):
-    """(size, refs, last_ns, checksum, born_ns, layer_id length, name) of an ``idx`` value."""
+    """(size, refs, last_ns, checksum, born_ns, rank, layer_id length, name) of an ``idx`` value."""
     cdef bytes b = bytes(hdr)
     if PyBytes_GET_SIZE(b) <= HEADER:
         raise ValueError("index header too short")
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(b)
     return (_u64_at(p, H_SIZE), _u64_at(p, H_REFS), _u64_at(p, H_LAST), _u64_at(p, H_CHECK),
-            _u64_at(p, H_BORN), _get_le(p + H_LID, 2), b[HEADER:])
+            _u64_at(p, H_BORN), _u64_at(p, H_RANK), _get_le(p + H_LID, 2), b[HEADER:])
 
 
 def lru_key(uint64_t rank, bytes key):
     return _lru_key(rank, key)
+
+
+def lrfu_access(uint64_t rank, uint64_t n, uint64_t tick):
+    """policy.LRFU.access(rank, _, n, tick) as the compiled core computes it (for the twin tests)."""
+    return _lrfu_access(rank, n, tick)
 
 
 cdef str _rfc3339nano(uint64_t ns):
@@ -647,7 +676,7 @@ cdef int _take_victims(object ctx, list group) except -1:
         if vs.keep and hdr[HEADER:HEADER + _get_le(p + H_LID, 2)] in vs.keep:
             continue
         vsize = _u64_at(p, H_SIZE)
-        vs.chosen.append((vkey, _policy_rank(_u64_at(p, H_REFS), _u64_at(p, H_LAST)), vsize))
+        vs.chosen.append((vkey, _u64_at(p, H_RANK), vsize))
         vs.freed += vsize
         if vs.freed >= vs.over:
             return 1
@@ -657,21 +686,40 @@ cdef int _take_victims(object ctx, list group) except -1:
 # -- the Index --------------------------------------------------------------------------------
 
 cdef class Index:
-    """The record index over the four databases of one environment (see fallback.py).
+    """The record index over the five databases of one environment (see fallback.py).
 
     Handed the compiled :class:`Writer` as ``txn`` (the store's put path), a
     method runs its C path; handed a py-lmdb transaction, it forwards to
-    ``fallback.Index`` over the same databases (``twin``).
+    ``fallback.Index`` over the same databases (``twin``), which follows the
+    same policy.
     """
 
-    cdef public object idx, dat, lru, meta, twin
+    cdef public object idx, dat, lru, meta, ghost, twin
+    cdef bint _lrfu  # the policy: LRFU (clocked, with ghosts), else LRU
 
-    def __init__(self, idx, dat, lru, meta):
+    def __init__(self, idx, dat, lru, meta, ghost):
         self.idx = idx
         self.dat = dat
         self.lru = lru
         self.meta = meta
-        self.twin = _twin.Index(idx, dat, lru, meta)
+        self.ghost = ghost
+        self.twin = _twin.Index(idx, dat, lru, meta, ghost)
+        self._lrfu = False
+
+    # -- the policy (fallback.Index's) --------------------------------------------
+    @property
+    def policy(self):
+        return self.twin.policy
+
+    def use_policy(self, name):
+        self.twin.use_policy(name)
+        self._lrfu = self.twin.policy is _twin.LRFU
+
+    def stored_policy(self, txn):
+        return self.twin.stored_policy(txn)
+
+    def set_stored_policy(self, txn, name):
+        self.twin.set_stored_policy(txn, name)
 
     # -- counters ---------------------------------------------------------
     def counters(self, txn):
@@ -787,7 +835,7 @@ cdef class Index:
         if enc > 0xFFFF:
             raise ValueError(f"an encoding is 16 bits, not {enc}")
         if type(txn) is Writer:
-            return _insert_w(<Writer>txn, key, name, lid_len, data, victims, refs, last_ns, enc)
+            return _insert_w(<Writer>txn, key, name, lid_len, data, victims, refs, last_ns, enc, self._lrfu)
         return self.twin.insert(txn, key, name, lid_len, data, victims, refs, last_ns, enc)
 
     def remove(self, txn, bytes key):
@@ -799,12 +847,12 @@ cdef class Index:
     def apply(self, txn, dict pending, hits, misses):
         """Write buffered accesses: references of records still born as counted, hits and misses."""
         if type(txn) is Writer:
-            _apply_w(<Writer>txn, pending, hits, misses)
+            _apply_w(<Writer>txn, pending, hits, misses, self._lrfu)
             return
         self.twin.apply(txn, pending, hits, misses)
 
     def clear(self, txn):
-        """Remove every record; hit, miss and eviction counters are kept."""
+        """Remove every record and ghost; hit, miss and eviction counters are kept."""
         self.twin.clear(txn)
 
     def init_counters(self, txn):
@@ -877,7 +925,7 @@ cdef class Reader:
         cdef MDB_txn *txn = NULL
         cdef int rc = mdb_env_create(&cenv)
         if rc == 0:
-            rc = mdb_env_set_maxdbs(cenv, 4) or mdb_env_set_mapsize(cenv, map_size)
+            rc = mdb_env_set_maxdbs(cenv, 5) or mdb_env_set_mapsize(cenv, map_size)
         if rc == 0:
             rc = mdb_env_open(cenv, path, MDB_NOLOCK | MDB_RDONLY | MDB_NORDAHEAD | MDB_NOTLS, 0o640)
         if rc == 0:
@@ -1154,7 +1202,7 @@ cdef class Writer:
 
     cdef MDB_env *_env
     cdef MDB_txn *_txn
-    cdef MDB_dbi _idx, _dat, _lru, _meta
+    cdef MDB_dbi _idx, _dat, _lru, _meta, _ghost
 
     def __init__(self, env, bint writemap, bint durable):
         cdef unsigned int flags = MDB_NOLOCK | MDB_NORDAHEAD | MDB_NOTLS
@@ -1166,14 +1214,15 @@ cdef class Writer:
         cdef MDB_txn *txn = NULL
         cdef int rc = mdb_env_create(&self._env)
         if rc == 0:
-            rc = mdb_env_set_maxdbs(self._env, 4) or mdb_env_set_mapsize(self._env, env.info()["map_size"])
+            rc = mdb_env_set_maxdbs(self._env, 5) or mdb_env_set_mapsize(self._env, env.info()["map_size"])
         if rc == 0:
             rc = mdb_env_open(self._env, path, flags, 0o640)
         if rc == 0:
             rc = mdb_txn_begin(self._env, NULL, MDB_RDONLY, &txn)
         if rc == 0:
             rc = (mdb_dbi_open(txn, b"idx", 0, &self._idx) or mdb_dbi_open(txn, b"dat", 0, &self._dat)
-                  or mdb_dbi_open(txn, b"lru", 0, &self._lru) or mdb_dbi_open(txn, b"meta", 0, &self._meta))
+                  or mdb_dbi_open(txn, b"lru", 0, &self._lru) or mdb_dbi_open(txn, b"meta", 0, &self._meta)
+                  or mdb_dbi_open(txn, b"ghost", 0, &self._ghost))
         if rc == 0:
             rc = mdb_txn_commit(txn)  # the handles outlive the transaction only once it commits
             txn = NULL
@@ -1328,8 +1377,7 @@ cdef object _delete_w(Writer w, bytes key):
     if PyBytes_GET_SIZE(hdr) > HEADER:  # else a damaged header: its lru entry is found by verify
         p = <const unsigned char *>PyBytes_AS_STRING(hdr)
         size = _u64_at(p, H_SIZE)
-        _put_lru_w(w, _policy_rank(_u64_at(p, H_REFS), _u64_at(p, H_LAST)),
-                   <const unsigned char *>PyBytes_AS_STRING(key), True)
+        _put_lru_w(w, _u64_at(p, H_RANK), <const unsigned char *>PyBytes_AS_STRING(key), True)
     _remove_w(w, key, size)
     c[0] = c[0] - 1 if c[0] > 0 else 0
     c[1] = c[1] - size if c[1] > size else 0
@@ -1355,8 +1403,49 @@ cdef list _victims_w(Writer w, uint64_t size, uint64_t max_bytes, frozenset keep
     return vs.chosen
 
 
+cdef uint64_t _take_ghost_w(Writer w, const unsigned char *key, uint64_t held, bint *found) except? 0:
+    """Index._take_ghost: the rank ``key`` left when evicted, if still recent (``found``), removing it."""
+    cdef MDB_txn *txn = w._open_txn()
+    cdef MDB_val k, v
+    cdef unsigned char slot[4]
+    cdef uint64_t evictions
+    _ghost_slot(slot, key)
+    k.mv_size = 4
+    k.mv_data = slot
+    found[0] = False
+    if _check(mdb_get(txn, w._ghost, &k, &v), "mdb_get") != 0 or v.mv_size != KEYLEN + 16:
+        return 0
+    if memcmp(v.mv_data, key, KEYLEN) != 0:
+        return 0
+    cdef uint64_t rank = _get_le(<const unsigned char *>v.mv_data + KEYLEN, 8)
+    cdef uint64_t evicted_at = _get_le(<const unsigned char *>v.mv_data + KEYLEN + 8, 8)
+    _check(mdb_del(txn, w._ghost, &k, NULL), "mdb_del")
+    _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
+    if evictions - evicted_at > _GHOST_WINDOW * (held if held > 1 else 1):
+        return 0
+    found[0] = True
+    return rank
+
+
+cdef int _put_ghost_w(Writer w, const unsigned char *key, uint64_t rank, uint64_t evicted_at) except -1:
+    """What an evicted record leaves in the ghost table: its key, rank and eviction count, in its slot."""
+    cdef MDB_val k, v
+    cdef unsigned char slot[4]
+    cdef unsigned char value[KEYLEN + 16]
+    _ghost_slot(slot, key)
+    memcpy(value, key, KEYLEN)
+    _set_le(value + KEYLEN, rank, 8)
+    _set_le(value + KEYLEN + 8, evicted_at, 8)
+    k.mv_size = 4
+    k.mv_data = slot
+    v.mv_size = KEYLEN + 16
+    v.mv_data = value
+    _check(mdb_put(w._open_txn(), w._ghost, &k, &v, 0), "mdb_put")
+    return 0
+
+
 cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, victims,
-                      uint64_t refs, uint64_t last_ns, uint64_t enc):
+                      uint64_t refs, uint64_t last_ns, uint64_t enc, bint lrfu):
     """Index.insert: evict the victims, then the header, the chunks (chunk 0 in place), lru, counters.
 
     One function: every put runs it, and calls per step cost measurable time.
@@ -1367,9 +1456,11 @@ cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, v
     cdef const unsigned char[::1] src = data
     cdef uint64_t size = src.shape[0]
     cdef unsigned char *out
-    cdef uint64_t done, part, check, born, last, vsize
+    cdef uint64_t done, part, check, born, last, vsize, rank, ghost = 0
     cdef uint64_t c[2]
+    cdef uint64_t access[2]
     cdef uint64_t evictions
+    cdef bint ghosted = False
     cdef unsigned int chunk
     cdef Py_ssize_t n_victims = len(victims)
     cdef bytes vkey
@@ -1380,21 +1471,31 @@ cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, v
     if _check(mdb_get(txn, w._idx, &k, &v), "mdb_get") == 0:
         return -1
     _counters_c(txn, w._meta, c, False)
+    if lrfu:  # before the victims leave theirs
+        ghost = _take_ghost_w(w, <const unsigned char *>PyBytes_AS_STRING(key), c[0], &ghosted)
     if n_victims:
+        _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
         for vkey, vrank, vsize in victims:
             _remove_w(w, vkey, vsize)
             _put_lru_w(w, vrank, <const unsigned char *>PyBytes_AS_STRING(vkey), True)
+            evictions = _sat_add(evictions, 1)
+            if lrfu:
+                _put_ghost_w(w, <const unsigned char *>PyBytes_AS_STRING(vkey), vrank, evictions)
             if c[0] < 1 or c[1] < <uint64_t>vsize:  # a damaged counter: never store a wrapped one
                 raise ValueError("the record counters are smaller than the records they count")
             c[0] -= 1
             c[1] -= vsize
-        _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
-        evictions = _sat_add(evictions, n_victims)
         _put_u64s_w(w, EVICTIONS, &evictions, 1)
     born = _now_ns()
     last = last_ns or born
+    rank = last
+    if lrfu:  # policy.LRFU.admit on the request clock
+        _read_u64s(txn, w._meta, ACCESS, 2, access)
+        rank = _sat_add(access[0], access[1])
+        if ghosted:
+            rank = _lrfu_access(ghost, 1, rank)
     check = _xxh3_64(data)
-    hdr = _header(size, refs, last, check, born, lid_len, <const unsigned char *>PyBytes_AS_STRING(name),
+    hdr = _header(size, refs, last, check, born, rank, lid_len, <const unsigned char *>PyBytes_AS_STRING(name),
                   PyBytes_GET_SIZE(name))
     k.mv_size = KEYLEN
     k.mv_data = <void *>PyBytes_AS_STRING(key)
@@ -1424,14 +1525,14 @@ cdef object _insert_w(Writer w, bytes key, bytes name, uint64_t lid_len, data, v
         chunk += 1
         if done >= size:
             break
-    _put_lru_w(w, _policy_rank(refs, last), <const unsigned char *>PyBytes_AS_STRING(key), False)
+    _put_lru_w(w, rank, <const unsigned char *>PyBytes_AS_STRING(key), False)
     c[0] += 1
     c[1] += size
     _put_u64s_w(w, RECORDS, c, 2)
     return n_victims
 
 
-cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
+cdef int _apply_w(Writer w, dict pending, hits, misses, bint lrfu) except -1:
     """Index.apply: the twin's steps, the headers in key order.
 
     One cursor over ``idx`` visits the keys in order, so LMDB mostly finds the
@@ -1447,8 +1548,14 @@ cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
     cdef bytes key, new
     cdef list entry
     cdef unsigned char *q
-    cdef uint64_t last, refs, old_rank, new_rank
+    cdef uint64_t last, when, old_rank, new_rank, tick = 0
     cdef uint64_t counts[2]
+    cdef bint counted = hits or misses
+    if counted or lrfu:
+        _read_u64s(txn, w._meta, ACCESS, 2, counts)
+        counts[0] = min(counts[0] + hits, U64_MAX)
+        counts[1] = min(counts[1] + misses, U64_MAX)
+        tick = _sat_add(counts[0], counts[1])  # the request clock after this batch
     _check(mdb_cursor_open(txn, w._idx, &cur), "mdb_cursor_open")
     try:
         for key in sorted(pending):  # equal-length keys: bytes order is LMDB's memcmp order
@@ -1463,24 +1570,23 @@ cdef int _apply_w(Writer w, dict pending, hits, misses) except -1:
                 continue  # another record of that name now: the references were not its own
             new = PyBytes_FromStringAndSize(<const char *>v.mv_data, v.mv_size)  # before any change
             q = <unsigned char *>PyBytes_AS_STRING(new)
-            refs = _u64_at(q, H_REFS)
             last = _u64_at(q, H_LAST)
-            old_rank = _policy_rank(refs, last)
-            _policy_access(&refs, &last, <uint64_t>entry[0], <uint64_t>entry[1])
-            new_rank = _policy_rank(refs, last)
+            when = <uint64_t>entry[1]
+            if when > last:  # else another process applied a later access
+                last = when
+            old_rank = _u64_at(q, H_RANK)
+            new_rank = _policy_access(lrfu, old_rank, last, <uint64_t>entry[0], tick)
             if new_rank != old_rank:
                 _put_lru_w(w, old_rank, <const unsigned char *>PyBytes_AS_STRING(key), True)
                 _put_lru_w(w, new_rank, <const unsigned char *>PyBytes_AS_STRING(key), False)
-            _set_u64_at(q, H_REFS, refs)
+            _set_u64_at(q, H_REFS, _sat_add(_u64_at(q, H_REFS), <uint64_t>entry[0]))
             _set_u64_at(q, H_LAST, last)
+            _set_u64_at(q, H_RANK, new_rank)
             v.mv_size = PyBytes_GET_SIZE(new)
             v.mv_data = q
             _check(mdb_cursor_put(cur, &k, &v, MDB_CURRENT), "mdb_cursor_put")  # same size: in place
     finally:
         mdb_cursor_close(cur)
-    if hits or misses:
-        _read_u64s(txn, w._meta, ACCESS, 2, counts)
-        counts[0] = min(counts[0] + hits, U64_MAX)
-        counts[1] = min(counts[1] + misses, U64_MAX)
+    if counted:
         _put_u64s_w(w, ACCESS, counts, 2)
     return 0

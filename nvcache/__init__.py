@@ -13,6 +13,9 @@ from types import ModuleType
 from . import fallback
 from .cache import DEFAULT_PATH, LayerCache
 from .errors import CacheDamaged, CacheError, CacheFull, CacheTimeout, RecordTooLarge
+from .policy import DEFAULT_POLICY, POLICIES as _POLICY_CLASSES
+
+POLICIES = tuple(_POLICY_CLASSES)  # the eviction policies' names, for LayerCache(policy=...)
 
 _core: ModuleType = fallback
 EXTENSION = False
@@ -31,4 +34,4 @@ LayerCache._core = _core
 
 __version__ = "0.1.0"
 __all__ = ["LayerCache", "CacheError", "CacheDamaged", "CacheFull", "CacheTimeout", "RecordTooLarge",
-           "EXTENSION", "DEFAULT_PATH", "__version__"]
+           "EXTENSION", "DEFAULT_PATH", "POLICIES", "DEFAULT_POLICY", "__version__"]

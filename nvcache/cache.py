@@ -34,6 +34,7 @@ from .cachedir import DATA_FILE, FORMAT_VERSION, read_version
 from . import codec, fleet, flight
 from .controller import controller_json
 from .errors import CacheDamaged, CacheError
+from .policy import DEFAULT_POLICY, policy_named
 from . import registry
 from .store import Store, log
 
@@ -76,13 +77,18 @@ class LayerCache:
     tier, a new put is shared, get_or_create runs one creator per fleet; the tier's faults
     never reach the caller. None (the default) is a node-only cache. See :mod:`nvcache.fleet`
     (a disabled or repair=False cache uses no tier).
+
+    ``policy`` names the eviction policy of a new cache (:data:`nvcache.POLICIES`: ``"lru"``, the
+    seed's and the default, or ``"lrfu"``, see :mod:`nvcache.policy`); the cache stores it, and an
+    existing cache keeps its own (another name is logged as a warning). None: the stored one.
     """
 
     _core: ModuleType  # the hot index, chosen in nvcache/__init__.py
 
     def __init__(self, path: Union[str, "os.PathLike[str]"] = DEFAULT_PATH, max_mb: Optional[float] = None,
                  *, durable: bool = False, lock_timeout: float = 10.0, compress: bool = True,
-                 repair: bool = True, remote: Any = None, remote_key: Optional[Union[str, bytes]] = None) -> None:
+                 repair: bool = True, remote: Any = None, remote_key: Optional[Union[str, bytes]] = None,
+                 policy: Optional[str] = None) -> None:
         path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError("path must be str or os.PathLike[str]")
@@ -96,6 +102,7 @@ class LayerCache:
         self.compress = flag("compress", compress)
         self.repair = flag("repair", repair)
         self.enabled = self._max_bytes > 0
+        wanted = DEFAULT_POLICY if policy is None else policy_named(policy).name
         tier = fleet.open_tier(remote, remote_key)  # bad URLs and keys raise before anything opens
         self._remote = tier if self.enabled and repair else None
         self._own_tier = isinstance(remote, str)  # made here: closed here (a given one is the caller's)
@@ -105,8 +112,11 @@ class LayerCache:
         self._closed = False
         if self.enabled:  # a disabled cache creates nothing on disk, like the seed's
             self._store = registry.acquire(os.path.abspath(path), self._core, self._max_bytes,
-                                           self.durable, float(lock_timeout), repair)
+                                           self.durable, float(lock_timeout), repair, wanted)
             self._hot = self._store if repair else None
+            if policy is not None and self._store.policy != wanted:
+                log.warning("cache in %s keeps its eviction policy %s (asked for %s): a cache's policy "
+                            "is chosen when it is created", self.path, self._store.policy, wanted)
             try:
                 self._adopt_bound(self._store, given)
             except BaseException:
@@ -142,6 +152,11 @@ class LayerCache:
         return self._remote
 
     @property
+    def policy(self) -> Optional[str]:
+        """The name of the cache's eviction policy (None when disabled)."""
+        return self._store.policy if self._store is not None else None
+
+    @property
     def max_bytes(self) -> int:
         """The cache's bound in stored bytes, as last read from it (0 when disabled)."""
         store = self._store
@@ -152,8 +167,9 @@ class LayerCache:
         """A cache configured like the scanner: ``NVCACHE_PATH`` (or the default) and ``MAX_CACHE_RECORD_MB``
         (a plain decimal number of MiB; unset or 0 disables the cache), and the remote tier of
         ``NVCACHE_REMOTE`` (a URL; unset or empty: none) with ``NVCACHE_REMOTE_KEY``,
-        ``NVCACHE_REMOTE_PREFIX`` and ``NVCACHE_REMOTE_TTL`` (seconds). ``kwargs``: the other
-        arguments (``durable``, ``lock_timeout``, ``compress``, ``remote=`` wins over the
+        ``NVCACHE_REMOTE_PREFIX`` and ``NVCACHE_REMOTE_TTL`` (seconds), and a new cache's policy from
+        ``NVCACHE_POLICY`` (unset or empty: the stored one). ``kwargs``: the other arguments
+        (``durable``, ``lock_timeout``, ``compress``; ``remote=`` and ``policy=`` win over the
         environment); the path and the bound come from the environment only."""
         given = sorted(set(kwargs) & {"path", "max_mb"})
         if given:
@@ -166,6 +182,7 @@ class LayerCache:
         made = "remote" not in kwargs and bool(os.environ.get("NVCACHE_REMOTE")) and bool(max_mb)
         if made:
             kwargs["remote"] = fleet.tier_from_env(os.environ)
+        kwargs.setdefault("policy", os.environ.get("NVCACHE_POLICY", "").strip() or None)
         cache = cls(os.environ.get("NVCACHE_PATH") or DEFAULT_PATH, max_mb, **kwargs)
         cache._own_tier = cache._own_tier or made  # a tier made here is the cache's to close
         return cache

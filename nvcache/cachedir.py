@@ -31,16 +31,17 @@ log = logging.getLogger("nvcache")
 # of a record's first chunk (a get reads dat alone); 5: the readers table marks claimed slots;
 # 6: a birth stamp (born_ns) in the idx header and in front of chunk 0, so buffered references
 # apply only to the record they were counted against; 7: records may be zstd-compressed (written under 6
-# by session 6, which a raw-only format-6 release reads as damaged), and the files live in <path>/v7/
-FORMAT_VERSION = 7
+# by session 6, which a raw-only format-6 release reads as damaged), and the files live in <path>/v7/;
+# 8: the policy's rank in the idx header, the policy's name in meta and a ghost table (issue 15)
+FORMAT_VERSION = 8
 FORMAT_DIR = f"v{FORMAT_VERSION}"  # this format's directory in the cache path: the one place it is named
-FORMAT_DESCRIPTION = ("nvcache LMDB layout: idx (with birth), dat (chunked, size+checksum+birth first, raw or "
-                      "zstd), lru, meta; readers table")
+FORMAT_DESCRIPTION = ("nvcache LMDB layout: idx (with birth and rank), dat (chunked, size+checksum+birth first, "
+                      "raw or zstd), lru, meta (with the policy), ghost; readers table")
 DATA_FILE = "data.mdb"
 VERSION_FILE = "version"
 USERS_FILE = "users"
 CLEAN_FILE = "clean"
-DB_NAMES = (b"idx", b"dat", b"lru", b"meta")  # data.mdb's named databases (see fallback.py)
+DB_NAMES = (b"idx", b"dat", b"lru", b"meta", b"ghost")  # data.mdb's named databases (see fallback.py)
 BOOT_KEY = b"boot"  # in meta: the boot record
 READERS_KEY = b"readers"  # in meta: the nonce of the readers table made with this data.mdb
 MARK_BOOT = "update the boot record"  # boot_problem's answer when the file is fine but the record is old
@@ -94,6 +95,13 @@ def recorded_bound(path: str) -> int:
     return bound if type(bound) is int and bound > 0 else 0
 
 
+def recorded_policy(path: str) -> str:
+    """The cache's eviction policy as ``<path>/version`` last recorded it ("": none), kept for
+    rebuilds as the bound is."""
+    policy = _version_doc(path).get("policy")
+    return policy if isinstance(policy, str) else ""
+
+
 def _version_doc(path: str) -> Dict[str, object]:
     try:
         fd = open_nofollow(os.path.join(path, VERSION_FILE), os.O_RDONLY)
@@ -134,9 +142,10 @@ def remove_entry(path: str) -> None:
         shutil.rmtree(path)  # does not follow symlinks inside
 
 
-def write_version(path: str, bound: int) -> None:
-    """Record the format, and the cache's bound beside data.mdb's (see recorded_bound)."""
-    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION, "bound": bound}).encode()
+def write_version(path: str, bound: int, policy: str) -> None:
+    """Record the format, and the cache's bound and policy beside data.mdb's (see recorded_bound)."""
+    body = json.dumps({"version": FORMAT_VERSION, "description": FORMAT_DESCRIPTION, "bound": bound,
+                       "policy": policy}).encode()
     write_atomically(path, VERSION_FILE, body)
 
 

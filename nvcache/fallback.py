@@ -8,14 +8,16 @@ inside transactions the store opened and locked (it never locks, opens or
 commits); the Reader takes the read lock itself (the flock, or the compiled
 twin's readers-table slot) because a get is one call.
 
-LMDB layout (format 6; one environment, four named databases):
+LMDB layout (format 8; one environment, five named databases):
 
-``idx``  key -> header ``<QQQQQH`` (size, refs, last_ns, checksum, born_ns,
-         layer_id length) followed by the record's full name. The key is the
-         16-byte xxh3-128 of the name, since LMDB keys stop at 511 bytes.
+``idx``  key -> header ``<QQQQQQH`` (size, refs, last_ns, checksum, born_ns,
+         rank, layer_id length) followed by the record's full name. The key is
+         the 16-byte xxh3-128 of the name, since LMDB keys stop at 511 bytes.
          ``born_ns``: CLOCK_REALTIME ns when this record was inserted (also
          for imports, which set last_ns): buffered references apply only to
-         the record they were counted against.
+         the record they were counted against. ``rank``: the record's place in
+         the eviction order, as its policy last set it (the key of its ``lru``
+         entry).
 ``dat``  key + big-endian u32 chunk number -> the record's stored bytes, in
          chunks of at most ``CHUNK_SIZE``; chunk 0 starts with ``<QQQ``
          (size word, checksum, born_ns), so a get reads ``dat`` alone (one
@@ -32,12 +34,20 @@ LMDB layout (format 6; one environment, four named databases):
 ``lru``  big-endian rank + key -> b"": the eviction order of the policy (LRU:
          the rank is last_ns), so a cursor walk from the first entry meets
          the next victim first; equal ranks are ordered by name.
+``ghost`` big-endian u32 slot -> key + ``<QQ`` (rank, the file's eviction count
+         with it): what a policy with ghosts (LRFU) remembers of evicted
+         records, one per slot (the slot is the key's first 32 bits modulo
+         ``GHOST_SLOTS``; a later eviction to the same slot overwrites it). A
+         put of that key takes it, and starts from its rank if fewer than
+         ``GHOST_WINDOW`` × (records held) evictions happened since.
 ``meta`` ``records`` -> ``<QQ`` (count, total stored bytes), ``access`` ->
          ``<QQ`` (hits, misses), ``evictions`` -> ``<Q``, ``bound`` -> ``<Q``
          the cache's bound in stored bytes (every write obeys it); the compression
          dictionaries: ``dict`` + big-endian u16 n -> ``<Q`` xxh3-64 of the
          dictionary, then the dictionary (written once, never changed),
-         ``dictionary`` -> ``<H`` the one new records are compressed with, and
+         ``dictionary`` -> ``<H`` the one new records are compressed with,
+         ``policy`` -> the ascii name of the cache's eviction policy (set at
+         creation, never changed: a key of ``POLICIES``), and
          ``trainings`` -> ``<H`` how many trainings processes have claimed;
          the tallies (``TALLIES``: absent until first added to, saturating u64s):
          ``flight`` -> ``<QQQ`` get_or_create's waits, takeovers and nanoseconds waited
@@ -56,13 +66,14 @@ import xxhash
 from .errors import CacheFull
 from .accessbuffer import AccessBuffer  # noqa: F401 (this core's buffer)
 from .names import MAX_KIND, MAX_LAYER_ID, keep_set, name_key, record_key, record_name  # noqa: F401 (this core's names)
+from .policy import DEFAULT_POLICY, LRU, LRFU, POLICIES, policy_named  # noqa: F401 (this core's policies)
 from .fallbackio import FAST_READS, Reader, Writer, link_count  # noqa: F401 (this core's transactions)
 
 KEY_SIZE = 16
 
-# The idx header, defined once: size, refs, last_ns, checksum, born_ns, layer_id length.
-_HDR = struct.Struct("<QQQQQH")
-HEADER_SIZE = _HDR.size  # 42
+# The idx header, defined once: size, refs, last_ns, checksum, born_ns, rank, layer_id length.
+_HDR = struct.Struct("<QQQQQQH")
+HEADER_SIZE = _HDR.size  # 50
 _TS = struct.Struct(">Q")  # the rank in front of an lru key
 RANK_SIZE = _TS.size
 _PAIR = struct.Struct("<QQ")
@@ -89,6 +100,10 @@ REMOTE_TALLY = ("remote_hits", "remote_misses", "remote_errors", "remote_skipped
 TALLIES: Dict[bytes, struct.Struct] = {b"flight": struct.Struct("<3Q"),
                                        b"remote": struct.Struct(f"<{len(REMOTE_TALLY)}Q")}
 BOUND = b"bound"  # the cache's bound in stored bytes (<Q): one bound per cache, whoever opened it
+POLICY_KEY = b"policy"  # the cache's policy's name (ascii)
+GHOST_SLOTS = 1 << 16  # slots of the ghost table (a power of two)
+GHOST_WINDOW = 8  # a ghost counts for GHOST_WINDOW x (records held) evictions after its own
+_SLOT = struct.Struct(">I")
 _DICT_ID = struct.Struct(">H")
 _U16 = struct.Struct("<H")
 
@@ -96,13 +111,13 @@ def checksum(data: Any) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def pack_header(size: int, refs: int, last_ns: int, check: int, born_ns: int, lid_len: int,
+def pack_header(size: int, refs: int, last_ns: int, check: int, born_ns: int, rank: int, lid_len: int,
                 name: bytes) -> bytes:
-    return _HDR.pack(size, refs, last_ns, check, born_ns, lid_len) + name
+    return _HDR.pack(size, refs, last_ns, check, born_ns, rank, lid_len) + name
 
 
-def unpack_header(hdr: bytes) -> Tuple[int, int, int, int, int, int, bytes]:
-    """(size, refs, last_ns, checksum, born_ns, layer_id length, name) of an ``idx`` value."""
+def unpack_header(hdr: bytes) -> Tuple[int, int, int, int, int, int, int, bytes]:
+    """(size, refs, last_ns, checksum, born_ns, rank, layer_id length, name) of an ``idx`` value."""
     if len(hdr) <= HEADER_SIZE:
         raise ValueError("index header too short")
     return _HDR.unpack_from(hdr) + (bytes(hdr[HEADER_SIZE:]),)
@@ -120,30 +135,6 @@ def rfc3339nano(ns: int) -> str:
     if frac:
         text += (".%09d" % frac).rstrip("0")
     return text + "Z"
-
-
-class LRU:
-    """The eviction policy: least recently referred first (the only one so far).
-
-    A policy says two things, and nothing else in the index knows them:
-    ``rank`` is the u64 that orders the ``lru`` table (the walk meets the
-    lowest rank first; equal ranks go by name), and ``access`` is what a
-    batch of ``n`` buffered references, the last at ``when``, does to a
-    record's (refs, last_ns). The compiled twin's ``_policy_rank`` and
-    ``_policy_access`` are the same functions.
-    """
-
-    @staticmethod
-    def rank(refs: int, last_ns: int) -> int:
-        return last_ns
-
-    @staticmethod
-    def access(refs: int, last_ns: int, n: int, when: int) -> Tuple[int, int]:
-        # ``when`` may be older: another process may have applied a later access
-        return min(refs + n, U64_MAX), max(last_ns, when)
-
-
-POLICY = LRU
 
 
 def chunk_count(size: int) -> int:
@@ -210,14 +201,56 @@ def _by_name(entry: Tuple[bytes, bytes]) -> bytes:
 
 
 class Index:
-    """The record index over the four databases of one environment."""
+    """The record index over the five databases of one environment.
 
-    def __init__(self, idx: Any, dat: Any, lru: Any, meta: Any) -> None:
+    Its writes follow ``policy`` (LRU until :meth:`use_policy` says the file's
+    own, as the store's opening does); its reads do not depend on it.
+    """
+
+    def __init__(self, idx: Any, dat: Any, lru: Any, meta: Any, ghost: Any) -> None:
         self.idx = idx
         self.dat = dat
         self.lru = lru
         self.meta = meta
-        self.policy = POLICY
+        self.ghost = ghost
+        self.policy: Any = LRU
+
+    # -- the policy -------------------------------------------------------------
+    def use_policy(self, name: str) -> None:
+        """Write by the policy ``name`` (a key of POLICIES) from now on."""
+        self.policy = policy_named(name)
+
+    def stored_policy(self, txn: Any) -> str:
+        """The name of the policy this file was created with (ValueError: damaged or unknown)."""
+        raw = txn.get(POLICY_KEY, None, self.meta)
+        if raw is None:
+            raise ValueError("the file records no eviction policy")
+        return policy_named(bytes(raw).decode("ascii", "replace")).name  # type: ignore[no-any-return]
+
+    def set_stored_policy(self, txn: Any, name: str) -> None:
+        """Record the file's policy (at creation: the ranks of its records are that policy's)."""
+        txn.put(POLICY_KEY, policy_named(name).name.encode("ascii"), db=self.meta)
+
+    def _tick(self, txn: Any) -> int:
+        """The file's request clock: hits + misses applied so far."""
+        hits, misses = self._pair(txn, ACCESS)
+        return min(hits + misses, U64_MAX)
+
+    def _take_ghost(self, txn: Any, key: bytes, held: int) -> Optional[int]:
+        """The rank ``key`` left in the ghost table when evicted, if still recent (see GHOST_WINDOW;
+        ``held``: the records in the cache), removing it; None when absent or too old.
+
+        Without the window a ghost would count however long ago it was evicted (slots are only
+        overwritten by collisions), which measured worse than LRFU's history of recent victims."""
+        slot = _SLOT.pack(_SLOT.unpack_from(key)[0] % GHOST_SLOTS)
+        raw = txn.get(slot, None, self.ghost)
+        if raw is None or len(raw) != KEY_SIZE + _PAIR.size or bytes(raw[:KEY_SIZE]) != key:
+            return None
+        txn.delete(slot, db=self.ghost)
+        rank, evicted_at = _PAIR.unpack_from(raw, KEY_SIZE)
+        if not 0 <= self._evictions(txn) - evicted_at <= GHOST_WINDOW * max(1, held):
+            return None
+        return int(rank)
 
     # -- counters: the one reader ---------------------------------------------
     def _pair(self, txn: Any, name: bytes) -> Tuple[int, int]:
@@ -263,7 +296,7 @@ class Index:
         hdr = txn.get(key, None, self.idx)
         if hdr is None or len(hdr) <= HEADER_SIZE:
             return None
-        _size, refs, last, _check, born, _lid = _HDR.unpack_from(hdr)
+        _size, refs, last, _check, born, _rank, _lid = _HDR.unpack_from(hdr)
         return refs, last, born
 
     def lookup(self, txn: Any, key: bytes) -> Tuple[Any, int, int]:
@@ -402,7 +435,7 @@ class Index:
 
         def add(group: List[Tuple[bytes, bytes]]) -> None:
             for _key, hdr in group:
-                size, refs, last, _check, _born, _lid = _HDR.unpack_from(hdr)
+                size, refs, last, _check, _born, _rank, _lid = _HDR.unpack_from(hdr)
                 out.append({"last_referred": rfc3339nano(last), "layer_id": hdr[HEADER_SIZE:].decode("ascii"),
                             "reference_count": refs, "size": size})
         self.walk(txn, add)
@@ -427,14 +460,13 @@ class Index:
         if over <= 0:
             return chosen
         freed = [0]
-        rank_of = self.policy.rank  # == the lru key's rank (else verify reports the entry)
 
         def take(group: List[Tuple[bytes, bytes]]) -> bool:
             for lk, hdr in group:
-                vsize, refs, last, _check, _born, vlid = _HDR.unpack_from(hdr)
+                vsize, _refs, _last, _check, _born, vrank, vlid = _HDR.unpack_from(hdr)
                 if keep and hdr[HEADER_SIZE:HEADER_SIZE + vlid] in keep:
                     continue
-                chosen.append((lk[RANK_SIZE:], rank_of(refs, last), vsize))
+                chosen.append((lk[RANK_SIZE:], vrank, vsize))  # vrank == the lru key's (else verify reports it)
                 freed[0] += vsize
                 if freed[0] >= over:
                     return True
@@ -456,13 +488,16 @@ class Index:
         if txn.get(key, None, self.idx) is not None:
             return -1
         size = len(data)
+        policy = self.policy
+        ghost = self._take_ghost(txn, key, self.records(txn)[0]) if policy.ghosts else None  # before the victims leave theirs
         count, total = self._evict(txn, victims)
         born = time.time_ns()
         last = last_ns or born
+        rank = policy.admit(last, self._tick(txn) if policy.clocked else 0, ghost)
         check = xxhash.xxh3_64_intdigest(data)
-        txn.put(key, _HDR.pack(size, refs, last, check, born, lid_len) + name, db=self.idx)
+        txn.put(key, _HDR.pack(size, refs, last, check, born, rank, lid_len) + name, db=self.idx)
         write_chunks(txn, self.dat, key, data, check, born, enc)
-        txn.put(_TS.pack(self.policy.rank(refs, last)) + key, b"", db=self.lru)
+        txn.put(_TS.pack(rank) + key, b"", db=self.lru)
         txn.put(RECORDS, _PAIR.pack(count + 1, total + size), db=self.meta)
         return len(victims)
 
@@ -477,15 +512,21 @@ class Index:
         """Delete ``victims`` and count the evictions; the record counters after them (not stored)."""
         count, total = self.records(txn)
         if victims:
+            ghosts = self.policy.ghosts
+            evictions = self._evictions(txn)
             for vkey, vrank, vsize in victims:
                 txn.delete(vkey, db=self.idx)
                 delete_chunks(txn, self.dat, vkey, vsize)
                 txn.delete(_TS.pack(vrank) + vkey, db=self.lru)
+                evictions = min(evictions + 1, U64_MAX)
+                if ghosts:
+                    txn.put(_SLOT.pack(_SLOT.unpack_from(vkey)[0] % GHOST_SLOTS),
+                            vkey + _PAIR.pack(vrank, evictions), db=self.ghost)
                 if count < 1 or total < vsize:  # a damaged counter: never store a wrapped one
                     raise ValueError("the record counters are smaller than the records they count")
                 count -= 1
                 total -= vsize
-            txn.put(EVICTIONS, _U64.pack(min(self._evictions(txn) + len(victims), U64_MAX)), db=self.meta)
+            txn.put(EVICTIONS, _U64.pack(evictions), db=self.meta)
         return count, total
 
     def remove(self, txn: Any, key: bytes) -> bool:
@@ -496,38 +537,44 @@ class Index:
         count, total = self.records(txn)
         size = 0
         if len(hdr) > HEADER_SIZE:  # else a damaged header: its lru entry is found by verify, not here
-            size, refs, last, _check, _born, _lid = _HDR.unpack_from(hdr)
-            txn.delete(_TS.pack(self.policy.rank(refs, last)) + key, db=self.lru)
+            size, _refs, _last, _check, _born, rank, _lid = _HDR.unpack_from(hdr)
+            txn.delete(_TS.pack(rank) + key, db=self.lru)
         txn.delete(key, db=self.idx)
         delete_chunks(txn, self.dat, key, size)
         txn.put(RECORDS, _PAIR.pack(max(count - 1, 0), max(total - size, 0)), db=self.meta)
         return True
 
     def apply(self, txn: Any, pending: Dict[bytes, List[int]], hits: int, misses: int) -> None:
-        """Write buffered accesses: references of records still born as counted, hits and misses."""
+        """Write buffered accesses: references of records still born as counted, hits and misses.
+
+        Each entry's references count at the request clock after this batch (every reference of
+        the batch at its end): the seed's reference count and last reference time, and the
+        policy's rank."""
         policy = self.policy
+        old_hits, old_misses = self._pair(txn, ACCESS) if hits or misses or policy.clocked else (0, 0)
+        new_hits, new_misses = min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX)
+        tick = min(new_hits + new_misses, U64_MAX)
         for key, (n, when, born) in pending.items():
             hdr = txn.get(key, None, self.idx)
             if hdr is None or len(hdr) <= HEADER_SIZE:
                 continue  # deleted or evicted since: its hits still count below
-            size, refs, last, check, hborn, lid = _HDR.unpack_from(hdr)
+            size, refs, last, check, hborn, rank, lid = _HDR.unpack_from(hdr)
             if hborn != born:
                 continue  # another record of that name now: the references were not its own
-            new_refs, new_last = policy.access(refs, last, n, when)
-            old_rank, new_rank = policy.rank(refs, last), policy.rank(new_refs, new_last)
-            if new_rank != old_rank:
-                txn.delete(_TS.pack(old_rank) + key, db=self.lru)
+            new_refs = min(refs + n, U64_MAX)
+            new_last = max(last, when)  # ``when`` may be older: another process applied a later access
+            new_rank = policy.access(rank, new_last, n, tick)
+            if new_rank != rank:
+                txn.delete(_TS.pack(rank) + key, db=self.lru)
                 txn.put(_TS.pack(new_rank) + key, b"", db=self.lru)
-            txn.put(key, _HDR.pack(size, new_refs, new_last, check, hborn, lid) + hdr[HEADER_SIZE:],
+            txn.put(key, _HDR.pack(size, new_refs, new_last, check, hborn, new_rank, lid) + hdr[HEADER_SIZE:],
                     db=self.idx)
         if hits or misses:
-            old_hits, old_misses = self._pair(txn, ACCESS)
-            txn.put(ACCESS, _PAIR.pack(min(old_hits + hits, U64_MAX), min(old_misses + misses, U64_MAX)),
-                    db=self.meta)
+            txn.put(ACCESS, _PAIR.pack(new_hits, new_misses), db=self.meta)
 
     def clear(self, txn: Any) -> None:
-        """Remove every record; hit, miss and eviction counters are kept."""
-        for db in (self.idx, self.dat, self.lru):
+        """Remove every record and ghost; hit, miss and eviction counters are kept."""
+        for db in (self.idx, self.dat, self.lru, self.ghost):
             txn.drop(db, False)
         txn.put(RECORDS, _PAIR.pack(0, 0), db=self.meta)
 

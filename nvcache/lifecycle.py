@@ -24,10 +24,11 @@ import lmdb
 
 from . import deepcheck, formats
 from .cachedir import (CLEAN_FILE, DATA_FILE, MARK_BOOT, USERS_FILE, claim_users, closed_cleanly, recorded_bound,
-                       consume_clean_mark, file_mark, format_dir, last_user, mark_clean, prepare_directory,
-                       prepare_format_directory, write_atomically)
+                       recorded_policy, consume_clean_mark, file_mark, format_dir, last_user, mark_clean,
+                       prepare_directory, prepare_format_directory, write_atomically)
 from .errors import CacheDamaged, CacheError, CacheTimeout
 from .locking import FileLock, fork_generation, open_lock_file, open_nofollow
+from .policy import DEFAULT_POLICY, POLICIES
 from .opening import CORRUPTION_ERRORS, Files, create_files, environment, open_files, write_boot
 from .writemap import NoRoom, first_map_size, grown_map_size, writemap_wanted
 
@@ -62,7 +63,7 @@ class Lifecycle:
     _txn: Any = None  # the store's write transaction in progress (see _abandon_write)
 
     def __init__(self, path: str, core: ModuleType, max_bytes: int, durable: bool,
-                 lock_timeout: float, repair: bool = True) -> None:
+                 lock_timeout: float, repair: bool = True, policy: str = DEFAULT_POLICY) -> None:
         self.path = path
         # False (LayerCache(..., repair=False)): a reader that never writes a byte of the files and
         # raises CacheDamaged where a writer would rebuild (see _rebuild, _failure, _leave).
@@ -75,6 +76,7 @@ class Lifecycle:
         # file's is the one every write obeys (see Store.set_bound).
         self.bound = max_bytes
         self.map_size = first_map_size(max_bytes)  # what a new file starts with; see _grow_map
+        self.policy = policy  # the eviction policy of the file in use (of a new one until then)
         self.writemap = writemap_wanted(path)
         self.durable = durable
         self.force_sync = False
@@ -213,13 +215,17 @@ class Lifecycle:
         self._close_files()
         # The bound the cache had (damage in data.mdb does not lose it), else this process's.
         self.bound = recorded_bound(self.lock.dir) or self.bound
+        self.policy = recorded_policy(self.lock.dir) or self.policy
+        if self.policy not in POLICIES:  # a version file of a release with more policies
+            self.policy = DEFAULT_POLICY
         self.map_size = first_map_size(self.bound)
         self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,
-                               self.path, self.bound))
+                               self.path, self.bound, self.policy))
 
     def _use(self, files: Files) -> None:
         if files.bound:
             self.bound = files.bound
+        self.policy = files.policy
         self.files = files
         self.reader = files.reader
         self.writemap = files.writemap

@@ -47,7 +47,7 @@ class Files:
     """One open data.mdb and what goes with it (see the module docstring)."""
 
     __slots__ = ("env", "index", "meta_db", "table", "reader", "writer", "data_fd", "room", "writemap", "codec",
-                 "bound")
+                 "bound", "policy")
 
     def __init__(self, env: Any, index: Any, meta_db: Any, table: ReaderTable) -> None:
         self.env = env
@@ -61,6 +61,7 @@ class Files:
         self.writemap = False
         self.codec: Codec = None  # type: ignore[assignment]  # set by _adopt before anyone reads it
         self.bound = 0  # the cache's bound recorded in the file when it was opened (0: none)
+        self.policy = ""  # the file's eviction policy (its index writes by it)
 
     @property
     def map_size(self) -> int:
@@ -220,12 +221,14 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         with env.begin() as txn:
             index.counters(txn)  # fails on a damaged or foreign meta database
             bound = index.bound(txn)
+            policy = index.stored_policy(txn)  # ValueError: none, or a name this release lacks
             boot = txn.get(BOOT_KEY, None, dbs[3])
             nonce = txn.get(READERS_KEY, None, dbs[3])
+        index.use_policy(policy)
         problem = None
     except (lmdb.NotFoundError, lmdb.ReadonlyError):
         problem = f"{DATA_FILE} lacks nvcache's databases"
-    except (CORRUPTION_ERRORS + (TypeError,)) as exc:
+    except (CORRUPTION_ERRORS + (TypeError, ValueError)) as exc:
         problem = f"{DATA_FILE} is damaged: {exc}"
     except BaseException:
         env.close()
@@ -240,14 +243,14 @@ def open_files(path: str, core: ModuleType, lock: FileLock, map_size: int, write
         table.close()
         return None, problem
     files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label, readonly)
-    files.bound = bound
+    files.bound, files.policy = bound, policy
     return files, boot_problem(boot, durable)
 
 
 def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, writemap: bool,
-                 durable: bool, label: str, bound: int) -> Files:
-    """Empty ``path`` and create a new cache bounded to ``bound`` stored bytes in it; the caller
-    holds the exclusive lock."""
+                 durable: bool, label: str, bound: int, policy: str) -> Files:
+    """Empty ``path`` and create a new cache bounded to ``bound`` stored bytes and evicting by
+    ``policy`` in it; the caller holds the exclusive lock."""
     table = env = None
     try:
         for name in (VERSION_FILE, DATA_FILE, CLEAN_FILE, READERS_FILE):
@@ -260,6 +263,7 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             index = core.Index(*dbs)
             index.init_counters(txn)
             index.set_bound(txn, bound)
+            index.set_stored_policy(txn, policy)
             txn.put(BOOT_KEY, boot_record(None, durable), db=dbs[3])
             txn.put(READERS_KEY, table.nonce, db=dbs[3])
         if durable:
@@ -270,7 +274,8 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             env = environment(path, map_size, durable, create=False, writemap=True)
             dbs = [env.open_db(name, create=False) for name in DB_NAMES]
             index = core.Index(*dbs)
-        write_version(path, bound)
+        index.use_policy(policy)
+        write_version(path, bound, policy)
     except (lmdb.Error, OSError, CacheError) as exc:
         if env is not None:
             env.close()
@@ -278,7 +283,7 @@ def create_files(path: str, core: ModuleType, lock: FileLock, map_size: int, wri
             table.close()
         raise CacheError(f"cannot create cache in {label}: {exc}") from exc
     files = _adopt(Files(env, index, dbs[3], table), path, core, lock, writemap, durable, label)
-    files.bound = bound
+    files.bound, files.policy = bound, policy
     return files
 
 

@@ -27,6 +27,7 @@ from .cachedir import DATA_FILE, VERSION_FILE, format_dir, prepare_format_direct
 from .errors import CacheError
 from .locking import fork_generation
 from .lifecycle import REOPEN, existing_directory
+from .policy import DEFAULT_POLICY
 from .store import Store
 
 log = logging.getLogger("nvcache")
@@ -58,14 +59,14 @@ def _exists(path: str) -> bool:
 
 
 def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_timeout: float,
-            repair: bool = True) -> Store:
+            repair: bool = True, policy: str = DEFAULT_POLICY) -> Store:
     """The store of the cache path ``path`` (created 0o750 when missing, with this format's
     directory in it), with one more user.
 
     ``repair=False``: nothing is created, and a new store only reads (see Lifecycle.repair). One
     store serves every cache of the path in the process: when a repair=True cache joins a store
     opened by a repair=False one, the store repairs from then on (each cache's own verbs still
-    follow its own ``repair``).
+    follow its own ``repair``). ``policy`` is a new file's: an existing file keeps its own.
     """
     if repair:
         prepare_format_directory(format_dir(path))
@@ -81,7 +82,7 @@ def acquire(path: str, core: ModuleType, max_bytes: int, durable: bool, lock_tim
     with _lock:
         store = _find(path, (st.st_dev, st.st_ino))
         if store is None:
-            store = Store(path, core, max_bytes, durable, lock_timeout, repair)
+            store = Store(path, core, max_bytes, durable, lock_timeout, repair, policy)
             _stores.append(store)
         elif store.core is not core:  # its index and buffer are the other core's objects
             raise CacheError(f"{path} is already open in this process with the other core "

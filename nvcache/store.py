@@ -413,7 +413,7 @@ class Store(Lifecycle):
             self._reserve(files, (len(victims) + 1) * PAGES_PER_KEY)
             index.evict(txn, victims)
             index.set_bound(txn, max_bytes)
-            write_version(self.lock.dir, max_bytes)  # its copy for rebuilds (we hold the exclusive lock)
+            write_version(self.lock.dir, max_bytes, files.policy)  # its copy for rebuilds (we hold the exclusive lock)
             self.bound = files.bound = max_bytes
             return old, len(victims)
         self.bound = max_bytes

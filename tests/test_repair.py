@@ -68,7 +68,7 @@ def snapshot(path: str) -> Dict[str, str]:
         st = os.lstat(full)
         what = "dir" if os.path.isdir(full) else file_digest(full)
         out[name] = f"{st.st_mode:o} {st.st_uid} {what}"
-        if what == "dir" and not os.path.islink(full):  # the format directory's files: "v7/data.mdb"
+        if what == "dir" and not os.path.islink(full):  # the format directory's files: "v8/data.mdb"
             out.update({f"{name}/{sub}": entry for sub, entry in snapshot(full).items()})
     return out
 

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from nvcache.cachedir import FORMAT_DIR
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "flight_worker.py")
 sys.path.insert(0, HERE)
@@ -137,7 +139,7 @@ def test_threads_and_processes_create_once(make_cache, cache_dir, tmp_path, work
     assert flights["waits"] == 14 and flights["takeovers"] == 0
     assert flights["wait_seconds"] > 0
     assert cache.verify() == []
-    assert os.listdir(os.path.join(cache_dir, "v7", "claims")) == []  # the creator removed its claim
+    assert os.listdir(os.path.join(cache_dir, FORMAT_DIR, "claims")) == []  # the creator removed its claim
     from prometheus_client.parser import text_string_to_metric_families
     result = subprocess.run([sys.executable, "-m", "nvcache", "--path", cache_dir, "metrics"], env=workers.env,
                             capture_output=True, text=True, timeout=60)

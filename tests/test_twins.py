@@ -52,14 +52,14 @@ def test_record_name_and_key(layer_id, kind):
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
-       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**16 - 1),
-       st.binary(min_size=1, max_size=60))
-def test_header_round_trip(size, refs, last, check, born, lid, name):
-    packed = compiled.pack_header(size, refs, last, check, born, lid, name)
-    assert packed == fallback.pack_header(size, refs, last, check, born, lid, name)
+       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
+       st.integers(0, 2**16 - 1), st.binary(min_size=1, max_size=60))
+def test_header_round_trip(size, refs, last, check, born, rank, lid, name):
+    packed = compiled.pack_header(size, refs, last, check, born, rank, lid, name)
+    assert packed == fallback.pack_header(size, refs, last, check, born, rank, lid, name)
     assert len(packed) == compiled.HEADER_SIZE + len(name) == fallback.HEADER_SIZE + len(name)
     assert (compiled.unpack_header(packed) == fallback.unpack_header(packed)
-            == (size, refs, last, check, born, lid, name))
+            == (size, refs, last, check, born, rank, lid, name))
 
 
 @settings(max_examples=300, deadline=None)
@@ -69,6 +69,16 @@ def test_time_and_keys(ns, key):
     assert compiled.lru_key(ns, key) == fallback.lru_key(ns, key)
     assert compiled.name_key(key) == fallback.name_key(key)
     assert compiled.checksum(key) == fallback.checksum(key)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.integers(0, 2**52), st.integers(-2**40, 40_000), st.integers(1, 2**64 - 1))
+@example(10_000, 0, 1)
+@example(10_000, 30_000, 1)
+@example(10_000, -640_001, 7)
+def test_lrfu_rank_is_the_same_number_in_both_cores(tick, offset, n):
+    rank = max(0, tick + offset)
+    assert compiled.lrfu_access(rank, n, tick) == fallback.LRFU.access(rank, 0, n, tick)
 
 
 def test_layout_constants():
@@ -188,7 +198,7 @@ def test_the_compiled_core_forwards_cold_calls_to_the_twin(tmp_path):
 def _read_both(store, key_sets):
     """Each read of the compiled Reader and of fallback's Reader on the same file."""
     twin = fallback.Reader(store.lock, store.files.env, fallback.Index(*[getattr(store.files.index, n)
-                                                                  for n in ("idx", "dat", "lru", "meta")]))
+                                                                  for n in ("idx", "dat", "lru", "meta", "ghost")]))
     out = []
     for reader in (store.reader, twin):
         out.append(([reader.lookup(k) for k in key_sets[0]], reader.lookup_many(key_sets[0]),
@@ -286,10 +296,10 @@ def _step(core, store, txn, op, bound):
 
 
 def _contents(store):
-    """All four tables, birth stamps zeroed (after checking each record's two copies agree)."""
+    """All five tables, birth stamps zeroed (after checking each record's two copies agree)."""
     index = store.files.index
     with store.files.env.begin() as t:
-        tables = [list(t.cursor(db)) for db in (index.idx, index.dat, index.lru, index.meta)]
+        tables = [list(t.cursor(db)) for db in (index.idx, index.dat, index.lru, index.meta, index.ghost)]
     idx, dat = dict(tables[0]), dict(tables[1])
     for key, hdr in idx.items():
         assert dat[key + b"\0\0\0\0"][16:24] == hdr[32:40]
@@ -308,15 +318,21 @@ def _contents(store):
 @example([("insert", 1, 100, set(), 0, 1), ("remove", 1), ("insert", 1, 100, set(), 0, 2),
           ("apply", [(1, 3, 5, False)], 1, 0), ("apply", [(1, 2, 4, True)], 0, 1),
           ("restore", [(1, 3, True)], [(1, 6, True)])], 3000)
-def test_c_writes_match_the_twin(tmp_path_factory, script, bound):
+# LRFU: an evicted record's ghost, taken back by its next insert.
+@example([("insert", i, 300, set(), 0, 1) for i in range(3)] + [("apply", [(0, 2, 2, True)], 2, 1)]
+         + [("insert", 0, 300, {1, 2}, 0, 2), ("insert", 5, 300, set(), 0, 2), ("insert", 0, 300, set(), 0, 3)], 1000)
+@pytest.mark.parametrize("policy", nvcache.POLICIES)
+def test_c_writes_match_the_twin(tmp_path_factory, policy, script, bound):
     """The compiled Writer's victims, inserts, removes and applies (LMDB's C API) leave the same
-    databases as fallback.py's on py-lmdb transactions, with the same results and exceptions."""
-    caches = [Ext(str(tmp_path_factory.mktemp("w")), bound / 1048576),
-              Py(str(tmp_path_factory.mktemp("w")), bound / 1048576)]
+    databases as fallback.py's on py-lmdb transactions, with the same results and exceptions,
+    under every policy."""
+    caches = [Ext(str(tmp_path_factory.mktemp("w")), bound / 1048576, policy=policy),
+              Py(str(tmp_path_factory.mktemp("w")), bound / 1048576, policy=policy)]
     try:
         stores = [c._store for c in caches]
         assert type(stores[0].files.writer) is compiled.Writer and type(stores[0].files.index) is compiled.Index
         assert type(stores[1].files.index) is fallback.Index
+        assert stores[0].files.index.policy is stores[1].files.index.policy is fallback.POLICIES[policy]
         results = [[], []]
         for op in script:
             for n, (core, store) in enumerate(zip((compiled, fallback), stores)):
