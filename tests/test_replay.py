@@ -274,3 +274,12 @@ def test_every_policy_is_asked_for_by_name(Cache, tmp_path, monkeypatch):
     assert [p.policy for p in result.policies] == ["lru", "other"] and opened == [None, "lru", "other"]
     assert [p.hits for p in result.policies] == [3, 3]
     assert result.as_dict()["policies"][1]["gap_closed"] is None  # no gap: both at the optimum
+
+
+@pytest.mark.parametrize("policy", sim.known_policies())
+def test_simulate_runs_the_policy_asked_for(tmp_path, policy):
+    args = ["simulate", "-p", "1", "--images", "6", "--layers", "30", "--scans", "30", "--max-mb", "0.02",
+            "--analysis-us", "5", "--us-per-kib", "1", "--no-progress", "--path", str(tmp_path / "sim"),
+            "--policy", policy, "--json"]
+    doc = json.loads(run(args).stdout)
+    assert doc["policy"] == policy and doc["requests"] == doc["hits"] + doc["misses"] > 0
