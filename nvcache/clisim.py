@@ -1,7 +1,8 @@
-"""``nvcache simulate``: the main job, scanner processes sharing one cache, and its result table.
+"""``nvcache simulate``: the main job, scanner processes sharing one cache, and its result table;
+``nvcache replay``: a trace file replayed through a cache per eviction policy, beside Belady's.
 
-Registered on the ``nvcache`` group by :mod:`nvcache.cli` (kept apart: it is a job of its own,
-with its own options, and cli.py holds the commands that look at or repair a cache).
+Registered on the ``nvcache`` group by :mod:`nvcache.cli` (kept apart: they are jobs of their own,
+with their own options, and cli.py holds the commands that look at or repair a cache).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import json
 import os
 import shutil
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import click
 from prettytable import PrettyTable
 from tqdm import tqdm
 
+from . import replay as rp
 from . import simfleet
 from . import simulate as sim
 from .cli import Settings, _friendly, cli, pass_settings, self_command, stat_table
@@ -30,6 +32,7 @@ def result_table(r: sim.SimResult) -> str:
     table = PrettyTable(["Result", "Value"])
     table.align = "l"
     rate = r.scans_done / r.wall_s if r.wall_s else 0.0
+    table.add_row(["policy", r.policy])
     table.add_row(["scans", f"{r.scans_done} of {r.scans_planned} in {r.wall_s:.1f} s ({rate:.0f}/s)"
                    + (" - stopped at --duration" if r.stopped_by_deadline else "")])
     table.add_row(["layer requests", f"{r.requests} ({r.requested_bytes / 2**20:.1f} MiB of records)"])
@@ -129,13 +132,19 @@ def fleet_details(r: simfleet.FleetResult) -> str:
 @click.option("--compress/--no-compress", default=True, show_default=True,
               help="Store records zstd-compressed (the cache's default) or raw.")
 @click.option("--keep", is_flag=True, help="Keep the temporary cache directory (removed at the end otherwise).")
+@click.option("--policy", type=click.Choice(sim.known_policies()), default="lru", show_default=True,
+              help="The cache's eviction policy for the run.")
+@click.option("--trace-out", type=click.Path(dir_okay=False, writable=True), default=None, metavar="FILE",
+              help="Write the requests the scanners made, in the order the cache saw them, as a trace file "
+                   "`nvcache replay` reads (README, 'Replaying a trace').")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
 @pass_settings
 @_friendly
 def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int], remote_url: Optional[str],
              remote_mb: float, images: int, layers: int, scans: int, max_mb: float, seed: int,
              skew: float, duration: float, analysis_us: float, us_per_kib: float, sim_path: Optional[str],
-             start_method: str, progress: Optional[bool], compress: bool, keep: bool, as_json: bool) -> None:
+             start_method: str, progress: Optional[bool], compress: bool, keep: bool, policy: str,
+             trace_out: Optional[str], as_json: bool) -> None:
     """The main job: scanner processes scanning a synthetic registry through one shared cache.
 
     A miss "analyses" the layer (a sleep in proportion to its record size)
@@ -154,6 +163,10 @@ def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int],
     """
     if remote_url is not None and nodes is None:
         raise click.UsageError("--remote needs --nodes")
+    if nodes is not None and (trace_out is not None or policy != "lru"):
+        raise click.UsageError("--trace-out and --policy are for a single node's run: not with --nodes")
+    if trace_out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace_out))):
+        raise click.BadParameter(f"the directory of {trace_out} does not exist", param_hint="'--trace-out'")
     if nodes is None and processes is None:
         processes = os.cpu_count() or 1
     temporary = not sim_path and not settings.path_given
@@ -170,7 +183,8 @@ def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int],
             return
         assert processes is not None
         _simulate(path, processes, images, layers, scans, max_mb, seed, skew, duration, analysis_us, us_per_kib,
-                  start_method, progress, compress, as_json, kept=not temporary or keep)
+                  start_method, progress, compress, as_json, kept=not temporary or keep, policy=policy,
+                  trace_out=trace_out)
     finally:
         if temporary and not keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -185,7 +199,8 @@ def _progress_bar(total: int, desc: str, progress: Optional[bool]) -> tqdm:
 
 def _simulate(path: str, processes: int, images: int, layers: int, scans: int, max_mb: float, seed: int,
               skew: float, duration: float, analysis_us: float, us_per_kib: float, start_method: str,
-              progress: Optional[bool], compress: bool, as_json: bool, kept: bool) -> None:
+              progress: Optional[bool], compress: bool, as_json: bool, kept: bool, policy: str = "lru",
+              trace_out: Optional[str] = None) -> None:
     bar = _progress_bar(scans, "scanning", progress)
 
     def tick(done: int, _total: int) -> None:
@@ -194,21 +209,30 @@ def _simulate(path: str, processes: int, images: int, layers: int, scans: int, m
     try:
         result = sim.run(path, processes=processes, images=images, layers=layers, scans=scans, max_mb=max_mb,
                          seed=seed, skew=skew, duration=duration, fixed_us=analysis_us, us_per_kib=us_per_kib,
-                         start_method=start_method, compress=compress, progress=tick)
+                         start_method=start_method, compress=compress, policy=policy, trace_out=trace_out,
+                         progress=tick)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        if trace_out is None:
+            raise
+        raise click.ClickException(f"--trace-out {trace_out}: {exc}") from exc  # could not be written
     finally:
         bar.close()
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
         return
     click.echo(f"{processes} scanner processes, {images} images over {layers} layers "
-               f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB, seed {seed}")
+               f"({result.catalogue_bytes / 2**20:.1f} MiB of records), bound {max_mb:g} MiB, seed {seed}, "
+               f"policy {result.policy}")
     click.echo(stat_table(result.stats))
     click.echo(result_table(result))
     if (result.counter_hits, result.counter_misses) != (result.hits, result.misses):
         click.echo(f"warning: the cache counted {result.counter_hits} hits and {result.counter_misses} misses, "
                    f"the trace {result.hits} and {result.misses}", err=True)
+    if trace_out is not None:
+        click.echo(f"trace: {result.requests} requests written to {trace_out} (replay it: "
+                   f"{self_command()} replay {trace_out} --max-mb {max_mb:g})")
     if kept:
         click.echo(f"inspect it: {self_command()} --path {path} show --limit 10")
     else:
@@ -257,3 +281,68 @@ def _fleet(root: str, nodes: int, processes: int, remote_url: Optional[str], rem
         if m.mode != "none" and (m.counter_hits, m.counter_misses) != (m.local_hits + m.remote_hits, m.analyses):
             click.echo(f"warning: {m.label}: the caches counted {m.counter_hits} hits and {m.counter_misses} "
                        f"misses, the scanners {m.local_hits + m.remote_hits} and {m.analyses}", err=True)
+
+
+def replay_table(r: rp.ReplayResult) -> str:
+    """One row per policy replayed, then Belady's two offline figures on the same trace and bound."""
+    table = PrettyTable(["Policy", "Hits", "Hit ratio", "Byte-hit ratio", "Analysis time saved", "Gap closed",
+                         "Evictions", "Refused puts"])
+    table.align = "r"
+    table.align["Policy"] = "l"
+    for p in r.policies:
+        gap = r.gap_closed(p)
+        table.add_row([p.policy, f"{p.hits} of {p.requests}", _pct(p.hit_ratio), _pct(p.byte_hit_ratio),
+                       f"{p.cost_saved_s:.1f} s ({_pct(p.time_saved_share)})", "-" if gap is None else _pct(gap),
+                       p.evictions, p.cache_full + p.too_large])
+    table.add_row(["Belady optimum (byte by byte: a bound)", "", "", _pct(r.optimum_byte_hit_ratio), "", "100.0 %",
+                   "", ""])
+    table.add_row(["Belady, whole records (heuristic)", "", "", _pct(r.belady_byte_hit_ratio), "", "", "", ""])
+    return table.get_string()
+
+
+@cli.command()
+@click.argument("trace_file", metavar="TRACE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--max-mb", type=click.FloatRange(min=0, min_open=True), default=rp.DEFAULT_MAX_MB, show_default=True,
+              help="The caches' bound in MiB of stored bytes (the default is `nvcache simulate`'s, the demo's).")
+@click.option("--policy", "policies", type=click.Choice(sim.known_policies()), multiple=True,
+              help="A policy to replay (repeat for several) [default: every one: "
+                   f"{', '.join(sim.known_policies())}].")
+@click.option("--fixed-us", type=click.FloatRange(min=0), default=rp.DEFAULT_FIXED_US, show_default=True,
+              help="Cost model: fixed cost of analysing one layer, in microseconds.")
+@click.option("--us-per-kib", type=click.FloatRange(min=0), default=rp.DEFAULT_US_PER_KIB, show_default=True,
+              help="Cost model: cost of analysing one KiB of layer record, in microseconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of a table.")
+@_friendly
+def replay(trace_file: str, max_mb: float, policies: Tuple[str, ...], fixed_us: float, us_per_kib: float,
+           as_json: bool) -> None:
+    """Replay the requests of a trace file through a cache per policy, beside Belady's optimum.
+
+    TRACE: one request per line, `time layer_id size image` separated by single
+    spaces (time in seconds, size: the record's bytes), `#` comments and blank
+    lines ignored; consecutive lines of one image are one scan, whose layers
+    its puts keep. `simulate --trace-out FILE` writes one; README ('Replaying
+    a trace') and nvcache/trace.py define the format.
+
+    Each policy runs in this process through a real cache in a fresh
+    temporary directory (removed at the end) bounded by --max-mb: a get per
+    request, and on a miss a put of a record of the trace's size made of
+    incompressible bytes (so its stored size is its size). Reported per
+    policy: hits, hit ratio, byte-hit ratio (bytes of the records hit / bytes
+    requested), analysis time saved under the cost model (a layer whose
+    record has n bytes costs --fixed-us + --us-per-kib * n / 1024 µs, as
+    in `simulate`; a hit saves it), the share of LRU's gap to the optimum it
+    closes, evictions and refused puts (CacheFull, RecordTooLarge). Beside
+    them, on the same trace and bound: Belady's rule byte by byte (an upper
+    bound of every policy) and on whole records (a heuristic).
+    """
+    work = rp.load_file(trace_file)  # a malformed line: "Error: FILE, line N: ..." and exit status 1
+    if not work.scans:
+        raise click.ClickException(f"{trace_file}: no requests (only comments or blank lines)")
+    result = rp.replay(work, max_mb, list(policies) or None, fixed_us, us_per_kib)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+        return
+    click.echo(f"{trace_file}: {result.scans} scans, {result.requests} requests ({result.requested_bytes / 2**20:.1f} "
+               f"MiB) of {result.layers} layers ({result.layer_bytes / 2**20:.1f} MiB); bound {max_mb:g} MiB = "
+               f"{result.max_bytes} stored bytes; cost model {fixed_us:g} µs + {us_per_kib:g} µs/KiB")
+    click.echo(replay_table(result))

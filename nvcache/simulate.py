@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .cache import LayerCache
 from .errors import CacheError, CacheFull, RecordTooLarge
 from .scanrecords import scan_record
+from .trace import Request, write_trace
 
 log = logging.getLogger("nvcache.simulate")
 
@@ -134,6 +135,31 @@ def build_catalogue(images: int, layers: int, seed: int = 1, skew: float = 1.0) 
 def plan_scans(cat: Catalogue, scans: int, seed: int = 1) -> Tuple[int, ...]:
     """The images to scan, in order, drawn by popularity."""
     return tuple(random.Random(seed + 1).choices(range(len(cat.images)), cat.weights, k=scans))
+
+
+def known_policies() -> Tuple[str, ...]:
+    """The eviction policies the cache offers: ``nvcache.POLICIES``, or ("lru",) for a cache
+    that has only its LRU."""
+    import nvcache  # the package, loaded before this module: its POLICIES, when it has them
+    return tuple(getattr(nvcache, "POLICIES", ("lru",)))
+
+
+def policy_kwargs(policy: Optional[str]) -> Dict[str, Any]:
+    """LayerCache's arguments for ``policy``: none for None (the policy the cache stored, LRU for a
+    new one), nor for "lru" on a LayerCache that has no policy argument (no ``nvcache.POLICIES``):
+    it is then the only policy, and the cache opens as before."""
+    if policy is None:
+        return {}
+    known = known_policies()
+    if policy not in known:
+        raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(known)}")
+    import nvcache
+    return {"policy": policy} if hasattr(nvcache, "POLICIES") else {}
+
+
+def policy_of(cache: LayerCache) -> str:
+    """The name of the policy an open cache uses ("lru" for a cache without a choice)."""
+    return str(getattr(cache, "policy", None) or "lru")
 
 
 def make_record(layer_id: str, size: int) -> bytes:
@@ -289,17 +315,19 @@ class WorkerPlan:
     us_per_kib: float
     deadline: float  # time.monotonic(); CLOCK_MONOTONIC is the same clock in every process
     compress: bool = True
+    policy: Optional[str] = None  # LayerCache's policy argument (None: the one the cache stored)
 
 
 def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> None:
     """One scanner: take the next scan from the shared counter until none are left or time is up."""
     stamps, layers, hits = array("q"), array("l"), bytearray()
+    scanned = array("l")  # the image each request was made for (the trace file's image field)
     stored = array("q")  # (layer, stored size) pairs of this worker's puts
     counts = {"analysis_ns": 0, "cache_ns": 0, "wrong": 0, "errors": 0, "full": 0, "too_large": 0}
     try:
         import nvcache  # which core this process picked (NVCACHE_NO_EXTENSIONS), for the report
         counts["extension"] = int(nvcache.EXTENSION)
-        cache = LayerCache(plan.path, plan.max_mb, compress=plan.compress)
+        cache = LayerCache(plan.path, plan.max_mb, compress=plan.compress, **policy_kwargs(plan.policy))
         try:
             while time.monotonic() < plan.deadline:
                 with next_scan.get_lock():
@@ -313,6 +341,7 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
                     lid, size = plan.layer_ids[li], plan.sizes[li]
                     stamps.append(time.monotonic_ns())
                     layers.append(li)
+                    scanned.append(plan.scans[i])
                     t0 = time.perf_counter_ns()
                     try:
                         data = cache.get(lid)
@@ -354,7 +383,8 @@ def _worker(wid: int, plan: WorkerPlan, next_scan: Any, done: Any, out: Any) -> 
     except BaseException:
         out.put(("error", wid, traceback.format_exc()))
         return
-    out.put(("ok", wid, stamps.tobytes(), layers.tobytes(), bytes(hits), counts, stored.tobytes()))
+    out.put(("ok", wid, stamps.tobytes(), layers.tobytes(), bytes(hits), counts, stored.tobytes(),
+             scanned.tobytes()))
 
 
 def gather(procs: Sequence[Any], out: Any, stop: Callable[[], None],
@@ -426,6 +456,8 @@ class SimResult:
     requested_stored: int = 0  # the same requests in stored (compressed) bytes: what the cache holds
     hit_stored: int = 0
     compress: bool = True
+    policy: str = "lru"  # the eviction policy the run's cache used
+    trace_out: Optional[str] = None  # the trace file written (simulate --trace-out), if any
     counter_hits: int = 0    # from the cache's own counters (delta over the run)
     counter_misses: int = 0
     evictions: int = 0
@@ -474,10 +506,16 @@ def fresh_path() -> str:
 def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_mb: float,
         seed: int = 1, skew: float = 1.0, duration: float = 60.0, fixed_us: float = 500.0,
         us_per_kib: float = 40.0, start_method: str = "spawn", compress: bool = True,
+        policy: Optional[str] = None, trace_out: Optional[str] = None,
         progress: Optional[Callable[[int, int], None]] = None) -> SimResult:
     """Run the simulation and return its figures; ``progress(done, total)`` is called while it runs.
 
-    ``compress``: the caches store records compressed (the default) or raw.
+    ``compress``: the caches store records compressed (the default) or raw. ``policy``: the
+    eviction policy to open the cache with (a name of ``known_policies()``; None: the one the
+    cache stored, LRU for a new cache). ``trace_out``: write the requests the scanners made, in
+    the order the cache saw them, as a trace file (:mod:`nvcache.trace`: time from the first
+    request, layer id, record size in bytes, ``image-<n>`` for the catalogue's image n) that
+    ``nvcache replay`` reads.
     """
     if processes < 1 or scans < 1:
         raise ValueError("processes and scans must be at least 1")
@@ -485,22 +523,23 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
     scan_list = plan_scans(cat, scans, seed)
     records = [make_record(lid, size) for lid, size in zip(cat.layer_ids, cat.sizes)]
     sizes = [len(r) for r in records]  # what a hit saves (record bytes) and what the analysis costs
-    with LayerCache(path, max_mb, compress=compress) as cache:
+    with LayerCache(path, max_mb, compress=compress, **policy_kwargs(policy)) as cache:
         if not cache.enabled:
             raise ValueError("the bound must be above 0 MiB for a simulation")
         max_bytes = cache.max_bytes
+        used_policy = policy_of(cache)
         before = cache.stats()
         evictions_before = cache.evictions() or 0
     if before["record_count"]:
         log.warning("%s already holds %s records: the optimum assumes a cold start", path, before["record_count"])
     result = SimResult(path=path, processes=processes, images=images, layers=layers,
                        catalogue_bytes=sum(sizes), max_bytes=max_bytes, seed=seed, scans_planned=scans,
-                       compress=compress)
+                       compress=compress, policy=used_policy, trace_out=trace_out)
     ctx = multiprocessing.get_context(start_method)
     next_scan, done, out = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Queue()
     started = time.monotonic()
     plan = WorkerPlan(path, max_mb, cat.layer_ids, cat.sizes, tuple(record_digest(r) for r in records), cat.images,
-                      scan_list, fixed_us, us_per_kib, started + duration, compress)
+                      scan_list, fixed_us, us_per_kib, started + duration, compress, policy)
     procs = [ctx.Process(target=_worker, args=(w, plan, next_scan, done, out), name=f"nvcache-scanner-{w}")
              for w in range(processes)]
 
@@ -520,17 +559,18 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
         progress(result.scans_done, scans)
 
     # Merge the traces in time order: the order the cache saw the requests.
-    merged: List[Tuple[int, int, int]] = []
+    merged: List[Tuple[int, int, int, int]] = []
     weights: Dict[int, int] = {}  # layer -> its stored size (the smallest any put reported)
-    for _tag, _w, raw_ts, raw_layers, raw_hits, counts, raw_stored in reports.values():
+    for _tag, _w, raw_ts, raw_layers, raw_hits, counts, raw_stored, raw_images in reports.values():
         pairs = array("q")
         pairs.frombytes(raw_stored)
         for li, weight in zip(pairs[0::2], pairs[1::2]):
             weights[li] = min(weight, weights.get(li, weight))
-        ts, ls = array("q"), array("l")
+        ts, ls, ims = array("q"), array("l"), array("l")
         ts.frombytes(raw_ts)
         ls.frombytes(raw_layers)
-        merged.extend(zip(ts, ls, raw_hits))
+        ims.frombytes(raw_images)
+        merged.extend(zip(ts, ls, raw_hits, ims))
         result.analysis_measured_s += counts["analysis_ns"] / 1e9
         result.cache_overhead_s += counts["cache_ns"] / 1e9
         result.wrong_records += counts["wrong"]
@@ -539,25 +579,38 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
         result.too_large += counts["too_large"]
         result.worker_cores.append("compiled" if counts["extension"] else "python")
     merged.sort()
-    trace = [l for _t, l, _h in merged]
+    trace = [l for _t, l, _h, _i in merged]
+    if trace_out is not None:
+        _write_run_trace(trace_out, merged, cat, sizes, result)
     result.requests = len(trace)
-    result.hits = sum(h for _t, _l, h in merged)
+    result.hits = sum(h for _t, _l, h, _i in merged)
     result.misses = result.requests - result.hits
     result.requested_bytes = sum(sizes[l] for l in trace)
-    result.hit_bytes = sum(sizes[l] for _t, l, h in merged if h)
+    result.hit_bytes = sum(sizes[l] for _t, l, h, _i in merged if h)
     cost = [analysis_seconds(s, fixed_us, us_per_kib) for s in sizes]
     result.analysis_no_cache_s = sum(cost[l] for l in trace)
-    result.analysis_with_cache_s = sum(cost[l] for _t, l, h in merged if not h)
-    with LayerCache(path, max_mb, compress=compress) as cache:
+    result.analysis_with_cache_s = sum(cost[l] for _t, l, h, _i in merged if not h)
+    with LayerCache(path, max_mb, compress=compress) as cache:  # the bound and policy it stored
         result.stats = cache.stats()
         result.evictions = (cache.evictions() or 0) - evictions_before
         # Layers no put stored (too large, or the cache full of kept ones): as they would be now.
         stored = [weights[i] if i in weights else cache.stored_size(r) for i, r in enumerate(records)]
     result.requested_stored = sum(stored[l] for l in trace)
-    result.hit_stored = sum(stored[l] for _t, l, h in merged if h)
+    result.hit_stored = sum(stored[l] for _t, l, h, _i in merged if h)
     if result.requested_stored:
         result.optimum_byte_hit_ratio = optimum_byte_hits(trace, stored, max_bytes) / result.requested_stored
         result.belady_byte_hit_ratio = belady_byte_hits(trace, stored, max_bytes) / result.requested_stored
     result.counter_hits = (result.stats["cache_hits"] or 0) - (before["cache_hits"] or 0)
     result.counter_misses = (result.stats["cache_misses"] or 0) - (before["cache_misses"] or 0)
     return result
+
+
+def _write_run_trace(path: str, merged: Sequence[Tuple[int, int, int, int]], cat: Catalogue,
+                     sizes: Sequence[int], result: SimResult) -> None:
+    """The run's requests as a trace file (``run``'s ``trace_out``): (ns, layer, hit, image) in time order."""
+    t0 = merged[0][0] if merged else 0
+    requests = (Request((t - t0) / 1e9, cat.layer_ids[l], sizes[l], f"image-{i}") for t, l, _h, i in merged)
+    write_trace(path, requests, [
+        f"nvcache simulate: {result.processes} scanner processes, {result.images} images over {result.layers} "
+        f"layers, seed {result.seed}, bound {result.max_bytes} stored bytes, policy {result.policy}",
+        "sizes are record bytes (the records compress in the run; replay stores incompressible bytes)"])
