@@ -184,12 +184,18 @@ cdef double _LRFU_H = <double>_twin.LRFU.HALF_LIFE
 cdef double _LRFU_CAP_H = <double>(_twin.LRFU.CAP * _twin.LRFU.HALF_LIFE)
 cdef uint64_t _GHOST_SLOTS = _twin.GHOST_SLOTS
 cdef uint64_t _GHOST_WINDOW = _twin.GHOST_WINDOW
+cdef uint64_t U64_MAX_C = 0xFFFFFFFFFFFFFFFFULL
 assert _twin.GHOST_SLOTS & (_twin.GHOST_SLOTS - 1) == 0
 
 
 cdef inline uint64_t _lrfu_access(uint64_t rank, uint64_t n, uint64_t tick) noexcept:
     """policy.LRFU.access: the same double operations in the same order, floored."""
-    cdef double x = <double>(<long long>(rank - tick)) / _LRFU_H
+    if n == 0:
+        return rank
+    # (rank - tick) / H as Python divides ints: exact below 2**53, and beyond it clamped anyway
+    cdef double x = (<double>(rank - tick) if rank >= tick else -<double>(tick - rank)) / _LRFU_H
+    if x > 64.0:
+        x = 64.0
     cdef double crf = <double>n + (0.0 if x < -64.0 else pow(2.0, x))
     cdef double v = _LRFU_H * log2(crf)
     if v > _LRFU_CAP_H:
@@ -1427,7 +1433,8 @@ cdef uint64_t _take_ghost_w(Writer w, const unsigned char *key, uint64_t held, b
     cdef uint64_t evicted_at = _get_le(<const unsigned char *>v.mv_data + KEYLEN + 8, 8)
     _check(mdb_del(txn, w._ghost, &k, NULL), "mdb_del")
     _read_u64s(txn, w._meta, EVICTIONS, 1, &evictions)
-    if evictions - evicted_at > _GHOST_WINDOW * (held if held > 1 else 1):
+    cdef uint64_t window = U64_MAX_C if held > U64_MAX_C // _GHOST_WINDOW else _GHOST_WINDOW * (held if held > 1 else 1)
+    if evictions - evicted_at > window:
         return 0
     found[0] = True
     return rank

@@ -248,7 +248,7 @@ class Index:
             return None
         txn.delete(slot, db=self.ghost)
         rank, evicted_at = _PAIR.unpack_from(raw, KEY_SIZE)
-        if not 0 <= self._evictions(txn) - evicted_at <= GHOST_WINDOW * max(1, held):
+        if not 0 <= self._evictions(txn) - evicted_at <= min(GHOST_WINDOW * max(1, held), U64_MAX):
             return None
         return int(rank)
 

@@ -216,7 +216,7 @@ class Lifecycle:
         # The bound the cache had (damage in data.mdb does not lose it), else this process's.
         self.bound = recorded_bound(self.lock.dir) or self.bound
         self.policy = recorded_policy(self.lock.dir) or self.policy
-        if self.policy not in POLICIES:  # a version file of a release with more policies
+        if self.policy not in POLICIES:  # a damaged version file (a new policy is a new format)
             self.policy = DEFAULT_POLICY
         self.map_size = first_map_size(self.bound)
         self._use(create_files(self.lock.dir, self.core, self.lock, self.map_size, self.writemap, self.durable,

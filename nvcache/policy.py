@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional
 
+U64_MAX = (1 << 64) - 1  # ranks saturate, as the counters do
+
 
 class LRU:
     """Least recently referred first: the seed's policy, and the default (rank = last_ns).
@@ -75,9 +77,11 @@ class LRFU:
 
     @staticmethod
     def access(rank: int, last_ns: int, n: int, tick: int) -> int:
-        x = (rank - tick) / LRFU.HALF_LIFE
+        if n == 0:  # a later last reference without references (a merged history): no change
+            return rank
+        x = min((rank - tick) / LRFU.HALF_LIFE, 64.0)  # above the cap anyway (a damaged rank can be far)
         crf = n + (0.0 if x < -64.0 else 2.0 ** x)
-        return tick + math.floor(min(LRFU.CAP * LRFU.HALF_LIFE, LRFU.HALF_LIFE * math.log2(crf)))
+        return min(tick + math.floor(min(LRFU.CAP * LRFU.HALF_LIFE, LRFU.HALF_LIFE * math.log2(crf))), U64_MAX)
 
     @staticmethod
     def admit(last_ns: int, tick: int, ghost: Optional[int]) -> int:

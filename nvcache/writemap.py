@@ -53,8 +53,9 @@ def grown_map_size(current: int, bound: int) -> int:
 PAGE_SIZE = 4096  # LMDB's page size on x86-64 and aarch64 Linux with 4 KiB pages
 _SAFE_FILESYSTEMS = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x01021994: "tmpfs"}
 # Pages one key can dirty: its leaf-to-root path in idx, dat and lru (trees deeper than 5
-# levels need billions of records), plus free-list records. Pessimistic on purpose.
-PAGES_PER_KEY = 16
+# levels need billions of records) and in the ghost table (3 levels at most), plus free-list
+# records. Pessimistic on purpose.
+PAGES_PER_KEY = 20
 _RESERVE_SLACK = 64 * PAGE_SIZE  # meta, main and free-list pages of any transaction
 # fallocate in steps (most writes then find their room reserved): an eighth of the file, at
 # least 256 KiB (a small cache stays small on disk), at most 8 MiB.

@@ -192,3 +192,25 @@ def test_a_ghost_counts_for_a_window_of_evictions(Cache, cache_dir, churn, remem
         cache.delete(f"sha256:c{churn - 1}")
         put_all(cache, [hot, after(hot)], keep=[hot])
         assert names(cache) == ([after(hot), hot] if remembered else [hot, after(hot)])
+
+
+@pytest.mark.parametrize("policy", nvcache.POLICIES)
+def test_a_merged_history_keeps_every_record(Cache, cache_dir, policy):
+    """merge_history (a seed import's second half) raising only a last reference passes no
+    references: under LRFU the rank stays (it once took log2(0) far behind the clock, which the
+    store took for damage and emptied the cache); a higher count adds references."""
+    with Cache(cache_dir, 1, policy=policy) as cache:
+        for i in ("sha256:a", "sha256:b"):
+            cache.restore(i, incompressible(RECORD, i), reference_count=5, last_referred_ns=10**18)
+        merged = cache.merge_history([("sha256:a", "layer_file", 1, 2 * 10**18),
+                                      ("sha256:b", "layer_file", 9, 10**18)], 10**6, 0)
+        assert merged == (2, 10**6, 0)
+        records = {r["layer_id"]: r for r in cache.cache_data()["cache_records"]}
+        assert sorted(records) == ["sha256:a_layer_file", "sha256:b_layer_file"]
+        assert records["sha256:a_layer_file"]["reference_count"] == 5
+        assert records["sha256:b_layer_file"]["reference_count"] == 9
+        assert cache.verify() == []
+        if policy == "lrfu":  # b's 4 more references rank it above a (LRU: a's later time does)
+            assert names(cache) == ["sha256:a", "sha256:b"]
+        else:
+            assert names(cache) == ["sha256:b", "sha256:a"]

@@ -71,14 +71,21 @@ def test_time_and_keys(ns, key):
     assert compiled.checksum(key) == fallback.checksum(key)
 
 
-@settings(max_examples=2000, deadline=None)
-@given(st.integers(0, 2**52), st.integers(-2**40, 40_000), st.integers(1, 2**64 - 1))
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.integers(0, 2**52), st.integers(2**64 - 2**20, 2**64 - 1)),
+       st.one_of(st.integers(-2**40, 40_000), st.integers(-2**64, 2**64)), st.integers(0, 2**64 - 1))
 @example(10_000, 0, 1)
 @example(10_000, 30_000, 1)
 @example(10_000, -640_001, 7)
+@example(10_000, -640_001, 0)  # no references (a merged history): the rank stays
+@example(0, 10**8, 1)  # a damaged rank far above the clock
+@example(2**64 - 1, 0, 3)  # a saturated clock
+@example(0, 2**64 - 1, 1)
 def test_lrfu_rank_is_the_same_number_in_both_cores(tick, offset, n):
-    rank = max(0, tick + offset)
-    assert compiled.lrfu_access(rank, n, tick) == fallback.LRFU.access(rank, 0, n, tick)
+    rank = min(max(0, tick + offset), 2**64 - 1)
+    got = compiled.lrfu_access(rank, n, tick)
+    assert got == fallback.LRFU.access(rank, 0, n, tick)
+    assert 0 <= got < 2**64 and (got == rank if n == 0 else got >= tick)
 
 
 def test_layout_constants():
@@ -197,8 +204,9 @@ def test_the_compiled_core_forwards_cold_calls_to_the_twin(tmp_path):
 
 def _read_both(store, key_sets):
     """Each read of the compiled Reader and of fallback's Reader on the same file."""
-    twin = fallback.Reader(store.lock, store.files.env, fallback.Index(*[getattr(store.files.index, n)
-                                                                  for n in ("idx", "dat", "lru", "meta", "ghost")]))
+    index = fallback.Index(*[getattr(store.files.index, n) for n in ("idx", "dat", "lru", "meta", "ghost")])
+    index.use_policy(store.policy)  # the dump's order of equal ranks is the policy's
+    twin = fallback.Reader(store.lock, store.files.env, index)
     out = []
     for reader in (store.reader, twin):
         out.append(([reader.lookup(k) for k in key_sets[0]], reader.lookup_many(key_sets[0]),
@@ -212,9 +220,10 @@ def _read_both(store, key_sets):
        st.lists(st.integers(0, 40), max_size=5), st.sets(st.integers(0, 40), max_size=4),
        st.sets(st.integers(0, 40), max_size=4), st.lists(st.integers(0, 42), max_size=8))
 @example([(i, 1, b"x" * 10) for i in range(5)], [], set(), set(), [])
-def test_c_reads_match_the_twin(tmp_path_factory, records, dangling, no_bytes, bad_bytes, batch):
+@pytest.mark.parametrize("policy", nvcache.POLICIES)
+def test_c_reads_match_the_twin(tmp_path_factory, policy, records, dangling, no_bytes, bad_bytes, batch):
     """The compiled Reader's C path (lookup, lookup_many, contains, the dump) agrees with fallback.Reader."""
-    with Ext(str(tmp_path_factory.mktemp("c")), 1) as cache:
+    with Ext(str(tmp_path_factory.mktemp("c")), 1, policy=policy) as cache:
         for i, when, data in records:  # few distinct times: many ties, broken by name
             cache.restore(f"sha256:{i}", data, reference_count=i, last_referred_ns=when * 10**9)
         store = cache._store
