@@ -24,22 +24,22 @@ from nvcache.cachedir import FORMAT_DIR, FORMAT_VERSION, USERS_FILE, format_dir
 from nvcache.importtarget import has_cache
 
 OLD_RELEASE = "c1ae00f"  # the last release that kept its files directly in the cache path (format 6)
+FORMAT7_RELEASE = "bc2af10"  # the last release of format 7 (<path>/v7/), before the policy's rank
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upgrade_worker.py")
 ROUNDS, OPS = 4, 30
 
 
-@pytest.fixture(scope="module")
-def old_env(tmp_path_factory: Any) -> Dict[str, str]:
-    """The environment that runs the old release: its tree first on PYTHONPATH, its pure-Python core."""
+def release_env(tmp_path_factory: Any, commit: str) -> Dict[str, str]:
+    """The environment that runs an old release: its tree first on PYTHONPATH, its pure-Python core."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed: the old release is built from the repository's history")
-    found = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{OLD_RELEASE}^{{commit}}"], capture_output=True)
+    found = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
     if found.returncode != 0:
-        pytest.skip(f"commit {OLD_RELEASE} is not in this clone's history (shallow clone?): "
-                    "the release before the per-format directories cannot be built")
+        pytest.skip(f"commit {commit} is not in this clone's history (shallow clone?): the old release "
+                    "cannot be built")
     tree = tmp_path_factory.mktemp("old-release")
-    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", OLD_RELEASE, "nvcache"],
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", commit, "nvcache"],
                              capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(tree)
@@ -47,6 +47,16 @@ def old_env(tmp_path_factory: Any) -> Dict[str, str]:
     env["NVCACHE_NO_EXTENSIONS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(tree)] + [p for p in sys.path if p])
     return env
+
+
+@pytest.fixture(scope="module")
+def old_env(tmp_path_factory: Any) -> Dict[str, str]:
+    return release_env(tmp_path_factory, OLD_RELEASE)
+
+
+@pytest.fixture(scope="module")
+def format7_env(tmp_path_factory: Any) -> Dict[str, str]:
+    return release_env(tmp_path_factory, FORMAT7_RELEASE)
 
 
 def start(env: Dict[str, str], path: str, tag: str, rnd: int, hold: bool = False) -> subprocess.Popen:
@@ -129,6 +139,26 @@ def test_old_and_new_release_side_by_side_then_the_old_format_goes(old_env, core
     back = finish(start(old_env, path, "old", 0))
     assert (back["created"], back["rebuilds"], back["wrong"], back["acked"]) == (1, 0, 0, OPS), back
     assert has_cache(path) and legacy_files(path) == ["clean", "data.mdb", "readers", "version"]
+
+
+def test_the_format_7_release_beside_this_one_then_v7_goes(format7_env, core_env, tmp_path):
+    """Format 7 (no rank, four databases) and this release's format 8 in their own directories
+    of one path, in real processes: neither loses, rebuilds or misreads a record; once v7 is
+    unused and old, this release removes it."""
+    path = str(tmp_path / "caches")
+    previous: Dict[str, Dict[str, Any]] = {"old": {}, "new": {}}
+    for rnd, (old, new) in enumerate(side_by_side(format7_env, core_env, path, 2)):
+        check_round(old, rnd, previous["old"], 7)
+        check_round(new, rnd, previous["new"], FORMAT_VERSION)
+        previous = {"old": old, "new": new}
+        assert {"v7", FORMAT_DIR} <= set(os.listdir(path))
+    then = time.time() - formats.UNUSED_FORMAT_AGE_S - 600
+    for top, dirs, files in os.walk(os.path.join(path, "v7")):
+        for name in files + dirs + [os.curdir]:
+            os.utime(os.path.join(top, name), (then, then))
+    new = finish(start(core_env, path, "new", 2))
+    check_round(new, 2, previous["new"], FORMAT_VERSION)
+    assert "v7" not in os.listdir(path) and FORMAT_DIR in os.listdir(path)
 
 
 OLD_LOOP = r"""
