@@ -65,8 +65,12 @@ wheel: $(WHEEL_TOOLS) | $(LMDB_H)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --strip -w $(WHEELHOUSE) $(WHEEL_RAW)/nvcache-*.whl
 	@ls -l $(WHEELHOUSE)/nvcache-*.whl
 
+# The main job: scanners sharing one cache (LRU, the default), then the trace it generated
+# replayed through each eviction policy beside Belady's optimum (README: "Replaying a trace").
 demo: $(STAMP)
-	$(BIN)/nvcache simulate
+	@trace=$$(mktemp /tmp/nvcache-demo-XXXXXX.trace) && \
+	$(BIN)/nvcache simulate --trace-out $$trace && \
+	$(BIN)/nvcache replay $$trace; status=$$?; rm -f $$trace; exit $$status
 
 # The whole suite runs over both cores (compiled and pure Python) through
 # the `core` fixture; the second run proves NVCACHE_NO_EXTENSIONS=1 switches
