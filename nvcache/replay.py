@@ -97,7 +97,7 @@ def record_bytes(layer_id: str, size: int) -> bytes:
 
 
 @dataclass
-class PolicyResult:
+class PolicyResult(sim.HitRatios):
     """What one policy's replay measured (ratios are properties; ``as_dict`` has them too)."""
 
     policy: str
@@ -115,19 +115,6 @@ class PolicyResult:
     cache_s: float = 0.0  # measured time in get and put
     final_records: int = 0
     final_stored: int = 0
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    @property
-    def byte_hit_ratio(self) -> float:
-        return self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0
-
-    @property
-    def stored_byte_hit_ratio(self) -> float:
-        """The byte-hit ratio in stored bytes: the unit of the offline optimum."""
-        return self.hit_stored / self.requested_stored if self.requested_stored else 0.0
 
     @property
     def time_saved_share(self) -> float:

@@ -433,8 +433,33 @@ def gather(procs: Sequence[Any], out: Any, stop: Callable[[], None],
 
 
 # -- the run ---------------------------------------------------------------------------
+class HitRatios:
+    """The ratios of a run's counts (``hits``, ``requests``, ``hit_bytes``, ``requested_bytes``,
+    ``hit_stored``, ``requested_stored``), for the result classes of simulate and replay."""
+
+    hits: int
+    requests: int
+    hit_bytes: int
+    requested_bytes: int
+    hit_stored: int
+    requested_stored: int
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        return self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0
+
+    @property
+    def stored_byte_hit_ratio(self) -> float:
+        """The byte-hit ratio counted in stored bytes: comparable with the offline optimum."""
+        return self.hit_stored / self.requested_stored if self.requested_stored else 0.0
+
+
 @dataclass
-class SimResult:
+class SimResult(HitRatios):
     """Everything ``nvcache simulate`` reports."""
 
     path: str
@@ -473,19 +498,6 @@ class SimResult:
     too_large: int = 0
     stats: Dict[str, Optional[int]] = field(default_factory=dict)
     worker_cores: List[str] = field(default_factory=list)  # "compiled" or "python", one per process
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    @property
-    def byte_hit_ratio(self) -> float:
-        return self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0
-
-    @property
-    def stored_byte_hit_ratio(self) -> float:
-        """The byte-hit ratio counted in stored bytes: comparable with the offline optimum."""
-        return self.hit_stored / self.requested_stored if self.requested_stored else 0.0
 
     @property
     def time_saved_s(self) -> float:

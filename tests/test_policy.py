@@ -29,6 +29,17 @@ def after(layer_id):
                 if record_key(i, "layer_file") > record_key(layer_id, "layer_file"))
 
 
+def evict_a_hot_record(cache, hot):
+    """``hot`` put and read 20 times, then evicted (with a kept record beside it): its ghost is the
+    one eviction so far. The cache holds 2 records: sha256:a and sha256:b."""
+    put_all(cache, [hot])
+    for _ in range(20):
+        assert cache.get(hot) is not None
+    put_all(cache, ["sha256:a"])
+    put_all(cache, ["sha256:b"], keep=["sha256:a"])
+    assert not cache.contains(hot) and cache.evictions() == 1
+
+
 def names(cache):
     """The layer ids in the dump's order (next victim first)."""
     return [r["layer_id"].rsplit("_layer_file", 1)[0] for r in cache.cache_data()["cache_records"]]
@@ -135,11 +146,7 @@ def test_clear_and_delete_leave_no_ghost(Cache, cache_dir, forget):
     leaves none: put again, the record starts afresh (a tie with a new one, in key order)."""
     hot = "sha256:hot"
     with Cache(cache_dir, 2 * RECORD / MiB, policy="lrfu") as cache:
-        put_all(cache, [hot])
-        for _ in range(20):
-            assert cache.get(hot) is not None
-        put_all(cache, ["sha256:a"])
-        put_all(cache, ["sha256:b"], keep=["sha256:a"])  # evicts hot: its ghost
+        evict_a_hot_record(cache, hot)
         cache.delete("sha256:a")
         put_all(cache, [hot])  # back from its ghost, ranked above b
         assert names(cache) == ["sha256:b", hot]
@@ -182,11 +189,7 @@ def test_a_ghost_counts_for_a_window_of_evictions(Cache, cache_dir, churn, remem
     above a new one; after 20 the record starts afresh (a tie with a new one, in key order)."""
     hot = "sha256:hot"
     with Cache(cache_dir, 2 * RECORD / MiB, policy="lrfu") as cache:
-        put_all(cache, [hot])
-        for _ in range(20):
-            assert cache.get(hot) is not None
-        put_all(cache, ["sha256:a"])
-        put_all(cache, ["sha256:b"], keep=["sha256:a"])  # evicts hot: eviction 1, its ghost
+        evict_a_hot_record(cache, hot)
         put_all(cache, [f"sha256:c{n}" for n in range(churn)])  # one eviction each
         assert cache.evictions() == 1 + churn
         cache.delete(f"sha256:c{churn - 1}")
