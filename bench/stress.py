@@ -169,7 +169,7 @@ def worker_main(args: argparse.Namespace) -> int:
     cache = None
     try:
         cache = nvcache.LayerCache(args.path, args.max_mb, durable=args.durable,
-                                   lock_timeout=args.lock_timeout)
+                                   lock_timeout=args.lock_timeout, policy=args.policy)
         deadline = time.monotonic() + args.duration
         choices = rng.choices
         while time.monotonic() < deadline:
@@ -287,7 +287,7 @@ class Worker:
                "--result", self.result, "--status", self.status, "--mix", args.mix,
                "--keys", str(args.keys), "--skew", str(args.skew), "--min-size", str(args.min_size),
                "--max-size", str(args.max_size), "--max-mb", repr(args.max_mb),
-               "--lock-timeout", repr(args.lock_timeout)]
+               "--lock-timeout", repr(args.lock_timeout), "--policy", args.policy]
         if args.durable:
             cmd.append("--durable")
         if args.core == "mixed":  # both cores, with and without the write map, on one cache
@@ -393,7 +393,8 @@ def supervise(args: argparse.Namespace) -> int:
         print(f"note: no worker runs in its own PID namespace: {pidns_reason}", file=sys.stderr)
 
     # A fresh, healthy cache: counters start at zero.
-    cache = nvcache.LayerCache(args.path, args.max_mb, durable=args.durable, lock_timeout=args.lock_timeout)
+    cache = nvcache.LayerCache(args.path, args.max_mb, durable=args.durable, lock_timeout=args.lock_timeout,
+                               policy=args.policy)
     base = cache.stats()
     sampler = Sampler(cache, args, max_bytes)
     sampler.start()
@@ -626,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=16384, help="largest record, bytes")
     p.add_argument("--max-mb", type=float, default=2.0, help="cache bound, MiB")
     p.add_argument("--durable", action="store_true", help="open with durable=True")
+    p.add_argument("--policy", default="lru", help="the cache's eviction policy (a name in nvcache.POLICIES)")
     p.add_argument("--lock-timeout", type=float, default=10.0, help="LayerCache lock_timeout, s")
     p.add_argument("--chaos", action="store_true", help="SIGKILL random workers and restart them")
     p.add_argument("--kill-every", type=float, default=0.5, help="mean seconds between kills")

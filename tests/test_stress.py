@@ -67,10 +67,11 @@ def test_stress_exact_counters(tmp_path, core_env, core):
     assert s["errors"] == {}
 
 
-def test_stress_chaos(tmp_path, core_env, core):
+@pytest.mark.parametrize("policy", ["lru", "lrfu"])
+def test_stress_chaos(tmp_path, core_env, core, policy):
     proc, s = run_stress(tmp_path, core_env, core, "--duration", str(SECONDS or 4.5), "--pidns", "4",
                          "--chaos", "--kill-every", "0.25", "--kill-margin", "0.5",
-                         "--max-mb", "0.5", "--keys", "1500", "--mix",
+                         "--max-mb", "0.5", "--keys", "1500", "--policy", policy, "--mix",
                          "get=60,put=25,delete=4,contains=3,len=1,stats=4,cache_data=2,clear=1")
     assert_healthy(proc, s)
     assert s["kills"] >= 3 and s["restarts"] == s["kills"]
