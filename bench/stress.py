@@ -120,6 +120,8 @@ def check_dump(dump: Dict[str, Any], max_bytes: int, args: argparse.Namespace) -
         if (r["size"] != want) if i % 2 == 0 else not 0 < r["size"] < want:
             problems.append(f"dump: record {i} has size {r['size']}, expected "
                             f"{want if i % 2 == 0 else f'below {want} (compressed)'}")
+        if args.policy != "lru":
+            continue  # the dump is in the policy's order, which its fields do not show (LRFU's rank)
         # RFC 3339 in UTC with trimmed nanoseconds does not sort as text; compare as (seconds, fraction).
         stamp = r["last_referred"].rstrip("Z")
         sec, _, frac = stamp.partition(".")
@@ -127,6 +129,8 @@ def check_dump(dump: Dict[str, Any], max_bytes: int, args: argparse.Namespace) -
         if key < last:
             problems.append(f"dump: records not oldest reference first at {r['layer_id']}")
         last = key
+    if len({r["layer_id"] for r in records}) != len(records):
+        problems.append("dump: a record listed twice")
     return problems
 
 
