@@ -196,6 +196,11 @@ def delete_chunks(txn: Any, dat: Any, key: bytes, size: int) -> None:
         txn.delete(key + _CHUNK.pack(i), db=dat)
 
 
+def ghost_slot(key: bytes) -> bytes:
+    """The ghost table's key of a record key: its first 32 bits modulo GHOST_SLOTS, big-endian."""
+    return _SLOT.pack(_SLOT.unpack_from(key)[0] % GHOST_SLOTS)
+
+
 def _by_name(entry: Tuple[bytes, bytes]) -> bytes:
     return entry[1][HEADER_SIZE:]
 
@@ -242,7 +247,7 @@ class Index:
 
         Without the window a ghost would count however long ago it was evicted (slots are only
         overwritten by collisions), which measured worse than LRFU's history of recent victims."""
-        slot = _SLOT.pack(_SLOT.unpack_from(key)[0] % GHOST_SLOTS)
+        slot = ghost_slot(key)
         raw = txn.get(slot, None, self.ghost)
         if raw is None or len(raw) != KEY_SIZE + _PAIR.size or bytes(raw[:KEY_SIZE]) != key:
             return None
@@ -491,7 +496,8 @@ class Index:
             return -1
         size = len(data)
         policy = self.policy
-        ghost = self._take_ghost(txn, key, self.records(txn)[0]) if policy.ghosts else None  # before the victims leave theirs
+        # taken before the victims leave theirs (one may share its slot)
+        ghost = self._take_ghost(txn, key, self.records(txn)[0]) if policy.ghosts else None
         count, total = self._evict(txn, victims)
         born = time.time_ns()
         last = last_ns or born
@@ -522,8 +528,7 @@ class Index:
                 txn.delete(_TS.pack(vrank) + vkey, db=self.lru)
                 evictions = min(evictions + 1, U64_MAX)
                 if ghosts:
-                    txn.put(_SLOT.pack(_SLOT.unpack_from(vkey)[0] % GHOST_SLOTS),
-                            vkey + _PAIR.pack(vrank, evictions), db=self.ghost)
+                    txn.put(ghost_slot(vkey), vkey + _PAIR.pack(vrank, evictions), db=self.ghost)
                 if count < 1 or total < vsize:  # a damaged counter: never store a wrapped one
                     raise ValueError("the record counters are smaller than the records they count")
                 count -= 1
