@@ -73,7 +73,8 @@ either way the comparison holds; pre-training only makes the rows comparable wit
   median 2 KB): 0.7 MiB stored through a 0.3 MiB bound.
 - ``mixed`` (processes that differ): two lanes of scans, taken by alternate workers. Lane 0 is
   the demo plan's scans of its 30 most popular images (nearly all hits: a reader's buffer is
-  applied only when due, 1 s or 512 keys, or at its rare evicting put); lane 1 is 1,500 images
+  applied only when due, 1 s, 512 keys or, since session 9, max(8, records / 16) writes by
+  anyone since its oldest reference, or at its rare evicting put); lane 1 is 1,500 images
   never seen before, 2-6 layers of their own each (log-normal, median 2 KB: every layer a miss
   and a put that evicts). 0.25 MiB. The case where other processes' buffered references are
   oldest when a put chooses its victims. One worker alternates between the lanes.
@@ -81,10 +82,14 @@ either way the comparison holds; pre-training only makes the rows comparable wit
 ``--apply-after-ms`` is a what-if: the workers' access buffers are applied once that old
 instead of the cache's 1 s (``nvcache.lifecycle.APPLY_AFTER_NS``, set in each worker before
 it opens the cache). ``--apply-after-writes K`` emulates, in the worker, the fix proposed in
-bench/results/session8/fidelity.md: after each get, a worker with pending references applies
+bench/results/session8/fidelity.md (made in the cache in session 9, with K = max(8, records /
+16): this what-if now only adds a second, fixed K on top of it): after each get, a worker with pending references applies
 them (without waiting for the lock, as a due buffer is applied) once the file's last
 transaction id (LMDB's ``env.info()``) has moved K past where it was at the oldest of them,
 i.e. once K writes (puts, mostly, each evicting a few records) happened meanwhile.
+``--writes-due FLOOR,SHARE`` sets the cache's own limit instead (``lifecycle.APPLY_AFTER_WRITES``
+and ``APPLY_AFTER_TURNOVER``, in each worker before it opens the cache): a buffer is due after
+max(FLOOR, records // SHARE) write transactions; ``--writes-due 1000000000000,1`` turns it off.
 ``--max-mb`` runs every trace at one bound.
 
 Run::
@@ -307,6 +312,7 @@ class Plan:
     us_per_kib: float
     apply_after_ns: Optional[int] = None  # what-if: the access buffer's age limit (None: the cache's own)
     apply_after_writes: int = 0  # what-if: apply the buffer once the file saw this many writes since
+    writes_due: Optional[Tuple[int, int]] = None  # what-if: the cache's (APPLY_AFTER_WRITES, _TURNOVER)
 
 
 def _next_scans(wid: int, processes: int, plan: Plan, counters: Sequence[Any]) -> Any:
@@ -334,9 +340,11 @@ def _worker(wid: int, processes: int, plan: Plan, counters: Sequence[Any], start
 
         with open(plan.records_file, "rb") as f:
             records: Dict[int, bytes] = pickle.load(f)
+        from nvcache import lifecycle
         if plan.apply_after_ns is not None:  # read when the store makes its buffer, at the first open
-            from nvcache import lifecycle
             lifecycle.APPLY_AFTER_NS = plan.apply_after_ns
+        if plan.writes_due is not None:  # the buffer's write limit, max(floor, records // share)
+            lifecycle.APPLY_AFTER_WRITES, lifecycle.APPLY_AFTER_TURNOVER = plan.writes_due
         cache = nvcache.LayerCache(plan.path, plan.max_mb)
         clock = time.time_ns
         every = plan.apply_after_writes
@@ -410,7 +418,8 @@ def _last_txnid(cache: Any) -> int:
 def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_kib: float = 40.0,
                 start_method: str = "spawn", timeout: float = 600.0,
                 records: Optional[Dict[int, bytes]] = None, dictionary: bool = True,
-                apply_after_ms: Optional[float] = None, apply_after_writes: int = 0) -> Dict[str, Any]:
+                apply_after_ms: Optional[float] = None, apply_after_writes: int = 0,
+                writes_due: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     """Run ``trace`` with ``processes`` scanners on a fresh cache; the merged log and the cache's view."""
     import multiprocessing
 
@@ -433,7 +442,7 @@ def run_nvcache(trace: Trace, processes: int, fixed_us: float = 500.0, us_per_ki
             txn_before = _last_txnid(cache)
         lanes = trace.lanes or (tuple(range(len(trace.scans))),)
         plan = Plan(path, trace.max_mb, records_file, trace.layer_ids, trace.scans, lanes, fixed_us, us_per_kib,
-                    None if apply_after_ms is None else int(apply_after_ms * 1e6), apply_after_writes)
+                    None if apply_after_ms is None else int(apply_after_ms * 1e6), apply_after_writes, writes_due)
         ctx = multiprocessing.get_context(start_method)
         counters = [ctx.Value("q", 0) for _ in lanes]
         start, out = ctx.Barrier(processes + 1), ctx.Queue()
@@ -659,7 +668,7 @@ def measure(trace: Trace, processes: int, **kw: Any) -> Dict[str, Any]:
         "counter_hits": stats.get("cache_hits"), "counter_misses": stats.get("cache_misses"),
         "size_check": {"records": len(run["present"]), "mismatches": size_mismatches},
         "lanes": per_lane, "apply_after_ms": kw.get("apply_after_ms"),
-        "apply_after_writes": kw.get("apply_after_writes", 0),
+        "apply_after_writes": kw.get("apply_after_writes", 0), "writes_due": kw.get("writes_due"),
         "write_transactions": run["writes"],
         "errors": run["errors"], "wrong": run["wrong"], "wall_s": run["wall_s"],
         "load_before": run["load"][0], "load_after": run["load"][1],
@@ -705,6 +714,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--apply-after-writes", type=int, default=0,
                     help="what-if: a worker also applies its buffer once the file saw this many write "
                          "transactions since its oldest pending reference (0: no)")
+    ap.add_argument("--writes-due", default=None, metavar="FLOOR,SHARE",
+                    help="what-if: the cache's own write limit, max(FLOOR, records // SHARE) write "
+                         "transactions (default 8,16: nvcache.lifecycle); a huge FLOOR,SHARE turns it off")
     ap.add_argument("--max-mb", type=float, default=None, help="every trace at this bound instead of its own")
     ap.add_argument("--json", help="write every cell's figures here")
     ap.add_argument("--md", help="write the markdown report here")
@@ -718,7 +730,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         records = trace_records(trace)
         for n in procs:
             row = measure(trace, n, fixed_us=args.analysis_us, us_per_kib=args.us_per_kib, records=records,
-                          apply_after_ms=args.apply_after_ms, apply_after_writes=args.apply_after_writes)
+                          apply_after_ms=args.apply_after_ms, apply_after_writes=args.apply_after_writes,
+                          writes_due=tuple(int(x) for x in args.writes_due.split(",")) if args.writes_due else None)
             rows.append(row)
             print(f"{row['trace']:6} {n} procs: nvcache {100 * row['nvcache_hit_ratio']:.2f} % "
                   f"exact LRU {100 * row['lru_hit_ratio']:.2f} % ({row['diff_points']:+.2f} points), byte-hit "

@@ -364,28 +364,39 @@ def rfc3339nano(ns):
     return _rfc3339nano(ns)
 
 
+cdef class Reader
+
+
 cdef class AccessBuffer:
-    """Hits and misses seen by this process and not yet written to the index (see fallback.py)."""
+    """Hits and misses seen by this process and not yet written to the index (see fallback.py).
+
+    Due by writes: ``count`` reads the snapshot id of the read just counted from its Reader's
+    C field (``last_txn``, set at the renew), a load and a compare on every get."""
 
     cdef public dict pending
-    cdef public long long hits, misses, first_ns, max_age_ns
+    cdef public long long hits, misses, first_ns, max_age_ns, first_txn, max_writes
     cdef public Py_ssize_t max_keys
     cdef public bint due
+    cdef public Reader reader  # whose reads count() counts (None: never due by writes)
 
-    def __init__(self, long long max_age_ns, Py_ssize_t max_keys):
+    def __init__(self, long long max_age_ns, Py_ssize_t max_keys, long long max_writes=1LL << 62):
         self.max_age_ns = max_age_ns
         self.max_keys = max_keys
+        self.max_writes = max_writes
+        self.reader = None
         self.pending = {}
-        self.hits = self.misses = self.first_ns = 0
+        self.hits = self.misses = self.first_ns = self.first_txn = 0
         self.due = False
 
-    cdef inline void _aged(self, long long now_ns):
+    cdef inline void _aged(self, long long now_ns, long long txn):
         if not self.first_ns:
             self.first_ns = now_ns
-        elif now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys:
+            self.first_txn = txn
+        elif (now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys
+              or txn - self.first_txn >= self.max_writes):
             self.due = True
 
-    cdef int _hit(self, bytes key, long long now_ns, object born) except -1:
+    cdef int _hit(self, bytes key, long long now_ns, object born, long long txn) except -1:
         # ``born`` stays the int object the read made: compared as objects, stored as is.
         cdef PyObject *found = PyDict_GetItem(self.pending, key)
         cdef list entry
@@ -400,31 +411,34 @@ cdef class AccessBuffer:
             if now_ns > <long long>entry[1]:  # compared in C: no int object unless it changes
                 entry[1] = now_ns
         self.hits += 1
-        self._aged(now_ns)
+        self._aged(now_ns, txn)
         return 0
 
-    def hit(self, bytes key, long long now_ns, uint64_t born_ns):
-        self._hit(key, now_ns, born_ns)
+    def hit(self, bytes key, long long now_ns, uint64_t born_ns, long long txn=0):
+        self._hit(key, now_ns, born_ns, txn)
 
-    def miss(self, long long now_ns):
+    def miss(self, long long now_ns, long long txn=0):
         self.misses += 1
-        self._aged(now_ns)
+        self._aged(now_ns, txn)
 
     def count(self, bytes key, data, born_ns):
-        """Count what a lookup of ``key`` returned (a hit when ``data`` is bytes, else a miss);
-        returns ``due`` (whether the buffer should now be applied)."""
+        """Count what a lookup of ``key`` returned (a hit when ``data`` is bytes, else a miss),
+        read by ``reader`` in the snapshot of its ``last_txn``; returns ``due`` (whether the
+        buffer should now be applied)."""
+        cdef long long txn = 0 if self.reader is None else self.reader.last_txn
         if type(data) is bytes:
-            self._hit(key, _now_ns(), born_ns)
+            self._hit(key, _now_ns(), born_ns, txn)
         else:
             self.misses += 1
-            self._aged(_now_ns())
+            self._aged(_now_ns(), txn)
         return self.due
 
     def take(self):
-        """Empty the buffer and return what it held (to apply, or to restore on failure)."""
-        out = (self.pending, self.hits, self.misses, self.first_ns)
+        """Empty the buffer and return what it held (to apply, or to restore on failure):
+        (pending, hits, misses, first_ns, first_txn)."""
+        out = (self.pending, self.hits, self.misses, self.first_ns, self.first_txn)
         self.pending = {}
-        self.hits = self.misses = self.first_ns = 0
+        self.hits = self.misses = self.first_ns = self.first_txn = 0
         self.due = False
         return out
 
@@ -493,6 +507,7 @@ cdef extern from "lmdb.h" nogil:
     int mdb_txn_commit(MDB_txn *txn)
     void mdb_txn_reset(MDB_txn *txn)
     int mdb_txn_renew(MDB_txn *txn)
+    size_t mdb_txn_id(MDB_txn *txn)
     int mdb_dbi_open(MDB_txn *txn, const char *name, unsigned int flags, MDB_dbi *dbi)
     int mdb_get(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data)
     int mdb_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data, unsigned int flags)
@@ -889,6 +904,7 @@ cdef class Reader:
     cdef object _try_acquire, _release, _is_owned  # the mutex's bound methods, looked up once
     cdef public Index index
     cdef public int fd
+    cdef public long long last_txn  # the write transaction id of the snapshot the last read used (0: none yet)
     cdef object _py  # fallback.Reader over the same environment: reads when ours is unusable
     cdef unsigned char[::1] _view  # keeps the table's mapping alive while we point into it
     cdef unsigned char *_slot
@@ -1082,6 +1098,7 @@ cdef class Reader:
             if rc == MDB_MAP_RESIZED:  # another process grew the file past our map: the store reopens
                 raise _mdb_error(rc, "mdb_txn_renew")
             if rc == 0:
+                self.last_txn = <long long>mdb_txn_id(self._ctxn)
                 try:
                     if what == 1:
                         data = self._lookup_in(arg, &born, &enc)
@@ -1099,7 +1116,10 @@ cdef class Reader:
                 finally:
                     mdb_txn_reset(self._ctxn)
             self._close_c()  # this environment is unusable: fallback.Reader from now on
-        return self._py._read(what, arg)
+        try:
+            return self._py._read(what, arg)
+        finally:
+            self.last_txn = self._py.last_txn
 
     cdef bint _exists_in(self, bytes key) except -1:
         cdef MDB_val k, v

@@ -61,7 +61,7 @@ class Reader:
     under the mutex before its descriptor is touched.
     """
 
-    __slots__ = ("lock", "fd", "mutex", "env", "index", "codec")
+    __slots__ = ("lock", "fd", "mutex", "env", "index", "codec", "last_txn")
 
     def __init__(self, lock: Any, env: Any, index: Any, table: Any = None, writer: Any = None) -> None:
         # ``table``, ``writer``: for the compiled twin (reads without the flock, through the
@@ -73,6 +73,7 @@ class Reader:
         self.env = env
         self.index = index
         self.codec: Any = None  # the decoder of this environment's records: set and used by the store
+        self.last_txn = 0  # the write transaction id of the snapshot the last read used (0: none yet)
 
     fast = direct = shared = False  # the compiled twin's properties: never, here
 
@@ -88,6 +89,7 @@ class Reader:
         if self.env is None:
             raise StaleReader("the environment was replaced")
         txn = self.env.begin()
+        self.last_txn = txn.id()  # (AccessBuffer.count reads it: a buffer is due after enough writes)
         try:
             if what == 1:
                 return self.index.lookup(txn, arg)

@@ -41,6 +41,16 @@ REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.Bad
 # Buffered accesses are written at least this often while a process is active.
 APPLY_AFTER_NS = 1_000_000_000
 APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a key at 1M records)
+# ... and once the file has committed max(APPLY_AFTER_WRITES, records // APPLY_AFTER_TURNOVER) write
+# transactions since the read of the oldest (other processes' puts choose victims without them: a
+# reference must not wait while a 16th of the cache is replaced). See DEVELOPERS.md, "LRU's fidelity".
+APPLY_AFTER_WRITES = 8
+APPLY_AFTER_TURNOVER = 16
+
+
+def writes_due(records: int) -> int:
+    """The buffer's write limit (AccessBuffer.max_writes) in a file of ``records`` records."""
+    return max(APPLY_AFTER_WRITES, records // APPLY_AFTER_TURNOVER)
 
 # Lifecycle.state: OPEN (falsy: the hot paths test it alone), else what the next use must do first.
 OPEN, REOPEN, REBUILD = 0, 1, 2
@@ -81,7 +91,7 @@ class Lifecycle:
         self.durable = durable
         self.force_sync = False
         self.users = 0
-        self.buffer = core.AccessBuffer(APPLY_AFTER_NS, APPLY_AFTER_KEYS)
+        self.buffer = core.AccessBuffer(APPLY_AFTER_NS, APPLY_AFTER_KEYS, APPLY_AFTER_WRITES)
         self.generation = fork_generation()
         self.state = REOPEN
         self.files: Optional[Files] = None
@@ -227,7 +237,7 @@ class Lifecycle:
             self.bound = files.bound
         self.policy = files.policy
         self.files = files
-        self.reader = files.reader
+        self.reader = self.buffer.reader = files.reader  # (the buffer reads its snapshot ids)
         self.writemap = files.writemap
         self.state = OPEN
 

@@ -26,7 +26,7 @@ from .cachedir import write_version
 from .codec import RAW, REFRESH_EVERY, SAMPLES, due_generation, train
 from .fallback import HEADER_SIZE
 from .errors import CacheError, RecordTooLarge, StaleReader
-from .lifecycle import REBUILD, Lifecycle
+from .lifecycle import REBUILD, Lifecycle, writes_due
 from .opening import CORRUPTION_ERRORS, Files
 from .writemap import PAGES_PER_KEY, NoRoom
 
@@ -477,11 +477,13 @@ class Store(Lifecycle):
 
     def _apply_buffer(self, files: Files, txn: Any) -> None:
         """Inside a write: apply the buffered accesses (restored by _write if the write fails)."""
-        self._taken = taken = self.buffer.take()
-        pending, hits, misses, _first = taken
+        buffer = self.buffer
+        self._taken = taken = buffer.take()
+        pending, hits, misses, _first_ns, _first_txn = taken
         if pending or hits or misses:
             self._reserve(files, len(pending) * PAGES_PER_KEY)
             files.index.apply(txn, pending, hits, misses)
+            buffer.max_writes = writes_due(files.index.records(txn)[0])  # follows the cache's size
 
     def _buffer_due(self) -> bool:
         """The buffer's time has come (a process that only writes must still apply it every second)."""

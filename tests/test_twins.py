@@ -103,7 +103,7 @@ def test_layout_constants():
                                   "tally", "add_tally",
                                   "sample")),
                        ("Reader", ("lookup", "find", "lookup_many", "contains", "cache_data", "close", "fast",
-                                   "direct", "shared", "codec")),
+                                   "direct", "shared", "codec", "last_txn")),
                        ("Writer", ("begin", "close", "last_page")),
                        ("AccessBuffer", ("hit", "miss", "count", "take", "restore", "clear"))):
         for name in names:
@@ -170,11 +170,82 @@ def test_access_buffer_count(lookups):
         buf = core.AccessBuffer(10**12, 1000)
         for i, data, born in lookups:
             buf.count(key_of(i), data, born)
-        pending, hits, misses, first_ns = buf.take()
+        pending, hits, misses, first_ns, first_txn = buf.take()
+        assert first_txn == 0  # no reader: every read counts as snapshot 0
         expected = _model_hits({}, [(i, 0, born) for i, data, born in lookups if data is not None and data is not False])
         assert {k: (e[0], e[2]) for k, e in pending.items()} == {k: (e[0], e[2]) for k, e in expected.items()}
         assert (hits, misses) == (sum(1 for _i, d, _b in lookups if d == b"x"), sum(1 for _i, d, _b in lookups if d != b"x"))
         assert all(e[1] > 10**18 for e in pending.values()) and (first_ns > 10**18 or not lookups)
+
+
+def _fields(buf):
+    return (buf.pending, buf.hits, buf.misses, buf.first_ns, buf.first_txn, buf.due, buf.max_age_ns,
+            buf.max_keys, buf.max_writes, len(buf))
+
+
+# Accesses: a hit (record, born) or a miss; the clock (ns) and the snapshot's write transaction id
+# only move forward, except that a replaced file starts its ids again (txn may go down).
+accesses = st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 2), st.integers(0, 40),
+                              st.integers(-3, 12)), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(accesses, st.integers(1, 200), st.integers(1, 6), st.integers(1, 20), st.integers(0, 30))
+@example([(True, 0, 0, 1, 0)] + [(True, 0, 0, 1, 1)] * 8, 10**6, 100, 8, 0)  # 7 writes: not due; 8: due
+def test_access_buffer_due(script, max_age, max_keys, max_writes, take_at):
+    """due: the oldest access's age, the pending keys, or the writes since its snapshot; same fields in both twins."""
+    bufs = [core.AccessBuffer(max_age, max_keys, max_writes) for core in (compiled, fallback)]
+    assert _fields(bufs[0]) == _fields(bufs[1])
+    ns = txn = 0
+    first = None  # (ns, txn) of the oldest access since the last take
+    keys = set()
+    due = False
+    for step, (is_hit, i, born, dns, dtxn) in enumerate(script):
+        if step == take_at:
+            taken = [b.take() for b in bufs]
+            assert taken[0] == taken[1]
+            first, keys, due = None, set(), False
+        ns, txn = ns + 1 + dns, txn + dtxn
+        for buf in bufs:
+            if is_hit:
+                buf.hit(key_of(i), ns, born, txn)
+            else:
+                buf.miss(ns, txn)
+        if is_hit:
+            keys.add(i)
+        if first is None:
+            first = (ns, txn)
+        elif ns - first[0] >= max_age or len(keys) >= max_keys or txn - first[1] >= max_writes:
+            due = True
+        assert _fields(bufs[0]) == _fields(bufs[1])
+        assert bufs[0].due == due and (bufs[0].first_ns, bufs[0].first_txn) == first
+    taken = [b.take() for b in bufs]
+    assert taken[0] == taken[1]
+    for buf in bufs:  # a failed apply's restore keeps the older first access, with its snapshot
+        buf.hit(key_of(9), ns + 5, 0, txn + 5)
+        buf.restore(taken[0])
+    assert _fields(bufs[0]) == _fields(bufs[1])
+    assert (bufs[0].first_ns, bufs[0].first_txn) == (first if first else (ns + 5, txn + 5))
+
+
+@pytest.mark.parametrize("Cache", [Ext, Py], ids=["ext", "py"])
+def test_count_takes_the_snapshot_of_the_read(tmp_path, Cache):
+    """count() reads the Reader's last_txn: the write transaction id of the snapshot the get read."""
+    with Cache(str(tmp_path / "c"), 1) as cache:
+        store = cache._store
+        assert store.buffer.reader is store.reader and store.reader.last_txn == 0
+        for i in range(3):
+            cache.put(f"sha256:{i}", b"x" * 100)
+        last = store.files.env.info()["last_txnid"]
+        assert cache.get("sha256:0") == b"x" * 100
+        assert store.reader.last_txn == last and store.buffer.first_txn == last
+        cache.put("sha256:9", b"y" * 100)
+        assert cache.get("sha256:8") is None  # a miss reads a snapshot too
+        assert store.reader.last_txn == last + 1 and store.buffer.first_txn == last
+        twin = fallback.Reader(store.lock, store.files.env, store.files.index.twin
+                               if Cache is Ext else store.files.index)
+        twin.lookup(key_of(0))
+        assert twin.last_txn == store.reader.last_txn
 
 
 def test_keep_set_is_shared():
@@ -300,7 +371,7 @@ def _step(core, store, txn, op, bound):
     for i, when, fresh in second:
         buf.hit(key_of(i), when * 10**9 + 1, _stamp(store, i, not fresh))
     buf.restore(taken)
-    pending, hits, misses, _first = buf.take()
+    pending, hits, misses, _first_ns, _first_txn = buf.take()
     return [outcome(index.apply, txn, pending, hits, misses)]
 
 
