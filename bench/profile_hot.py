@@ -229,7 +229,7 @@ def put_evict_steps(fx: Fixture, loops: int, reps: int) -> List[Tuple[int, str, 
 
     def store_write() -> None:
         name, n = core.record_name(ids2(), KIND)
-        store.insert(core.name_key(name), name, n, data, max_bytes, empty)
+        store.insert(core.name_key(name), name, n, data, empty)
     rows.append((1, "Store.insert incl. name+key (store.py)", per_call_ns(store_write, loops, reps)))
     lock = store.lock
 
