@@ -162,8 +162,8 @@ def markdown(results: Dict[str, Any], info: Dict[str, Any]) -> str:
                              f"{p['cache_full'] + p['too_large']} | {p['evictions']} |")
             lines.append(f"| {r['trace']} | *Belady optimum, byte by byte (a bound)* | | "
                          f"{_pct(r['optimum_byte_hit_ratio'], 2)} | | 100 | | |")
-            lines.append(f"| {r['trace']} | *Belady, whole records (heuristic)* | | "
-                         f"{_pct(r['belady_byte_hit_ratio'], 2)} | | | | |")
+            lines.append(f"| {r['trace']} | *Belady, whole records (heuristic)* | {_pct(r['belady_hit_ratio'])} | "
+                         f"{_pct(r['belady_byte_hit_ratio'], 2)} | {_pct(r['belady_time_saved_share'])} | | | |")
         lines.append("")
     return "\n".join(lines)
 

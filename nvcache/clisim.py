@@ -296,7 +296,8 @@ def replay_table(r: rp.ReplayResult) -> str:
                        p.evictions, p.cache_full + p.too_large])
     table.add_row(["Belady optimum (byte by byte: a bound)", "", "", _pct(r.optimum_byte_hit_ratio), "", "100.0 %",
                    "", ""])
-    table.add_row(["Belady, whole records (heuristic)", "", "", _pct(r.belady_byte_hit_ratio), "", "", "", ""])
+    table.add_row(["Belady, whole records (heuristic)", "", _pct(r.belady_hit_ratio), _pct(r.belady_byte_hit_ratio),
+                   _pct(r.belady_time_saved_share), "", "", ""])
     return table.get_string()
 
 

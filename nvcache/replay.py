@@ -144,6 +144,8 @@ class ReplayResult:
     requested_stored: int
     optimum_byte_hit_ratio: float = 0.0  # Belady byte by byte: the bound (stored bytes)
     belady_byte_hit_ratio: float = 0.0  # Belady on whole records: a heuristic (stored bytes)
+    belady_hit_ratio: float = 0.0  # the same schedule's share of requests hit
+    belady_time_saved_share: float = 0.0  # and of the analysis time (the cost model) its hits save
     policies: List[PolicyResult] = field(default_factory=list)
 
     def gap_closed(self, policy: PolicyResult, reference: str = "lru") -> Optional[float]:
@@ -229,7 +231,12 @@ def replay(work: Workload, max_mb: float = DEFAULT_MAX_MB, policies: Optional[Se
                               sum(stored[li] for li in trace))
         if result.requested_stored:
             result.optimum_byte_hit_ratio = sim.optimum_byte_hits(trace, stored, max_bytes) / result.requested_stored
-            result.belady_byte_hit_ratio = sim.belady_byte_hits(trace, stored, max_bytes) / result.requested_stored
+            hits = sim.belady_hits(trace, stored, max_bytes)
+            cost = [sim.analysis_seconds(n, fixed_us, us_per_kib) for n in work.sizes]
+            result.belady_byte_hit_ratio = sum(stored[li] for li, hit in zip(trace, hits) if hit) / result.requested_stored
+            result.belady_hit_ratio = sum(hits) / len(trace)
+            result.belady_time_saved_share = (sum(cost[li] for li, hit in zip(trace, hits) if hit)
+                                              / sum(cost[li] for li in trace))
         for i, name in enumerate(names):
             result.policies.append(replay_policy(work, os.path.join(root, f"{i}-{name}"), max_mb, name, fixed_us,
                                                  us_per_kib, stored, cache_class))

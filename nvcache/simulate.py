@@ -253,14 +253,21 @@ def optimum_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int)
 
 def belady_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
     """Bytes hit by Belady's rule on whole records (evict or bypass the one needed furthest ahead)."""
+    hits = belady_hits(trace, sizes, capacity)
+    return sum(sizes[obj] for obj, hit in zip(trace, hits) if hit)
+
+
+def belady_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> bytearray:
+    """Which requests Belady's rule on whole records hits (1) or misses (0)."""
     nxt = _next_uses(trace)
     cached: Dict[int, float] = {}
     heap: List[Tuple[float, int]] = []
-    held = hit = 0
+    held = 0
+    hits = bytearray(len(trace))
     for i, obj in enumerate(trace):
         size = sizes[obj]
         if obj in cached:
-            hit += size
+            hits[i] = 1
         if nxt[i] == _NEVER:
             if cached.pop(obj, None) is not None:
                 held -= size
@@ -276,7 +283,7 @@ def belady_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) 
             if cached.get(victim) == -neg:
                 del cached[victim]
                 held -= sizes[victim]
-    return hit
+    return hits
 
 
 def lru_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:

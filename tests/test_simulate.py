@@ -1,6 +1,7 @@
 """The simulation engine: registry, offline policies, and real multi-process runs over both cores."""
 
 import json
+import random
 from collections import Counter
 from typing import Any, List
 
@@ -130,3 +131,16 @@ def test_duration_stops_the_run(tmp_path):
     assert r.stopped_by_deadline and 0 < r.scans_done < 100_000
     assert r.requests == r.hits + r.misses == r.counter_hits + r.counter_misses
     assert r.wall_s < 10
+
+
+def test_belady_hits_says_which_requests_hit():
+    """Belady on whole records, by hand: capacity 2, layer 2 is never needed again (bypassed)."""
+    assert list(sim.belady_hits([0, 1, 0, 2, 0, 1], [1, 1, 1], 2)) == [0, 0, 1, 0, 1, 1]
+    assert list(sim.belady_hits([0, 1, 2, 0], [2, 1, 1], 2)) == [0, 0, 0, 1]  # 0 kept: needed again
+    rng = random.Random(3)
+    for _ in range(20):
+        sizes = [rng.randrange(1, 50) for _ in range(30)]
+        trace = [rng.randrange(30) for _ in range(300)]
+        hits = sim.belady_hits(trace, sizes, 200)
+        assert sim.belady_byte_hits(trace, sizes, 200) == sum(sizes[o] for o, h in zip(trace, hits) if h)
+        assert sum(hits) <= len(trace) - len(set(trace))  # a first request never hits
