@@ -392,8 +392,11 @@ cdef class AccessBuffer:
         if not self.first_ns:
             self.first_ns = now_ns
             self.first_txn = txn
-        elif (now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys
-              or txn - self.first_txn >= self.max_writes):
+            return
+        if not self.first_txn:  # 0: no snapshot id was known at the first access (a reopened reader)
+            self.first_txn = txn
+        if (now_ns - self.first_ns >= self.max_age_ns or len(self.pending) >= self.max_keys
+                or (self.first_txn and txn - self.first_txn >= self.max_writes)):
             self.due = True
 
     cdef int _hit(self, bytes key, long long now_ns, object born, long long txn) except -1:

@@ -41,16 +41,22 @@ REOPEN_ERRORS = (lmdb.PanicError, lmdb.BadTxnError, lmdb.BadRslotError, lmdb.Bad
 # Buffered accesses are written at least this often while a process is active.
 APPLY_AFTER_NS = 1_000_000_000
 APPLY_AFTER_KEYS = 512  # bounds the one get that pays for a batch (12.7 us a key at 1M records)
-# ... and once the file has committed max(APPLY_AFTER_WRITES, records // APPLY_AFTER_TURNOVER) write
-# transactions since the read of the oldest (other processes' puts choose victims without them: a
-# reference must not wait while a 16th of the cache is replaced). See DEVELOPERS.md, "LRU's fidelity".
+# ... and once the file has committed max(APPLY_AFTER_WRITES, records // APPLY_AFTER_TURNOVER,
+# 2 x processes reading it) write transactions since the read of the oldest (other processes' puts
+# choose victims without them: a reference must not wait while a 16th of the cache is replaced).
+# The processes' share: an apply is a write too, so with a limit at or below the number of readers
+# their applies alone would keep each other due (measured: 12 readers and no put, 1,961 writes in
+# 4 s instead of 48); at twice it they add at most as many writes as the puts make. See DEVELOPERS.md,
+# "LRU's fidelity".
 APPLY_AFTER_WRITES = 8
 APPLY_AFTER_TURNOVER = 16
+APPLY_RETRY_NS = 1_000_000  # a due buffer whose write found the lock busy waits this long to try again
 
 
-def writes_due(records: int) -> int:
-    """The buffer's write limit (AccessBuffer.max_writes) in a file of ``records`` records."""
-    return max(APPLY_AFTER_WRITES, records // APPLY_AFTER_TURNOVER)
+def writes_due(records: int, processes: int) -> int:
+    """The buffer's write limit (AccessBuffer.max_writes) in a file of ``records`` records that
+    ``processes`` processes read."""
+    return max(APPLY_AFTER_WRITES, records // APPLY_AFTER_TURNOVER, 2 * processes)
 
 # Lifecycle.state: OPEN (falsy: the hot paths test it alone), else what the next use must do first.
 OPEN, REOPEN, REBUILD = 0, 1, 2

@@ -165,6 +165,10 @@ class ReaderTable:
         finally:
             os.close(fd)
 
+    def attached(self) -> int:
+        """How many slots are claimed: about the processes reading this cache now."""
+        return self.mm[CLAIMED_OFFSET:TABLE_SIZE].count(1)
+
     # -- the writer side (both cores; the caller holds the exclusive flock) ------------
     def enter_write(self, timeout: float) -> None:
         """Raise the flag and wait until no reader is inside a read without the flock.

@@ -26,7 +26,7 @@ from .cachedir import write_version
 from .codec import RAW, REFRESH_EVERY, SAMPLES, due_generation, train
 from .fallback import HEADER_SIZE
 from .errors import CacheError, RecordTooLarge, StaleReader
-from .lifecycle import REBUILD, Lifecycle, writes_due
+from .lifecycle import APPLY_RETRY_NS, REBUILD, Lifecycle, writes_due
 from .opening import CORRUPTION_ERRORS, Files
 from .writemap import PAGES_PER_KEY, NoRoom
 
@@ -61,6 +61,8 @@ _Op = Callable[..., Any]
 
 class Store(Lifecycle):
     """One directory's cache in this process (shared by its LayerCaches, reference counted)."""
+
+    _apply_retry_at = 0  # monotonic ns before which apply_due does not try again (the lock was busy)
 
     # -- reads (count nothing: the front counts) -------------------------------------------
     # Each takes the caller's lock timeout (None: the lock's own): caches that share this store
@@ -444,9 +446,13 @@ class Store(Lifecycle):
         bookkeeping must never turn it into an error or a wait behind another
         process (a failed write keeps the buffer).
         """
+        now = time.monotonic_ns()
+        if now < self._apply_retry_at:  # the lock was busy a moment ago: not at every get
+            return
         try:
             self._write(self._flush, timeout=0)
         except CacheError as exc:
+            self._apply_retry_at = now + APPLY_RETRY_NS
             log.debug("buffered accesses for %s kept for later: %s", self.path, exc)
 
     def merge_history(self, entries: List[Tuple[bytes, int, int]], hits: int, misses: int,
@@ -483,7 +489,8 @@ class Store(Lifecycle):
         if pending or hits or misses:
             self._reserve(files, len(pending) * PAGES_PER_KEY)
             files.index.apply(txn, pending, hits, misses)
-            buffer.max_writes = writes_due(files.index.records(txn)[0])  # follows the cache's size
+            # follows the cache's size and its readers
+            buffer.max_writes = writes_due(files.index.records(txn)[0], files.table.attached())
 
     def _buffer_due(self) -> bool:
         """The buffer's time has come (a process that only writes must still apply it every second)."""

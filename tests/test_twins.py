@@ -192,6 +192,7 @@ accesses = st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 2
 @settings(max_examples=300, deadline=None)
 @given(accesses, st.integers(1, 200), st.integers(1, 6), st.integers(1, 20), st.integers(0, 30))
 @example([(True, 0, 0, 1, 0)] + [(True, 0, 0, 1, 1)] * 8, 10**6, 100, 8, 0)  # 7 writes: not due; 8: due
+@example([(True, 0, 0, 1, 0)] * 3 + [(True, 0, 0, 1, 5)], 10**6, 100, 2, 99)  # id 0 first: 5 is the first known
 def test_access_buffer_due(script, max_age, max_keys, max_writes, take_at):
     """due: the oldest access's age, the pending keys, or the writes since its snapshot; same fields in both twins."""
     bufs = [core.AccessBuffer(max_age, max_keys, max_writes) for core in (compiled, fallback)]
@@ -215,8 +216,11 @@ def test_access_buffer_due(script, max_age, max_keys, max_writes, take_at):
             keys.add(i)
         if first is None:
             first = (ns, txn)
-        elif ns - first[0] >= max_age or len(keys) >= max_keys or txn - first[1] >= max_writes:
-            due = True
+        else:
+            if first[1] == 0:  # no snapshot id at the first access: the next known one stands for it
+                first = (first[0], txn)
+            if ns - first[0] >= max_age or len(keys) >= max_keys or (first[1] and txn - first[1] >= max_writes):
+                due = True
         assert _fields(bufs[0]) == _fields(bufs[1])
         assert bufs[0].due == due and (bufs[0].first_ns, bufs[0].first_txn) == first
     taken = [b.take() for b in bufs]
