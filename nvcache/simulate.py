@@ -25,7 +25,6 @@ byte bounds every policy only where each byte is worth the same.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import logging
 import math
 import multiprocessing
@@ -35,12 +34,12 @@ import tempfile
 import time
 import traceback
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .cache import LayerCache
 from .errors import CacheError, CacheFull, RecordTooLarge
+from .optimum import belady_byte_hits, belady_hits, lru_byte_hits, optimum_byte_hits  # noqa: F401 (simulate's API)
 from .scanrecords import scan_record
 from .trace import Request, write_trace
 
@@ -53,7 +52,6 @@ MAX_RECORD = 512 * 1024
 _BASE_SIZE = (8000.0, 1.2)
 _STACK_SIZE = (2000.0, 1.5)
 _APP_SIZE = (200.0, 2.0)
-_NEVER = math.inf
 
 
 # -- the synthetic registry --------------------------------------------------------
@@ -197,113 +195,6 @@ def analyse(layer_id: str, size: int, fixed_us: float, us_per_kib: float,
     if left > 0:
         time.sleep(left)
     return record
-
-
-# -- offline policies over a trace ---------------------------------------------------
-def _next_uses(trace: Sequence[int]) -> List[float]:
-    nxt: List[float] = [_NEVER] * len(trace)
-    seen: Dict[int, int] = {}
-    for i in range(len(trace) - 1, -1, -1):
-        nxt[i] = seen.get(trace[i], _NEVER)
-        seen[trace[i]] = i
-    return nxt
-
-
-def optimum_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
-    """Bytes hit by Belady's rule applied byte by byte: the optimum byte-hit count.
-
-    Treating every byte as a unit page makes the sizes uniform, where
-    Belady's rule (keep what is needed soonest, may bypass) is optimal; a
-    cache that must hold whole records can only do worse, so this bounds
-    every policy (LRU, and Belady on whole records) from above for the same
-    capacity and trace.
-    """
-    nxt = _next_uses(trace)
-    held_of: Dict[int, int] = {}
-    due: Dict[int, float] = {}
-    heap: List[Tuple[float, int]] = []
-    held = hit = 0
-    for i, obj in enumerate(trace):
-        have = held_of.get(obj, 0)
-        hit += have
-        if nxt[i] == _NEVER:  # never needed again: no reason to keep any of it
-            held -= held_of.pop(obj, 0)
-            due.pop(obj, None)
-            continue
-        held += sizes[obj] - have
-        held_of[obj] = sizes[obj]
-        due[obj] = nxt[i]
-        heapq.heappush(heap, (-nxt[i], obj))
-        while held > capacity:
-            neg, victim = heap[0]
-            if due.get(victim) != -neg:  # stale entry
-                heapq.heappop(heap)
-                continue
-            excess = held - capacity
-            have = held_of[victim]
-            if have <= excess:
-                heapq.heappop(heap)
-                del held_of[victim], due[victim]
-                held -= have
-            else:
-                held_of[victim] = have - excess
-                held -= excess
-    return hit
-
-
-def belady_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
-    """Bytes hit by Belady's rule on whole records (evict or bypass the one needed furthest ahead)."""
-    hits = belady_hits(trace, sizes, capacity)
-    return sum(sizes[obj] for obj, hit in zip(trace, hits) if hit)
-
-
-def belady_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> bytearray:
-    """Which requests Belady's rule on whole records hits (1) or misses (0)."""
-    nxt = _next_uses(trace)
-    cached: Dict[int, float] = {}
-    heap: List[Tuple[float, int]] = []
-    held = 0
-    hits = bytearray(len(trace))
-    for i, obj in enumerate(trace):
-        size = sizes[obj]
-        if obj in cached:
-            hits[i] = 1
-        if nxt[i] == _NEVER:
-            if cached.pop(obj, None) is not None:
-                held -= size
-            continue
-        if obj not in cached:
-            if size > capacity:
-                continue
-            held += size
-        cached[obj] = nxt[i]
-        heapq.heappush(heap, (-nxt[i], obj))
-        while held > capacity:
-            neg, victim = heapq.heappop(heap)
-            if cached.get(victim) == -neg:
-                del cached[victim]
-                held -= sizes[victim]
-    return hits
-
-
-def lru_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int) -> int:
-    """Bytes hit by a plain LRU of whole records (a model, for comparison and tests)."""
-    lru: "OrderedDict[int, None]" = OrderedDict()
-    held = hit = 0
-    for obj in trace:
-        size = sizes[obj]
-        if obj in lru:
-            hit += size
-            lru.move_to_end(obj)
-            continue
-        if size > capacity:
-            continue
-        lru[obj] = None
-        held += size
-        while held > capacity:
-            victim, _ = lru.popitem(last=False)
-            held -= sizes[victim]
-    return hit
 
 
 # -- the scanner processes ------------------------------------------------------------
