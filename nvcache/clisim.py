@@ -20,6 +20,7 @@ from tqdm import tqdm
 from . import replay as rp
 from . import simfleet
 from . import simulate as sim
+from .trace import target_problem
 from .cli import Settings, _friendly, cli, pass_settings, self_command, stat_table
 
 
@@ -165,8 +166,9 @@ def simulate(settings: Settings, processes: Optional[int], nodes: Optional[int],
         raise click.UsageError("--remote needs --nodes")
     if nodes is not None and (trace_out is not None or policy != "lru"):
         raise click.UsageError("--trace-out and --policy are for a single node's run: not with --nodes")
-    if trace_out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace_out))):
-        raise click.BadParameter(f"the directory of {trace_out} does not exist", param_hint="'--trace-out'")
+    problem = None if trace_out is None else target_problem(trace_out)
+    if problem is not None:  # before the run, not after it
+        raise click.BadParameter(problem, param_hint="'--trace-out'")
     if nodes is None and processes is None:
         processes = os.cpu_count() or 1
     temporary = not sim_path and not settings.path_given
@@ -211,12 +213,8 @@ def _simulate(path: str, processes: int, images: int, layers: int, scans: int, m
                          seed=seed, skew=skew, duration=duration, fixed_us=analysis_us, us_per_kib=us_per_kib,
                          start_method=start_method, compress=compress, policy=policy, trace_out=trace_out,
                          progress=tick)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # a worker failed, or the trace could not be written (TraceOutError)
         raise click.ClickException(str(exc)) from exc
-    except OSError as exc:
-        if trace_out is None:
-            raise
-        raise click.ClickException(f"--trace-out {trace_out}: {exc}") from exc  # could not be written
     finally:
         bar.close()
     if as_json:

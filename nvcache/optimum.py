@@ -34,7 +34,8 @@ def optimum_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int)
     Belady's rule (keep what is needed soonest, may bypass) is optimal; a
     cache that must hold whole records can only do worse, so this bounds
     every policy (LRU, and Belady on whole records) from above for the same
-    capacity and trace.
+    capacity and trace. A record larger than the capacity is left out: no
+    such cache holds any of it, so the bound stays one and is tighter.
     """
     nxt = _next_uses(trace)
     held_of: Dict[int, int] = {}
@@ -44,6 +45,8 @@ def optimum_byte_hits(trace: Sequence[int], sizes: Sequence[int], capacity: int)
     for i, obj in enumerate(trace):
         have = held_of.get(obj, 0)
         hit += have
+        if sizes[obj] > capacity:  # no cache of whole records holds it: nor does this bound
+            continue
         if nxt[i] == _NEVER:  # never needed again: no reason to keep any of it
             held -= held_of.pop(obj, 0)
             due.pop(obj, None)

@@ -8,13 +8,12 @@ the end), at the given bound, the way a scanner uses the cache:
 
 * for every request, ``get(layer_id)``; a hit saves the layer's analysis;
 * on a miss, ``put(layer_id, record, keep=<the scan's layers>)``, where the record is ``size``
-  incompressible bytes, the same for the same layer id (pseudo-random, seeded by the id): the
-  cache stores them as they are (zstd cannot shrink them), so a record's stored size, what counts
-  against the bound, is its size in the trace. The stored sizes are measured with
-  :meth:`~nvcache.LayerCache.stored_size` all the same, and the bound is reported in stored
-  bytes (``LayerCache.max_bytes``);
-* a put the cache refuses (``RecordTooLarge``: larger than the bound; ``CacheFull``: only the
-  scan's kept records could make room) is counted, and the scan goes on.
+  pseudo-random bytes, the same for the same layer id (seeded by the id), in a cache opened with
+  ``compress=False``: a record's stored size, what counts against the bound, is its size in the
+  trace, and the bound is reported in stored bytes (``LayerCache.max_bytes``);
+* a put the cache refuses (``RecordTooLarge``: larger than the bound, counted without making
+  its bytes; ``CacheFull``: only the scan's kept records could make room) is counted, and the
+  scan goes on.
 
 A layer's size is the one of its first request (a cache holds one record per layer id).
 
@@ -42,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .arguments import bound_bytes
 from .cache import LayerCache
 from .errors import CacheFull, RecordTooLarge
 from . import simulate as sim
@@ -167,12 +167,13 @@ def replay_policy(work: Workload, path: str, max_mb: float, policy: Optional[str
                   us_per_kib: float, stored: Sequence[int], cache_class: type = LayerCache) -> PolicyResult:
     """Replay ``work`` through a LayerCache at ``path`` (a new directory) opened with ``policy``.
 
-    ``stored``: each layer's stored size (what :func:`replay` measured); ``cache_class``: LayerCache
+    ``stored``: each layer's stored size (its size: stored as given); ``cache_class``: LayerCache
     or a subclass (the tests' one per core). Records are made again
     at each miss (about 20 µs for 8 KB), so a trace of any size replays in bounded memory."""
     cost = [sim.analysis_seconds(n, fixed_us, us_per_kib) for n in work.sizes]
     ids, sizes = work.layer_ids, work.sizes
-    with cache_class(path, max_mb, **sim.policy_kwargs(policy)) as cache:
+    with cache_class(path, max_mb, compress=False, **sim.policy_kwargs(policy)) as cache:
+        max_bytes = cache.max_bytes
         result = PolicyResult(sim.policy_of(cache))
         before = cache.evictions() or 0
         for _image, layers in work.scans:
@@ -190,6 +191,9 @@ def replay_policy(work: Workload, path: str, max_mb: float, policy: Optional[str
                     result.hit_bytes += sizes[li]
                     result.hit_stored += stored[li]
                     result.cost_saved_s += cost[li]
+                    continue
+                if stored[li] > max_bytes:  # what put would refuse: no need to make the bytes
+                    result.too_large += 1
                     continue
                 record = record_bytes(ids[li], sizes[li])
                 t0 = time.perf_counter()
@@ -222,9 +226,8 @@ def replay(work: Workload, max_mb: float = DEFAULT_MAX_MB, policies: Optional[Se
         sim.policy_kwargs(name)  # an unknown name fails before anything runs
     root = tempfile.mkdtemp(prefix="nvcache-replay-", dir=tmp_dir)
     try:
-        with cache_class(os.path.join(root, "sizes"), max_mb) as probe:  # what a record really takes
-            max_bytes = probe.max_bytes
-            stored = [probe.stored_size(record_bytes(lid, n)) for lid, n in zip(work.layer_ids, work.sizes)]
+        max_bytes = bound_bytes(max_mb)  # as the caches count it
+        stored = list(work.sizes)  # stored as given (compress=False)
         trace = work.requests
         result = ReplayResult(work.source, max_mb, max_bytes, fixed_us, us_per_kib, len(work.scans), len(trace),
                               len(work.layer_ids), sum(work.sizes), sum(work.sizes[li] for li in trace),

@@ -515,12 +515,20 @@ def run(path: str, *, processes: int, images: int, layers: int, scans: int, max_
     return result
 
 
+class TraceOutError(RuntimeError):
+    """The run's trace could not be written (``run``'s ``trace_out``); the message names the file."""
+
+
 def _write_run_trace(path: str, merged: Sequence[Tuple[int, int, int, int]], cat: Catalogue,
                      sizes: Sequence[int], result: SimResult) -> None:
     """The run's requests as a trace file (``run``'s ``trace_out``): (ns, layer, hit, image) in time order."""
     t0 = merged[0][0] if merged else 0
     requests = (Request((t - t0) / 1e9, cat.layer_ids[l], sizes[l], f"image-{i}") for t, l, _h, i in merged)
-    write_trace(path, requests, [
-        f"nvcache simulate: {result.processes} scanner processes, {result.images} images over {result.layers} "
-        f"layers, seed {result.seed}, bound {result.max_bytes} stored bytes, policy {result.policy}",
-        "sizes are record bytes (the records compress in the run; replay stores incompressible bytes)"])
+    comments = [f"nvcache simulate: {result.processes} scanner processes, {result.images} images over "
+                f"{result.layers} layers, seed {result.seed}, bound {result.max_bytes} stored bytes, policy "
+                f"{result.policy}",
+                "sizes are record bytes (the records compress in the run; replay stores them as given)"]
+    try:
+        write_trace(path, requests, comments)
+    except OSError as exc:
+        raise TraceOutError(f"--trace-out {path}: {exc.strerror or exc}") from exc

@@ -15,10 +15,12 @@ One request per line, four fields separated by single spaces:
     When the request was made, in seconds, as a decimal number (``12``, ``0.25``, ``1e-3``:
     anything Python's ``float`` reads, finite). Informational: lines are replayed in file order.
 ``layer_id``
-    The layer's id (a digest, say), without spaces.
+    The layer's id (a digest, say): what the cache accepts, 1-1024 characters of printable
+    ASCII without whitespace.
 ``size``
-    The size of the layer's scan record in bytes, an integer above 0. What a hit saves reading
-    and what analysing the layer costs in the cost model.
+    The size of the layer's scan record in bytes, an integer from 1 to 2**40 (the largest bound
+    a cache can have). What a hit saves reading and what analysing the layer costs in the cost
+    model. A layer's first line gives its size: later lines with another size count as that.
 ``image``
     The name or id of the image being scanned, without spaces.
 
@@ -33,6 +35,7 @@ interleave in a trace in time order and then replay as shorter scans.
 :func:`read_trace` yields :class:`Request` objects and raises :class:`TraceFormatError` (a
 ``ValueError``) naming the file and line number of a malformed line; :func:`write_trace` writes
 requests (times to the nanosecond, so times with at most nine decimals read back equal).
+The file is UTF-8 (a line that is not is malformed too).
 """
 
 from __future__ import annotations
@@ -40,8 +43,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator, List, Optional, Tuple, Union
+
+from .names import layer_id_bytes
+
+MAX_SIZE = 1 << 40  # a record larger than any bound (arguments.MAX_MB) cannot be a layer's
 
 FIELDS = ("time", "layer_id", "size", "image")
 HEADER = "# nvcache trace: one request per line: time layer_id size image (see nvcache/trace.py)"
@@ -95,8 +103,8 @@ def check_request(r: Request) -> None:
     """ValueError unless ``r`` can be written as a line and read back the same."""
     if isinstance(r.time, bool) or not isinstance(r.time, (int, float)) or not math.isfinite(r.time):
         raise ValueError(f"time must be a finite number of seconds, got {r.time!r}")
-    if isinstance(r.size, bool) or not isinstance(r.size, int) or r.size <= 0:
-        raise ValueError(f"size must be an integer above 0, got {r.size!r}")
+    if isinstance(r.size, bool) or not isinstance(r.size, int) or not 0 < r.size <= MAX_SIZE:
+        raise ValueError(f"size must be an integer from 1 to {MAX_SIZE}, got {r.size!r}")
     for what, value in (("layer_id", r.layer_id), ("image", r.image)):
         problem = _name_problem(what, value)
         if problem:
@@ -124,12 +132,17 @@ def parse_line(text: str, path: str = "<trace>", line: int = 0) -> Optional[Requ
         raise TraceFormatError(path, line, f"time {time_text!r} is not a number", body) from None
     if not math.isfinite(t):
         raise TraceFormatError(path, line, f"time {time_text!r} is not finite", body)
-    if not size_text.isascii() or not size_text.isdigit() or int(size_text) <= 0:
-        raise TraceFormatError(path, line, f"size {size_text!r} is not an integer above 0", body)
+    if (not size_text.isascii() or not size_text.isdigit() or len(size_text) > 20
+            or not 0 < int(size_text) <= MAX_SIZE):
+        raise TraceFormatError(path, line, f"size {size_text[:24]!r} is not an integer from 1 to {MAX_SIZE}", body)
     for what, value in (("layer_id", layer_id), ("image", image)):
         bad = _name_problem(what, value)
         if bad:  # a tab or other whitespace inside a field
             raise TraceFormatError(path, line, bad, body)
+    try:
+        layer_id_bytes(layer_id)  # the cache's own rule, here rather than in the middle of a replay
+    except ValueError as exc:
+        raise TraceFormatError(path, line, str(exc), body) from None
     return Request(t, layer_id, int(size_text), image)
 
 
@@ -145,29 +158,65 @@ def read_trace(source: PathOrFile) -> Iterator[Request]:
     Lazy: a malformed line raises :class:`TraceFormatError` when it is reached."""
     name = _name(source)
     if isinstance(source, (str, os.PathLike)):
-        with open(source, encoding="utf-8", newline="") as fh:
+        with open(source, "rb") as fh:
             yield from _read(fh, name)
     else:
         yield from _read(source, name)
 
 
-def _read(fh: IO[str], name: str) -> Iterator[Request]:
+def _read(fh: IO, name: str) -> Iterator[Request]:
     for number, text in enumerate(fh, 1):
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TraceFormatError(name, number, f"not UTF-8 ({exc.reason} at byte {exc.start})",
+                                       text.decode("utf-8", "replace")) from None
         request = parse_line(text, name, number)
         if request is not None:
             yield request
 
 
-def write_trace(dest: PathOrFile, requests: Iterable[Request], comments: Iterable[str] = ()) -> int:
-    """Write ``requests`` as a trace file (a path, replaced, or a text file object); the number written.
+def target_problem(path: Union[str, "os.PathLike[str]"]) -> Optional[str]:
+    """Why a trace file cannot be written at ``path`` (None: it can), for a run that ends by
+    writing one to say so before it starts."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"the directory of {os.fspath(path)} does not exist"
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return f"{os.fspath(path)} is not a regular file"
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".nvcache-trace-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot create a file in {directory}: {exc.strerror}"
+    return None
 
-    The file starts with :data:`HEADER` and then each of ``comments`` as a ``#`` line. A request
-    that cannot be written (a space in an id, a size of 0) raises ValueError; a path is then
-    left with the lines written before it."""
-    if isinstance(dest, (str, os.PathLike)):
-        with open(dest, "w", encoding="utf-8", newline="\n") as fh:
-            return _write(fh, requests, comments)
-    return _write(dest, requests, comments)
+
+def write_trace(dest: PathOrFile, requests: Iterable[Request], comments: Iterable[str] = ()) -> int:
+    """Write ``requests`` as a trace file (a path, or a text file object); the number written.
+
+    The file starts with :data:`HEADER` and then each of ``comments`` as a ``#`` line. A path is
+    written whole or not at all: into a new file beside it, renamed over it at the end (OSError
+    or a request that cannot be written, ValueError, leaves ``dest`` as it was)."""
+    if not isinstance(dest, (str, os.PathLike)):
+        return _write(dest, requests, comments)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), prefix=".nvcache-trace-")
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # as open() would make it
+        with open(fd, "w", encoding="utf-8", newline="\n") as fh:
+            n = _write(fh, requests, comments)
+        os.replace(tmp, dest)
+        return n
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _write(fh: IO[str], requests: Iterable[Request], comments: Iterable[str]) -> int:

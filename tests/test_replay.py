@@ -62,10 +62,14 @@ def test_comments_blank_lines_and_line_ends_are_ignored():
     ("0 a 10 img ", "separated by single spaces"),
     ("x a 10 img", "time 'x' is not a number"),
     ("nan a 10 img", "time 'nan' is not finite"),
-    ("0 a 0 img", "size '0' is not an integer above 0"),
-    ("0 a -5 img", "size '-5' is not an integer above 0"),
-    ("0 a 1.5 img", "size '1.5' is not an integer above 0"),
+    ("0 a 0 img", "size '0' is not an integer from 1 to 1099511627776"),
+    ("0 a -5 img", "size '-5' is not an integer from 1 to 1099511627776"),
+    ("0 a 1.5 img", "size '1.5' is not an integer from 1 to 1099511627776"),
+    ("0 a 1099511627777 img", "size '1099511627777' is not an integer from 1 to 1099511627776"),
+    ("0 a " + "9" * 400 + " img", "is not an integer from 1 to"),
     ("0 a 10 im\x0bg", "image must not contain spaces"),
+    ("0 a\u00e9 10 img", "layer_id must be printable ASCII without whitespace"),  # the cache's own rule
+    ("0 " + "a" * 1025 + " 10 img", "layer_id must be 1-1024 characters, got 1025"),
 ])
 def test_a_malformed_line_names_file_line_and_problem(tmp_path, line, problem):
     path = tmp_path / "bad.trace"
@@ -79,6 +83,25 @@ def test_a_malformed_line_names_file_line_and_problem(tmp_path, line, problem):
     assert isinstance(err, ValueError) and err.line == 4 and err.path == str(path)
     assert str(err).startswith(f"{path}, line 4: ") and problem in str(err)
     assert "expected 'time layer_id size image'" in str(err)
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.trace"
+    path.write_bytes(b"0 good 1 img\n0 caf\xe9 1 img\n")
+    with pytest.raises(tr.TraceFormatError) as info:
+        list(tr.read_trace(str(path)))
+    assert info.value.line == 2 and "not UTF-8" in str(info.value) and str(info.value).startswith(f"{path}, line 2: ")
+
+
+def test_a_record_larger_than_the_bound_is_counted_without_making_it(tmp_path, Cache):
+    """A layer of 1 TiB under a 1 MiB bound: refused as the cache would (too large), its bytes never
+    made; the optimum cannot hold it either (it held part of it before)."""
+    path = tmp_path / "big.trace"
+    path.write_text("".join(f"{i} sha256:big {1 << 40} img{i}\n" for i in range(4)) + "9 sha256:small 100 imgx\n")
+    result = rp.replay(rp.load_file(str(path)), 1.0, ["lru"], cache_class=Cache)
+    (lru,) = result.policies
+    assert lru.too_large == 4 and lru.hits == 0 and lru.requests == 5
+    assert result.optimum_byte_hit_ratio == result.belady_byte_hit_ratio == 0.0
 
 
 @pytest.mark.parametrize("bad", [tr.Request(0, "a b", 1, "i"), tr.Request(0, "a", 0, "i"),
@@ -218,6 +241,32 @@ def test_simulate_trace_out_is_a_trace_replay_reads(tmp_path):
     assert f"replay {out}" in table.stdout
 
 
+def test_a_one_process_raw_run_replays_to_its_own_figures(tmp_path):
+    """simulate -p 1 --no-compress stores records as given, scan after scan: its trace replayed
+    under LRU at the same bound gives the run's own hits and byte-hit ratio (README relies on it)."""
+    out = tmp_path / "raw.trace"
+    doc = json.loads(run(["simulate", "-p", "1", "--images", "20", "--layers", "120", "--scans", "150",
+                          "--max-mb", "0.05", "--analysis-us", "1", "--us-per-kib", "0", "--no-progress",
+                          "--no-compress", "--path", str(tmp_path / "sim"), "--trace-out", str(out),
+                          "--json"]).stdout)
+    figures = json.loads(run(["replay", str(out), "--max-mb", "0.05", "--policy", "lru", "--json"]).stdout)
+    (lru,) = figures["policies"]
+    assert doc["evictions"] > 0 and lru["evictions"] == doc["evictions"]
+    assert (lru["requests"], lru["hits"]) == (doc["requests"], doc["hits"])
+    assert lru["byte_hit_ratio"] == pytest.approx(doc["byte_hit_ratio"], abs=1e-12)
+
+
+def test_an_unwritable_trace_out_fails_before_the_run(tmp_path):
+    args = ["simulate", "-p", "1", "--images", "6", "--layers", "30", "--scans", "40", "--no-progress",
+            "--path", str(tmp_path / "sim")]
+    for target, problem in ((tmp_path / "nodir" / "x", "does not exist"), (tmp_path, "is a directory"),
+                            ("/dev/null", "is not a regular file"),  # never renamed over
+                            ("/proc/nvcache-trace", "cannot create a file in /proc")):
+        result = run(args + ["--trace-out", str(target)])
+        assert result.exit_code == 2 and problem in result.stderr, result.stderr
+        assert not (tmp_path / "sim").exists()  # nothing ran
+
+
 def test_replay_command_prints_its_table(tmp_path):
     path = tmp_path / "t.trace"
     tr.write_trace(str(path), _requests([(0, 1), (1, 2), (0, 1)], [1000, 2000, 3000]))
@@ -237,7 +286,7 @@ def test_replay_command_errors(tmp_path):
     bad.write_text("# a trace\n0 a 10 img\n1 b ten img\n")
     result = run(["replay", str(bad)])
     assert result.exit_code == 1
-    assert result.stderr.strip() == (f"Error: {bad}, line 3: size 'ten' is not an integer above 0 "
+    assert result.stderr.strip() == (f"Error: {bad}, line 3: size 'ten' is not an integer from 1 to 1099511627776 "
                                      "(expected 'time layer_id size image', got '1 b ten img')")
     empty = tmp_path / "empty.trace"
     empty.write_text("# nothing\n\n")
@@ -271,7 +320,7 @@ def test_every_policy_is_asked_for_by_name(Cache, tmp_path, monkeypatch):
     assert sim.known_policies() == ("lru", "other") and sim.policy_kwargs("other") == {"policy": "other"}
     reqs = [tr.Request(i, f"L{i % 3}", 100, "img") for i in range(6)]
     result = rp.replay(rp.load(reqs), max_mb=0.01, tmp_dir=str(tmp_path), cache_class=Named)
-    assert [p.policy for p in result.policies] == ["lru", "other"] and opened == [None, "lru", "other"]
+    assert [p.policy for p in result.policies] == ["lru", "other"] and opened == ["lru", "other"]
     assert [p.hits for p in result.policies] == [3, 3]
     assert result.as_dict()["policies"][1]["gap_closed"] is None  # no gap: both at the optimum
 
