@@ -85,6 +85,7 @@ class ReaderTable:
         self.slot = -1
         self._claim_fd = -1
         self.raised = False  # this process set the writer flag and has not cleared it yet
+        self.claimed_upto = 0  # slots up to the last claimed one, as this process's last write saw them
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = open_nofollow(self.path, flags)
@@ -166,8 +167,10 @@ class ReaderTable:
             os.close(fd)
 
     def attached(self) -> int:
-        """How many slots are claimed: about the processes reading this cache now."""
-        return self.mm[CLAIMED_OFFSET:TABLE_SIZE].count(1)
+        """About the processes reading this cache: the slots up to the last claimed one when this
+        process last wrote (claims take the lowest free slot, so they stay together; at least the
+        claimed count), found by the write's handshake at no cost of its own."""
+        return self.claimed_upto
 
     # -- the writer side (both cores; the caller holds the exclusive flock) ------------
     def enter_write(self, timeout: float) -> None:
@@ -182,6 +185,7 @@ class ReaderTable:
         _fence()
         # Readers only ever set the first byte of a slot they claimed: look at those first.
         top = mm.rfind(b"\1", CLAIMED_OFFSET, TABLE_SIZE)
+        self.claimed_upto = top - CLAIMED_OFFSET + 1 if top >= 0 else 0
         if top < 0 or 1 not in mm[SLOTS_OFFSET:SLOTS_OFFSET + (top - CLAIMED_OFFSET + 1) * SLOT_SIZE:SLOT_SIZE]:
             return
         pos = mm.find(b"\1", SLOTS_OFFSET, CLAIMED_OFFSET)  # someone is inside a read: wait for it
